@@ -1,0 +1,107 @@
+// In-place add on the CPU: x += alpha * y, math in fp32, result rounded to x's dtype.
+#include "../common.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace fusedops {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task
+
+template <typename TX, typename TY>
+void add_span(TX* __restrict__ x, const TY* __restrict__ y, int64_t period, int64_t begin,
+              int64_t end, float alpha) {
+  if (period == 0) {  // y has as many elements as x
+    for (int64_t i = begin; i < end; ++i)
+      x[i] = static_cast<TX>(static_cast<float>(x[i]) + alpha * static_cast<float>(y[i]));
+    return;
+  }
+  // y repeats with `period` elements: walk x row by row so the inner loop vectorises.
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t j0 = i % period;
+    const int64_t len = std::min(end - i, period - j0);
+    TX* xr = x + i;
+    const TY* yr = y + j0;
+    for (int64_t j = 0; j < len; ++j)
+      xr[j] = static_cast<TX>(static_cast<float>(xr[j]) + alpha * static_cast<float>(yr[j]));
+    i += len;
+  }
+}
+
+// x and y may be the very same memory (x += alpha * x): each element is read before it
+// is written by the same iteration, so no __restrict__ on the aliased path.
+template <typename TX>
+void add_self(TX* x, int64_t begin, int64_t end, float alpha) {
+  for (int64_t i = begin; i < end; ++i)
+    x[i] = static_cast<TX>(static_cast<float>(x[i]) + alpha * static_cast<float>(x[i]));
+}
+
+void add_(Tensor x, Tensor y, double alpha) {
+  STD_TORCH_CHECK(x.is_cpu() && y.is_cpu(), "fusedops_C::add_ (CPU): x and y must be CPU tensors");
+  STD_TORCH_CHECK(x.is_contiguous() && y.is_contiguous(),
+                  "fusedops_C::add_ (CPU): x and y must be contiguous");
+  const int64_t n = x.numel(), m = y.numel();
+  STD_TORCH_CHECK(m == n || (m > 0 && n % m == 0),
+                  "fusedops_C::add_ (CPU): y.numel() must equal or divide x.numel()");
+  if (n == 0) return;
+  const int64_t period = (m == n) ? 0 : m;
+  const float a = static_cast<float>(alpha);
+  dispatch_float2(x.scalar_type(), "x", y.scalar_type(), "y", [&]<typename TX, typename TY>() {
+    TX* xp = x.mutable_data_ptr<TX>();
+    const TY* yp = y.const_data_ptr<TY>();
+    if constexpr (std::is_same_v<TX, TY>) {
+      if (static_cast<const void*>(xp) == static_cast<const void*>(yp) && period == 0) {
+        torch::stable::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { add_self(xp, b, e, a); });
+        return;
+      }
+    }
+    torch::stable::parallel_for(0, n, kGrain,
+                                [&](int64_t b, int64_t e) { add_span(xp, yp, period, b, e, a); });
+  });
+}
+
+void foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) {
+  STD_TORCH_CHECK(xs.size() == ys.size(), "fusedops_C::foreach_add_ (CPU): xs and ys differ in length");
+  // Every tensor is split into tasks of kGrain elements; one parallel loop runs them all.
+  std::vector<int64_t> first_task(xs.size() + 1, 0);
+  for (size_t t = 0; t < xs.size(); ++t) {
+    STD_TORCH_CHECK(xs[t].numel() == ys[t].numel(), "fusedops_C::foreach_add_ (CPU): pair ", t,
+                    " differs in numel");
+    first_task[t + 1] = first_task[t] + (xs[t].numel() + kGrain - 1) / kGrain;
+  }
+  const int64_t tasks = first_task.back();
+  if (tasks == 0) return;
+  for (size_t t = 0; t < xs.size(); ++t) {
+    STD_TORCH_CHECK(xs[t].is_contiguous() && ys[t].is_contiguous(),
+                    "fusedops_C::foreach_add_ (CPU): pair ", t, " is not contiguous");
+  }
+  const float a = static_cast<float>(alpha);
+  dispatch_float2(xs[0].scalar_type(), "xs", ys[0].scalar_type(), "ys", [&]<typename TX, typename TY>() {
+    torch::stable::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t task = tb; task < te; ++task) {
+        const size_t t = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
+        const int64_t n = xs[t].numel();
+        const int64_t b = (task - first_task[t]) * kGrain, e = std::min(n, b + kGrain);
+        TX* xp = xs[t].mutable_data_ptr<TX>();
+        const TY* yp = ys[t].const_data_ptr<TY>();
+        if constexpr (std::is_same_v<TX, TY>) {
+          if (static_cast<const void*>(xp) == static_cast<const void*>(yp)) {
+            add_self(xp, b, e, a);
+            continue;
+          }
+        }
+        add_span(xp, yp, 0, b, e, a);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace fusedops
+
+STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CPU, m) {
+  m.impl("add_", TORCH_BOX(&fusedops::add_));
+  m.impl("foreach_add_", TORCH_BOX(&fusedops::foreach_add_));
+}

@@ -1,0 +1,39 @@
+// Helpers shared by the CUDA C++ kernels.
+#pragma once
+
+#include "../common.h"
+
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#define FUSEDOPS_CUDA_CHECK(expr)                                                     \
+  do {                                                                                \
+    cudaError_t err_ = (expr);                                                        \
+    STD_TORCH_CHECK(err_ == cudaSuccess, "fusedops CUDA error: ", cudaGetErrorString(err_), \
+                    " (", #expr, ")");                                                \
+  } while (0)
+
+// Checks the launch that was just enqueued (configuration errors, missing kernel image).
+#define FUSEDOPS_CHECK_LAUNCH() FUSEDOPS_CUDA_CHECK(cudaGetLastError())
+
+namespace fusedops {
+
+// The current PyTorch stream of `device`: every launch goes there (streams, graphs).
+inline cudaStream_t current_stream(int32_t device) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// N elements of T packed for one 16-byte (or wider) memory access.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Packed {
+  T v[N];
+};
+
+__host__ __device__ inline bool aligned_to(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+}  // namespace fusedops

@@ -1,0 +1,87 @@
+"""The fusedops command line: `python -m fusedops bench|info` (also the `fusedops` script)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _sizes(text: str) -> list:
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        out.append(1 << int(tok[2:]) if tok.startswith("2^") else int(tok))
+    return out
+
+
+def cmd_bench(args) -> int:
+    from . import benchmark
+    from .benchmark import harness
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fams = list(benchmark.FAMILIES) if args.ops == "all" else [o.strip() for o in args.ops.split(",")]
+    unknown = [f for f in fams if f not in benchmark.FAMILIES]
+    if unknown:
+        print(f"fusedops bench: unknown op family {', '.join(unknown)}; known: {', '.join(benchmark.FAMILIES)}",
+              file=sys.stderr)
+        return 2
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        print(f"fusedops bench: unknown dtype {', '.join(bad)}; choose from {', '.join(DTYPES)}", file=sys.stderr)
+        return 2
+    ctx = harness.Context(device=device, dtypes=[DTYPES[d] for d in args.dtypes.split(",")],
+                          sizes=_sizes(args.sizes) if args.sizes else None, compile=not args.no_compile)
+    copy_bps = harness.copy_bandwidth(device)
+    meta = harness.environment(device, copy_bps)
+    meta["defaults"] = {op: k.backend_for(device.type) for op, k in __import__("fusedops")._backend.REGISTRY.items()}
+    cases = [c for f in fams for c in benchmark.FAMILIES[f](ctx)]
+    rows = harness.run_cases(cases, ctx, copy_bps)
+    out = Path(args.out or f"bench-out/{device.type}")
+    written = harness.write_outputs(rows, meta, out)
+    print(f"\n{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · copy {meta['copy_GBps']} GB/s")
+    print(harness.render_text(rows))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import fusedops
+    from . import _backend, _native, _triton
+
+    print(f"fusedops {fusedops.__version__}, torch {torch.__version__}")
+    print(f"native extension: {'loaded' if _native.ops is not None else _native.why_missing('cpu')}")
+    print(f"triton: {'installed' if _triton.installed() else 'not installed'}; interpreter "
+          f"{'on' if _triton.interpreting() else 'off'}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for b in ("triton", "cuda" if dev == "cuda" else "cpp"):
+            state = "available" if _backend.available(b, dev) else _backend.why_unavailable(b, dev)
+            print(f"  {dev:4s} {b:7s} {state}")
+        for op, k in _backend.REGISTRY.items():
+            print(f"  {dev:4s} {op}: {k.backend_for(dev)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fusedops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run the microbenchmarks (CUDA if present, else CPU)")
+    b.add_argument("--ops", default="all", help="comma-separated op families (default: all)")
+    b.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, fp16, bf16")
+    b.add_argument("--sizes", default=None, help="comma-separated sizes for the size-swept families (2^20 or 1048576)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    b.add_argument("--out", default=None, help="output folder for results.json/.md/.png (default bench-out/<device>)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    b.set_defaults(func=cmd_bench)
+    i = sub.add_parser("info", help="show which backends are available and chosen")
+    i.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Argument checks shared by the ops. Each raises before any kernel runs or anything is
+written, and names the argument at fault."""
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(t, name: str, op: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fusedops.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def floating(t: torch.Tensor, name: str, op: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"fusedops.{op}: {name} must be a floating-point tensor "
+                        f"(float32, float16 or bfloat16), got {t.dtype}")
+
+
+def same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, op: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"fusedops.{op}: {b_name} is on {b.device} but {a_name} is on {a.device}; "
+                         "move them to one device")
+
+
+def broadcastable_to(y: torch.Tensor, y_name: str, shape: torch.Size, x_name: str, op: str) -> None:
+    ok = y.dim() <= len(shape) and all(
+        ys == 1 or ys == xs for ys, xs in zip(reversed(y.shape), reversed(shape)))
+    if not ok:
+        raise ValueError(f"fusedops.{op}: {y_name} of shape {tuple(y.shape)} cannot be broadcast "
+                         f"to {x_name} of shape {tuple(shape)}")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range [start, end) that t's elements occupy."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 1)
+    start = t.data_ptr()
+    return (start, start + extent * t.element_size())
+
+
+def no_partial_overlap(x: torch.Tensor, x_name: str, y: torch.Tensor, y_name: str, op: str) -> None:
+    """x is written while y is read: y must be x itself or lie apart from it (as torch asks)."""
+    if x.numel() == 0 or y.numel() == 0:
+        return
+    xs, xe = _span(x)
+    ys, ye = _span(y)
+    if xs < ye and ys < xe:
+        same = (xs == ys and x.dtype == y.dtype and x.shape == y.shape and x.stride() == y.stride())
+        if not same:
+            raise ValueError(f"fusedops.{op}: {y_name} partly overlaps {x_name} in memory, which is "
+                             f"written in place; pass {y_name}.clone()")
+
+
+def internal_overlap(x: torch.Tensor, name: str, op: str) -> None:
+    """A tensor written in place must not have two elements at one address (expand, stride 0)."""
+    if x.numel() > 1 and any(st == 0 and s > 1 for s, st in zip(x.shape, x.stride())):
+        raise ValueError(f"fusedops.{op}: {name} has several elements at one memory location "
+                         "(an expanded view) and cannot be written in place; pass a real tensor")

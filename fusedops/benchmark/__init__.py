@@ -1,0 +1,5 @@
+"""Microbenchmarks behind `python -m fusedops bench`; one module per op family."""
+from . import add  # noqa: F401  (registers its families)
+from .harness import FAMILIES, Case, Context, Impl, Row
+
+__all__ = ["FAMILIES", "Case", "Context", "Impl", "Row"]

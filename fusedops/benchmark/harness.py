@@ -1,0 +1,253 @@
+"""Benchmark harness: cases, timers, copy bandwidth, table and JSON / markdown / PNG output.
+
+A family module (fusedops/benchmark/<family>.py) registers a function that returns
+`Case`s; each case holds several implementations (eager, torch.compile, fusedops per
+backend, peers when importable) of one workload and the unique bytes it must move.
+Times are medians: triton.testing.do_bench (CUDA events, cold L2) on GPU,
+torch.utils.benchmark on CPU. Cases marked `wall=True` time host wall clock per call
+instead (launch-bound small ops: what a Python training loop pays).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .._backend import use_backend
+
+FAMILIES: dict = {}
+
+
+def family(name: str):
+    """Register `fn(ctx) -> list[Case]` as the benchmarks of an op family."""
+    def deco(fn):
+        FAMILIES[name] = fn
+        return fn
+    return deco
+
+
+@dataclasses.dataclass
+class Context:
+    device: torch.device
+    dtypes: list          # torch dtypes asked for
+    sizes: list | None    # family-specific sizes asked for, or None for the family's default
+    compile: bool         # include torch.compile baselines
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclasses.dataclass
+class Impl:
+    fn: Callable                     # zero-argument callable: one run of the workload
+    backend: str | None = None       # fusedops backend forced while it is timed
+
+
+@dataclasses.dataclass
+class Case:
+    family: str
+    name: str
+    params: dict
+    nbytes: int                      # unique bytes read + written
+    impls: dict                      # label -> Impl
+    baseline: str = "eager"
+    wall: bool = False               # time host wall clock per call instead of device time
+
+
+@dataclasses.dataclass
+class Row:
+    family: str
+    case: str
+    impl: str
+    time_us: float
+    gbps: float | None
+    pct_copy: float | None
+    speedup: float | None
+    timer: str
+    params: dict
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_device(fn: Callable, device: torch.device) -> float:
+    """Median seconds per call."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    import torch.utils.benchmark as tb
+    fn()
+    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median
+
+
+def time_wall(fn: Callable, device: torch.device, calls: int = 2000) -> float:
+    """Host seconds per call over a loop of back-to-back calls (then one sync)."""
+    for _ in range(50):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device copy (read + write), measured now."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_device(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / t
+
+
+def environment(device: torch.device, copy_bps: float) -> dict:
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "copy_GBps": round(copy_bps / 1e9, 1),
+    }
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    if device.type == "cpu":
+        meta["threads"] = torch.get_num_threads()
+    return meta
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:120].ljust(120))
+            if self.done == self.total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def run_cases(cases: list, ctx: Context, copy_bps: float) -> list:
+    progress = Progress(sum(len(c.impls) for c in cases))
+    rows = []
+    for case in cases:
+        times = {}
+        for label, impl in case.impls.items():
+            progress.step(f"{case.name} · {label}")
+            timer = time_wall if case.wall else time_device
+            try:
+                if impl.backend is None:
+                    times[label] = timer(impl.fn, ctx.device)
+                else:
+                    with use_backend(impl.backend):
+                        times[label] = timer(impl.fn, ctx.device)
+            except Exception as exc:  # a baseline that fails here is reported, not fatal
+                sys.stderr.write(f"\n{case.name} · {label}: failed: {type(exc).__name__}: {exc}\n")
+        base = times.get(case.baseline)
+        for label, t in times.items():
+            gbps = case.nbytes / t / 1e9 if (case.nbytes and not case.wall) else None
+            rows.append(Row(case.family, case.name, label, t * 1e6, gbps,
+                            100 * gbps * 1e9 / copy_bps if gbps else None,
+                            base / t if base else None, "wall" if case.wall else "device", case.params))
+    return rows
+
+
+def _fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def table(rows: list) -> list:
+    header = ["family", "case", "impl", "time µs", "GB/s", "% copy", "vs eager", "timer"]
+    body = [[r.family, r.case, r.impl, _fmt(r.time_us, ".1f"), _fmt(r.gbps, ".0f"), _fmt(r.pct_copy, ".1f"),
+             _fmt(r.speedup, ".2f") + ("×" if r.speedup else ""), r.timer] for r in rows]
+    return [header] + body
+
+
+def render_text(rows: list) -> str:
+    t = table(rows)
+    widths = [max(len(str(row[i])) for row in t) for i in range(len(t[0]))]
+    lines = []
+    for k, row in enumerate(t):
+        lines.append("  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(rows: list, meta: dict) -> str:
+    t = table(rows)
+    out = [f"# fusedops benchmark — {meta['device']}", "",
+           ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
+           "| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in t[1:]]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list, meta: dict, path: Path) -> bool:
+    """One panel per family: achieved % of copy bandwidth per case and implementation."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fams = [f for f in dict.fromkeys(r.family for r in rows) if any(r.pct_copy for r in rows if r.family == f)]
+    if not fams:
+        return False
+    fig, axes = plt.subplots(len(fams), 1, figsize=(12, 3.8 * len(fams)), squeeze=False)
+    for ax, fam in zip(axes[:, 0], fams):
+        frows = [r for r in rows if r.family == fam and r.pct_copy is not None]
+        cases = list(dict.fromkeys(r.case for r in frows))
+        impls = list(dict.fromkeys(r.impl for r in frows))
+        w = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            vals = {r.case: r.pct_copy for r in frows if r.impl == impl}
+            xs = [i + k * w for i, c in enumerate(cases) if c in vals]
+            ax.bar(xs, [vals[c] for c in cases if c in vals], width=w, label=impl)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_title(f"{fam} — {meta['device']} (copy {meta['copy_GBps']} GB/s)")
+        ax.axhline(100, color="gray", lw=0.8, ls="--")
+        ax.legend(fontsize=8, ncol=min(len(impls), 6))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(rows: list, meta: dict, out: Path) -> list:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    (out / "results.md").write_text(render_markdown(rows, meta))
+    written = [out / "results.json", out / "results.md"]
+    if plot(rows, meta, out / "results.png"):
+        written.append(out / "results.png")
+    return written

@@ -1,0 +1,4 @@
+"""The fusedops::* torch.library ops, one module per family."""
+from .add import add_, add_op, foreach_add_, foreach_add_op
+
+__all__ = ["add_", "add_op", "foreach_add_", "foreach_add_op"]

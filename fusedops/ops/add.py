@@ -1,0 +1,227 @@
+"""In-place add: fusedops.add_(x, y, alpha) and fusedops.foreach_add_(xs, ys, alpha).
+
+x += alpha * y with y broadcast to x, math in fp32, result rounded once to x's dtype —
+the same values as eager `x.add_(y, alpha=alpha)`. The foreach form runs many pairs of
+any sizes in one launch per (device, x dtype, y dtype) group: the gradient-accumulation
+case.
+
+Kernels take x contiguous and y contiguous with y.numel() dividing x.numel() (y repeats
+along x's leading dims: same shape, a row or bias vector, a scalar). This module brings
+every other valid call to that form: a non-contiguous x is computed in one contiguous
+copy and copied back; a y broadcast along inner dims is expanded once.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native, _triton, _validate, reference
+from .._backend import Kernels
+from ._library import define
+
+OP, FOREACH_OP = "add_", "foreach_add_"
+
+# Default on CUDA tensors: the CUDA C++ kernel. Both reach the same bandwidth on large
+# tensors; the C++ launch costs less host time, which decides small calls (bench/NOTES.md).
+_add = Kernels(OP, cuda_default="cuda")
+_foreach = Kernels(FOREACH_OP, cuda_default="cuda")
+
+
+# ---- checks (shared by the real kernels and the fake ones) ------------------------------
+
+def _check_add(x, y, memory: bool = True) -> None:
+    """memory=False (fake tensors): skip the checks that need real addresses."""
+    _validate.tensor(x, "x", OP)
+    _validate.tensor(y, "y", OP)
+    _validate.floating(x, "x", OP)
+    _validate.floating(y, "y", OP)
+    _validate.same_device(x, "x", y, "y", OP)
+    _validate.broadcastable_to(y, "y", x.shape, "x", OP)
+    if memory:
+        _validate.internal_overlap(x, "x", OP)
+        _validate.no_partial_overlap(x, "x", y, "y", OP)
+
+
+def _check_foreach(xs, ys, memory: bool = True) -> None:
+    if len(xs) != len(ys):
+        raise ValueError(f"fusedops.{FOREACH_OP}: xs has {len(xs)} tensors but ys has {len(ys)}")
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        xn, yn = f"xs[{i}]", f"ys[{i}]"
+        _validate.tensor(x, xn, FOREACH_OP)
+        _validate.tensor(y, yn, FOREACH_OP)
+        _validate.floating(x, xn, FOREACH_OP)
+        _validate.floating(y, yn, FOREACH_OP)
+        _validate.same_device(x, xn, y, yn, FOREACH_OP)
+        if x.shape != y.shape:
+            raise ValueError(f"fusedops.{FOREACH_OP}: {yn} has shape {tuple(y.shape)} but {xn} has "
+                             f"shape {tuple(x.shape)}; pairs must match")
+        if memory:
+            _validate.internal_overlap(x, xn, FOREACH_OP)
+            _validate.no_partial_overlap(x, xn, y, yn, FOREACH_OP)
+    if not memory:
+        return
+    # One launch writes every x: two pairs must not write (or read another's write) at one place.
+    written = {}
+    for i, x in enumerate(xs):
+        if x.numel() and written.setdefault(x.data_ptr(), i) != i:
+            raise ValueError(f"fusedops.{FOREACH_OP}: xs[{i}] is the same memory as "
+                             f"xs[{written[x.data_ptr()]}]; each tensor may appear once in xs")
+    for i, y in enumerate(ys):
+        j = written.get(y.data_ptr()) if y.numel() else None
+        if j is not None and j != i:
+            raise ValueError(f"fusedops.{FOREACH_OP}: ys[{i}] is the same memory as xs[{j}], which "
+                             "the same launch writes; pass a clone")
+
+
+# ---- the kernel form of a call ------------------------------------------------------------
+
+def _repeating(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """y as a contiguous 1-D tensor whose numel divides prod(shape) and which, repeated,
+    is y broadcast to `shape`."""
+    dims = y.shape
+    lead = 0
+    while lead < len(dims) and dims[lead] == 1:
+        lead += 1
+    tail = tuple(dims[lead:])
+    if tail == tuple(shape[len(shape) - len(tail):]):
+        return y.reshape(-1) if y.is_contiguous() else y.contiguous().view(-1)
+    return y.expand(shape).contiguous().view(-1)
+
+
+def _kernel_dtype(t: torch.Tensor) -> bool:
+    return t.dtype in _validate.KERNEL_DTYPES
+
+
+def _plain_pair(x, y) -> bool:
+    """The common call, checked cheaply: x and y contiguous, same shape, device and a kernel
+    dtype, and either the same memory or apart. Anything else takes the full checks."""
+    if not (type(x) is torch.Tensor and type(y) is torch.Tensor and x.shape == y.shape
+            and x.device == y.device and x.dtype in _validate.KERNEL_DTYPES
+            and y.dtype in _validate.KERNEL_DTYPES and x.is_contiguous() and y.is_contiguous()):
+        return False
+    xp, yp = x.data_ptr(), y.data_ptr()
+    if xp == yp:
+        return x.dtype == y.dtype
+    return xp >= yp + y.numel() * y.element_size() or yp >= xp + x.numel() * x.element_size()
+
+
+def _add_impl(x, y, alpha=1.0):
+    if _plain_pair(x, y):
+        backend = _add.backend_for(x.device.type)
+        if backend != "reference" and x.numel():
+            _add.get(backend)(x, y, alpha)
+            return
+    _check_add(x, y)
+    if x.numel() == 0:
+        return
+    if not (_kernel_dtype(x) and _kernel_dtype(y)):
+        _add.reference(f"no kernel for {x.dtype} / {y.dtype}")(x, y, alpha)
+        return
+    backend = _add.backend_for(x.device.type)
+    if backend == "reference":
+        reference.add_(x, y, alpha)
+        return
+    run = _add.get(backend)
+    yk = _repeating(y, x.shape)
+    if x.is_contiguous():
+        run(x, yk, alpha)
+    else:
+        work = x.contiguous()
+        run(work, yk, alpha)
+        x.copy_(work)
+
+
+def _add_fake(x, y, alpha=1.0):
+    _check_add(x, y, memory=False)
+
+
+add_op = define("add_(Tensor(a!) x, Tensor y, float alpha=1.0) -> ()", _add_impl, _add_fake)
+
+
+@_add.register("cuda")
+@_add.register("cpp")
+def _add_native(x, y, alpha):
+    _native.op("add_")(x, y, alpha)
+
+
+@_add.register("triton")
+def _add_triton(x, y, alpha):
+    _triton.kernels("add").add_(x, y, alpha)
+
+
+_add.register("reference")(reference.add_)
+
+
+def _foreach_impl(xs, ys, alpha=1.0):
+    _check_foreach(xs, ys)
+    # Pairs are grouped so that each group is one launch: same device and dtypes, both
+    # contiguous. A non-contiguous x goes through add_ (one contiguous copy); a float64
+    # pair through the reference.
+    groups: dict = {}
+    for x, y in zip(xs, ys):
+        if x.numel() == 0:
+            continue
+        if not (_kernel_dtype(x) and _kernel_dtype(y)):
+            _foreach.reference(f"no kernel for {x.dtype} / {y.dtype}")([x], [y], alpha)
+        elif not x.is_contiguous():
+            _add_impl(x, y, alpha)
+        else:
+            key = (x.device, x.dtype, y.dtype)
+            gx, gy = groups.setdefault(key, ([], []))
+            gx.append(x)
+            gy.append(y if y.is_contiguous() else y.contiguous())
+    for (device, _, _), (gx, gy) in groups.items():
+        backend = _foreach.backend_for(device.type)
+        if backend == "reference":
+            reference.foreach_add_(gx, gy, alpha)
+        else:
+            _foreach.get(backend)(gx, gy, alpha)
+
+
+def _foreach_fake(xs, ys, alpha=1.0):
+    _check_foreach(xs, ys, memory=False)
+
+
+foreach_add_op = define("foreach_add_(Tensor(a!)[] xs, Tensor[] ys, float alpha=1.0) -> ()",
+                        _foreach_impl, _foreach_fake)
+
+
+@_foreach.register("cuda")
+@_foreach.register("cpp")
+def _foreach_native(xs, ys, alpha):
+    _native.op("foreach_add_")(xs, ys, alpha)
+
+
+@_foreach.register("triton")
+def _foreach_triton(xs, ys, alpha):
+    _triton.kernels("add").foreach_add_(xs, ys, alpha)
+
+
+_foreach.register("reference")(reference.foreach_add_)
+
+
+# ---- public API --------------------------------------------------------------------------
+
+def add_(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> None:
+    """x += alpha * y in place (y broadcast to x; x fp32/fp16/bf16, y any of those).
+
+    Same values as eager `x.add_(y, alpha=alpha)`: math in fp32, one rounding to x's dtype.
+    y may be x itself. Not differentiable. Returns None (the op mutates x).
+    """
+    _validate.tensor(x, "x", OP)  # before the dispatcher, whose own message is vaguer
+    _validate.tensor(y, "y", OP)
+    add_op(x, y, float(alpha))
+
+
+def foreach_add_(xs, ys, alpha: float = 1.0) -> None:
+    """xs[i] += alpha * ys[i] for every pair, in one launch per (device, dtypes) group.
+
+    Pairs must have equal shapes; each tensor may appear once in xs, and no ys[j] may be
+    another pair's xs[i]. Same values as `torch._foreach_add_(xs, ys, alpha=alpha)`.
+    """
+    xs, ys = list(xs), list(ys)
+    for name, ts in (("xs", xs), ("ys", ys)):
+        for i, t in enumerate(ts):
+            _validate.tensor(t, f"{name}[{i}]", FOREACH_OP)
+    if not xs and not ys:  # nothing to dispatch on (the op needs a tensor to pick a device)
+        return
+    foreach_add_op(xs, ys, float(alpha))

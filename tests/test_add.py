@@ -1,0 +1,372 @@
+"""fusedops.add_ / foreach_add_ against eager x.add_(y, alpha) and torch._foreach_add_.
+
+x is both input and output, so instead of poisoning it every test draws fresh random x
+and y: an element a kernel skips keeps its old value and fails the comparison."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fusedops
+from helpers import assert_close_rule, backend_params, require
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [0, 1, 7, 1023, 4097, 2**20 + 3]
+
+
+@pytest.fixture(params=backend_params())
+def dev_backend(request):
+    device, backend = request.param
+    require(device, backend)
+    with fusedops.use_backend(backend):
+        yield device, backend
+
+
+def _product_ulp(y, alpha):
+    """One fp32 rounding of alpha*y: eager fuses x + alpha*y into one FMA where the machine
+    has one, a kernel may round the product first (baseline x86-64 has no FMA)."""
+    return torch.finfo(torch.float32).eps * abs(alpha) * (y.double().abs().max().item() if y.numel() else 0.0)
+
+
+def check_add(x, y, alpha, label=""):
+    """Run fusedops.add_ on x and compare with eager on a copy and with an fp64 reference."""
+    eager = x.clone()
+    eager.add_(y, alpha=alpha)
+    ref = x.double() + alpha * y.double()
+    ours = x
+    fusedops.add_(ours, y, alpha)
+    assert_close_rule(ours, eager, ref, rtol=torch.finfo(x.dtype).eps, atol=_product_ulp(y, alpha),
+                      name=f"add_ {label}")
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("ydtype", DTYPES, ids=str)
+@pytest.mark.parametrize("xdtype", DTYPES, ids=str)
+def test_add_dtypes_sizes(dev_backend, xdtype, ydtype, size):
+    device, _ = dev_backend
+    x = torch.randn(size, device=device).to(xdtype)
+    y = torch.randn(size, device=device).to(ydtype)
+    check_add(x, y, 0.75, f"{xdtype}/{ydtype} n={size}")
+
+
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 2.5, 0.0])
+def test_add_alpha(dev_backend, alpha):
+    device, _ = dev_backend
+    x = torch.randn(3, 1000, device=device)
+    y = torch.randn(3, 1000, device=device)
+    check_add(x, y, alpha)
+
+
+@pytest.mark.parametrize("yshape", [(1,), (), (37,), (1, 37), (5, 37), (1, 1, 37), (3, 1, 37), (3, 5, 1), (1, 5, 1)],
+                         ids=str)
+@pytest.mark.parametrize("xdtype", DTYPES, ids=str)
+def test_add_broadcast(dev_backend, xdtype, yshape):
+    device, _ = dev_backend
+    x = torch.randn(3, 5, 37, device=device).to(xdtype)
+    y = torch.randn(yshape, device=device)
+    check_add(x, y, 1.5, f"y {yshape}")
+
+
+def test_add_row_vector_large(dev_backend):
+    """A bias-like row added to many rows, with a row length that is not a multiple of 8."""
+    device, _ = dev_backend
+    x = torch.randn(300, 1001, device=device, dtype=torch.bfloat16)
+    y = torch.randn(1001, device=device, dtype=torch.float32)
+    check_add(x, y, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_alias(dev_backend, dtype):
+    device, _ = dev_backend
+    x = torch.randn(4097, device=device).to(dtype)
+    eager = x.clone()
+    eager.add_(eager, alpha=0.5)
+    ref = x.double() * 1.5
+    atol = _product_ulp(x, 0.5)
+    fusedops.add_(x, x, 0.5)
+    assert_close_rule(x, eager, ref, rtol=torch.finfo(dtype).eps, atol=atol)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "channels_last", "offset"])
+def test_add_noncontiguous_x(dev_backend, layout):
+    device, _ = dev_backend
+    base = torch.randn(6, 7, 9, 11, device=device)
+    if layout == "transposed":
+        x = base.transpose(1, 3)
+    elif layout == "strided":
+        x = base[:, ::2, :, 1::3]
+    elif layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    else:
+        x = base.view(-1)[1:]
+    untouched = base.clone()
+    y = torch.randn(x.shape, device=device)
+    if layout != "offset":
+        mask = torch.ones_like(base, dtype=torch.bool)
+        mask_view = mask.transpose(1, 3) if layout == "transposed" else (
+            mask[:, ::2, :, 1::3] if layout == "strided" else mask)
+        mask_view.fill_(False)
+    else:
+        mask = torch.zeros_like(base, dtype=torch.bool)
+        mask.view(-1)[0] = True
+    check_add(x, y, 2.0, layout)
+    # elements outside the view are not touched
+    assert torch.equal(base[mask], untouched[mask])
+
+
+def test_add_noncontiguous_y(dev_backend):
+    device, _ = dev_backend
+    x = torch.randn(40, 33, device=device, dtype=torch.float16)
+    y = torch.randn(33, 40, device=device).t()
+    check_add(x, y, 1.0)
+    y_row = torch.randn(33, 2, device=device)[:, 1]  # a strided row vector
+    check_add(x, y_row, -1.0)
+    y_expanded = torch.randn(1, 33, device=device).expand(40, 33)  # stride-0
+    check_add(x, y_expanded, 1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), keep=st.integers(0, 4),
+       ones=st.integers(0, 15), alpha=st.floats(-4, 4, allow_nan=False))
+def test_add_fuzz_broadcast(shape, keep, ones, alpha):
+    """y = any broadcastable shape of x's: a suffix with some dims set to 1."""
+    ysh = [1 if (ones >> i) & 1 else s for i, s in enumerate(shape[len(shape) - min(keep, len(shape)):])]
+    x = torch.randn(shape)
+    y = torch.randn(ysh)
+    check_add(x, y, alpha, f"x {shape} y {ysh}")
+
+
+def test_add_float64_falls_back_with_warning():
+    x = torch.randn(100, dtype=torch.float64)
+    y = torch.randn(100, dtype=torch.float64)
+    expected = x.clone().add_(y, alpha=3.0)
+    fusedops._backend._warned.clear()
+    with pytest.warns(fusedops.FallbackWarning, match="float64"):
+        fusedops.add_(x, y, 3.0)
+    assert torch.equal(x, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time it is silent: once per reason
+        fusedops.add_(x, y, 3.0)
+
+
+# ---- bad input: a clear error and x untouched ---------------------------------------------
+
+def _expect_error(exc, match, x, *args, fn=fusedops.add_):
+    before = x.clone()
+    with pytest.raises(exc, match=match):
+        fn(x, *args)
+    assert torch.equal(x, before), "x was modified by a call that raised"
+
+
+def test_add_rejects_bad_input():
+    x = torch.randn(4, 5)
+    _expect_error(ValueError, "cannot be broadcast", x, torch.randn(4))
+    _expect_error(ValueError, "cannot be broadcast", x, torch.randn(2, 4, 5))
+    _expect_error(TypeError, "y must be a floating-point", x, torch.ones(4, 5, dtype=torch.int32))
+    _expect_error(TypeError, "x must be a floating-point", torch.ones(4, 5, dtype=torch.int64), torch.randn(4, 5))
+    _expect_error(TypeError, "y must be a torch.Tensor", x, 3.0)
+    with pytest.raises(ValueError, match="expanded view"):
+        fusedops.add_(torch.randn(1, 5).expand(4, 5), torch.randn(4, 5))
+
+
+def test_add_rejects_partial_overlap():
+    base = torch.randn(10)
+    _expect_error(ValueError, "partly overlaps", base[:9], base[1:])
+    _expect_error(ValueError, "partly overlaps", base.view(2, 5), base[:5])
+
+
+def test_add_rejects_device_mismatch_on_meta():
+    # a CPU x with a meta y dispatches to the fake kernel, which runs the same checks
+    with pytest.raises(ValueError, match="y is on meta but x is on cpu"):
+        fusedops.add_(torch.randn(3), torch.randn(3, device="meta"))
+
+
+@pytest.mark.gpu
+def test_add_rejects_device_mismatch_cuda():
+    x = torch.randn(8, device="cuda")
+    _expect_error(ValueError, "y is on cpu but x is on cuda", x, torch.randn(8))
+    _expect_error(ValueError, "y is on cuda:0 but x is on cpu", torch.randn(8), x)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        with fusedops.use_backend("fast"):
+            pass
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    from fusedops import _triton
+    monkeypatch.setattr(_triton, "can_run", lambda device_type: False)
+    from fusedops.ops.add import _add
+    _add._chosen.clear()
+    try:
+        with fusedops.use_backend("triton"):
+            with pytest.raises(RuntimeError, match="backend 'triton' was asked for"):
+                fusedops.add_(torch.randn(3), torch.randn(3))
+    finally:
+        _add._chosen.clear()
+
+
+def test_reference_backend_is_eager():
+    x = torch.randn(3, 7)
+    y = torch.randn(7)
+    expected = x.clone().add_(y, alpha=-2.0)
+    with fusedops.use_backend("reference"):
+        assert fusedops.backend_for("add_", "cpu") == "reference"
+        fusedops.add_(x, y, -2.0)
+    assert torch.equal(x, expected)
+
+
+def test_default_backends():
+    with fusedops.use_backend("auto"):
+        if fusedops._backend.available("cpp", "cpu"):
+            assert fusedops.backend_for("add_", "cpu") == "cpp"
+        if torch.cuda.is_available():
+            assert fusedops.backend_for("add_", "cuda") == "cuda"
+
+
+# ---- foreach_add_ ---------------------------------------------------------------------------
+
+# A transformer's parameter shapes (GPT-2-like, scaled down so the interpreter stays quick).
+def _param_shapes(layers=4, d=48, vocab=301, ctx=64):
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def check_foreach(xs, ys, alpha):
+    eager = [x.clone() for x in xs]
+    torch._foreach_add_(eager, ys, alpha=alpha)
+    refs = [x.double() + alpha * y.double() for x, y in zip(xs, ys)]
+    fusedops.foreach_add_(xs, ys, alpha)
+    for i, (x, e, r) in enumerate(zip(xs, eager, refs)):
+        assert_close_rule(x, e, r, rtol=torch.finfo(x.dtype).eps, atol=_product_ulp(ys[i], alpha),
+                          name=f"foreach_add_ pair {i}")
+
+
+@pytest.mark.parametrize("ydtype", DTYPES, ids=str)
+@pytest.mark.parametrize("xdtype", DTYPES, ids=str)
+def test_foreach_transformer_shapes(dev_backend, xdtype, ydtype):
+    device, _ = dev_backend
+    shapes = _param_shapes()
+    xs = [torch.randn(s, device=device).to(xdtype) for s in shapes]
+    ys = [torch.randn(s, device=device).to(ydtype) for s in shapes]
+    check_foreach(xs, ys, 0.5)
+
+
+def test_foreach_odd_sizes_and_edge_cases(dev_backend):
+    device, _ = dev_backend
+    sizes = [0, 1, 7, 1023, 4097, 2**17 + 3, 0, 5]
+    xs = [torch.randn(n, device=device) for n in sizes]
+    ys = [torch.randn(n, device=device) for n in sizes]
+    xs[3] = torch.randn(2 * 1023 + 1, device=device)[1::2]        # non-contiguous x
+    ys[4] = torch.randn(4097 * 2, device=device)[::2]              # non-contiguous y
+    ys[5] = xs[5]                                                  # x += alpha * x
+    xs[6] = torch.randn(3, 3, device=device, dtype=torch.float64)   # a float64 pair: reference
+    ys[6] = torch.randn(3, 3, device=device, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fusedops.FallbackWarning)
+        check_foreach(xs, ys, -1.25)
+
+
+def test_foreach_mixed_dtype_groups(dev_backend):
+    device, _ = dev_backend
+    xs = [torch.randn(100 + i, device=device).to(DTYPES[i % 3]) for i in range(9)]
+    ys = [torch.randn(100 + i, device=device).to(DTYPES[(i // 3) % 3]) for i in range(9)]
+    check_foreach(xs, ys, 1.0)
+
+
+def test_foreach_empty_list():
+    fusedops.foreach_add_([], [], 2.0)
+
+
+def test_foreach_rejects_bad_input():
+    xs = [torch.randn(4), torch.randn(4)]
+    before = [x.clone() for x in xs]
+    cases = [
+        (ValueError, "xs has 2 tensors but ys has 1", [torch.randn(4)]),
+        (ValueError, r"ys\[1\] has shape \(5,\)", [torch.randn(4), torch.randn(5)]),
+        (TypeError, r"ys\[1\] must be a floating-point", [torch.randn(4), torch.ones(4, dtype=torch.int8)]),
+        (ValueError, r"ys\[1\] is the same memory as xs\[0\]", [torch.randn(4), xs[0]]),
+    ]
+    for exc, match, ys in cases:
+        with pytest.raises(exc, match=match):
+            fusedops.foreach_add_(xs, ys)
+        assert all(torch.equal(a, b) for a, b in zip(xs, before)), f"xs modified by a call that raised ({match})"
+    with pytest.raises(ValueError, match=r"xs\[1\] is the same memory as xs\[0\]"):
+        fusedops.foreach_add_([xs[0], xs[0]], [torch.randn(4), torch.randn(4)])
+    assert all(torch.equal(a, b) for a, b in zip(xs, before))
+
+
+# ---- op contract: opcheck and torch.compile -------------------------------------------------
+
+def test_opcheck_add():
+    for x, y, alpha in [(torch.randn(5, 7), torch.randn(5, 7), 2.0), (torch.randn(3, 9), torch.randn(9), 1.0),
+                        (torch.randn(4, 6).t(), torch.randn(6, 4), -0.5),
+                        (torch.randn(8, dtype=torch.bfloat16), torch.randn(8), 1.0)]:
+        torch.library.opcheck(torch.ops.fusedops.add_.default, (x, y, alpha))
+
+
+def test_opcheck_foreach_add():
+    xs = [torch.randn(5), torch.randn(2, 3), torch.randn(4, dtype=torch.float16)]
+    ys = [torch.randn(5), torch.randn(2, 3), torch.randn(4)]
+    torch.library.opcheck(torch.ops.fusedops.foreach_add_.default, (xs, ys, 0.5))
+
+
+def test_compiled_function_matches_eager():
+    """A residual + gradient-accumulation style function, compiled with fullgraph=True."""
+    def step(h, r, grads, acc):
+        fusedops.add_(h, r, 1.0)
+        fusedops.foreach_add_(acc, grads, 0.25)
+        return h * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    h, r = torch.randn(16, 33), torch.randn(33)
+    grads = [torch.randn(7), torch.randn(3, 5)]
+    acc = [torch.randn(7), torch.randn(3, 5)]
+    h2, acc2 = h.clone(), [a.clone() for a in acc]
+    out = compiled(h, r, grads, acc)
+    expected = step(h2, r, grads, acc2)
+    assert torch.allclose(out, expected)
+    assert torch.allclose(h, h2)
+    assert all(torch.allclose(a, b) for a, b in zip(acc, acc2))
+
+
+# ---- GPU-only: launches and streams ---------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_foreach_is_one_launch(backend):
+    shapes = _param_shapes(layers=12, d=768, vocab=50257, ctx=1024)
+    xs = [torch.randn(s, device="cuda") for s in shapes]
+    ys = [torch.randn(s, device="cuda") for s in shapes]
+    with fusedops.use_backend(backend):
+        fusedops.foreach_add_(xs, ys)  # warm-up (Triton compiles here)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fusedops.foreach_add_(xs, ys)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "foreach_add" in e.name]
+    assert len(kernels) == 1, [e.name for e in kernels]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_add_runs_on_current_stream(backend):
+    x = torch.randn(1 << 20, device="cuda")
+    y = torch.randn(1 << 20, device="cuda")
+    expected = x + y
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with fusedops.use_backend(backend), torch.cuda.stream(s):
+        torch.cuda._sleep(10_000_000)  # keep the side stream busy: a launch elsewhere would race
+        fusedops.add_(x, y)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(x, expected)
