@@ -16,5 +16,7 @@ echo "built in $(( $(date +%s) - t0 ))s"
 python3 -m fusedops info
 echo "== tests"
 python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -15
+echo "== diagnostics"
+python3 bench/diag_foreach.py 2>&1 | tee "$out/diag.txt"
 echo "== bench"
 python3 -m fusedops bench --out "$out/bench" "$@" 2>"$out/bench.err" | tee "$out/bench.txt" | tail -60

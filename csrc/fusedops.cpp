@@ -12,9 +12,11 @@ STABLE_TORCH_LIBRARY(fusedops_C, m) {
   // x += alpha * y. x contiguous; y contiguous with y.numel() dividing x.numel()
   // (y repeats along x's leading dims).
   m.def("add_(Tensor(a!) x, Tensor y, float alpha) -> ()");
-  // xs[i] += alpha * ys[i] for every pair; all xs share one dtype, all ys one dtype,
-  // every pair has the same numel and is contiguous.
-  m.def("foreach_add_(Tensor(a!)[] xs, Tensor[] ys, float alpha) -> ()");
+  // xs[i] += alpha * ys[i] for every pair, in one launch. Returns false, writing nothing,
+  // unless the lists are plain (multi_tensor.h).
+  m.def("foreach_add_(Tensor(a!)[] xs, Tensor[] ys, float alpha) -> bool");
+  // The pointer/size table of plain lists for a Triton multi-tensor kernel (multi_tensor.cpp).
+  m.def("foreach_table(Tensor[] xs, Tensor[] ys, int block, bool pin) -> Tensor");
 }
 
 extern "C" {

@@ -2,6 +2,8 @@
 written, and names the argument at fault."""
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,3 +62,26 @@ def internal_overlap(x: torch.Tensor, name: str, op: str) -> None:
     if x.numel() > 1 and any(st == 0 and s > 1 for s, st in zip(x.shape, x.stride())):
         raise ValueError(f"fusedops.{op}: {name} has several elements at one memory location "
                          "(an expanded view) and cannot be written in place; pass a real tensor")
+
+
+def disjoint_writes(xs, ys, op: str, xs_name: str = "xs", ys_name: str = "ys") -> None:
+    """One launch writes every xs[i] while reading every ys[j]: no two xs may overlap, and
+    no ys[j] may overlap an xs[i] other than being exactly its own xs[j]."""
+    spans = sorted((_span(x) + (i,) for i, x in enumerate(xs) if x.numel()), key=lambda s: s[0])
+    for (_, end0, i0), (begin1, _, i1) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            a, b = sorted((i0, i1))
+            raise ValueError(f"fusedops.{op}: {xs_name}[{b}] overlaps {xs_name}[{a}] in memory; each "
+                             f"tensor written in place may appear once in {xs_name}")
+    begins = [s[0] for s in spans]
+    for j, y in enumerate(ys):
+        if not y.numel():
+            continue
+        yb, ye = _span(y)
+        k = bisect.bisect_left(begins, ye) - 1
+        if k < 0 or spans[k][1] <= yb:
+            continue
+        xb, xe, i = spans[k]
+        if i != j:
+            raise ValueError(f"fusedops.{op}: {ys_name}[{j}] overlaps {xs_name}[{i}] in memory, which the "
+                             f"same launch writes; pass {ys_name}[{j}].clone()")

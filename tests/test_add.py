@@ -292,15 +292,42 @@ def test_foreach_rejects_bad_input():
         (ValueError, "xs has 2 tensors but ys has 1", [torch.randn(4)]),
         (ValueError, r"ys\[1\] has shape \(5,\)", [torch.randn(4), torch.randn(5)]),
         (TypeError, r"ys\[1\] must be a floating-point", [torch.randn(4), torch.ones(4, dtype=torch.int8)]),
-        (ValueError, r"ys\[1\] is the same memory as xs\[0\]", [torch.randn(4), xs[0]]),
+        (ValueError, r"ys\[1\] overlaps xs\[0\]", [torch.randn(4), xs[0]]),
     ]
     for exc, match, ys in cases:
         with pytest.raises(exc, match=match):
             fusedops.foreach_add_(xs, ys)
         assert all(torch.equal(a, b) for a, b in zip(xs, before)), f"xs modified by a call that raised ({match})"
-    with pytest.raises(ValueError, match=r"xs\[1\] is the same memory as xs\[0\]"):
+    with pytest.raises(ValueError, match=r"xs\[1\] overlaps xs\[0\]"):
         fusedops.foreach_add_([xs[0], xs[0]], [torch.randn(4), torch.randn(4)])
     assert all(torch.equal(a, b) for a, b in zip(xs, before))
+
+
+def test_foreach_rejects_partial_overlaps_across_pairs(dev_backend):
+    device, _ = dev_backend
+    buf = torch.randn(100, device=device)
+    before = buf.clone()
+    with pytest.raises(ValueError, match=r"xs\[1\] overlaps xs\[0\]"):
+        fusedops.foreach_add_([buf[:60], buf[50:]], [torch.randn(60, device=device), torch.randn(50, device=device)])
+    with pytest.raises(ValueError, match=r"ys\[1\] overlaps xs\[0\]"):
+        fusedops.foreach_add_([buf[:50], torch.randn(20, device=device)], [torch.randn(50, device=device), buf[40:60]])
+    assert torch.equal(buf, before)
+    # slices side by side of one buffer are fine (a flat gradient buffer)
+    xs = [buf[:30], buf[30:31], buf[31:]]
+    check_foreach(xs, [torch.randn_like(x) for x in xs], 2.0)
+
+
+def test_foreach_triton_without_extension(monkeypatch):
+    """The Triton path builds its table in Python when fusedops._C is missing."""
+    from fusedops import _backend, _native
+    if not _backend.available("triton", "cpu"):
+        pytest.skip("Triton cannot run on CPU tensors here")
+    monkeypatch.setattr(_native, "ops", None)
+    xs = [torch.randn(n) for n in (5, 3000, 1)]
+    ys = [torch.randn(n) for n in (5, 3000, 1)]
+    with fusedops.use_backend("triton"):
+        check_foreach(xs, ys, 0.5)
+        check_foreach([xs[0], xs[1]], [xs[0], ys[1].bfloat16()], 1.0)  # mixed: general path
 
 
 # ---- op contract: opcheck and torch.compile -------------------------------------------------

@@ -22,6 +22,7 @@ class AddConfig:
         return self.block_bytes // x.element_size()
 
 
+
 # 16 KB of x per program, 8 warps: 4 16-byte accesses per thread per tensor.
 CONFIG = AddConfig(block_bytes=1 << 18, num_warps=4) if INTERPRET else AddConfig(block_bytes=1 << 14, num_warps=8)
 
@@ -73,29 +74,30 @@ def foreach_add_kernel(table_ptr, count, alpha, X_DTYPE: tl.constexpr, Y_DTYPE: 
     tl.store(x_ptr + offs, (x + alpha * y).to(X_DTYPE), mask=mask)
 
 
-def foreach_add_(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: float) -> None:
-    """One launch for all pairs: xs share a device and dtype, ys share a dtype, each pair
-    contiguous with equal numel."""
+def foreach_block(x_dtype: torch.dtype) -> int:
+    """Elements of x per program of foreach_add_kernel."""
+    return CONFIG.block_bytes // x_dtype.itemsize
+
+
+def foreach_table_py(xs: list[torch.Tensor], ys: list[torch.Tensor], block: int) -> torch.Tensor:
+    """The table foreach_add_kernel reads (int64 [4, count + 1], see the kernel), built in
+    Python; fusedops builds the same table natively when its extension is there."""
     pairs = [(x, y) for x, y in zip(xs, ys) if x.numel()]
-    if not pairs:
-        return
-    block = CONFIG.block(pairs[0][0])
-    count = len(pairs)
     first, total = [], 0
     for x, _ in pairs:
         first.append(total)
         total += triton.cdiv(x.numel(), block)
-    first.append(total)
-    pad = [0]
-    table = torch.tensor(
-        [[x.data_ptr() for x, _ in pairs] + pad,
-         [y.data_ptr() for _, y in pairs] + pad,
-         [x.numel() for x, _ in pairs] + pad,
-         first],
-        dtype=torch.int64)
-    device = pairs[0][0].device
-    if device.type != "cpu":
-        table = table.to(device, non_blocking=True)
-    foreach_add_kernel[(total,)](
-        table, count, alpha, X_DTYPE=TL_DTYPE[pairs[0][0].dtype], Y_DTYPE=TL_DTYPE[pairs[0][1].dtype],
-        BLOCK=block, SEARCH_STEPS=max(1, (count - 1).bit_length()), num_warps=CONFIG.num_warps)
+    return torch.tensor([[x.data_ptr() for x, _ in pairs] + [0], [y.data_ptr() for _, y in pairs] + [0],
+                         [x.numel() for x, _ in pairs] + [0], first + [total]], dtype=torch.int64)
+
+
+def foreach_add_(table: torch.Tensor, blocks: int, x_dtype: torch.dtype, y_dtype: torch.dtype,
+                 alpha: float) -> None:
+    """One launch over every pair in `table` (on the tensors' device); `blocks` is the
+    table's last prefix sum, passed from the host copy so that no sync is needed."""
+    if blocks == 0:
+        return
+    count = table.shape[1] - 1
+    foreach_add_kernel[(blocks,)](
+        table, count, alpha, X_DTYPE=TL_DTYPE[x_dtype], Y_DTYPE=TL_DTYPE[y_dtype],
+        BLOCK=foreach_block(x_dtype), SEARCH_STEPS=max(1, (count - 1).bit_length()), num_warps=CONFIG.num_warps)

@@ -1,5 +1,6 @@
 // In-place add on the CPU: x += alpha * y, math in fp32, result rounded to x's dtype.
 #include "../common.h"
+#include "../multi_tensor.h"
 
 #include <algorithm>
 #include <vector>
@@ -62,30 +63,34 @@ void add_(Tensor x, Tensor y, double alpha) {
   });
 }
 
-void foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) {
-  STD_TORCH_CHECK(xs.size() == ys.size(), "fusedops_C::foreach_add_ (CPU): xs and ys differ in length");
+// Returns false, writing nothing, when the lists are not plain (see multi_tensor.h).
+bool foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) {
+  if (!plain_pairs(xs, ys) || !xs[0].is_cpu()) return false;
   // Every tensor is split into tasks of kGrain elements; one parallel loop runs them all.
-  std::vector<int64_t> first_task(xs.size() + 1, 0);
+  struct Pair {
+    void* x;
+    const void* y;
+    int64_t n;
+  };
+  std::vector<Pair> pairs;
+  std::vector<int64_t> first_task{0};
   for (size_t t = 0; t < xs.size(); ++t) {
-    STD_TORCH_CHECK(xs[t].numel() == ys[t].numel(), "fusedops_C::foreach_add_ (CPU): pair ", t,
-                    " differs in numel");
-    first_task[t + 1] = first_task[t] + (xs[t].numel() + kGrain - 1) / kGrain;
+    const int64_t n = xs[t].numel();
+    if (n == 0) continue;
+    pairs.push_back({xs[t].data_ptr(), ys[t].data_ptr(), n});
+    first_task.push_back(first_task.back() + (n + kGrain - 1) / kGrain);
   }
   const int64_t tasks = first_task.back();
-  if (tasks == 0) return;
-  for (size_t t = 0; t < xs.size(); ++t) {
-    STD_TORCH_CHECK(xs[t].is_contiguous() && ys[t].is_contiguous(),
-                    "fusedops_C::foreach_add_ (CPU): pair ", t, " is not contiguous");
-  }
+  if (tasks == 0) return true;
   const float a = static_cast<float>(alpha);
   dispatch_float2(xs[0].scalar_type(), "xs", ys[0].scalar_type(), "ys", [&]<typename TX, typename TY>() {
     torch::stable::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
       for (int64_t task = tb; task < te; ++task) {
         const size_t t = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
-        const int64_t n = xs[t].numel();
-        const int64_t b = (task - first_task[t]) * kGrain, e = std::min(n, b + kGrain);
-        TX* xp = xs[t].mutable_data_ptr<TX>();
-        const TY* yp = ys[t].const_data_ptr<TY>();
+        const Pair& p = pairs[t];
+        const int64_t b = (task - first_task[t]) * kGrain, e = std::min(p.n, b + kGrain);
+        TX* xp = static_cast<TX*>(p.x);
+        const TY* yp = static_cast<const TY*>(p.y);
         if constexpr (std::is_same_v<TX, TY>) {
           if (static_cast<const void*>(xp) == static_cast<const void*>(yp)) {
             add_self(xp, b, e, a);
@@ -96,6 +101,7 @@ void foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) 
       }
     });
   });
+  return true;
 }
 
 }  // namespace

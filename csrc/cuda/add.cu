@@ -3,6 +3,7 @@
 // Memory-bound: 2 reads + 1 write per element. Each thread moves kUnroll 16-byte packets
 // of x (and the matching packets of y) with all loads issued before the first store.
 #include "cuda_utils.cuh"
+#include "../multi_tensor.h"
 
 #include <algorithm>
 #include <vector>
@@ -156,24 +157,14 @@ __global__ void __launch_bounds__(kThreads) foreach_add_kernel(const __grid_cons
   }
 }
 
-void foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) {
-  STD_TORCH_CHECK(xs.size() == ys.size(), "fusedops_C::foreach_add_ (CUDA): xs and ys differ in length");
-  if (xs.empty()) return;
+// Returns false, writing nothing, when the lists are not plain (see multi_tensor.h).
+bool foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) {
+  if (!plain_pairs(xs, ys) || !xs[0].is_cuda()) return false;
   const int32_t device = xs[0].get_device_index();
-  const auto tx = xs[0].scalar_type(), ty = ys[0].scalar_type();
-  for (size_t t = 0; t < xs.size(); ++t) {
-    STD_TORCH_CHECK(xs[t].is_cuda() && ys[t].is_cuda() && xs[t].get_device_index() == device &&
-                        ys[t].get_device_index() == device,
-                    "fusedops_C::foreach_add_ (CUDA): pair ", t, " is not on the device of pair 0");
-    STD_TORCH_CHECK(xs[t].scalar_type() == tx && ys[t].scalar_type() == ty,
-                    "fusedops_C::foreach_add_ (CUDA): pair ", t, " differs in dtype from pair 0");
-    STD_TORCH_CHECK(xs[t].numel() == ys[t].numel() && xs[t].is_contiguous() && ys[t].is_contiguous(),
-                    "fusedops_C::foreach_add_ (CUDA): pair ", t, " must be contiguous with equal numel");
-  }
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(device);
   const float a = static_cast<float>(alpha);
-  dispatch_float2(tx, "xs", ty, "ys", [&]<typename TX, typename TY>() {
+  dispatch_float2(xs[0].scalar_type(), "xs", ys[0].scalar_type(), "ys", [&]<typename TX, typename TY>() {
     constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kUnroll * pack_of<TX>();
     ForeachTable table{};
     auto launch = [&]() {
@@ -182,8 +173,6 @@ void foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) 
       foreach_add_kernel<TX, TY><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(table, a);
       FUSEDOPS_CHECK_LAUNCH();
     };
-    table.count = 0;
-    table.first_chunk[0] = 0;
     for (size_t t = 0; t < xs.size(); ++t) {
       const int64_t n = xs[t].numel();
       if (n == 0) continue;
@@ -194,14 +183,15 @@ void foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) 
         table.count = 0;
       }
       const int c = table.count;
-      table.x[c] = xs[t].mutable_data_ptr<TX>();
-      table.y[c] = ys[t].const_data_ptr<TY>();
+      table.x[c] = xs[t].data_ptr();
+      table.y[c] = ys[t].data_ptr();
       table.n[c] = n;
       table.first_chunk[c + 1] = table.first_chunk[c] + chunks;
       table.count = c + 1;
     }
     if (table.count > 0) launch();
   });
+  return true;
 }
 
 }  // namespace

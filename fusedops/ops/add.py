@@ -59,17 +59,28 @@ def _check_foreach(xs, ys, memory: bool = True) -> None:
             _validate.no_partial_overlap(x, xn, y, yn, FOREACH_OP)
     if not memory:
         return
-    # One launch writes every x: two pairs must not write (or read another's write) at one place.
-    written = {}
-    for i, x in enumerate(xs):
-        if x.numel() and written.setdefault(x.data_ptr(), i) != i:
-            raise ValueError(f"fusedops.{FOREACH_OP}: xs[{i}] is the same memory as "
-                             f"xs[{written[x.data_ptr()]}]; each tensor may appear once in xs")
-    for i, y in enumerate(ys):
-        j = written.get(y.data_ptr()) if y.numel() else None
-        if j is not None and j != i:
-            raise ValueError(f"fusedops.{FOREACH_OP}: ys[{i}] is the same memory as xs[{j}], which "
-                             "the same launch writes; pass a clone")
+    if memory:
+        _validate.disjoint_writes(xs, ys, FOREACH_OP)
+
+
+def _plain_lists_py(xs, ys) -> bool:
+    """Python twin of the extension's plain_pairs check (csrc/multi_tensor.h), for
+    installs without the extension: one device, one x dtype, one y dtype, contiguous
+    equal-shape pairs, no overlapping writes."""
+    if not xs or len(xs) != len(ys):
+        return False
+    x0, y0 = xs[0], ys[0]
+    if x0.dtype not in _validate.KERNEL_DTYPES or y0.dtype not in _validate.KERNEL_DTYPES:
+        return False
+    for x, y in zip(xs, ys):
+        if (x.dtype != x0.dtype or y.dtype != y0.dtype or x.device != x0.device or y.device != x0.device
+                or x.shape != y.shape or not x.is_contiguous() or not y.is_contiguous()):
+            return False
+    try:
+        _validate.disjoint_writes(xs, ys, FOREACH_OP)
+    except ValueError:
+        return False
+    return True
 
 
 # ---- the kernel form of a call ------------------------------------------------------------
@@ -152,10 +163,15 @@ _add.register("reference")(reference.add_)
 
 
 def _foreach_impl(xs, ys, alpha=1.0):
+    # Fast path: the backend takes the whole lists in one launch when they are plain
+    # (checked natively, once per call); it returns False, having written nothing, if not.
+    backend = _foreach.backend_for(xs[0].device.type) if xs else "reference"
+    if backend != "reference" and len(xs) == len(ys) and _foreach.get(backend)(xs, ys, alpha):
+        return
     _check_foreach(xs, ys)
-    # Pairs are grouped so that each group is one launch: same device and dtypes, both
-    # contiguous. A non-contiguous x goes through add_ (one contiguous copy); a float64
-    # pair through the reference.
+    # General path: group pairs so that each group is plain, one launch each: same device
+    # and dtypes, both contiguous. A non-contiguous x goes through add_ (one contiguous
+    # copy); a float64 pair through the reference.
     groups: dict = {}
     for x, y in zip(xs, ys):
         if x.numel() == 0:
@@ -173,8 +189,9 @@ def _foreach_impl(xs, ys, alpha=1.0):
         backend = _foreach.backend_for(device.type)
         if backend == "reference":
             reference.foreach_add_(gx, gy, alpha)
-        else:
-            _foreach.get(backend)(gx, gy, alpha)
+        elif not _foreach.get(backend)(gx, gy, alpha):
+            raise RuntimeError(f"fusedops.{FOREACH_OP}: internal error: a checked group was refused by "
+                               f"the {backend} kernel")
 
 
 def _foreach_fake(xs, ys, alpha=1.0):
@@ -187,13 +204,28 @@ foreach_add_op = define("foreach_add_(Tensor(a!)[] xs, Tensor[] ys, float alpha=
 
 @_foreach.register("cuda")
 @_foreach.register("cpp")
-def _foreach_native(xs, ys, alpha):
-    _native.op("foreach_add_")(xs, ys, alpha)
+def _foreach_native(xs, ys, alpha) -> bool:
+    return _native.op("foreach_add_")(xs, ys, alpha)
 
 
 @_foreach.register("triton")
-def _foreach_triton(xs, ys, alpha):
-    _triton.kernels("add").foreach_add_(xs, ys, alpha)
+def _foreach_triton(xs, ys, alpha) -> bool:
+    kernels = _triton.kernels("add")
+    block = kernels.foreach_block(xs[0].dtype)
+    device = xs[0].device
+    if _native.ops is not None:
+        table = _native.op("foreach_table")(xs, ys, block, device.type == "cuda")
+        if table.numel() == 0:
+            return False
+    elif _plain_lists_py(xs, ys):
+        table = kernels.foreach_table_py(xs, ys, block)
+    else:
+        return False
+    blocks = int(table[3, -1])
+    if device.type != "cpu":
+        table = table.to(device, non_blocking=True)
+    kernels.foreach_add_(table, blocks, xs[0].dtype, ys[0].dtype, alpha)
+    return True
 
 
 _foreach.register("reference")(reference.foreach_add_)
@@ -220,8 +252,9 @@ def foreach_add_(xs, ys, alpha: float = 1.0) -> None:
     """
     xs, ys = list(xs), list(ys)
     for name, ts in (("xs", xs), ("ys", ys)):
-        for i, t in enumerate(ts):
-            _validate.tensor(t, f"{name}[{i}]", FOREACH_OP)
+        if not all(isinstance(t, torch.Tensor) for t in ts):
+            for i, t in enumerate(ts):
+                _validate.tensor(t, f"{name}[{i}]", FOREACH_OP)
     if not xs and not ys:  # nothing to dispatch on (the op needs a tensor to pick a device)
         return
     foreach_add_op(xs, ys, float(alpha))
