@@ -50,10 +50,11 @@ def add_(x: torch.Tensor, y: torch.Tensor, alpha: float) -> None:
 
 @triton.jit
 def foreach_add_kernel(table_ptr, count, alpha, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr,
-                       BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
-    # table (int64, 4 rows of `count`+1): x pointers, y pointers, numels, first block of each
-    # tensor (prefix sums, the last entry = total blocks). A program finds its tensor by a
-    # binary search over the prefix sums.
+                       BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr):
+    # table (int64, 4 rows of `count`+1): x addresses, y addresses, numels, first block of
+    # each tensor (prefix sums). A program finds its tensor by binary search over the
+    # prefix sums. ALIGNED: every address is 16-byte aligned, so full blocks (no mask)
+    # compile to 16-byte accesses; the last block of a tensor is masked.
     pid = tl.program_id(0).to(tl.int64)
     stride = count + 1
     lo = 0
@@ -63,15 +64,25 @@ def foreach_add_kernel(table_ptr, count, alpha, X_DTYPE: tl.constexpr, Y_DTYPE: 
         take = tl.load(table_ptr + 3 * stride + mid) <= pid
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid - 1)
-    x_ptr = tl.load(table_ptr + lo).to(tl.pointer_type(X_DTYPE))
-    y_ptr = tl.load(table_ptr + stride + lo).to(tl.pointer_type(Y_DTYPE))
+    x_addr = tl.load(table_ptr + lo)
+    y_addr = tl.load(table_ptr + stride + lo)
+    if ALIGNED:
+        x_addr = tl.multiple_of(x_addr, 16)
+        y_addr = tl.multiple_of(y_addr, 16)
+    x_ptr = x_addr.to(tl.pointer_type(X_DTYPE))
+    y_ptr = y_addr.to(tl.pointer_type(Y_DTYPE))
     n = tl.load(table_ptr + 2 * stride + lo)
     start = (pid - tl.load(table_ptr + 3 * stride + lo)) * BLOCK
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
-    tl.store(x_ptr + offs, (x + alpha * y).to(X_DTYPE), mask=mask)
+    if start + BLOCK <= n:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+        y = tl.load(y_ptr + offs).to(tl.float32)
+        tl.store(x_ptr + offs, (x + alpha * y).to(X_DTYPE))
+    else:
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(x_ptr + offs, (x + alpha * y).to(X_DTYPE), mask=mask)
 
 
 def foreach_block(x_dtype: torch.dtype) -> int:
@@ -87,17 +98,20 @@ def foreach_table_py(xs: list[torch.Tensor], ys: list[torch.Tensor], block: int)
     for x, _ in pairs:
         first.append(total)
         total += triton.cdiv(x.numel(), block)
-    return torch.tensor([[x.data_ptr() for x, _ in pairs] + [0], [y.data_ptr() for _, y in pairs] + [0],
-                         [x.numel() for x, _ in pairs] + [0], first + [total]], dtype=torch.int64)
+    xa, ya = [x.data_ptr() for x, _ in pairs], [y.data_ptr() for _, y in pairs]
+    aligned = int(all(a % 16 == 0 for a in xa + ya))
+    return torch.tensor([xa + [aligned], ya + [0], [x.numel() for x, _ in pairs] + [0], first + [total]],
+                        dtype=torch.int64)
 
 
-def foreach_add_(table: torch.Tensor, blocks: int, x_dtype: torch.dtype, y_dtype: torch.dtype,
+def foreach_add_(table: torch.Tensor, blocks: int, aligned: bool, x_dtype: torch.dtype, y_dtype: torch.dtype,
                  alpha: float) -> None:
-    """One launch over every pair in `table` (on the tensors' device); `blocks` is the
-    table's last prefix sum, passed from the host copy so that no sync is needed."""
+    """One launch over every pair in `table` (on the tensors' device); `blocks` and
+    `aligned` are read from the host copy of its last column, so that no sync is needed."""
     if blocks == 0:
         return
     count = table.shape[1] - 1
     foreach_add_kernel[(blocks,)](
         table, count, alpha, X_DTYPE=TL_DTYPE[x_dtype], Y_DTYPE=TL_DTYPE[y_dtype],
-        BLOCK=foreach_block(x_dtype), SEARCH_STEPS=max(1, (count - 1).bit_length()), num_warps=CONFIG.num_warps)
+        BLOCK=foreach_block(x_dtype), SEARCH_STEPS=max(1, (count - 1).bit_length()), ALIGNED=aligned,
+        num_warps=CONFIG.num_warps)

@@ -221,10 +221,10 @@ def _foreach_triton(xs, ys, alpha) -> bool:
         table = kernels.foreach_table_py(xs, ys, block)
     else:
         return False
-    blocks = int(table[3, -1])
+    blocks, aligned = int(table[3, -1]), bool(table[0, -1])
     if device.type != "cpu":
         table = table.to(device, non_blocking=True)
-    kernels.foreach_add_(table, blocks, xs[0].dtype, ys[0].dtype, alpha)
+    kernels.foreach_add_(table, blocks, aligned, xs[0].dtype, ys[0].dtype, alpha)
     return True
 
 
