@@ -6,6 +6,7 @@ plain functions. Backend choice: see fusedops.use_backend and FUSEDOPS_BACKEND.
 """
 from . import _backend, reference
 from ._backend import BACKENDS, FallbackWarning, current_backend, use_backend
+from .convert import ConvertReport, convert
 from .ops import add_, foreach_add_
 
 __version__ = "0.1.0"
@@ -19,5 +20,5 @@ def backend_for(op: str, device_type: str) -> str:
     return _backend.REGISTRY[op].backend_for(device_type)
 
 
-__all__ = ["BACKENDS", "FallbackWarning", "add_", "backend_for", "current_backend",
+__all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "convert", "backend_for", "current_backend",
            "foreach_add_", "reference", "use_backend"]

@@ -1,0 +1,126 @@
+"""fusedops.convert(model): replace supported module patterns with fused fusedops modules.
+
+Families plug in `Rule`s (register_rule). A rule sees the children of an nn.Sequential
+from one position on and may claim a chain of them (e.g. LayerNorm → GELU); the first
+module of the chain is replaced by the fused module and the others by nn.Identity(), so
+positions — and state_dict keys of the first module — stay put. A rule may also replace
+a lone module anywhere in the tree (e.g. a plain LayerNorm). Model-level passes (e.g. a
+torch.fx analysis that proves a dataflow outside nn.Sequential) run first.
+
+Weights, dtype, device and training mode are kept; everything else is left untouched.
+The returned report lists what was replaced and what was skipped, and why.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from torch import nn
+
+
+@dataclasses.dataclass
+class Replaced:
+    path: str         # dotted path of the first module of the chain
+    pattern: str      # e.g. "LayerNorm → GELU"
+    new: str          # class name of the fused module
+
+
+@dataclasses.dataclass
+class Skipped:
+    path: str
+    pattern: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ConvertReport:
+    model: nn.Module
+    replaced: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fusedops.convert: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        lines += [f"  replaced {r.path or '<root>'}: {r.pattern} -> {r.new}" for r in self.replaced]
+        lines += [f"  skipped  {s.path or '<root>'}: {s.pattern} ({s.reason})" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Rule:
+    name: str
+    # chain(children, i) -> (count, fused module) | None: claim children[i:i+count]
+    chain: Callable | None = None
+    # single(module) -> fused module | None: replace a lone module found anywhere
+    single: Callable | None = None
+    # model_pass(model, report) -> None: runs before the tree walk
+    model_pass: Callable | None = None
+
+
+RULES: list = []
+
+
+def register_rule(rule: Rule) -> Rule:
+    RULES.append(rule)
+    return rule
+
+
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give the fused module the old one's training mode (weights, dtype and device are
+    the rule's job: it builds the new module from the old modules' parameters)."""
+    new.train(old.training)
+    return new
+
+
+def _pattern(mods) -> str:
+    return " → ".join(type(m).__name__ for m in mods)
+
+
+def _walk(module: nn.Module, prefix: str, report: ConvertReport) -> None:
+    if isinstance(module, nn.Sequential):
+        children = list(module._modules.items())
+        i = 0
+        while i < len(children):
+            claimed = None
+            for rule in RULES:
+                if rule.chain is None:
+                    continue
+                hit = rule.chain([m for _, m in children], i)
+                if hit is not None:
+                    claimed = hit
+                    break
+            if claimed is None:
+                i += 1
+                continue
+            count, fused = claimed
+            names = [n for n, _ in children[i:i + count]]
+            olds = [m for _, m in children[i:i + count]]
+            module._modules[names[0]] = _like(fused, olds[0])
+            for n in names[1:]:
+                module._modules[n] = nn.Identity()
+            report.replaced.append(Replaced(f"{prefix}{names[0]}", _pattern(olds), type(fused).__name__))
+            i += count
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        path = f"{prefix}{name}"
+        replacement = None
+        for rule in RULES:
+            if rule.single is not None:
+                replacement = rule.single(child)
+                if replacement is not None:
+                    break
+        if replacement is not None:
+            module._modules[name] = _like(replacement, child)
+            report.replaced.append(Replaced(path, type(child).__name__, type(replacement).__name__))
+        else:
+            _walk(child, path + ".", report)
+
+
+def convert(model: nn.Module) -> ConvertReport:
+    """Replace supported patterns in `model` in place; return what was replaced/skipped."""
+    report = ConvertReport(model)
+    for rule in RULES:
+        if rule.model_pass is not None:
+            rule.model_pass(model, report)
+    _walk(model, "", report)
+    return report
