@@ -6,7 +6,7 @@ plain functions. Backend choice: see fusedops.use_backend and FUSEDOPS_BACKEND.
 """
 from . import _backend, reference
 from ._backend import BACKENDS, FallbackWarning, current_backend, use_backend
-from .convert import ConvertReport, convert
+from .converter import ConvertReport, convert
 from .ops import add_, foreach_add_
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from fusedops import convert as conv
+from fusedops import converter as conv
 
 
 class Twice(nn.Module):
