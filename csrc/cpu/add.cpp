@@ -1,6 +1,9 @@
 // In-place add on the CPU: x += alpha * y, math in fp32, result rounded to x's dtype.
 #include "../common.h"
 #include "../multi_tensor.h"
+#include "vec_avx2.h"
+
+#include <cmath>
 
 #include <algorithm>
 #include <vector>
@@ -10,33 +13,46 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task
 
+// Portable path: x + alpha * y with the product rounded first (baseline x86-64 has no FMA).
 template <typename TX, typename TY>
-void add_span(TX* __restrict__ x, const TY* __restrict__ y, int64_t period, int64_t begin,
-              int64_t end, float alpha) {
-  if (period == 0) {  // y has as many elements as x
-    for (int64_t i = begin; i < end; ++i)
-      x[i] = static_cast<TX>(static_cast<float>(x[i]) + alpha * static_cast<float>(y[i]));
-    return;
-  }
-  // y repeats with `period` elements: walk x row by row so the inner loop vectorises.
-  int64_t i = begin;
-  while (i < end) {
-    const int64_t j0 = i % period;
-    const int64_t len = std::min(end - i, period - j0);
-    TX* xr = x + i;
-    const TY* yr = y + j0;
-    for (int64_t j = 0; j < len; ++j)
-      xr[j] = static_cast<TX>(static_cast<float>(xr[j]) + alpha * static_cast<float>(yr[j]));
-    i += len;
-  }
+void add_run_scalar(TX* x, const TY* y, int64_t len, float alpha) {
+  for (int64_t j = 0; j < len; ++j)
+    x[j] = static_cast<TX>(static_cast<float>(x[j]) + alpha * static_cast<float>(y[j]));
 }
 
-// x and y may be the very same memory (x += alpha * x): each element is read before it
-// is written by the same iteration, so no __restrict__ on the aliased path.
-template <typename TX>
-void add_self(TX* x, int64_t begin, int64_t end, float alpha) {
-  for (int64_t i = begin; i < end; ++i)
-    x[i] = static_cast<TX>(static_cast<float>(x[i]) + alpha * static_cast<float>(x[i]));
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+// AVX2 path: 8 lanes, one FMA (the rounding eager PyTorch's vectorised add uses).
+template <typename TX, typename TY>
+FUSEDOPS_AVX2 void add_run_avx2(TX* x, const TY* y, int64_t len, float alpha) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8)
+    avx2::store8(x + j, _mm256_fmadd_ps(a, avx2::load8(y + j), avx2::load8(x + j)));
+  for (; j < len; ++j)
+    x[j] = static_cast<TX>(std::fma(alpha, static_cast<float>(y[j]), static_cast<float>(x[j])));
+}
+#endif
+
+// x[i] += alpha * y[i % period] for i in [begin, end); period 0 means y is as long as x.
+// x and y may be the very same memory (x += alpha * x): every lane is read before it is
+// written, so the kernels take no __restrict__.
+template <typename TX, typename TY>
+void add_span(TX* x, const TY* y, int64_t period, int64_t begin, int64_t end, float alpha) {
+  auto run = &add_run_scalar<TX, TY>;
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+  if (avx2::available()) run = &add_run_avx2<TX, TY>;
+#endif
+  if (period == 0) {
+    run(x + begin, y + begin, end - begin, alpha);
+    return;
+  }
+  // y repeats with `period` elements: walk x row by row.
+  for (int64_t i = begin; i < end;) {
+    const int64_t j0 = i % period;
+    const int64_t len = std::min(end - i, period - j0);
+    run(x + i, y + j0, len, alpha);
+    i += len;
+  }
 }
 
 void add_(Tensor x, Tensor y, double alpha) {
@@ -52,12 +68,6 @@ void add_(Tensor x, Tensor y, double alpha) {
   dispatch_float2(x.scalar_type(), "x", y.scalar_type(), "y", [&]<typename TX, typename TY>() {
     TX* xp = x.mutable_data_ptr<TX>();
     const TY* yp = y.const_data_ptr<TY>();
-    if constexpr (std::is_same_v<TX, TY>) {
-      if (static_cast<const void*>(xp) == static_cast<const void*>(yp) && period == 0) {
-        torch::stable::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { add_self(xp, b, e, a); });
-        return;
-      }
-    }
     torch::stable::parallel_for(0, n, kGrain,
                                 [&](int64_t b, int64_t e) { add_span(xp, yp, period, b, e, a); });
   });
@@ -91,12 +101,6 @@ bool foreach_add_(std::vector<Tensor> xs, std::vector<Tensor> ys, double alpha) 
         const int64_t b = (task - first_task[t]) * kGrain, e = std::min(p.n, b + kGrain);
         TX* xp = static_cast<TX*>(p.x);
         const TY* yp = static_cast<const TY*>(p.y);
-        if constexpr (std::is_same_v<TX, TY>) {
-          if (static_cast<const void*>(xp) == static_cast<const void*>(yp)) {
-            add_self(xp, b, e, a);
-            continue;
-          }
-        }
         add_span(xp, yp, 0, b, e, a);
       }
     });
