@@ -64,13 +64,11 @@ def foreach_add_kernel(table_ptr, count, alpha, X_DTYPE: tl.constexpr, Y_DTYPE: 
         take = tl.load(table_ptr + 3 * stride + mid) <= pid
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid - 1)
-    x_addr = tl.load(table_ptr + lo)
-    y_addr = tl.load(table_ptr + stride + lo)
+    x_ptr = tl.load(table_ptr + lo).to(tl.pointer_type(X_DTYPE))
+    y_ptr = tl.load(table_ptr + stride + lo).to(tl.pointer_type(Y_DTYPE))
     if ALIGNED:
-        x_addr = tl.multiple_of(x_addr, 16)
-        y_addr = tl.multiple_of(y_addr, 16)
-    x_ptr = x_addr.to(tl.pointer_type(X_DTYPE))
-    y_ptr = y_addr.to(tl.pointer_type(Y_DTYPE))
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        y_ptr = tl.multiple_of(y_ptr, 16)
     n = tl.load(table_ptr + 2 * stride + lo)
     start = (pid - tl.load(table_ptr + 3 * stride + lo)) * BLOCK
     offs = start + tl.arange(0, BLOCK)
