@@ -57,8 +57,6 @@ def _check_foreach(xs, ys, memory: bool = True) -> None:
         if memory:
             _validate.internal_overlap(x, xn, FOREACH_OP)
             _validate.no_partial_overlap(x, xn, y, yn, FOREACH_OP)
-    if not memory:
-        return
     if memory:
         _validate.disjoint_writes(xs, ys, FOREACH_OP)
 
