@@ -173,6 +173,22 @@ def test_add_rejects_bad_input():
         fusedops.add_(torch.randn(1, 5).expand(4, 5), torch.randn(4, 5))
 
 
+def test_add_refuses_inputs_that_require_grad():
+    w = torch.randn(5, requires_grad=True)
+    h = w * 2
+    y = torch.randn(5, requires_grad=True)
+    for x, yy in ((h, torch.randn(5)), (torch.randn(5), y)):
+        before = x.detach().clone()
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            fusedops.add_(x, yy)
+        assert torch.equal(x.detach(), before)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        fusedops.foreach_add_([torch.randn(3)], [y[:3]])
+    with torch.no_grad():  # the intended use: no graph to record
+        fusedops.add_(h, y)
+        fusedops.foreach_add_([h], [y])
+
+
 def test_add_rejects_partial_overlap():
     base = torch.randn(10)
     _expect_error(ValueError, "partly overlaps", base[:9], base[1:])

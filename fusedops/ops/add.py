@@ -113,7 +113,17 @@ def _plain_pair(x, y) -> bool:
     return xp >= yp + y.numel() * y.element_size() or yp >= xp + x.numel() * x.element_size()
 
 
+def _no_autograd(tensors, op: str) -> None:
+    """The in-place adds are not differentiable: rather than record nothing (a silently
+    wrong gradient), refuse inputs that require grad while grad mode is on."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"fusedops.{op} is not differentiable and an input requires grad; call it "
+                           "under torch.no_grad() (gradient buffers, residual streams without autograd) "
+                           "or use the eager op")
+
+
 def _add_impl(x, y, alpha=1.0):
+    _no_autograd((x, y), OP)
     if _plain_pair(x, y):
         backend = _add.backend_for(x.device.type)
         if backend != "reference" and x.numel():
@@ -161,6 +171,7 @@ _add.register("reference")(reference.add_)
 
 
 def _foreach_impl(xs, ys, alpha=1.0):
+    _no_autograd(xs + ys, FOREACH_OP)
     # Fast path: the backend takes the whole lists in one launch when they are plain
     # (checked natively, once per call); it returns False, having written nothing, if not.
     backend = _foreach.backend_for(xs[0].device.type) if xs else "reference"
