@@ -189,6 +189,23 @@ def test_add_refuses_inputs_that_require_grad():
         fusedops.foreach_add_([h], [y])
 
 
+def test_inplace_ops_bump_version_counters():
+    """A tensor saved for backward and then modified in place must fail in backward, as
+    with eager in-place ops — not give a silently wrong gradient."""
+    w = torch.randn(5, requires_grad=True)
+    x = torch.randn(5)
+    out = (w * x).sum()  # saves x
+    v = x._version
+    fusedops.add_(x, torch.randn(5))
+    assert x._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    xs = [torch.randn(3), torch.randn(4)]
+    vs = [t._version for t in xs]
+    fusedops.foreach_add_(xs, [torch.randn(3), torch.randn(4)])
+    assert all(t._version > v for t, v in zip(xs, vs))
+
+
 def test_add_rejects_partial_overlap():
     base = torch.randn(10)
     _expect_error(ValueError, "partly overlaps", base[:9], base[1:])

@@ -15,9 +15,27 @@ LIB = torch.library.Library("fusedops", "DEF")
 
 def define(schema: str, kernel, fake) -> torch._ops.OpOverload:
     """Define fusedops::<name> from `schema`; `kernel` serves CPU and CUDA tensors (it picks
-    the backend per call), `fake` gives output metadata and runs the same checks."""
+    the backend per call), `fake` gives output metadata and runs the same checks. Both must
+    repeat the schema's defaults: the dispatcher leaves out trailing arguments equal to
+    their default.
+
+    Arguments the schema marks as written (`Tensor(a!)`, `Tensor(a!)[]`) get their autograd
+    version counters bumped after the kernel, as eager in-place ops do (the dispatcher's
+    ADInplaceOrView step is a fallthrough for ops defined this way): a tensor saved for
+    backward and then modified by a fusedops op fails loudly in backward, not silently."""
     name = schema.split("(", 1)[0]
     LIB.define(schema)
+    parsed = torch._C.parse_schema(f"fusedops::{schema}")
+    written = tuple(i for i, a in enumerate(parsed.arguments) if a.alias_info is not None and a.alias_info.is_write)
+    if written:
+        inner = kernel
+
+        def kernel(*args):
+            out = inner(*args)
+            for i in written:
+                torch.autograd.graph.increment_version(args[i])
+            return out
+
     LIB.impl(name, kernel, "CPU")
     LIB.impl(name, kernel, "CUDA")
     torch.library.register_fake(f"fusedops::{name}", fake, lib=LIB)
