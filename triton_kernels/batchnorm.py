@@ -339,17 +339,17 @@ def bn_act_bwd_reduce_kernel(dz_ptr, y_ptr, part_ptr, mean_ptr, invstd_ptr, w_pt
 
 
 @triton.jit
-def bn_act_bwd_dy_kernel(dz_ptr, y_ptr, dy_ptr, sums_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, M, C, HW,
+def bn_act_bwd_dy_kernel(dz_ptr, y_ptr, dy_ptr, sg_ptr, sgx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, M, C, HW,
                          sN, sC, sHW, dN, dC, dHW, slope, rows_per_split, ACT: tl.constexpr,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_C: tl.constexpr, STATIC_TILES: tl.constexpr = 0):
-    # dy (y's strides) = w·invstd·(g − Σg/M − ŷ·Σgŷ/M); sums: fp32 [2, C] = (Σg, Σgŷ)
+    # dy (y's strides) = w·invstd·(g − Σg/M − ŷ·Σgŷ/M); Σg, Σgŷ: fp32 [C]
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean, invstd, w, b = _scale_shift(cols, C, mean_ptr, invstd_ptr, w_ptr, b_ptr, HAS_W, HAS_B)
-    mg = tl.load(sums_ptr + cols, mask=cmask, other=0.0) / M
-    mgx = tl.load(sums_ptr + C + cols, mask=cmask, other=0.0) / M
+    mg = tl.load(sg_ptr + cols, mask=cmask, other=0.0) / M
+    mgx = tl.load(sgx_ptr + cols, mask=cmask, other=0.0) / M
     k = w * invstd
     start = pid_m * rows_per_split
     end = tl.minimum(start + rows_per_split, M)
@@ -377,9 +377,9 @@ def bn_act_backward(dz, y, dy, mean, invstd, weight, bias, act: str, slope: floa
     bn_act_bwd_reduce_kernel[(splits, c_blocks)](dz, y, part, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
                                                  dn, dc, dhw, slope, rows_per, **common,
                                                  STATIC_TILES=_static(rows_per // cfg.block_m))
-    sums = part.sum(dim=1)  # ordered, deterministic
+    sum_g, sum_gx = part[0].sum(dim=0), part[1].sum(dim=0)  # deterministic
     cfg2, c_blocks2, splits2, rows_per2, _, _ = _grid(y, channels_last, True)
-    bn_act_bwd_dy_kernel[(splits2, c_blocks2)](dz, y, dy, sums, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
+    bn_act_bwd_dy_kernel[(splits2, c_blocks2)](dz, y, dy, sum_g, sum_gx, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
                                                dn, dc, dhw, slope, rows_per2, **common,
                                                STATIC_TILES=_static(rows_per2 // cfg.block_m))
-    return sums[1], sums[0]
+    return sum_gx, sum_g
