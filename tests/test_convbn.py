@@ -16,7 +16,7 @@ from fusedops.nn_convbn import FoldedConvAct2d
 from fusedops.ops import batchnorm as bnops
 from helpers import assert_close_rule, poison_, require
 
-_PAIRS = [("cpu", "triton"), ("cpu", "reference"), ("cuda", "triton")]
+_PAIRS = [("cpu", "cpp"), ("cpu", "triton"), ("cpu", "reference"), ("cuda", "cuda"), ("cuda", "triton")]
 
 
 def _params():

@@ -13,16 +13,15 @@ mergeable, e.g. a transposed view) is copied once to contiguous NCHW. Dtypes: y 
 fp16, bf16; weight/bias/mean/invstd any float dtype (read as fp32). float64 runs the
 eager reference (warned once).
 
-Backends: Triton on CUDA tensors (the default; the CUDA C++ kernels are not written
-yet) and on CPU under the interpreter; the C++ CPU kernels are not written yet either,
-so CPU tensors run the eager reference with a one-time FallbackWarning unless
-use_backend("triton") under TRITON_INTERPRET=1.
+Backends: C++ on CPU tensors (default), Triton (CUDA default; CPU under the
+interpreter), CUDA C++ on CUDA tensors. An extension built without one of these
+kernels runs the eager reference with a one-time FallbackWarning.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _triton, _validate, reference
+from .. import _native, _triton, _validate, reference
 from .._backend import Kernels, warn_once
 from ._library import LIB, define
 
@@ -231,19 +230,75 @@ def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope):
 _backward.register("reference")(reference.bn_act_backward)
 
 
-# The C++ CPU and CUDA C++ kernels are not written yet: those backends run the reference
-# and say so once (a forced backend never silently becomes another kernel).
-def _missing(kernels: Kernels, fn):
+# ---- native kernels (C++ CPU, CUDA C++): outputs allocated here, written there ------------
+
+def _native_ready(op: str, device_type: str) -> bool:
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return _native.ops is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedops_C::{op}", key)
+
+
+def _f32(t):
+    return t.to(torch.float32).contiguous()
+
+
+def _affine32(weight, bias, c, like):
+    w = _f32(weight) if weight is not None else torch.ones(c, device=like.device, dtype=torch.float32)
+    b = _f32(bias) if bias is not None else torch.zeros(c, device=like.device, dtype=torch.float32)
+    return w, b
+
+
+def _native_or_reference(kernels: Kernels, op: str, native, ref):
     def run(*args):
-        warn_once(f"fusedops.{kernels.op}: no C++/CUDA C++ kernel yet; running the eager reference")
-        return fn(*args)
+        if _native_ready(op, args[0].device.type):
+            return native(*args)
+        warn_once(f"fusedops.{kernels.op}: the extension has no {op} kernel for {args[0].device.type} tensors "
+                  "(rebuild fusedops); running the eager reference")
+        return ref(*args)
     return run
 
 
-for _k, _fn in ((_stats, reference.bn_stats), (_apply, reference.bn_act_apply),
-                (_backward, reference.bn_act_backward)):
-    _k.register("cpp")(_missing(_k, _fn))
-    _k.register("cuda")(_missing(_k, _fn))
+def _stats_native(y, eps):
+    yk = _prepare(y)
+    c = y.shape[1]
+    mean = torch.empty(c, device=y.device, dtype=torch.float32)
+    invstd, var = torch.empty_like(mean), torch.empty_like(mean)
+    _native.op(STATS)(yk, float(eps), mean, invstd, var)
+    return mean, invstd, var
+
+
+def _apply_native(y, mean, invstd, weight, bias, act, slope):
+    yk = _prepare(y)
+    z = torch.empty_like(y)
+    zk = z if (z.stride() == y.stride() and _mergeable(z)) else torch.empty_like(yk)
+    w, b = _affine32(weight, bias, y.shape[1], y)
+    _native.op(APPLY)(yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope), _normalize_hw(zk))
+    if zk is not z:
+        z.copy_(zk)
+    return z
+
+
+def _backward_native(dz, y, mean, invstd, weight, bias, act, slope):
+    yk, dzk = _prepare(y), _prepare(dz)
+    dy = torch.empty_like(y)
+    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else torch.empty_like(yk)
+    w, b = _affine32(weight, bias, y.shape[1], y)
+    c = y.shape[1]
+    dw = torch.empty(c, device=y.device, dtype=torch.float32)
+    db = torch.empty_like(dw)
+    _native.op(BACKWARD)(dzk, yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope),
+                         _normalize_hw(dyk), dw, db)
+    if dyk is not dy:
+        dy.copy_(dyk)
+    return dy, dw, db
+
+
+_ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+for _k, _op, _nat, _ref in ((_stats, STATS, _stats_native, reference.bn_stats),
+                            (_apply, APPLY, _apply_native, reference.bn_act_apply),
+                            (_backward, BACKWARD, _backward_native, reference.bn_act_backward)):
+    _k.register("cpp")(_native_or_reference(_k, _op, _nat, _ref))
+    _k.register("cuda")(_native_or_reference(_k, _op, _nat, _ref))
 
 
 # ---- public API ----------------------------------------------------------------------------
