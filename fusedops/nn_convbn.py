@@ -244,7 +244,7 @@ class ConvBNAct2d(nn.Module):
                                self.negative_slope)
 
 
-def folded_conv_act(x, w, b, geometry, act: str, slope: float):
+def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=None):
     """act(conv(x, w) + b): a single conv with bias for identity; otherwise the conv, then
     bias + activation in one fused pass (bn_act_apply with mean 0, invstd 1) when no
     gradient is needed, else the eager composite (differentiable)."""
@@ -256,8 +256,9 @@ def folded_conv_act(x, w, b, geometry, act: str, slope: float):
         y = F.conv2d(x, w, b, stride, padding, dilation, groups)
         return reference.activation(y, act, slope)
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
-    zeros = torch.zeros(b.shape[0], device=b.device, dtype=torch.float32)
-    ones = torch.ones(b.shape[0], device=b.device, dtype=torch.float32)
+    if zeros is None:
+        zeros = torch.zeros(b.shape[0], device=b.device, dtype=torch.float32)
+        ones = torch.ones(b.shape[0], device=b.device, dtype=torch.float32)
     return bnops.bn_act_apply(y, zeros, ones, None, b, act, slope)
 
 
@@ -274,12 +275,16 @@ class FoldedConvAct2d(nn.Module):
         self.geometry = (tuple(c.stride), tuple(source._padding), tuple(c.dilation), c.groups)
         self._extra_pad = source._extra_pad
         self.activation, self.negative_slope = source.activation, source.negative_slope
+        # mean 0 / invstd 1 of the fused bias+activation epilogue (not saved in state_dict)
+        self.register_buffer("_zeros", torch.zeros(b.shape[0], device=b.device), persistent=False)
+        self.register_buffer("_ones", torch.ones(b.shape[0], device=b.device), persistent=False)
         self.train(False)
 
     def forward(self, x):
         if self._extra_pad is not None:
             x = F.pad(x, self._extra_pad)
-        return folded_conv_act(x, self.weight, self.bias, self.geometry, self.activation, self.negative_slope)
+        return folded_conv_act(x, self.weight, self.bias, self.geometry, self.activation, self.negative_slope,
+                               self._zeros.float(), self._ones.float())
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

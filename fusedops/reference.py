@@ -112,17 +112,19 @@ def bn_act_backward(dz, y, mean, invstd, weight=None, bias=None, act: str = "ide
 
 
 def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count: int, momentum):
-    """Eager BatchNorm's running-statistics update (training with track_running_stats)."""
+    """Eager BatchNorm's running-statistics update (training with track_running_stats):
+    rm ← (1−f)·rm + f·μ, rv ← (1−f)·rv + f·σ²·M/(M−1), f = momentum or 1/num_batches_tracked."""
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
-        if momentum is None:
-            f = 1.0 / num_batches_tracked.double()
-        else:
-            f = momentum
         unbiased = var * (count / max(count - 1, 1))
-        running_mean.mul_(1 - f).add_(mean.to(running_mean.dtype) * f)
-        running_var.mul_(1 - f).add_(unbiased.to(running_var.dtype) * f)
+        if momentum is None:  # cumulative average; a tensor factor (no host sync, compile-friendly)
+            f = 1.0 / num_batches_tracked.double()
+            running_mean.mul_(1 - f).add_(mean.to(running_mean.dtype) * f)
+            running_var.mul_(1 - f).add_(unbiased.to(running_var.dtype) * f)
+        else:  # one launch for both buffers
+            torch._foreach_lerp_([running_mean, running_var],
+                                 [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], float(momentum))
 
 
 def conv_bn_act(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, act: str = "identity", slope: float = 0.01):

@@ -257,8 +257,11 @@ def test_train_odd_sizes(dev_backend, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_train_low_precision(dev_backend, dtype):
+    # silu: a smooth activation. With relu, the fp64 reference (unrounded conv) and a
+    # low-precision conv output may put an element on different sides of the kink, which
+    # flips its gradient in eager or in ours at random (no kernel error involved).
     device, _ = dev_backend
-    eager = _pair(4, 6, 3, "relu", device, conv_kw=dict(padding=1))
+    eager = _pair(4, 6, 3, "silu", device, conv_kw=dict(padding=1))
     _train_compare(eager, _fused_from(eager), torch.randn(2, 4, 6, 6, device=device), dtype=dtype)
 
 
