@@ -575,10 +575,47 @@ def test_converter_shared_conv_output_skipped():
     assert not report.replaced and report.skipped[0].reason == "conv output has other users"
 
 
-def test_poisoned_output_fully_written(triton_dev):
-    y = torch.randn(3, 5, 4, 6, device=triton_dev)
-    mean, invstd, _ = bnops.bn_stats(y)
-    # the op allocates its output; check no element is left unwritten by comparing all
-    z = bnops.bn_act_apply(y, mean, invstd, None, None, "relu")
-    assert not torch.isnan(z).any()
-    assert poison_(torch.empty(1)).isnan().all()
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_outputs_poisoned_then_fully_written(dev_backend, layout, monkeypatch):
+    device, backend = dev_backend
+    if backend == "reference":
+        pytest.skip("the reference allocates its own outputs")
+    monkeypatch.setattr(bnops, "_out_like", lambda t: poison_(torch.empty_like(t)))
+    monkeypatch.setattr(bnops, "_out_channels", lambda c, like: poison_(
+        torch.empty(c, device=like.device, dtype=torch.float32)))
+    y = torch.randn(3, 5, 4, 7, device=device)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        y = y[:, :, :, ::2]  # H and W not mergeable
+    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    mean, invstd, var = bnops.bn_stats(y)
+    for got, want in zip((mean, invstd, var), reference.bn_stats(y, 1e-5)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    z = bnops.bn_act_apply(y, mean, invstd, w, b, "silu")
+    torch.testing.assert_close(z, reference.bn_act_apply(y, mean, invstd, w, b, "silu"), atol=1e-5, rtol=1e-5)
+    dz = torch.randn_like(y)
+    got = bnops.bn_act_backward(dz, y, mean, invstd, w, b, "silu")
+    want = reference.bn_act_backward(dz, y, mean, invstd, w, b, "silu")
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_compile_fullgraph_inductor_gpu(backend):
+    require("cuda", backend)
+    with fusedops.use_backend(backend):
+        eager = _pair(16, 32, 3, "silu", "cuda", conv_kw=dict(padding=1))
+        fused = _fused_from(eager)
+        twin = copy.deepcopy(fused)
+        compiled = torch.compile(twin, fullgraph=True)
+        x = torch.randn(4, 16, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y1, y2 = fused(x1), compiled(x2)
+        torch.testing.assert_close(y2.float(), y1.float(), atol=2e-2, rtol=2e-2)
+        y1.float().square().sum().backward()
+        y2.float().square().sum().backward()
+        torch.testing.assert_close(x2.grad, x1.grad, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(twin.bn.running_mean, fused.bn.running_mean, atol=1e-3, rtol=1e-3)

@@ -17,6 +17,7 @@ twice and writes dy once. H100 floor = bytes / 3.0 TB/s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -43,13 +44,19 @@ def tile_config(c: int, channels_last: bool) -> TileConfig:
     return TileConfig(block_m=512, block_c=4 if c >= 4 else triton.next_power_of_2(c), num_warps=4)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def split_rows(m: int, c_blocks: int, block_m: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows_per_split): enough programs to fill the GPU, each with >= 4 tiles."""
     tiles = triton.cdiv(m, block_m)
     if INTERPRET:
         target = 2
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 8
         target = max(1, (sms * 4) // c_blocks)
     splits = max(1, min(target, tiles // 4 if tiles >= 8 else 1))
     tiles_per = triton.cdiv(tiles, splits)
@@ -196,7 +203,9 @@ def _view(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(3)
 
 
-def bn_stats(y: torch.Tensor, eps: float, channels_last: bool):
+def bn_stats(y: torch.Tensor, eps: float, channels_last: bool, mean: torch.Tensor, invstd: torch.Tensor,
+             var: torch.Tensor) -> None:
+    """Writes fp32 [C] mean, invstd = rsqrt(var + eps) and the biased var of y."""
     n, c, h, w = y.shape
     m, hw = n * h * w, h * w
     cfg = tile_config(c, channels_last)
@@ -207,13 +216,9 @@ def bn_stats(y: torch.Tensor, eps: float, channels_last: bool):
     bn_stats_partial_kernel[(splits, c_blocks)](y, part, m, c, hw, sn, sc, shw, rows_per,
                                                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
                                                 STATIC_TILES=_static(rows_per // cfg.block_m))
-    mean = torch.empty(c, device=y.device, dtype=torch.float32)
-    invstd = torch.empty_like(mean)
-    var = torch.empty_like(mean)
     fb = min(1024, triton.next_power_of_2(c))
     bn_stats_finalize_kernel[(triton.cdiv(c, fb),)](part, mean, invstd, var, m, c, splits, rows_per, eps,
                                                     BLOCK_C=fb, num_warps=4, STATIC_TILES=_static(splits))
-    return mean, invstd, var
 
 
 @triton.jit

@@ -67,6 +67,16 @@ def _check_common(op, y, mean, invstd, weight, bias, act):
     _check_act(act, op)
 
 
+# ---- outputs (tests replace these with NaN-filled allocations: an unwritten element fails) ---
+
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
+def _out_channels(c: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(c, device=like.device, dtype=torch.float32)
+
+
 # ---- layouts -------------------------------------------------------------------------------
 
 def _mergeable(t: torch.Tensor) -> bool:
@@ -125,7 +135,10 @@ bn_stats_op = define(f"{STATS}(Tensor y, float eps=1e-05) -> (Tensor mean, Tenso
 @_stats.register("triton")
 def _stats_triton(y, eps):
     yk = _prepare(y)
-    return _triton.kernels("batchnorm").bn_stats(yk, float(eps), _channels_last(yk))
+    c = y.shape[1]
+    out = (_out_channels(c, y), _out_channels(c, y), _out_channels(c, y))
+    _triton.kernels("batchnorm").bn_stats(yk, float(eps), _channels_last(yk), *out)
+    return out
 
 
 _stats.register("reference")(reference.bn_stats)
@@ -162,10 +175,10 @@ def _contig(t):
 @_apply.register("triton")
 def _apply_triton(y, mean, invstd, weight, bias, act, slope):
     yk = _prepare(y)
-    z = torch.empty_like(y)  # keeps y's layout where y is dense
+    z = _out_like(y)  # keeps y's layout where y is dense
     zk = z if z.stride() == y.stride() else None
     if zk is None or not _mergeable(z):
-        zk = torch.empty_like(yk)
+        zk = _out_like(yk)
     zk_view = _normalize_hw(zk)
     _triton.kernels("batchnorm").bn_act_apply(yk, zk_view, mean.contiguous(), invstd.contiguous(),
                                               _contig(weight), _contig(bias), act, float(slope),
@@ -217,8 +230,8 @@ bn_act_backward_op = define(
 def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope):
     yk = _prepare(y)
     dzk = _prepare(dz)
-    dy = torch.empty_like(y)
-    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else torch.empty_like(yk)
+    dy = _out_like(y)
+    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
     dw, db = _triton.kernels("batchnorm").bn_act_backward(
         dzk, yk, _normalize_hw(dyk), mean.contiguous(), invstd.contiguous(), _contig(weight), _contig(bias),
         act, float(slope), _channels_last(yk))
@@ -260,16 +273,16 @@ def _native_or_reference(kernels: Kernels, op: str, native, ref):
 def _stats_native(y, eps):
     yk = _prepare(y)
     c = y.shape[1]
-    mean = torch.empty(c, device=y.device, dtype=torch.float32)
-    invstd, var = torch.empty_like(mean), torch.empty_like(mean)
+    mean = _out_channels(c, y)
+    invstd, var = _out_channels(c, y), _out_channels(c, y)
     _native.op(STATS)(yk, float(eps), mean, invstd, var)
     return mean, invstd, var
 
 
 def _apply_native(y, mean, invstd, weight, bias, act, slope):
     yk = _prepare(y)
-    z = torch.empty_like(y)
-    zk = z if (z.stride() == y.stride() and _mergeable(z)) else torch.empty_like(yk)
+    z = _out_like(y)
+    zk = z if (z.stride() == y.stride() and _mergeable(z)) else _out_like(yk)
     w, b = _affine32(weight, bias, y.shape[1], y)
     _native.op(APPLY)(yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope), _normalize_hw(zk))
     if zk is not z:
@@ -279,12 +292,12 @@ def _apply_native(y, mean, invstd, weight, bias, act, slope):
 
 def _backward_native(dz, y, mean, invstd, weight, bias, act, slope):
     yk, dzk = _prepare(y), _prepare(dz)
-    dy = torch.empty_like(y)
-    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else torch.empty_like(yk)
+    dy = _out_like(y)
+    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
     w, b = _affine32(weight, bias, y.shape[1], y)
     c = y.shape[1]
-    dw = torch.empty(c, device=y.device, dtype=torch.float32)
-    db = torch.empty_like(dw)
+    dw = _out_channels(c, y)
+    db = _out_channels(c, y)
     _native.op(BACKWARD)(dzk, yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope),
                          _normalize_hw(dyk), dw, db)
     if dyk is not dy:
