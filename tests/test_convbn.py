@@ -174,7 +174,8 @@ def test_bn_stats_large_mean_is_stable(triton_dev):
     assert torch.allclose(var.double(), v64, rtol=2e-2), (var, v64)
 
 
-def test_ops_opcheck(triton_dev):
+def test_ops_opcheck(dev_backend):
+    triton_dev, _ = dev_backend
     y = torch.randn(2, 4, 5, 3, device=triton_dev)
     mean, invstd, _ = bnops.bn_stats(y)
     w, b = torch.rand(4, device=triton_dev), torch.randn(4, device=triton_dev)
@@ -183,6 +184,17 @@ def test_ops_opcheck(triton_dev):
     torch.library.opcheck(bnops.bn_act_apply_op, (y.contiguous(memory_format=torch.channels_last), mean, invstd,
                                                   None, None, "relu", 0.01))
     torch.library.opcheck(bnops.bn_act_backward_op, (torch.randn_like(y), y, mean, invstd, w, b, "gelu", 0.01))
+
+
+def test_ops_empty(dev_backend):
+    device, _ = dev_backend
+    y = torch.randn(0, 3, 4, 4, device=device)
+    mean, invstd, var = bnops.bn_stats(y)
+    assert mean.shape == (3,) and torch.isnan(mean).all() and torch.isnan(var).all()  # as torch.var_mean
+    z = bnops.bn_act_apply(y, torch.zeros(3, device=device), torch.ones(3, device=device))
+    assert z.shape == y.shape
+    dy, dw, db = bnops.bn_act_backward(y, y, torch.zeros(3, device=device), torch.ones(3, device=device))
+    assert dy.shape == y.shape and torch.equal(dw, torch.zeros(3, device=device))
 
 
 def test_ops_bad_input(triton_dev):
