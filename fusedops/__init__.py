@@ -8,6 +8,8 @@ from . import _backend, reference
 from ._backend import BACKENDS, FallbackWarning, current_backend, use_backend
 from .converter import ConvertReport, convert
 from .ops import add_, foreach_add_
+from . import converter_convbn  # noqa: F401  (registers the Conv2d → BatchNorm2d rule)
+from .nn_convbn import fold_conv_bn
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,4 @@ def backend_for(op: str, device_type: str) -> str:
 
 
 __all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "convert", "backend_for", "current_backend",
-           "foreach_add_", "reference", "use_backend"]
+           "foreach_add_", "reference", "use_backend", "fold_conv_bn"]

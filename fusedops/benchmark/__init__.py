@@ -3,3 +3,4 @@ from . import add  # noqa: F401  (registers its families)
 from .harness import FAMILIES, Case, Context, Impl, Row
 
 __all__ = ["FAMILIES", "Case", "Context", "Impl", "Row"]
+from . import convbn  # noqa: F401

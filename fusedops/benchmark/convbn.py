@@ -1,0 +1,149 @@
+"""Benchmarks of fused Conv2d + BatchNorm2d + ReLU (fusedops.nn.ConvBNAct2d).
+
+Workload: 4 stacked conv→BN→ReLU blocks (the first cin→cout, possibly stride 2; the
+rest cout→cout), channels_last, bf16 autocast on GPU (fp32 on CPU):
+- "train": forward + backward (input grad included), time, and the extra peak memory of
+  one step above the memory held before it (torch.cuda.max_memory_allocated delta; on
+  CPU the bytes autograd saves for backward) in Case.params["extra_peak_MiB"] per impl;
+- "eval": forward under no_grad; fused = fusedops.fold_conv_bn (conv with the folded
+  bias + fused bias/ReLU epilogue).
+Bytes are the activations the fused kernels must move (no floor for the convs).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from torch import nn
+
+import fusedops
+from fusedops.nn import ConvBNAct2d
+
+from .. import _backend
+from .harness import Case, Impl, family
+
+# (label, batch, cin, cout, hw, kernel, stride)
+GPU_SHAPES = [
+    ("64->64 56^2 k3", 64, 64, 64, 56, 3, 1),
+    ("256->64 56^2 k1", 64, 256, 64, 56, 1, 1),
+    ("128->128 28^2 k3", 64, 128, 128, 28, 3, 1),
+    ("512->256 14^2 k1", 64, 512, 256, 14, 1, 1),
+    ("128->128 56^2 k3 s2", 64, 128, 128, 56, 3, 2),
+]
+CPU_SHAPES = [("8->8 16^2 k3", 2, 8, 8, 16, 3, 1)]
+
+
+def eager_blocks(cin, cout, k, stride, device) -> nn.Sequential:
+    layers = []
+    for i in range(4):
+        layers += [nn.Conv2d(cin if i == 0 else cout, cout, k, stride if i == 0 else 1, k // 2, bias=False),
+                   nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers).to(device).to(memory_format=torch.channels_last)
+
+
+def fused_blocks(eager: nn.Sequential, memory: str) -> nn.Sequential:
+    model = copy.deepcopy(eager)
+    fusedops.convert(model)
+    for m in model.modules():
+        if isinstance(m, ConvBNAct2d):
+            m.memory = memory
+    return model
+
+
+def _step(model, x, gout, autocast):
+    def run():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.backward(gout)
+    return run
+
+
+def extra_peak_mib(fn, device) -> float:
+    """Peak memory of one call above what was allocated before it (MiB)."""
+    fn()  # grads allocated, caches warm
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values()) / 2**20
+
+
+def _backends(device) -> list:
+    names = ["triton", "cuda"] if device.type == "cuda" else ["cpp"]
+    return [b for b in names if _backend.available(b, device.type)]
+
+
+@family("convbn")
+def convbn_cases(ctx) -> list:
+    cases = []
+    dev = ctx.device
+    autocast = ctx.cuda
+    for label, batch, cin, cout, hw, k, stride in (GPU_SHAPES if ctx.cuda else CPU_SHAPES):
+        if ctx.sizes and batch not in ctx.sizes and hw not in ctx.sizes:
+            continue
+        torch.manual_seed(0)
+        eager = eager_blocks(cin, cout, k, stride, dev)
+        x = torch.randn(batch, cin, hw, hw, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            out_shape = eager(x).shape
+        gout = torch.randn(out_shape, device=dev).to(memory_format=torch.channels_last)
+        if autocast:
+            gout = gout.bfloat16()
+        act_elems = sum(batch * cout * (hw // stride) ** 2 for _ in range(4))
+        elem = 2 if autocast else 4
+        # fused BN part per block: stats read y, apply reads y + writes z; backward: reduce
+        # reads (dz, y), dy reads (dz, y) + writes dy -> 8 passes over y (convs not counted)
+        nbytes = 8 * act_elems * elem
+        impls, memory = {}, {}
+        impls["eager"] = Impl(_step(eager, x, gout, autocast))
+        if ctx.compile:
+            comp = torch.compile(copy.deepcopy(eager))
+            impls["torch.compile"] = Impl(_step(comp, x, gout, autocast))
+        for mode in ("recompute", "fast"):
+            model = fused_blocks(eager, mode)
+            for b in _backends(dev):
+                impls[f"fusedops:{b}:{mode}"] = Impl(_step(model, x, gout, autocast), backend=b)
+        for name, impl in impls.items():
+            try:
+                if impl.backend:
+                    with _backend.use_backend(impl.backend):
+                        memory[name] = round(extra_peak_mib(impl.fn, dev), 1)
+                else:
+                    memory[name] = round(extra_peak_mib(impl.fn, dev), 1)
+            except Exception as exc:  # reported, not fatal
+                sys.stderr.write(f"convbn {label} {name}: memory run failed: {type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"convbn train {label}: extra peak MiB {memory}\n")
+        cases.append(Case("convbn", f"train {label}", {"shape": label, "extra_peak_MiB": memory,
+                                                        "dtype": "bf16 autocast" if autocast else "fp32"},
+                          nbytes, impls))
+
+        # eval: forward only, no grad
+        eval_eager = copy.deepcopy(eager).eval()
+        folded = fusedops.fold_conv_bn(copy.deepcopy(eager))
+        xe = x.detach()
+
+        def fwd(model):
+            def run():
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                    model(xe)
+            return run
+
+        eimpls = {"eager": Impl(fwd(eval_eager))}
+        if ctx.compile:
+            eimpls["torch.compile"] = Impl(fwd(torch.compile(copy.deepcopy(eval_eager))))
+        for b in _backends(dev):
+            eimpls[f"fusedops:{b}:folded"] = Impl(fwd(folded), backend=b)
+        cases.append(Case("convbn", f"eval {label}", {"shape": label}, 2 * act_elems * elem, eimpls))
+    return cases

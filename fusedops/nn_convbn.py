@@ -1,0 +1,356 @@
+"""Conv2d + BatchNorm2d (+ activation) as one module: training that keeps less memory than
+eager, and BN folded into the conv for inference.
+
+`ConvBNAct2d` holds a real `nn.Conv2d` (`.conv`) and `nn.BatchNorm2d` (`.bn`) for their
+parameters and buffers, so its state_dict keys are `conv.weight` (`conv.bias`),
+`bn.weight`, `bn.bias`, `bn.running_mean`, `bn.running_var`, `bn.num_batches_tracked`;
+after `fusedops.convert`, the parent module saves and loads its original eager keys
+(see `StateDictKeyMap`).
+
+Training (batch statistics): y = conv(x); per-channel μ, σ² (fp32, biased) by the
+bn_stats op; z = act(γ(y−μ)r + β) by bn_act_apply. For backward the default
+`memory="recompute"` keeps only the conv input, the weight and the per-channel stats and
+recomputes y = conv(x) in backward (+1 conv forward); `memory="fast"` keeps y as well.
+Neither keeps the activation output or the BN output (eager keeps y and, for
+silu/gelu, z). Running statistics are updated as eager does.
+
+Eval with running statistics: BN is folded into the conv weight and bias in fp32 (cast
+back to the weight's dtype), then the activation (one conv + one fused epilogue, or a
+single conv with bias when there is no activation).
+
+A conv with bias is accepted: in training the batch mean absorbs it exactly (the output
+does not depend on it and its gradient is zero; running_mean includes it), in eval it is
+folded with the rest.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .ops import batchnorm as bnops
+
+ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
+MEMORY_MODES = ("recompute", "fast")
+
+
+def activation_of(module) -> tuple[str, float] | None:
+    """(name, negative slope) of a supported activation module, else None."""
+    if module is None or isinstance(module, nn.Identity):
+        return ("identity", 0.01)
+    if isinstance(module, nn.ReLU):
+        return ("relu", 0.01)
+    if isinstance(module, nn.ReLU6):
+        return ("relu6", 0.01)
+    if isinstance(module, nn.SiLU):
+        return ("silu", 0.01)
+    if isinstance(module, nn.GELU):
+        return ("gelu" if module.approximate == "none" else "gelu_tanh", 0.01)
+    if isinstance(module, nn.LeakyReLU):
+        return ("leaky_relu", float(module.negative_slope))
+    return None
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+    """(symmetric padding, extra right/bottom padding or None) of conv's padding."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0), None
+        pads, extra = [], [0, 0, 0, 0]
+        for i, (k, d) in enumerate(zip(conv.kernel_size, conv.dilation)):
+            total = d * (k - 1)
+            pads.append(total // 2)
+            # eager's 'same' puts the odd element on the right / bottom
+            extra[(1 - i) * 2 + 1] = total - 2 * (total // 2)
+        return tuple(pads), (tuple(extra) if any(extra) else None)
+    return tuple(conv.padding), None
+
+
+def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+class _ConvBNActTrain(torch.autograd.Function):
+    """act(BN_batch(conv(x, w))) with batch statistics; saves x, w and per-channel stats
+    (and y in memory="fast"). Returns (z, mean, var) — mean/var not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope,
+                memory):
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        mean, invstd, var = bnops.bn_stats(y, eps)
+        z = bnops.bn_act_apply(y, mean, invstd, gamma, beta, act, slope)
+        saved = (x, weight, mean, invstd, gamma, beta) + ((y,) if memory == "fast" else ())
+        ctx.save_for_backward(*saved)
+        ctx.conf = (stride, padding, dilation, groups, act, slope, memory, conv_bias is not None)
+        ctx.mark_non_differentiable(mean, var)
+        return z, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz, _dmean, _dvar):
+        stride, padding, dilation, groups, act, slope, memory, has_bias = ctx.conf
+        x, weight, mean, invstd, gamma, beta, *rest = ctx.saved_tensors
+        if memory == "fast":
+            y = rest[0]
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        dy, dgamma, dbeta = bnops.bn_act_backward(dz, y, mean, invstd, gamma, beta, act, slope)
+        del y
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = dw = None
+        if need_x or need_w:
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dy, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+                [need_x, need_w, False])
+        dg = dgamma.to(gamma.dtype) if gamma is not None and ctx.needs_input_grad[2] else None
+        db = dbeta.to(beta.dtype) if beta is not None and ctx.needs_input_grad[3] else None
+        dcb = torch.zeros(weight.shape[0], device=x.device, dtype=x.dtype) if has_bias else None
+        return dx, dw, dg, db, dcb, None, None, None, None, None, None, None, None
+
+
+class ConvBNAct2d(nn.Module):
+    """Conv2d(bias-free) → BatchNorm2d → activation, fused for training memory and folded
+    for inference. See the module docstring for the math, memory modes and keys."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "relu", negative_slope: float = 0.01, memory: str = "recompute",
+                 device=None, dtype=None):
+        super().__init__()
+        if padding_mode != "zeros":
+            raise ValueError(f"ConvBNAct2d: padding_mode must be 'zeros', got {padding_mode!r}")
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._setup(conv, bn, activation, negative_slope, memory)
+
+    def _setup(self, conv, bn, activation, negative_slope, memory):
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"ConvBNAct2d: conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"ConvBNAct2d: conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"ConvBNAct2d: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"ConvBNAct2d: bn.num_features ({bn.num_features}) != conv.out_channels "
+                             f"({conv.out_channels})")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ConvBNAct2d: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"ConvBNAct2d: memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        self.conv = conv
+        self.bn = bn
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.memory = memory
+        self._padding, self._extra_pad = _explicit_padding(conv)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | str | None = None,
+                     memory: str = "recompute") -> "ConvBNAct2d":
+        """Wrap an eager pair (the same parameter and buffer objects: no copy); act is a
+        module (ReLU, ReLU6, SiLU, GELU, LeakyReLU, Identity), a name, or None."""
+        if isinstance(act, str):
+            name, slope = act, 0.01
+        else:
+            found = activation_of(act)
+            if found is None:
+                raise ValueError(f"ConvBNAct2d.from_modules: unsupported activation {type(act).__name__}; "
+                                 f"supported: ReLU, ReLU6, SiLU, GELU, LeakyReLU, Identity")
+            name, slope = found
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(conv, bn, name, slope, memory)
+        self.train(conv.training)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, memory={self.memory!r}"
+
+    # ---- forward ----------------------------------------------------------------------
+
+    def _act(self, z):
+        return reference.activation(z, self.activation, self.negative_slope)
+
+    def _input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ConvBNAct2d: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"ConvBNAct2d: input must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.conv.in_channels:
+            raise ValueError(f"ConvBNAct2d: input has {x.shape[1]} channels, the conv expects "
+                             f"{self.conv.in_channels}")
+        if self._extra_pad is not None:
+            x = F.pad(x, self._extra_pad)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._input(x)
+        bn = self.bn
+        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
+        if use_batch_stats:
+            return self._forward_train(x)
+        return self._forward_folded(x)
+
+    def _forward_train(self, x):
+        conv, bn = self.conv, self.bn
+        w = conv.weight
+        cd = _conv_dtype(x)
+        if cd is not None:  # what autocast does to the eager conv: both operands in cd
+            x, w = x.to(cd), w.to(cd)
+        n = x.shape[0]
+        out_hw = [(x.shape[2 + i] + 2 * self._padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
+                  // conv.stride[i] + 1 for i in range(2)]
+        if n * out_hw[0] * out_hw[1] <= 1 and self.training:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{[n, conv.out_channels] + out_hw}")
+        with torch.autocast(x.device.type, enabled=False):
+            z, mean, var = _ConvBNActTrain.apply(
+                x, w, bn.weight, bn.bias, conv.bias, tuple(conv.stride), tuple(self._padding),
+                tuple(conv.dilation), conv.groups, bn.eps, self.activation, self.negative_slope, self.memory)
+        if self.training and bn.track_running_stats and bn.running_mean is not None:
+            mean_b = mean if conv.bias is None else mean + conv.bias.detach().float()
+            reference.update_running_stats_(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean_b, var,
+                                            n * out_hw[0] * out_hw[1], bn.momentum)
+        return z
+
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', b') of the conv with BN (running stats) folded in: computed in fp32, cast
+        to the conv weight's dtype. s = γ·rsqrt(rv+eps), W' = W·s, b' = (b−rm)·s + β."""
+        conv, bn = self.conv, self.bn
+        s = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:
+            s = s * bn.weight.float()
+        b = -bn.running_mean.float()
+        if conv.bias is not None:
+            b = b + conv.bias.float()
+        b = b * s
+        if bn.bias is not None:
+            b = b + bn.bias.float()
+        w = (conv.weight.float() * s.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
+        return w, b.to(conv.weight.dtype)
+
+    def _forward_folded(self, x):
+        w, b = self.folded_weight_bias()
+        c = self.conv
+        return folded_conv_act(x, w, b, (c.stride, self._padding, c.dilation, c.groups), self.activation,
+                               self.negative_slope)
+
+
+def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=None):
+    """act(conv(x, w) + b): a single conv with bias for identity; otherwise the conv, then
+    bias + activation in one fused pass (bn_act_apply with mean 0, invstd 1) when no
+    gradient is needed, else the eager composite (differentiable)."""
+    stride, padding, dilation, groups = geometry
+    if act == "identity":
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad)
+    if needs_grad:
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        return reference.activation(y, act, slope)
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if zeros is None:
+        zeros = torch.zeros(b.shape[0], device=b.device, dtype=torch.float32)
+        ones = torch.ones(b.shape[0], device=b.device, dtype=torch.float32)
+    return bnops.bn_act_apply(y, zeros, ones, None, b, act, slope)
+
+
+class FoldedConvAct2d(nn.Module):
+    """Inference module: conv with BN folded in (weight, bias) followed by the activation.
+    Its state_dict holds `weight` and `bias` of the folded conv."""
+
+    def __init__(self, source: ConvBNAct2d):
+        super().__init__()
+        w, b = source.folded_weight_bias()
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        c = source.conv
+        self.geometry = (tuple(c.stride), tuple(source._padding), tuple(c.dilation), c.groups)
+        self._extra_pad = source._extra_pad
+        self.activation, self.negative_slope = source.activation, source.negative_slope
+        # mean 0 / invstd 1 of the fused bias+activation epilogue (not saved in state_dict)
+        self.register_buffer("_zeros", torch.zeros(b.shape[0], device=b.device), persistent=False)
+        self.register_buffer("_ones", torch.ones(b.shape[0], device=b.device), persistent=False)
+        self.train(False)
+
+    def forward(self, x):
+        if self._extra_pad is not None:
+            x = F.pad(x, self._extra_pad)
+        return folded_conv_act(x, self.weight, self.bias, self.geometry, self.activation, self.negative_slope,
+                               self._zeros.float(), self._ones.float())
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class StateDictKeyMap:
+    """Parent-module hooks that keep an eager checkpoint's keys after a Conv2d/BN pair
+    became one ConvBNAct2d at `fused` (the conv's name) with the BN's slot `bn_name`
+    holding nn.Identity: saving writes `<fused>.weight`/`<bn_name>.*` (the eager keys);
+    loading accepts those (and the fused `<fused>.conv.*`/`<fused>.bn.*` keys)."""
+
+    def __init__(self, fused: str, bn_name: str):
+        self.fused, self.bn_name = fused, bn_name
+
+    def save(self, module, state_dict, prefix, local_metadata):
+        conv_p, bn_p = f"{prefix}{self.fused}.conv.", f"{prefix}{self.fused}.bn."
+        for key in list(state_dict.keys()):
+            if key.startswith(conv_p):
+                state_dict[f"{prefix}{self.fused}." + key[len(conv_p):]] = state_dict.pop(key)
+            elif key.startswith(bn_p):
+                state_dict[f"{prefix}{self.bn_name}." + key[len(bn_p):]] = state_dict.pop(key)
+        return state_dict
+
+    def load(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for p in ("weight", "bias"):
+            key = f"{prefix}{self.fused}.{p}"
+            if key in state_dict:
+                state_dict[f"{prefix}{self.fused}.conv.{p}"] = state_dict.pop(key)
+        bn_p = f"{prefix}{self.bn_name}."
+        for key in list(state_dict.keys()):
+            if key.startswith(bn_p) and "." not in key[len(bn_p):]:
+                state_dict[f"{prefix}{self.fused}.bn." + key[len(bn_p):]] = state_dict.pop(key)
+
+    def install(self, parent: nn.Module) -> None:
+        parent._register_state_dict_hook(self.save)
+        parent.register_load_state_dict_pre_hook(self.load)
+
+
+def fold_conv_bn(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d into its conv for inference, in place; returns model.
+
+    Replaces each ConvBNAct2d (and each Conv2d → BatchNorm2d (→ activation) chain of an
+    nn.Sequential) that uses running statistics by a FoldedConvAct2d: weight and bias
+    computed in fp32 and cast back, then the activation. The model is put in eval mode.
+    """
+    from . import converter  # noqa: F401  (the chain rule lives in fusedops.converter_convbn)
+    from .converter_convbn import sequential_chains
+
+    model.eval()
+    if isinstance(model, ConvBNAct2d):
+        return FoldedConvAct2d(model) if model.bn.running_mean is not None else model
+
+    def visit(module):
+        if isinstance(module, nn.Sequential):
+            for names, conv, bn, act, _reason in sequential_chains(module):
+                if _reason is None and bn.running_mean is not None:
+                    fused = ConvBNAct2d.from_modules(conv, bn, act)
+                    module._modules[names[0]] = FoldedConvAct2d(fused)
+                    for n in names[1:]:
+                        module._modules[n] = nn.Identity()
+        for name, child in list(module._modules.items()):
+            if isinstance(child, ConvBNAct2d):
+                if child.bn.running_mean is not None:
+                    module._modules[name] = FoldedConvAct2d(child)
+            elif child is not None:
+                visit(child)
+
+    visit(model)
+    return model

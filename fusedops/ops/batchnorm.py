@@ -1,0 +1,335 @@
+"""BatchNorm2d (+ activation) ops on a conv output y [N, C, H, W], for fused Conv2d+BN+act.
+
+- bn_stats(y, eps) -> (mean, invstd, var): per-channel batch statistics in fp32 (biased
+  var), a deterministic split reduction with Welford/Chan combines.
+- bn_act_apply(y, mean, invstd, weight?, bias?, act, slope) -> z: act((y−μ)·r·γ+β),
+  math in fp32, z in y's dtype and layout.
+- bn_act_backward(dz, y, mean, invstd, weight?, bias?, act, slope) -> (dy, dweight, dbias):
+  g = dz·act'(z); dweight = Σg·ŷ, dbias = Σg (fp32); dy = γ·r·(g − Σg/M − ŷ·Σgŷ/M).
+
+Layouts: the kernels read y (and dz) through strides as [N, C, H·W]; contiguous NCHW and
+channels_last are read in place (outputs keep y's layout). Any other layout (H and W not
+mergeable, e.g. a transposed view) is copied once to contiguous NCHW. Dtypes: y fp32,
+fp16, bf16; weight/bias/mean/invstd any float dtype (read as fp32). float64 runs the
+eager reference (warned once).
+
+Backends: C++ on CPU tensors (default), Triton (CUDA default; CPU under the
+interpreter), CUDA C++ on CUDA tensors. An extension built without one of these
+kernels runs the eager reference with a one-time FallbackWarning.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native, _triton, _validate, reference
+from .._backend import Kernels, warn_once
+from ._library import LIB, define
+
+STATS, APPLY, BACKWARD = "bn_stats", "bn_act_apply", "bn_act_backward"
+ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
+
+_stats = Kernels(STATS, cuda_default="triton")
+_apply = Kernels(APPLY, cuda_default="triton")
+_backward = Kernels(BACKWARD, cuda_default="triton")
+
+
+# ---- checks (shared by the real kernels and the fake ones) ------------------------------
+
+def _check_y(y, op: str, name: str = "y") -> None:
+    _validate.tensor(y, name, op)
+    _validate.floating(y, name, op)
+    if y.dim() != 4:
+        raise ValueError(f"fusedops.{op}: {name} must be 4-D [N, C, H, W], got shape {tuple(y.shape)}")
+
+
+def _check_channel(t, name: str, y, op: str) -> None:
+    if t is None:
+        return
+    _validate.tensor(t, name, op)
+    _validate.floating(t, name, op)
+    _validate.same_device(y, "y", t, name, op)
+    if t.dim() != 1 or t.shape[0] != y.shape[1]:
+        raise ValueError(f"fusedops.{op}: {name} must have shape ({y.shape[1]},) (one value per channel "
+                         f"of y), got {tuple(t.shape)}")
+
+
+def _check_act(act: str, op: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fusedops.{op}: act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+
+
+def _check_common(op, y, mean, invstd, weight, bias, act):
+    _check_y(y, op)
+    _check_channel(mean, "mean", y, op)
+    _check_channel(invstd, "invstd", y, op)
+    _check_channel(weight, "weight", y, op)
+    _check_channel(bias, "bias", y, op)
+    _check_act(act, op)
+
+
+# ---- outputs (tests replace these with NaN-filled allocations: an unwritten element fails) ---
+
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
+def _out_channels(c: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(c, device=like.device, dtype=torch.float32)
+
+
+# ---- layouts -------------------------------------------------------------------------------
+
+def _mergeable(t: torch.Tensor) -> bool:
+    """t [N, C, H, W] can be addressed as [N, C, H·W] with one stride for H·W."""
+    n, c, h, w = t.shape
+    return h == 1 or w == 1 or t.stride(2) == w * t.stride(3)
+
+
+def _normalize_hw(t: torch.Tensor) -> torch.Tensor:
+    """A view whose stride(3) is the H·W stride (so the kernels can read stride(3))."""
+    n, c, h, w = t.shape
+    if w == 1 and h > 1:
+        return t.as_strided((n, c, 1, h), (t.stride(0), t.stride(1), t.stride(2) * h, t.stride(2)))
+    return t
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
+def _prepare(t: torch.Tensor) -> torch.Tensor:
+    return _normalize_hw(t if _mergeable(t) else t.contiguous())
+
+
+def _kernel_dtype(*ts) -> bool:
+    return all(t is None or t.dtype in _validate.KERNEL_DTYPES for t in ts)
+
+
+# ---- bn_stats ------------------------------------------------------------------------------
+
+def _stats_impl(y, eps=1e-5):
+    _check_y(y, STATS)
+    c = y.shape[1]
+    if y.numel() == 0:
+        nan = torch.full((c,), float("nan"), device=y.device, dtype=torch.float32)
+        return nan, nan.clone(), nan.clone()
+    backend = _stats.backend_for(y.device.type)
+    if backend == "reference" or not _kernel_dtype(y):
+        if backend != "reference":
+            return _stats.reference(f"no kernel for {y.dtype}")(y, eps)
+        return reference.bn_stats(y, eps)
+    return _stats.get(backend)(y, eps)
+
+
+def _stats_fake(y, eps=1e-5):
+    _check_y(y, STATS)
+    c = y.shape[1]
+    out = y.new_empty((c,), dtype=torch.float32)
+    return out, out.new_empty((c,)), out.new_empty((c,))
+
+
+bn_stats_op = define(f"{STATS}(Tensor y, float eps=1e-05) -> (Tensor mean, Tensor invstd, Tensor var)",
+                     _stats_impl, _stats_fake)
+
+
+@_stats.register("triton")
+def _stats_triton(y, eps):
+    yk = _prepare(y)
+    c = y.shape[1]
+    out = (_out_channels(c, y), _out_channels(c, y), _out_channels(c, y))
+    _triton.kernels("batchnorm").bn_stats(yk, float(eps), _channels_last(yk), *out)
+    return out
+
+
+_stats.register("reference")(reference.bn_stats)
+
+
+# ---- bn_act_apply --------------------------------------------------------------------------
+
+def _apply_impl(y, mean, invstd, weight=None, bias=None, act="identity", slope=0.01):
+    _check_common(APPLY, y, mean, invstd, weight, bias, act)
+    backend = _apply.backend_for(y.device.type)
+    if backend == "reference" or not _kernel_dtype(y, mean, invstd, weight, bias):
+        fn = reference.bn_act_apply if backend == "reference" else _apply.reference(
+            f"no kernel for {y.dtype}")
+        return fn(y, mean, invstd, weight, bias, act, slope)
+    if y.numel() == 0:
+        return torch.empty_like(y)
+    return _apply.get(backend)(y, mean, invstd, weight, bias, act, slope)
+
+
+def _apply_fake(y, mean, invstd, weight=None, bias=None, act="identity", slope=0.01):
+    _check_common(APPLY, y, mean, invstd, weight, bias, act)
+    return torch.empty_like(y)
+
+
+bn_act_apply_op = define(
+    f"{APPLY}(Tensor y, Tensor mean, Tensor invstd, Tensor? weight=None, Tensor? bias=None, "
+    "str act='identity', float slope=0.01) -> Tensor", _apply_impl, _apply_fake)
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+@_apply.register("triton")
+def _apply_triton(y, mean, invstd, weight, bias, act, slope):
+    yk = _prepare(y)
+    z = _out_like(y)  # keeps y's layout where y is dense
+    zk = z if z.stride() == y.stride() else None
+    if zk is None or not _mergeable(z):
+        zk = _out_like(yk)
+    zk_view = _normalize_hw(zk)
+    _triton.kernels("batchnorm").bn_act_apply(yk, zk_view, mean.contiguous(), invstd.contiguous(),
+                                              _contig(weight), _contig(bias), act, float(slope),
+                                              _channels_last(yk))
+    if zk is not z:
+        z.copy_(zk)
+    return z
+
+
+_apply.register("reference")(reference.bn_act_apply)
+
+
+# ---- bn_act_backward -----------------------------------------------------------------------
+
+def _backward_check(dz, y, mean, invstd, weight, bias, act):
+    _check_common(BACKWARD, y, mean, invstd, weight, bias, act)
+    _validate.tensor(dz, "dz", BACKWARD)
+    _validate.same_device(y, "y", dz, "dz", BACKWARD)
+    if dz.shape != y.shape:
+        raise ValueError(f"fusedops.{BACKWARD}: dz has shape {tuple(dz.shape)} but y has {tuple(y.shape)}")
+
+
+def _backward_impl(dz, y, mean, invstd, weight=None, bias=None, act="identity", slope=0.01):
+    _backward_check(dz, y, mean, invstd, weight, bias, act)
+    backend = _backward.backend_for(y.device.type)
+    if backend == "reference" or not _kernel_dtype(dz, y, mean, invstd, weight, bias):
+        fn = reference.bn_act_backward if backend == "reference" else _backward.reference(
+            f"no kernel for {y.dtype}")
+        return fn(dz, y, mean, invstd, weight, bias, act, slope)
+    if y.numel() == 0:
+        z = torch.zeros(y.shape[1], device=y.device, dtype=torch.float32)
+        return torch.empty_like(y), z, z.clone()
+    return _backward.get(backend)(dz, y, mean, invstd, weight, bias, act, slope)
+
+
+def _backward_fake(dz, y, mean, invstd, weight=None, bias=None, act="identity", slope=0.01):
+    _backward_check(dz, y, mean, invstd, weight, bias, act)
+    c = y.shape[1]
+    return torch.empty_like(y), y.new_empty((c,), dtype=torch.float32), y.new_empty((c,), dtype=torch.float32)
+
+
+bn_act_backward_op = define(
+    f"{BACKWARD}(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor? weight=None, Tensor? bias=None, "
+    "str act='identity', float slope=0.01) -> (Tensor dy, Tensor dweight, Tensor dbias)",
+    _backward_impl, _backward_fake)
+
+
+@_backward.register("triton")
+def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope):
+    yk = _prepare(y)
+    dzk = _prepare(dz)
+    dy = _out_like(y)
+    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
+    dw, db = _triton.kernels("batchnorm").bn_act_backward(
+        dzk, yk, _normalize_hw(dyk), mean.contiguous(), invstd.contiguous(), _contig(weight), _contig(bias),
+        act, float(slope), _channels_last(yk))
+    if dyk is not dy:
+        dy.copy_(dyk)
+    return dy, dw, db
+
+
+_backward.register("reference")(reference.bn_act_backward)
+
+
+# ---- native kernels (C++ CPU, CUDA C++): outputs allocated here, written there ------------
+
+def _native_ready(op: str, device_type: str) -> bool:
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return _native.ops is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedops_C::{op}", key)
+
+
+def _f32(t):
+    return t.to(torch.float32).contiguous()
+
+
+def _affine32(weight, bias, c, like):
+    w = _f32(weight) if weight is not None else torch.ones(c, device=like.device, dtype=torch.float32)
+    b = _f32(bias) if bias is not None else torch.zeros(c, device=like.device, dtype=torch.float32)
+    return w, b
+
+
+def _native_or_reference(kernels: Kernels, op: str, native, ref):
+    def run(*args):
+        if _native_ready(op, args[0].device.type):
+            return native(*args)
+        warn_once(f"fusedops.{kernels.op}: the extension has no {op} kernel for {args[0].device.type} tensors "
+                  "(rebuild fusedops); running the eager reference")
+        return ref(*args)
+    return run
+
+
+def _stats_native(y, eps):
+    yk = _prepare(y)
+    c = y.shape[1]
+    mean = _out_channels(c, y)
+    invstd, var = _out_channels(c, y), _out_channels(c, y)
+    _native.op(STATS)(yk, float(eps), mean, invstd, var)
+    return mean, invstd, var
+
+
+def _apply_native(y, mean, invstd, weight, bias, act, slope):
+    yk = _prepare(y)
+    z = _out_like(y)
+    zk = z if (z.stride() == y.stride() and _mergeable(z)) else _out_like(yk)
+    w, b = _affine32(weight, bias, y.shape[1], y)
+    _native.op(APPLY)(yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope), _normalize_hw(zk))
+    if zk is not z:
+        z.copy_(zk)
+    return z
+
+
+def _backward_native(dz, y, mean, invstd, weight, bias, act, slope):
+    yk, dzk = _prepare(y), _prepare(dz)
+    dy = _out_like(y)
+    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
+    w, b = _affine32(weight, bias, y.shape[1], y)
+    c = y.shape[1]
+    dw = _out_channels(c, y)
+    db = _out_channels(c, y)
+    _native.op(BACKWARD)(dzk, yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope),
+                         _normalize_hw(dyk), dw, db)
+    if dyk is not dy:
+        dy.copy_(dyk)
+    return dy, dw, db
+
+
+_ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+for _k, _op, _nat, _ref in ((_stats, STATS, _stats_native, reference.bn_stats),
+                            (_apply, APPLY, _apply_native, reference.bn_act_apply),
+                            (_backward, BACKWARD, _backward_native, reference.bn_act_backward)):
+    _k.register("cpp")(_native_or_reference(_k, _op, _nat, _ref))
+    _k.register("cuda")(_native_or_reference(_k, _op, _nat, _ref))
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+def bn_stats(y: torch.Tensor, eps: float = 1e-5):
+    """Per-channel (mean, invstd, biased var) of y [N, C, H, W], fp32."""
+    _validate.tensor(y, "y", STATS)
+    return bn_stats_op(y, float(eps))
+
+
+def bn_act_apply(y, mean, invstd, weight=None, bias=None, act: str = "identity", slope: float = 0.01):
+    """act((y − mean)·invstd·weight + bias), fp32 math, output in y's dtype and layout."""
+    _validate.tensor(y, "y", APPLY)
+    return bn_act_apply_op(y, mean, invstd, weight, bias, act, float(slope))
+
+
+def bn_act_backward(dz, y, mean, invstd, weight=None, bias=None, act: str = "identity", slope: float = 0.01):
+    """(dy, dweight, dbias) of bn_act_apply with batch statistics (training mode)."""
+    _validate.tensor(dz, "dz", BACKWARD)
+    _validate.tensor(y, "y", BACKWARD)
+    return bn_act_backward_op(dz, y, mean, invstd, weight, bias, act, float(slope))
