@@ -1,4 +1,4 @@
-"""The fusedops command line: `python -m fusedops bench|info` (also the `fusedops` script)."""
+"""The fusedops command line: `python -m fusedops bench|report|info` (also the `fusedops` script)."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,19 @@ def main(argv=None) -> int:
     b.add_argument("--out", default=None, help="output folder for results.json/.md/.png (default bench-out/<device>)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("report", help="model-level report: time, memory, MFU and loss of whole training steps")
+    r.add_argument("--models", default="resnet50,gpt2,mlp",
+                   help="comma-separated: resnet50, gpt2, mlp, timm:NAME, hf:NAME, module:function")
+    r.add_argument("--tiny", action="store_true", help="tiny configurations (seconds on a CPU)")
+    r.add_argument("--steps", type=int, default=None, help="training steps per variant (default 30 on CUDA, 4 tiny)")
+    r.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps among them (default 5, 1 tiny)")
+    r.add_argument("--variants", default="eager,compile,fusedops,fusedops+compile",
+                   help="comma-separated: eager, compile, fusedops, fusedops+compile")
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: bf16 dense peak of a known GPU, e.g. H100 989)")
+    r.add_argument("--out", default=None, help="output folder for report.json/.md/.png (default report-out/<device>)")
+    r.set_defaults(func=lambda a: __import__("fusedops.report", fromlist=["cmd_report"]).cmd_report(a))
     i = sub.add_parser("info", help="show which backends are available and chosen")
     i.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
