@@ -231,11 +231,14 @@ class Run:
     agreement: dict | None = None
     vs_eager_time: float | None = None     # step_ms / eager step_ms
     vs_eager_memory: float | None = None   # peak_bytes / eager peak_bytes
+    baseline_bytes: int | None = None      # CUDA bytes allocated before the run was built
 
 
 def build_variant(workload: Workload, base: nn.Module, variant: str, device: torch.device) -> tuple:
     """(WithLoss module for training, the uncompiled one, convert report or None, optimizer, desc)."""
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).to(device)     # base stays on the CPU: no extra copy on the device
+    if workload.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     report = None
     if variant.startswith("fusedops"):
         import fusedops
@@ -292,17 +295,18 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
     if "eager" not in variants:
         variants = ["eager"] + list(variants)
     warmup = min(warmup, steps - 1)
-    base = workload.build().to(device)
-    if workload.channels_last:
-        base = base.to(memory_format=torch.channels_last)
+    base = workload.build()      # on the CPU; each run deep-copies it to the device
     amp = workload.amp_dtype if device.type == "cuda" else None
     order = list(range(steps))
     eval_k = steps + 1000
 
     # FLOPs of one fwd+bwd of the eager model (on a copy; the copy is thrown away).
-    probe = WithLoss(copy.deepcopy(base).train(), workload.loss_fn, device, amp)
+    probe_model = copy.deepcopy(base).to(device).train()
+    if workload.channels_last:
+        probe_model = probe_model.to(memory_format=torch.channels_last)
+    probe = WithLoss(probe_model, workload.loss_fn, device, amp)
     flops = count_flops(probe, prepare_batch(workload, 0, device))
-    del probe
+    del probe, probe_model
     _free(device)
     peak, peak_desc = device_peak_flops(device, peak_tflops)
 
@@ -323,7 +327,9 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
 
     def one(variant: str, order_: list) -> Run:
         run = Run(variant=variant, compiled=variant.endswith("compile"), converted=variant.startswith("fusedops"))
-        fwd = plain = opt = None
+        fwd = plain = opt = report = None
+        if device.type == "cuda":
+            run.baseline_bytes = torch.cuda.memory_allocated(device)   # leftovers of earlier runs (should be ~0)
         try:
             fwd, plain, report, opt, run.optimizer = build_variant(workload, base, variant, device)
             if report is not None and result["convert"] is None:
@@ -345,7 +351,7 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
         except Exception as exc:   # a variant that fails is reported, not fatal
             run.ok, run.error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         finally:
-            del fwd, plain, opt
+            del fwd, plain, opt, report
             if run.compiled:
                 torch._dynamo.reset()
             _free(device)
