@@ -104,6 +104,8 @@ def cmd_report(args) -> int:
         print(f"\n{m['model']}: {m['flops_per_step']:.4g} FLOPs/step; peak {m['peak_flops_source']}")
         opts = {r["variant"]: r["optimizer"] for r in m["runs"] if r["optimizer"]}
         print("  optimizers: " + "; ".join(f"{k}: {v}" for k, v in opts.items()))
+        for line in output.summary_lines(m):
+            print("  " + line)
         for line in output._convert_lines(m):
             print("  " + line.lstrip("- ").replace("  - ", "    "))
         for r in m["runs"]:

@@ -47,6 +47,29 @@ def rows(results: dict) -> list:
     return out
 
 
+PAIRS = (("fusedops", "eager"), ("fusedops+compile", "compile"))
+
+
+def summary_lines(m: dict) -> list:
+    """fusedops vs its baseline: step-time and memory ratios (peak allocated on CUDA,
+    saved activations where peak memory is n/a) and optimizer-state ratio."""
+    runs = {r["variant"]: r for r in m["runs"] if r["ok"]}
+    out = []
+    for new, old in PAIRS:
+        if new not in runs or old not in runs:
+            continue
+        a, b = runs[new], runs[old]
+        parts = [f"step time {a['step_ms'] / b['step_ms']:.2f}×"]
+        if a["peak_bytes"] and b["peak_bytes"]:
+            parts.append(f"peak memory {a['peak_bytes'] / b['peak_bytes']:.2f}×")
+        if a["saved_bytes"] and b["saved_bytes"]:
+            parts.append(f"saved activations {a['saved_bytes'] / b['saved_bytes']:.2f}×")
+        if a["state_bytes"] and b["state_bytes"]:
+            parts.append(f"optimizer state {a['state_bytes'] / b['state_bytes']:.2f}×")
+        out.append(f"{new} vs {old}: " + ", ".join(parts))
+    return out
+
+
 def render_text(results: dict) -> str:
     t = rows(results)
     widths = [max(len(str(row[i])) for row in t) for i in range(len(t[0]))]
@@ -67,7 +90,7 @@ def _convert_lines(m: dict) -> list:
     groups = {}
     for r in c["replaced"]:
         groups.setdefault((r["pattern"], r["new"]), []).append(r["path"])
-    out += [f"  - replaced {len(p)}× {pat} → {new} (e.g. `{p[0]}`)" for (pat, new), p in groups.items()]
+    out += [f"  - replaced {len(p)}× {pat} with {new} (e.g. `{p[0]}`)" for (pat, new), p in groups.items()]
     sk = {}
     for s in c["skipped"]:
         sk.setdefault((s["pattern"], s["reason"]), []).append(s["path"])
@@ -92,6 +115,7 @@ def render_markdown(results: dict) -> str:
                 f"- optimizers: " + "; ".join(f"{r['variant']}: {r['optimizer']}" for r in m["runs"] if r["optimizer"])
                 if opts else "- optimizers: n/a",
                 f"- agreement rule: {m['agreement_rule']}"]
+        out += [f"- {line}" for line in summary_lines(m)]
         out += _convert_lines(m)
         failed = [r for r in m["runs"] if not r["ok"]]
         out += [f"- {r['variant']} failed: {r['error']}" for r in failed]
