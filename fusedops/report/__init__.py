@@ -87,6 +87,9 @@ __all__ = ["BUILTIN", "METHODS", "REFERENCE", "VARIANTS", "Workload", "agreement
 
 def cmd_report(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("fusedops report: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     specs = [s.strip() for s in args.models.split(",") if s.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
