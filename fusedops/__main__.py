@@ -81,10 +81,12 @@ def main(argv=None) -> int:
     r.add_argument("--models", default="resnet50,gpt2,mlp",
                    help="comma-separated: resnet50, gpt2, mlp, timm:NAME, hf:NAME, module:function")
     r.add_argument("--tiny", action="store_true", help="tiny configurations (seconds on a CPU)")
-    r.add_argument("--steps", type=int, default=None, help="training steps per variant (default 30 on CUDA, 4 tiny)")
+    r.add_argument("--steps", type=int, default=None,
+                   help="training steps per variant (default 30 on CUDA, 20 on CPU, 4 with --tiny)")
     r.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps among them (default 5, 1 tiny)")
-    r.add_argument("--variants", default="eager,compile,fusedops,fusedops+compile",
-                   help="comma-separated: eager, compile, fusedops, fusedops+compile")
+    r.add_argument("--variants", default=None,
+                   help="comma-separated: eager, compile, fusedops, fusedops+compile (default: all four on CUDA; "
+                        "eager,fusedops on CPU, where inductor compilation takes minutes)")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: bf16 dense peak of a known GPU, e.g. H100 989)")

@@ -88,9 +88,8 @@ def _check_run(r, model):
 
 def test_report_cli_tiny_cpu(tmp_path, capsys):
     out = tmp_path / "report"
-    rc = main(["report", "--tiny", "--device", "cpu", "--models", "mlp,gpt2", "--variants", "eager,fusedops",
-               "--steps", "3", "--out", str(out)])
-    assert rc == 0
+    rc = main(["report", "--tiny", "--device", "cpu", "--models", "mlp,gpt2", "--steps", "3", "--out", str(out)])
+    assert rc == 0      # on CPU the default variants are eager and fusedops
     data = json.loads((out / "report.json").read_text())
     assert data["meta"]["torch"] == torch.__version__
     assert [m["model"] for m in data["models"]] == ["mlp-tiny", "gpt2-tiny"]
@@ -110,8 +109,10 @@ def test_report_cli_tiny_cpu(tmp_path, capsys):
     assert data["models"][0]["reference"]["losses"] != data["models"][0]["runs"][0]["losses"]
     md = (out / "report.md").read_text()
     assert "| model | variant | step ms |" in md and "## gpt2-tiny" in md and "agreement rule" in md
-    text = capsys.readouterr().out
-    assert "mlp-tiny" in text and "eager-reordered (reference)" in text
+    captured = capsys.readouterr()
+    assert "mlp-tiny" in captured.out and "eager-reordered (reference)" in captured.out
+    assert "fusedops vs eager: step time" in captured.out
+    assert "default variants are eager,fusedops" in captured.err and "3/6 mlp-tiny · eager-reordered" in captured.err
     try:
         import matplotlib  # noqa: F401
     except ImportError:

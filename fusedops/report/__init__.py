@@ -91,7 +91,13 @@ def cmd_report(args) -> int:
         print("fusedops report: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     specs = [s.strip() for s in args.models.split(",") if s.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.variants is None:
+        variants = list(VARIANTS) if device.type == "cuda" else ["eager", "fusedops"]
+        if device.type != "cuda":
+            print("fusedops report: on CPU the default variants are eager,fusedops "
+                  "(add compile variants with --variants)", file=sys.stderr)
+    else:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
         results = run_report(specs, device, variants, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
                              peak_tflops=args.peak_tflops)
