@@ -283,6 +283,7 @@ def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list
     _sync(device)
     step_ms = [s.elapsed_time(e) for s, e in marks] if cuda else marks
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    torch.manual_seed(4321)    # the same dropout masks (if any) in every variant's held-out loss
     with torch.no_grad():
         final = float(plain(*prepare_batch(workload, eval_k, device)))
     return {"losses": [float(v) for v in torch.stack(losses).float().cpu()], "step_ms": step_ms,
@@ -338,6 +339,7 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
                     "skipped": [dataclasses.asdict(s) for s in report.skipped]}
             if not run.compiled:
                 run.saved_bytes = saved_tensor_bytes(plain, prepare_batch(workload, order_[0], device))
+            torch.manual_seed(1234)    # same dropout masks (if any) in every eager-mode run
             out = train(workload, fwd, plain, opt, order_, warmup, device, eval_k)
             timed = out["step_ms"][warmup:]
             run.step_ms_all = out["step_ms"]
