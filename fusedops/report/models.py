@@ -316,7 +316,8 @@ def hf_model(name: str, tiny: bool = False) -> Workload:
 
 def user_model(spec: str, tiny: bool = False) -> Workload:
     """`package.module:function`; function(tiny=...) or function() returns (model, batch, loss_fn)
-    with batch a tuple of tensors (the same batch is used every step) and loss_fn(model, batch)."""
+    with batch a tensor or a tuple of tensors (the same batch every step; the first tensor's
+    first dimension counts the samples) and loss_fn(model, batch) -> scalar loss."""
     mod_name, fn_name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
@@ -326,8 +327,9 @@ def user_model(spec: str, tiny: bool = False) -> Workload:
         model, batch, loss_fn = fn(tiny=tiny)
     except TypeError:
         model, batch, loss_fn = fn()
-    if not isinstance(batch, (tuple, list)):
-        batch = (batch,)
+    if not isinstance(batch, (tuple, list)):       # a lone tensor: loss_fn gets it as it was given
+        batch, user_loss = (batch,), loss_fn
+        loss_fn = lambda m, b: user_loss(m, b[0])   # noqa: E731
     first = batch[0]
     items = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
     cpu_batch = tuple(batch)
