@@ -176,15 +176,17 @@ def test_user_model(tmp_path, monkeypatch):
     assert m["items_per_step"] == 4 and m["flops_per_step"] == 2 * (2 * 4 * 8 * 16) + 3 * (2 * 4 * 16 * 1)
     for r in m["runs"]:
         _check_run(r, m)
-    # a lone tensor as the batch reaches loss_fn as given
+    # a lone tensor as the batch reaches loss_fn as given; a callable batch gives step k's batch
     (tmp_path / "my_net2.py").write_text(
         "import torch\n"
         "def make():\n"
         "    model = torch.nn.Linear(8, 1)\n"
-        "    return model, torch.randn(6, 8), lambda m, x: m(x).square().mean()\n")
-    m = run_report(["my_net2:make"], torch.device("cpu"), ["eager"], steps=2, progress=False)["models"][0]
+        "    data = lambda k: torch.randn(6, 8, generator=torch.Generator().manual_seed(k))\n"
+        "    return model, data, lambda m, x: m(x).square().mean()\n")
+    m = run_report(["my_net2:make"], torch.device("cpu"), ["eager"], steps=3, progress=False)["models"][0]
     assert m["items_per_step"] == 6
     _check_run(m["runs"][0], m)
+    assert m["reference"]["losses"] != m["runs"][0]["losses"]     # the order of the batches matters
 
 
 def test_unknown_model_and_variant_are_clear_errors(capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 from typing import Callable
 
@@ -315,34 +316,41 @@ def hf_model(name: str, tiny: bool = False) -> Workload:
 
 
 def user_model(spec: str, tiny: bool = False) -> Workload:
-    """`package.module:function`; function(tiny=...) or function() returns (model, batch, loss_fn)
-    with batch a tensor or a tuple of tensors (the same batch every step; the first tensor's
-    first dimension counts the samples) and loss_fn(model, batch) -> scalar loss."""
+    """`package.module:function`; function(tiny=...) (or function()) returns (model, batch, loss_fn):
+    batch is a tensor or a tuple of tensors used at every step, or a callable k -> batch giving
+    step k's batch (then data order, and so the agreement spread, means something); the first
+    tensor's first dimension counts the samples; loss_fn(model, batch) -> scalar loss."""
     mod_name, fn_name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"model {spec!r}: cannot import {fn_name} from {mod_name}: {exc}") from exc
     try:
-        model, batch, loss_fn = fn(tiny=tiny)
-    except TypeError:
-        model, batch, loss_fn = fn()
-    if not isinstance(batch, (tuple, list)):       # a lone tensor: loss_fn gets it as it was given
-        batch, user_loss = (batch,), loss_fn
+        takes_tiny = "tiny" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_tiny = False
+    model, batch, loss_fn = fn(tiny=tiny) if takes_tiny else fn()
+    make = batch if callable(batch) else (lambda k: batch)
+    lone = not isinstance(make(0), (tuple, list))
+    if lone:                                       # a lone tensor: loss_fn gets it as it was given
+        user_loss = loss_fn
         loss_fn = lambda m, b: user_loss(m, b[0])   # noqa: E731
-    first = batch[0]
+
+    def batch_k(k, device):
+        b = make(k)
+        b = (b,) if lone else tuple(b)
+        return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in b)
+
+    first = batch_k(0, "cpu")[0]
     items = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
-    cpu_batch = tuple(batch)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def build():
         model.load_state_dict(state)
         return model
 
-    return Workload(
-        name=spec, build=build,
-        batch=lambda k, device: tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in cpu_batch),
-        loss_fn=loss_fn, items_per_step=items, unit="samples", description=f"user model {spec}")
+    return Workload(name=spec, build=build, batch=batch_k, loss_fn=loss_fn, items_per_step=items, unit="samples",
+                    description=f"user model {spec}")
 
 
 def get(spec: str, tiny: bool = False) -> Workload:
