@@ -206,3 +206,23 @@ def test_external_models_need_their_package(spec, package):
     else:
         w = models.get(spec, tiny=True)
         assert w.items_per_step > 0
+
+
+class Broken(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("broken fused module")
+
+
+def test_a_failing_variant_is_reported_not_fatal(monkeypatch, tmp_path, capsys):
+    rule = converter.Rule("break-gelu", single=lambda mod: Broken() if isinstance(mod, nn.GELU) else None)
+    monkeypatch.setattr(converter, "RULES", [rule])
+    rc = main(["report", "--tiny", "--device", "cpu", "--models", "mlp", "--steps", "2", "--out", str(tmp_path)])
+    assert rc == 1
+    m = json.loads((tmp_path / "report.json").read_text())["models"][0]
+    eager, fused = m["runs"]
+    assert eager["ok"] and eager["agreement"]["agrees"]
+    assert not fused["ok"] and fused["error"] == "RuntimeError: broken fused module"
+    assert "raise RuntimeError" in fused["traceback"] and fused["agreement"] is None
+    assert len(m["convert"]["replaced"]) == 4          # 2 blocks × 2 GELUs
+    out = capsys.readouterr().out
+    assert "failed: RuntimeError: broken fused module" in out

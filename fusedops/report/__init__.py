@@ -110,7 +110,8 @@ def cmd_report(args) -> int:
     print(f"\n{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · fusedops {meta['fusedops']}")
     print(output.render_text(results))
     for m in results["models"]:
-        print(f"\n{m['model']}: {m['flops_per_step']:.4g} FLOPs/step; peak {m['peak_flops_source']}")
+        flops = f"{m['flops_per_step']:.4g}" if m["flops_per_step"] else f"n/a ({m['flop_error']})"
+        print(f"\n{m['model']}: {flops} FLOPs/step; peak {m['peak_flops_source']}")
         opts = {r["variant"]: r["optimizer"] for r in m["runs"] if r["optimizer"]}
         print("  optimizers: " + "; ".join(f"{k}: {v}" for k, v in opts.items()))
         for line in output.summary_lines(m):

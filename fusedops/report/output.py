@@ -111,7 +111,8 @@ def render_markdown(results: dict) -> str:
         out += [f"## {m['model']}", "", m["description"], "",
                 f"- parameters: {m['parameters']:,}; autocast: {m['autocast']}; {m['steps']} steps, "
                 f"{m['warmup']} warm-up (not timed)",
-                f"- FLOPs per step: {m['flops_per_step']:.4g} ({m['flop_method']}); peak: {m['peak_flops_source']}",
+                f"- FLOPs per step: {_f(m['flops_per_step'], '.4g')} ({m['flop_method']}"
+                + (f"; failed: {m['flop_error']}" if m.get("flop_error") else "") + f"); peak: {m['peak_flops_source']}",
                 f"- optimizers: " + "; ".join(f"{r['variant']}: {r['optimizer']}" for r in m["runs"] if r["optimizer"])
                 if opts else "- optimizers: n/a",
                 f"- agreement rule: {m['agreement_rule']}"]

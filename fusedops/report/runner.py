@@ -43,6 +43,7 @@ import gc
 import math
 import statistics
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -232,6 +233,7 @@ class Run:
     vs_eager_time: float | None = None     # step_ms / eager step_ms
     vs_eager_memory: float | None = None   # peak_bytes / eager peak_bytes
     baseline_bytes: int | None = None      # CUDA bytes allocated before the run was built
+    traceback: str | None = None           # of a failed run
 
 
 def build_variant(workload: Workload, base: nn.Module, variant: str, device: torch.device) -> tuple:
@@ -306,7 +308,10 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
     if workload.channels_last:
         probe_model = probe_model.to(memory_format=torch.channels_last)
     probe = WithLoss(probe_model, workload.loss_fn, device, amp)
-    flops = count_flops(probe, prepare_batch(workload, 0, device))
+    try:
+        flops, flop_error = count_flops(probe, prepare_batch(workload, 0, device)), None
+    except Exception as exc:   # no FLOPs, no MFU; the runs still go on
+        flops, flop_error = None, f"{type(exc).__name__}: {exc}"
     del probe, probe_model
     _free(device)
     peak, peak_desc = device_peak_flops(device, peak_tflops)
@@ -317,7 +322,7 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
         "autocast": str(amp).replace("torch.", "") if amp else "none (fp32)",
         "channels_last": workload.channels_last,
         "parameters": sum(p.numel() for p in base.parameters()),
-        "flops_per_step": flops,
+        "flops_per_step": flops, "flop_error": flop_error,
         "flop_method": "torch.utils.flop_counter.FlopCounterMode, one forward+backward of the eager model "
                        "(matmul/conv/attention, attention counted dense; optimizer and elementwise ops not counted)",
         "peak_flops": peak, "peak_flops_source": peak_desc,
@@ -347,11 +352,12 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
             run.throughput = workload.items_per_step / (run.step_ms * 1e-3)
             run.peak_bytes = out["peak"]
             run.state_bytes = optimizer_state_bytes(opt)
-            run.mfu = flops / (peak * run.step_ms * 1e-3) if peak else None
+            run.mfu = flops / (peak * run.step_ms * 1e-3) if (peak and flops) else None
             run.losses = out["losses"]
             run.final_loss = out["final"]
         except Exception as exc:   # a variant that fails is reported, not fatal
             run.ok, run.error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            run.traceback = traceback.format_exc()
         finally:
             del fwd, plain, opt, report
             if run.compiled:
