@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
@@ -226,3 +227,13 @@ def test_a_failing_variant_is_reported_not_fatal(monkeypatch, tmp_path, capsys):
     assert len(m["convert"]["replaced"]) == 4          # 2 blocks × 2 GELUs
     out = capsys.readouterr().out
     assert "failed: RuntimeError: broken fused module" in out
+
+
+@pytest.mark.parametrize("name", ["resnet50", "gpt2", "mlp"])
+def test_builtin_models_trace_with_fx(name):
+    """Converters prove dataflow outside nn.Sequential (residual add → LayerNorm) with torch.fx."""
+    w = models.get(name, tiny=True)
+    model = w.build()
+    x = w.batch(0, "cpu")[0]
+    traced = torch.fx.symbolic_trace(model)
+    assert torch.equal(traced(x), model(x))

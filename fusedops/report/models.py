@@ -127,6 +127,9 @@ def resnet50(tiny: bool = False) -> Workload:
 # ----------------------------------------------------------------------------- GPT-2 small
 
 class Attention(nn.Module):
+    """Causal self-attention through F.scaled_dot_product_attention (written without
+    shape unpacking so that torch.fx can trace it: converters may need the dataflow)."""
+
     def __init__(self, d: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -134,10 +137,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d, d)
 
     def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))          # (b, t, 3, heads, d/heads)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (b, heads, t, d/heads)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(y.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
