@@ -85,7 +85,39 @@ __all__ = ["BUILTIN", "METHODS", "REFERENCE", "VARIANTS", "Workload", "agreement
            "measure_workload", "optimizer_state_bytes", "output", "run_report"]
 
 
+def _print_results(results: dict) -> None:
+    meta = results["meta"]
+    print(f"\n{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · fusedops {meta['fusedops']}")
+    print(output.render_text(results))
+    for m in results["models"]:
+        flops = f"{m['flops_per_step']:.4g}" if m["flops_per_step"] else f"n/a ({m['flop_error']})"
+        print(f"\n{m['model']}: {flops} FLOPs/step; peak {m['peak_flops_source']}")
+        opts = {r["variant"]: r["optimizer"] for r in m["runs"] if r["optimizer"]}
+        print("  optimizers: " + "; ".join(f"{k}: {v}" for k, v in opts.items()))
+        for line in output.summary_lines(m):
+            print("  " + line)
+        for line in output._convert_lines(m):
+            print("  " + line.lstrip("- ").replace("  - ", "    "))
+        for r in m["runs"]:
+            if not r["ok"]:
+                print(f"  {r['variant']} failed: {r['error']}")
+
+
 def cmd_report(args) -> int:
+    if args.render:
+        import json
+        try:
+            results = json.loads(Path(args.render).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"fusedops report: --render: cannot read {args.render}: {exc}", file=sys.stderr)
+            return 2
+        out = Path(args.out or Path(args.render).parent)
+        written, notes = output.write_outputs(results, out)
+        _print_results(results)
+        for n in notes:
+            print(n)
+        print("\nwrote " + ", ".join(str(p) for p in written))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("fusedops report: --device cuda, but torch sees no CUDA device", file=sys.stderr)
@@ -106,21 +138,7 @@ def cmd_report(args) -> int:
         return 2
     out = Path(args.out or f"report-out/{device.type}" + ("-tiny" if args.tiny else ""))
     written, notes = output.write_outputs(results, out)
-    meta = results["meta"]
-    print(f"\n{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · fusedops {meta['fusedops']}")
-    print(output.render_text(results))
-    for m in results["models"]:
-        flops = f"{m['flops_per_step']:.4g}" if m["flops_per_step"] else f"n/a ({m['flop_error']})"
-        print(f"\n{m['model']}: {flops} FLOPs/step; peak {m['peak_flops_source']}")
-        opts = {r["variant"]: r["optimizer"] for r in m["runs"] if r["optimizer"]}
-        print("  optimizers: " + "; ".join(f"{k}: {v}" for k, v in opts.items()))
-        for line in output.summary_lines(m):
-            print("  " + line)
-        for line in output._convert_lines(m):
-            print("  " + line.lstrip("- ").replace("  - ", "    "))
-        for r in m["runs"]:
-            if not r["ok"]:
-                print(f"  {r['variant']} failed: {r['error']}")
+    _print_results(results)
     for n in notes:
         print(n)
     print("\nwrote " + ", ".join(str(p) for p in written))
