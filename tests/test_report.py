@@ -241,3 +241,11 @@ def test_builtin_models_trace_with_fx(name):
     x = w.batch(0, "cpu")[0]
     traced = torch.fx.symbolic_trace(model)
     assert torch.equal(traced(x), model(x))
+
+
+def test_the_report_package_ships():
+    """pyproject lists packages explicitly: fusedops.report must be among them."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    packages = text.split("packages = [", 1)[1].split("]", 1)[0]
+    assert '"fusedops.report"' in packages
