@@ -53,6 +53,8 @@ def environment(device: torch.device) -> dict:
     meta["fusedops"] = fusedops.__version__
     if device.type == "cpu":
         meta["threads"] = torch.get_num_threads()
+    else:
+        meta["cudnn.benchmark"] = torch.backends.cudnn.benchmark
     return meta
 
 
