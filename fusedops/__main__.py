@@ -91,8 +91,9 @@ def main(argv=None) -> int:
     r.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: bf16 dense peak of a known GPU, e.g. H100 989)")
     r.add_argument("--out", default=None, help="output folder for report.json/.md/.png (default report-out/<device>)")
-    r.add_argument("--render", default=None, metavar="REPORT_JSON",
-                   help="run nothing: re-render the table, report.md and report.png from a report.json")
+    r.add_argument("--render", default=None, metavar="REPORT_JSON[,...]",
+                   help="run nothing: re-render the table, report.md and report.png from report.json files "
+                        "(several: their models are merged into one report)")
     r.set_defaults(func=lambda a: __import__("fusedops.report", fromlist=["cmd_report"]).cmd_report(a))
     i = sub.add_parser("info", help="show which backends are available and chosen")
     i.set_defaults(func=cmd_info)

@@ -118,6 +118,9 @@ def test_report_cli_tiny_cpu(tmp_path, capsys):
     again = tmp_path / "again"
     assert main(["report", "--render", str(out / "report.json"), "--out", str(again)]) == 0
     assert (again / "report.md").read_text() == md
+    both = tmp_path / "both"
+    assert main(["report", "--render", f"{out / 'report.json'},{again / 'report.json'}", "--out", str(both)]) == 0
+    assert len(json.loads((both / "report.json").read_text())["models"]) == 4
     try:
         import matplotlib  # noqa: F401
     except ImportError:

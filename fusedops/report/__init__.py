@@ -108,12 +108,19 @@ def _print_results(results: dict) -> None:
 def cmd_report(args) -> int:
     if args.render:
         import json
-        try:
-            results = json.loads(Path(args.render).read_text())
-        except (OSError, ValueError) as exc:
-            print(f"fusedops report: --render: cannot read {args.render}: {exc}", file=sys.stderr)
-            return 2
-        out = Path(args.out or Path(args.render).parent)
+        paths = [Path(p.strip()) for p in args.render.split(",") if p.strip()]
+        results = None
+        for path in paths:   # several runs (e.g. one model each) merge into one report
+            try:
+                part = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                print(f"fusedops report: --render: cannot read {path}: {exc}", file=sys.stderr)
+                return 2
+            if results is None:
+                results = part
+            else:
+                results["models"] += part["models"]
+        out = Path(args.out or paths[0].parent)
         written, notes = output.write_outputs(results, out)
         _print_results(results)
         for n in notes:
