@@ -118,6 +118,9 @@ def render_markdown(results: dict) -> str:
                 f"- agreement rule: {m['agreement_rule']}"]
         out += [f"- {line}" for line in summary_lines(m)]
         out += _convert_lines(m)
+        leftovers = [r for r in m["runs"] + [m["reference"]] if (r.get("baseline_bytes") or 0) > MiB]
+        out += [f"- warning: {r['variant']} started with {r['baseline_bytes'] / MiB:,.0f} MiB still allocated by "
+                f"earlier runs (included in its peak memory)" for r in leftovers]
         failed = [r for r in m["runs"] if not r["ok"]]
         out += [f"- {r['variant']} failed: {r['error']}" for r in failed]
         out.append("")
