@@ -252,3 +252,35 @@ def test_the_report_package_ships():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     packages = text.split("packages = [", 1)[1].split("]", 1)[0]
     assert '"fusedops.report"' in packages
+
+
+# ----------------------------------------------------------------------------- CUDA (the lead's GPU run)
+
+@pytest.mark.gpu
+def test_report_tiny_cuda_all_variants():
+    """On CUDA: CUDA-event step times, peak memory, MFU and agreement, compile variants included."""
+    from fusedops.report import VARIANTS
+    res = run_report(["mlp"], torch.device("cuda"), list(VARIANTS), tiny=True, steps=4, peak_tflops=989,
+                     progress=False)
+    m = res["models"][0]
+    assert m["autocast"] == "bfloat16" and m["peak_flops"] == 989e12
+    assert [r["variant"] for r in m["runs"]] == list(VARIANTS)
+    for r in m["runs"] + [m["reference"]]:
+        assert r["ok"], (r["variant"], r["traceback"])
+        assert r["step_ms"] > 0 and r["peak_bytes"] > 0 and r["state_bytes"] > 0 and 0 < r["mfu"] < 1
+        assert (r["saved_bytes"] is None) == r["compiled"]
+        assert all(math.isfinite(v) for v in r["losses"])
+    for r in m["runs"]:
+        assert r["agreement"]["agrees"], (r["variant"], r["agreement"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet50", "gpt2"])
+def test_report_tiny_cuda_eager_and_fusedops(name):
+    res = run_report([name], torch.device("cuda"), ["eager", "fusedops"], tiny=True, steps=4, progress=False)
+    m = res["models"][0]
+    assert m["flops_per_step"] > 0
+    for r in m["runs"]:
+        assert r["ok"], (r["variant"], r["traceback"])
+        assert r["peak_bytes"] > 0 and r["saved_bytes"] > 0
+        assert r["agreement"]["agrees"], (r["variant"], r["agreement"], m["convert"])
