@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     r.add_argument("--tiny", action="store_true", help="tiny configurations (seconds on a CPU)")
     r.add_argument("--steps", type=int, default=None,
                    help="training steps per variant (default 30 on CUDA, 20 on CPU, 4 with --tiny)")
-    r.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps among them (default 5 on CUDA, 3 on CPU, 1 with --tiny)")
+    r.add_argument("--warmup", type=int, default=None,
+                   help="untimed warm-up steps among them (default 5 on CUDA, 3 on CPU, 1 with --tiny)")
     r.add_argument("--variants", default=None,
                    help="comma-separated: eager, compile, fusedops, fusedops+compile (default: all four on CUDA; "
                         "eager,fusedops on CPU, where inductor compilation takes minutes)")
