@@ -1,4 +1,4 @@
-"""The fusedops command line: `python -m fusedops bench|info` (also the `fusedops` script)."""
+"""The fusedops command line: `python -m fusedops bench|report|info` (also the `fusedops` script)."""
 from __future__ import annotations
 
 import argparse
@@ -77,6 +77,25 @@ def main(argv=None) -> int:
     b.add_argument("--out", default=None, help="output folder for results.json/.md/.png (default bench-out/<device>)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("report", help="model-level report: time, memory, MFU and loss of whole training steps")
+    r.add_argument("--models", default="resnet50,gpt2,mlp",
+                   help="comma-separated: resnet50, gpt2, mlp, timm:NAME, hf:NAME, module:function")
+    r.add_argument("--tiny", action="store_true", help="tiny configurations (seconds on a CPU)")
+    r.add_argument("--steps", type=int, default=None,
+                   help="training steps per variant (default 30 on CUDA, 20 on CPU, 4 with --tiny)")
+    r.add_argument("--warmup", type=int, default=None,
+                   help="untimed warm-up steps among them (default 5 on CUDA, 3 on CPU, 1 with --tiny)")
+    r.add_argument("--variants", default=None,
+                   help="comma-separated: eager, compile, fusedops, fusedops+compile (default: all four on CUDA; "
+                        "eager,fusedops on CPU, where inductor compilation takes minutes)")
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    r.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak TFLOP/s for MFU (default: bf16 dense peak of a known GPU, e.g. H100 989)")
+    r.add_argument("--out", default=None, help="output folder for report.json/.md/.png (default report-out/<device>)")
+    r.add_argument("--render", default=None, metavar="REPORT_JSON[,...]",
+                   help="run nothing: re-render the table, report.md and report.png from report.json files "
+                        "(several: their models are merged into one report)")
+    r.set_defaults(func=lambda a: __import__("fusedops.report", fromlist=["cmd_report"]).cmd_report(a))
     i = sub.add_parser("info", help="show which backends are available and chosen")
     i.set_defaults(func=cmd_info)
     args = parser.parse_args(argv)
