@@ -22,3 +22,6 @@ def backend_for(op: str, device_type: str) -> str:
 
 __all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "convert", "backend_for", "current_backend",
            "foreach_add_", "reference", "use_backend"]
+from . import optim  # noqa: E402,F401  (fusedops.optim: the 8-bit optimizers)
+from .ops import blockwise_dequantize, blockwise_quantize, optimizer_step_8bit_  # noqa: E402,F401
+__all__ += ["blockwise_dequantize", "blockwise_quantize", "optim", "optimizer_step_8bit_"]
