@@ -24,9 +24,11 @@ enum Kind : int64_t { kAdamW = 0, kAdam = 1, kLion = 2, kSGD = 3 };
 constexpr int kQBlock = 256;      // elements per quantization block (bnb's block size)
 constexpr int kSignedZero = 127;  // index of 0.0 in the signed dynamic map
 
-// Row layout of the [4, 256] fp32 qmaps tensor: signed code, its midpoints, unsigned code,
-// its midpoints (255 midpoints per map; the 256th entry is padding, never read).
+// Row layout of the [6, 256] fp32 qmaps tensor: signed code, its midpoints, unsigned code,
+// its midpoints, then both midpoint lists in Eytzinger order (255 midpoints per list; the
+// 256th entry is padding, never read).
 constexpr int kSignedCode = 0, kSignedMids = 256, kUnsignedCode = 512, kUnsignedMids = 768;
+constexpr int kSignedEytz = 1024, kUnsignedEytz = 1280, kQmapsNumel = 1536;
 
 // Table flags per tensor: its first / second state is a plain fp32 state (32-bit states).
 constexpr int64_t kState1F32 = 1, kState2F32 = 2;
@@ -111,6 +113,20 @@ FO_HD int quantize(float x, const float* mids) {
   int pos = 0;
 #pragma unroll
   for (int s = 128; s >= 1; s >>= 1) pos += (mids[pos + s - 1] < x) ? s : 0;
+  if constexpr (kSigned) {
+    if (x < 0.f && pos == kSignedZero) pos = kSignedZero - 1;
+  }
+  return pos;
+}
+
+// The same code by descending the midpoints in Eytzinger order (node k's children at 2k+1
+// and 2k+2): the leaf reached is 255 + (number of midpoints < x).
+template <bool kSigned>
+FO_HD int quantize_eytzinger(float x, const float* eytz) {
+  int k = 0;
+#pragma unroll
+  for (int l = 0; l < 8; ++l) k = 2 * k + 1 + (eytz[k] < x ? 1 : 0);
+  int pos = k - 255;
   if constexpr (kSigned) {
     if (x < 0.f && pos == kSignedZero) pos = kSignedZero - 1;
   }

@@ -273,8 +273,8 @@ def test_optimizer_vs_torch(dev_backend, kind, shape, dtype):
     dequantized states into the fp32 torch optimizer so that errors do not accumulate."""
     device, backend = dev_backend
     _skip_big(device, backend, shape)
-    if dtype == torch.bfloat16 and len(shape) == 1 and shape[0] not in (4097, 65537):
-        pytest.skip("bf16 on the 2-D and large shapes only")
+    if dtype == torch.bfloat16 and tuple(shape) not in ((1024, 32), (4097,), (65537,)):
+        pytest.skip("bf16 on three shapes (test time)")
     torch.manual_seed(sum(shape))
     p1 = torch.nn.Parameter((torch.randn(shape, device=device) * 0.1).to(dtype))
     p2 = torch.nn.Parameter(p1.detach().float().clone())
@@ -282,7 +282,9 @@ def test_optimizer_vs_torch(dev_backend, kind, shape, dtype):
     theirs = _torch_pair(kind, p2, **HYPER[kind])
     m_lion = torch.zeros_like(p2) if kind == "lion" else None
     patol, prtol = (1.7e-4, 1.6e-3) if dtype == torch.bfloat16 else (6e-5, 6e-4)
-    for i in range(50):
+    # 50 steps (bnb's protocol); on CPU the two >1M-element shapes run 10 (test time)
+    steps = 50 if device == "cuda" or p1.numel() <= 65537 else 10
+    for i in range(steps):
         g = torch.randn(shape, device=device) * 0.01
         p1.grad = g.to(dtype)
         p2.grad = g.to(dtype).float()
@@ -295,7 +297,9 @@ def test_optimizer_vs_torch(dev_backend, kind, shape, dtype):
         err = (p1.float() - p2).abs()
         rel = err / (p2.abs() + 1e-9)
         if kind == "lion":  # sign updates: elements at the sign boundary differ by 2 lr
-            assert (err > 1e-6 + 2.5e-3 * p2.abs()).float().mean() < 2e-3
+            # (bf16: plus the param's rounding, up to half an ulp = 2^-9 |p|)
+            tol = 1e-6 + (2.5e-3 if dtype == torch.float32 else 4e-3) * p2.abs()
+            assert (err > tol).float().mean() < 2e-3
         else:
             assert err.mean() <= patol and rel.mean() <= prtol, f"step {i}: {err.mean():.2e} / {rel.mean():.2e}"
         deq = []

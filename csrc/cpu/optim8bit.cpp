@@ -97,9 +97,9 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
   const auto ts = collect(params, grads, state1, absmax1, state2, absmax2, two);
   if (ts.empty()) return;
   STD_TORCH_CHECK(params[0].is_cpu(), "fusedops_C::optim8bit_step_ (CPU): params must be CPU tensors");
-  STD_TORCH_CHECK(qmaps.is_cpu() && qmaps.scalar_type() == ScalarType::Float && qmaps.numel() == 1024 &&
+  STD_TORCH_CHECK(qmaps.is_cpu() && qmaps.scalar_type() == ScalarType::Float && qmaps.numel() == kQmapsNumel &&
                       qmaps.is_contiguous(),
-                  "fusedops_C::optim8bit_step_: qmaps must be a contiguous float32 [4, 256] CPU tensor");
+                  "fusedops_C::optim8bit_step_: qmaps must be a contiguous float32 [6, 256] CPU tensor");
   const float* qm = qmaps.const_data_ptr<float>();
   const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov);
   dispatch_float(params[0].scalar_type(), "params", [&]<typename T>() {

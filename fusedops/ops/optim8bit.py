@@ -55,17 +55,37 @@ def unsigned_map() -> torch.Tensor:
 
 
 def qmaps(device: torch.device) -> torch.Tensor:
-    """fp32 [4, 256] on `device`: signed code, its 255 midpoints (+1 padding), unsigned code,
-    its midpoints — what the step kernels read. Built once per device."""
+    """fp32 [6, 256] on `device`: signed code, its 255 midpoints (+1 padding), unsigned code,
+    its midpoints, then both midpoint lists in Eytzinger (breadth-first) order for the CUDA
+    kernel's search, whose first levels then read neighbouring shared-memory banks. Built
+    once per device."""
     device = torch.device(device)
     key = (device.type, device.index)
     t = _qmaps.get(key)
     if t is None:
-        rows = []
+        rows, eytz = [], []
         for code in (signed_map(), unsigned_map()):
-            rows += [code, torch.cat([reference.code_midpoints(code), torch.tensor([2.0])])]
-        t = _qmaps[key] = torch.stack(rows).contiguous().to(device)
+            mids = reference.code_midpoints(code)
+            rows += [code, torch.cat([mids, torch.tensor([2.0])])]
+            eytz.append(torch.cat([_eytzinger(mids), torch.tensor([2.0])]))
+        t = _qmaps[key] = torch.stack(rows + eytz).contiguous().to(device)
     return t
+
+
+def _eytzinger(sorted_vals: torch.Tensor) -> torch.Tensor:
+    """The 255 sorted values in breadth-first order of a complete binary search tree (node
+    k's children at 2k+1, 2k+2): descending 8 levels (right when node < x) ends on leaf
+    255 + rank, rank = number of values < x — the same code as the sorted search."""
+    vals, out, it = sorted_vals.tolist(), [0.0] * sorted_vals.numel(), iter(sorted_vals.tolist())
+
+    def fill(k):
+        if k < len(vals):
+            fill(2 * k + 1)
+            out[k] = next(it)
+            fill(2 * k + 2)
+
+    fill(0)
+    return torch.tensor(out, dtype=torch.float32)
 
 
 # ---- blockwise quantize / dequantize -----------------------------------------------------
