@@ -8,7 +8,8 @@ namespace {
 // int64 [9, count + 1] on the CPU (pinned when `pin`), one column per non-empty tensor:
 // rows p, g, state1, absmax1, state2, absmax2 addresses (0 where absent), numel, flags,
 // first program (prefix sums, `blocks_per_program` quantization blocks per program). The
-// last column's row 8 holds the total number of programs. `two`: kind has a second state.
+// last column's row 7 is 1 when every address is 16-byte aligned, its row 8 the total
+// number of programs. `two`: kind has a second state.
 Tensor optim8bit_table(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> state1,
                        std::vector<Tensor> absmax1, std::vector<Tensor> state2, std::vector<Tensor> absmax2,
                        bool two, int64_t blocks_per_program, bool pin) {
@@ -20,8 +21,13 @@ Tensor optim8bit_table(std::vector<Tensor> params, std::vector<Tensor> grads, st
   int64_t* row = table.mutable_data_ptr<int64_t>();
   auto addr = [](const void* ptr) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr)); };
   int64_t programs = 0;
+  bool aligned = true;
   for (int64_t c = 0; c < count; ++c) {
     const StepTensor& t = ts[c];
+    for (const void* ptr : {static_cast<const void*>(t.p), static_cast<const void*>(t.g), static_cast<const void*>(t.s1),
+                            static_cast<const void*>(t.a1), static_cast<const void*>(t.s2),
+                            static_cast<const void*>(t.a2)})
+      aligned = aligned && addr(ptr) % 16 == 0;
     row[c] = addr(t.p);
     row[stride + c] = addr(t.g);
     row[2 * stride + c] = addr(t.s1);
@@ -33,7 +39,8 @@ Tensor optim8bit_table(std::vector<Tensor> params, std::vector<Tensor> grads, st
     row[8 * stride + c] = programs;
     programs += (blocks_of(t.n) + blocks_per_program - 1) / blocks_per_program;
   }
-  for (int r = 0; r < 8; ++r) row[r * stride + count] = 0;
+  for (int r = 0; r < 7; ++r) row[r * stride + count] = 0;
+  row[7 * stride + count] = aligned ? 1 : 0;
   row[8 * stride + count] = programs;
   return table;
 }

@@ -278,10 +278,10 @@ def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first
                                               device.type == "cuda")
     else:
         table = kernels.table_py(params, grads, state1, absmax1, state2, absmax2, two, bpp)
-    programs = int(table[8, -1])
+    programs, aligned = int(table[8, -1]), bool(table[7, -1])
     if device.type != "cpu":
         table = table.to(device, non_blocking=True)
-    kernels.optim8bit_step_(table, programs, qmaps(device), kind, params[0].dtype, h, first, nesterov)
+    kernels.optim8bit_step_(table, programs, aligned, qmaps(device), kind, params[0].dtype, h, first, nesterov)
 
 
 _step.register("reference")(lambda *a: reference.optimizer_step_8bit_(*a))  # signature of the op
