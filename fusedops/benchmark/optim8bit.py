@@ -1,6 +1,6 @@
 """Benchmarks of the 8-bit optimizers: one optimizer step over a GPT-2-medium-like set of
 96 tensors (16 layers x [ln, qkv, proj, ln, fc, fc2] at d=1024: 201.4M parameters) on
-GPU — a d=128 version of the same structure on CPU — in fp32 and bf16.
+GPU — a d=64 version of the same structure on CPU — in fp32 and bf16.
 
 Bytes per case are the 8-bit optimizer's own traffic: per parameter p read + write, g
 read, each 8-bit state read + write (1 B each way), plus 2 x 4 B of absmax per 256 —
@@ -20,7 +20,7 @@ from .harness import Case, Impl, family
 
 
 def gpt2_medium_shapes(device_type: str) -> list:
-    d = 1024 if device_type == "cuda" else 128
+    d = 1024 if device_type == "cuda" else 64
     shapes = []
     for _ in range(16):
         shapes += [(d,), (3 * d, d), (d, d), (d,), (4 * d, d), (d, 4 * d)]
