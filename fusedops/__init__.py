@@ -7,8 +7,9 @@ plain functions. Backend choice: see fusedops.use_backend and FUSEDOPS_BACKEND.
 from . import _backend, reference
 from ._backend import BACKENDS, FallbackWarning, current_backend, use_backend
 from .converter import ConvertReport, convert
-from .ops import add_, foreach_add_
+from .ops import add_, blockwise_dequantize, blockwise_quantize, foreach_add_, optimizer_step_8bit_
 from . import converter_convbn  # noqa: F401  (registers the Conv2d → BatchNorm2d rule)
+from . import optim
 from .nn_convbn import fold_conv_bn
 
 __version__ = "0.1.0"
@@ -22,5 +23,6 @@ def backend_for(op: str, device_type: str) -> str:
     return _backend.REGISTRY[op].backend_for(device_type)
 
 
-__all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "convert", "backend_for", "current_backend",
-           "foreach_add_", "reference", "use_backend", "fold_conv_bn"]
+__all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "backend_for", "blockwise_dequantize",
+           "blockwise_quantize", "convert", "current_backend", "fold_conv_bn", "foreach_add_", "optim",
+           "optimizer_step_8bit_", "reference", "use_backend"]

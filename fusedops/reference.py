@@ -5,6 +5,8 @@ to them where no kernel can serve a call).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -130,3 +132,201 @@ def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, 
 def conv_bn_act(x, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, act: str = "identity", slope: float = 0.01):
     """The eager pair: act(bn(conv(x)))."""
     return activation(bn(conv(x)), act, slope)
+
+# ---- 8-bit optimizers: blockwise dynamic quantization and the optimizer steps ----------------
+#
+# The maps and the block size are bitsandbytes' (create_dynamic_map, block 256), so that
+# states are interchangeable with bnb's layout: uint8 codes with the shape of the parameter
+# and one fp32 absmax per block of 256 elements of the flattened tensor.
+
+QUANT_BLOCK = 256
+
+
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """bitsandbytes' `create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)`: 256
+    sorted fp32 values in [-1, 1]. For decade i = 0..6 (scale 10^(i-6)) the midpoints of
+    linspace(0.1, 1, k+1) in fp32, k = 2^i per sign (signed) or 2^(i+1) (unsigned); plus 0
+    and 1. Signed: index 127 is 0, 255 is +1, the minimum is -0.99297 (no -1), the smallest
+    |value| 5.5e-7. Unsigned: index 0 is 0, 255 is 1, the smallest positive value 3.25e-7."""
+    data = []
+    for i in range(7):
+        k = 2 ** i if signed else 2 ** (i + 1)
+        bounds = torch.linspace(0.1, 1, k + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    assert len(data) == 256
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def code_midpoints(code: torch.Tensor) -> torch.Tensor:
+    """The 255 decision points of nearest-code rounding: (code[i] + code[i+1]) / 2 computed
+    in fp64 and rounded to fp32. The code of a normalised value x is the number of
+    midpoints strictly below x, so a value exactly at a midpoint takes the LOWER code."""
+    c = code.double()
+    return ((c[:-1] + c[1:]) / 2).float()
+
+
+def _nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code of each element of x (fp32, normalised to [-1, 1]),
+    as int64: ties (x on a midpoint) to the lower code. Sign rule (bnb's sign fix): a
+    negative x never takes a non-negative code when a negative code lies below it — a tiny
+    negative value becomes the smallest negative code, not 0."""
+    mids = code_midpoints(code).to(x.device)
+    idx = torch.searchsorted(mids, x.contiguous(), right=False)
+    code = code.to(x.device)
+    below = (idx - 1).clamp_min(0)
+    fix = (x < 0) & (code[idx] >= 0) & (idx > 0) & (code[below] < 0)
+    return torch.where(fix, below, idx)
+
+
+def _block_view(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x flattened and zero-padded to whole blocks, as [blocks, 256] fp32."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // QUANT_BLOCK)
+    padded = torch.zeros(blocks * QUANT_BLOCK, dtype=torch.float32, device=x.device)
+    padded[:n] = flat
+    return padded.view(blocks, QUANT_BLOCK), n
+
+
+def blockwise_absmax(x: torch.Tensor) -> torch.Tensor:
+    return _block_view(x)[0].abs().amax(dim=1) if x.numel() else torch.zeros(0, device=x.device)
+
+
+def quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8, shape of x) of x scaled by its block's absmax: nearest code to
+    x / absmax (fp32 division; a block whose absmax is 0 quantizes to the code of 0)."""
+    if x.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    blocks, n = _block_view(x)
+    scale = absmax.float().view(-1, 1)
+    norm = torch.where(scale == 0, torch.zeros_like(blocks), blocks / torch.where(scale == 0, 1.0, scale))
+    idx = _nearest_code(norm.reshape(-1), code.float())
+    return idx[:n].to(torch.uint8).view(x.shape)
+
+
+def blockwise_quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise quantization of x (any float dtype, computed in fp32) with a 256-entry
+    sorted map `code`: per block of 256 elements of the flattened x, absmax = max |x|
+    (fp32, shape [ceil(n / 256)]) and codes = nearest code to x / absmax (uint8, shape of
+    x; ties to the lower code; bnb's sign rule, see _nearest_code). x must be finite."""
+    absmax = blockwise_absmax(x)
+    return quantize_with_absmax(x, absmax, code), absmax
+
+
+def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """code[codes] * absmax of the element's block, fp32 with the shape of codes."""
+    if codes.numel() == 0:
+        return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+    flat = code.float().to(codes.device)[codes.reshape(-1).long()]
+    block = torch.arange(flat.numel(), device=codes.device) // QUANT_BLOCK
+    return (flat * absmax.float()[block]).view(codes.shape)
+
+
+OPTIM_KINDS = ("adamw", "adam", "lion", "sgd")
+
+
+def optimizer_hyper(kind: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    step: int) -> dict:
+    """The scalars every backend of the 8-bit step receives, computed here once in fp64 and
+    rounded to fp32 by the kernels (as torch rounds its Python-scalar arguments)."""
+    h = dict(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+             eps=eps, weight_decay=weight_decay, decay=1.0 - lr * weight_decay, step_size=lr, bc2_sqrt=1.0)
+    if kind in ("adamw", "adam"):
+        h["step_size"] = lr / (1.0 - beta1 ** step)
+        h["bc2_sqrt"] = math.sqrt(1.0 - beta2 ** step)
+    return h
+
+
+def optimizer_update_fp32(kind: str, p, g, m, v, h: dict, *, first: bool = False, nesterov: bool = False):
+    """One step of `kind` on fp32 tensors p, g, m (and v for Adam): returns new (p, m, v),
+    with the fp32 operation order every kernel follows. Hyperparameters `h` from
+    optimizer_hyper (for SGD: beta1 = momentum, beta2 = dampening).
+
+    - adamw: p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
+             p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)   (torch AdamW)
+    - adam:  g += wd*p, then the same without the decay factor              (torch Adam, L2)
+    - lion:  p *= 1 - lr*wd; p += -lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g
+    - sgd:   g += wd*p; m = g on the first step, else momentum*m + (1-dampening)*g;
+             p += -lr * (g + momentum*m if nesterov else m)                 (torch SGD)
+    NaN/Inf policy: where g is not finite, that element's m and v become 0 and p is left
+    as it was (bnb's rule for its 2-state kernels, applied here to every kind), so a bad
+    element never reaches the block's absmax.
+    """
+    f = lambda name: torch.tensor(h[name], dtype=torch.float32)  # noqa: E731  fp32 scalars
+    ok = torch.isfinite(g)
+    g0 = torch.where(ok, g, torch.zeros_like(g))
+    p_in = p
+    if kind in ("adamw", "adam"):
+        if kind == "adamw":
+            p = p * f("decay")
+        else:
+            g0 = g0 + f("weight_decay") * p
+        m = f("beta1") * m + f("one_minus_beta1") * g0
+        v = f("beta2") * v + f("one_minus_beta2") * (g0 * g0)
+        # The kernels' sqrt and division are IEEE (correctly rounded); torch's CPU fp32 sqrt
+        # is not always, and it divides by a scalar as a multiply by the reciprocal: so the
+        # sqrt is taken in fp64 (then exactly rounded) and the divisor is a full tensor.
+        denom = torch.sqrt(v.double()).float() / torch.full_like(v, h["bc2_sqrt"]) + f("eps")
+        p = p + (-f("step_size")) * (m / denom)
+    elif kind == "lion":
+        p = p * f("decay")
+        u = torch.sign(f("beta1") * m + f("one_minus_beta1") * g0)
+        p = p + (-f("lr")) * u
+        m = f("beta2") * m + f("one_minus_beta2") * g0
+    elif kind == "sgd":
+        g0 = g0 + f("weight_decay") * p
+        m = g0 if first else f("beta1") * m + f("one_minus_beta2") * g0
+        d = g0 + f("beta1") * m if nesterov else m
+        p = p + (-f("lr")) * d
+    else:
+        raise ValueError(f"unknown optimizer kind {kind!r}; one of {OPTIM_KINDS}")
+    zero = torch.zeros_like(m)
+    m = torch.where(ok, m, zero)
+    v = torch.where(ok, v, zero) if v is not None else None
+    p = torch.where(ok, p, p_in)
+    return p, m, v
+
+
+def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: str, lr: float, beta1: float,
+                         beta2: float, eps: float, weight_decay: float, step: int, first: bool = False,
+                         nesterov: bool = False) -> None:
+    """The eager spec of fusedops.optimizer_step_8bit_: for each parameter, dequantize its
+    states -> fp32 update (optimizer_update_fp32) -> requantize, in place. A state whose
+    absmax tensor is empty is a plain fp32 state (32-bit states: small tensors, overrides).
+    The first moment uses the signed dynamic map, the second the unsigned one; the new
+    absmax is the block max of |state| after the update, before quantization; the
+    parameter update uses the unquantized new states; p is rounded once to its dtype."""
+    h = optimizer_hyper(kind, lr, beta1, beta2, eps, weight_decay, step)
+    smap, umap = dynamic_map(True), dynamic_map(False)
+    two = kind in ("adamw", "adam")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.numel() == 0:
+            continue
+        q1 = absmax1[i].numel() > 0
+        m = blockwise_dequantize(state1[i], absmax1[i], smap) if q1 else state1[i].float()
+        v = None
+        if two:
+            q2 = absmax2[i].numel() > 0
+            v = blockwise_dequantize(state2[i], absmax2[i], umap) if q2 else state2[i].float()
+        pn, mn, vn = optimizer_update_fp32(kind, p.float(), g.float(), m.view(p.shape),
+                                           v.view(p.shape) if v is not None else None, h,
+                                           first=first, nesterov=nesterov)
+        p.copy_(pn)
+        if q1:
+            a = blockwise_absmax(mn)
+            state1[i].copy_(quantize_with_absmax(mn, a, smap))
+            absmax1[i].copy_(a)
+        else:
+            state1[i].copy_(mn)
+        if two:
+            if q2:
+                a = blockwise_absmax(vn)
+                state2[i].copy_(quantize_with_absmax(vn, a, umap))
+                absmax2[i].copy_(a)
+            else:
+                state2[i].copy_(vn)

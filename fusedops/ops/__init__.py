@@ -1,5 +1,7 @@
 """The fusedops::* torch.library ops, one module per family."""
-from .add import add_, add_op, foreach_add_, foreach_add_op
-
-__all__ = ["add_", "add_op", "foreach_add_", "foreach_add_op"]
 from . import batchnorm  # noqa: F401  (fusedops::bn_stats, bn_act_apply, bn_act_backward)
+from .add import add_, add_op, foreach_add_, foreach_add_op
+from .optim8bit import blockwise_dequantize, blockwise_quantize, optimizer_step_8bit_
+
+__all__ = ["add_", "add_op", "blockwise_dequantize", "blockwise_quantize", "foreach_add_", "foreach_add_op",
+           "optimizer_step_8bit_"]

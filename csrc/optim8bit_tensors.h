@@ -1,0 +1,101 @@
+// The tensor lists of one 8-bit optimizer step, checked and flattened to a table of
+// pointers and sizes (shared by the CPU kernel, the CUDA kernel and the Triton table).
+#pragma once
+
+#include "common.h"
+#include "optim8bit.h"
+
+#include <vector>
+
+namespace fusedops {
+namespace optim8bit {
+
+struct StepTensor {
+  void* p;
+  const void* g;
+  void* s1;
+  float* a1;
+  void* s2;
+  float* a2;
+  int64_t n;
+  int64_t flags;  // kState1F32 | kState2F32
+};
+
+inline int64_t blocks_of(int64_t n) { return (n + kQBlock - 1) / kQBlock; }
+
+// Checks one state: uint8 codes with an fp32 absmax of ceil(n / 256) elements, or an fp32
+// state with an empty absmax (32-bit state). Returns whether it is fp32.
+inline bool check_state(const Tensor& s, const Tensor& a, const Tensor& p, const char* sname, const char* aname,
+                        size_t i) {
+  STD_TORCH_CHECK(s.is_contiguous() && a.is_contiguous(), "fusedops_C::optim8bit_step_: ", sname, "[", i,
+                  "] and ", aname, "[", i, "] must be contiguous");
+  STD_TORCH_CHECK(s.numel() == p.numel(), "fusedops_C::optim8bit_step_: ", sname, "[", i,
+                  "] must have as many elements as params[", i, "]");
+  STD_TORCH_CHECK(s.is_cuda() == p.is_cuda() && a.is_cuda() == p.is_cuda() &&
+                      s.get_device_index() == p.get_device_index() && a.get_device_index() == p.get_device_index(),
+                  "fusedops_C::optim8bit_step_: ", sname, "[", i, "] and ", aname, "[", i,
+                  "] must be on the device of params[", i, "]");
+  STD_TORCH_CHECK(a.scalar_type() == ScalarType::Float, "fusedops_C::optim8bit_step_: ", aname, "[", i,
+                  "] must be float32");
+  if (s.scalar_type() == ScalarType::Float) {
+    STD_TORCH_CHECK(a.numel() == 0, "fusedops_C::optim8bit_step_: ", aname, "[", i,
+                    "] must be empty for a float32 (32-bit) ", sname);
+    return true;
+  }
+  STD_TORCH_CHECK(s.scalar_type() == ScalarType::Byte, "fusedops_C::optim8bit_step_: ", sname, "[", i,
+                  "] must be uint8 (8-bit state) or float32 (32-bit state)");
+  STD_TORCH_CHECK(a.numel() == blocks_of(p.numel()), "fusedops_C::optim8bit_step_: ", aname, "[", i,
+                  "] must have ceil(numel / 256) elements");
+  return false;
+}
+
+// The non-empty tensors of the step, in order. `two`: the kind has a second state.
+inline std::vector<StepTensor> collect(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                                       const std::vector<Tensor>& state1, const std::vector<Tensor>& absmax1,
+                                       const std::vector<Tensor>& state2, const std::vector<Tensor>& absmax2,
+                                       bool two) {
+  const size_t n = params.size();
+  STD_TORCH_CHECK(grads.size() == n && state1.size() == n && absmax1.size() == n,
+                  "fusedops_C::optim8bit_step_: params, grads, state1 and absmax1 must have equal lengths");
+  STD_TORCH_CHECK(!two || (state2.size() == n && absmax2.size() == n),
+                  "fusedops_C::optim8bit_step_: state2 and absmax2 must have one tensor per param");
+  std::vector<StepTensor> out;
+  out.reserve(n);
+  if (n == 0) return out;
+  const auto dtype = params[0].scalar_type();
+  const bool cuda = params[0].is_cuda();
+  const int32_t device = params[0].get_device_index();
+  STD_TORCH_CHECK(is_kernel_float(dtype), "fusedops_C::optim8bit_step_: params must be float32, float16 or bfloat16");
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& p = params[i];
+    const Tensor& g = grads[i];
+    STD_TORCH_CHECK(p.scalar_type() == dtype && g.scalar_type() == dtype, "fusedops_C::optim8bit_step_: params[", i,
+                    "] and grads[", i, "] must have the dtype of params[0]");
+    STD_TORCH_CHECK(p.is_cuda() == cuda && g.is_cuda() == cuda && p.get_device_index() == device &&
+                        g.get_device_index() == device,
+                    "fusedops_C::optim8bit_step_: params[", i, "] and grads[", i, "] must be on the device of params[0]");
+    STD_TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "fusedops_C::optim8bit_step_: params[", i,
+                    "] and grads[", i, "] must be contiguous");
+    STD_TORCH_CHECK(g.numel() == p.numel(), "fusedops_C::optim8bit_step_: grads[", i,
+                    "] must have as many elements as params[", i, "]");
+    int64_t flags = check_state(state1[i], absmax1[i], p, "state1", "absmax1", i) ? kState1F32 : 0;
+    if (two) flags |= check_state(state2[i], absmax2[i], p, "state2", "absmax2", i) ? kState2F32 : 0;
+    if (p.numel() == 0) continue;
+    out.push_back({p.data_ptr(), g.data_ptr(), state1[i].data_ptr(),
+                   absmax1[i].numel() ? absmax1[i].mutable_data_ptr<float>() : nullptr,
+                   two ? state2[i].data_ptr() : nullptr,
+                   two && absmax2[i].numel() ? absmax2[i].mutable_data_ptr<float>() : nullptr, p.numel(), flags});
+  }
+  return out;
+}
+
+inline Hyper make_hyper(double lr, double beta1, double omb1, double beta2, double omb2, double eps, double wd,
+                        double decay, double step_size, double bc2_sqrt, bool first, bool nesterov) {
+  return {static_cast<float>(lr),    static_cast<float>(beta1), static_cast<float>(omb1),
+          static_cast<float>(beta2), static_cast<float>(omb2),  static_cast<float>(eps),
+          static_cast<float>(wd),    static_cast<float>(decay), static_cast<float>(step_size),
+          static_cast<float>(bc2_sqrt), first, nesterov};
+}
+
+}  // namespace optim8bit
+}  // namespace fusedops

@@ -1,0 +1,311 @@
+"""8-bit optimizer ops: blockwise quantization and the multi-tensor optimizer step.
+
+- `blockwise_quantize(x, code) -> (codes uint8, absmax fp32)` and
+  `blockwise_dequantize(codes, absmax, code) -> fp32`: bitsandbytes' blockwise dynamic
+  quantization (block 256, nearest code, ties to the lower code, bnb's sign rule). These
+  run the eager definition in fusedops.reference on every device (vectorised torch ops);
+  the optimizer step does its own (de)quantization inside its kernel.
+- `optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1,
+  beta2, eps, weight_decay, step, first, nesterov)`: one step of AdamW / Adam / Lion / SGD
+  over every tensor of the lists in ONE launch (per call: the lists share a device and a
+  param dtype). States are uint8 codes + fp32 absmax per 256 elements (signed dynamic map
+  for the first state, unsigned for the second), or fp32 with an empty absmax (32-bit
+  states). lr and step are plain runtime arguments of every kernel: changing them
+  recompiles nothing, and nothing in the step synchronises with the host.
+
+Backends: Triton and CUDA C++ on CUDA tensors, C++ on CPU tensors, reference anywhere.
+The C++ CPU and CUDA C++ kernels and the reference do every fp32 operation separately
+rounded in the same order (csrc/optim8bit.h), so they agree bit for bit; the Triton
+kernel under the interpreter does too. Compiled Triton on a GPU may contract a multiply
+and an add into an fma: its fp32 intermediates can then differ in the last bit, which
+moves a code by one step where a value sits on a rounding midpoint (rare elements).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _native, _triton, _validate, reference
+from .._backend import Kernels
+from ._library import define
+
+QUANT_OP, DEQUANT_OP, STEP_OP = "blockwise_quantize", "blockwise_dequantize", "optimizer_step_8bit_"
+KINDS = reference.OPTIM_KINDS
+_KIND_ID = {k: i for i, k in enumerate(KINDS)}
+TWO_STATE = ("adamw", "adam")
+
+# Default on CUDA tensors: Triton, whose kernel logic the CPU test suite runs through the
+# interpreter; the CUDA C++ kernel is the alternative (bench: `fusedops bench --ops optim8bit`).
+_step = Kernels(STEP_OP, cuda_default="triton")
+
+# ---- quantization maps (constants, cached per device) ------------------------------------
+
+_qmaps: dict = {}
+
+
+def signed_map() -> torch.Tensor:
+    """The signed dynamic map (first moments): see fusedops.reference.dynamic_map."""
+    return reference.dynamic_map(True)
+
+
+def unsigned_map() -> torch.Tensor:
+    """The unsigned dynamic map (second moments): see fusedops.reference.dynamic_map."""
+    return reference.dynamic_map(False)
+
+
+def qmaps(device: torch.device) -> torch.Tensor:
+    """fp32 [6, 256] on `device`: signed code, its 255 midpoints (+1 padding), unsigned code,
+    its midpoints, then both midpoint lists in Eytzinger (breadth-first) order for the CUDA
+    kernel's search, whose first levels then read neighbouring shared-memory banks. Built
+    once per device."""
+    device = torch.device(device)
+    key = (device.type, device.index)
+    t = _qmaps.get(key)
+    if t is None:
+        rows, eytz = [], []
+        for code in (signed_map(), unsigned_map()):
+            mids = reference.code_midpoints(code)
+            rows += [code, torch.cat([mids, torch.tensor([2.0])])]
+            eytz.append(torch.cat([_eytzinger(mids), torch.tensor([2.0])]))
+        t = _qmaps[key] = torch.stack(rows + eytz).contiguous().to(device)
+    return t
+
+
+def _eytzinger(sorted_vals: torch.Tensor) -> torch.Tensor:
+    """The 255 sorted values in breadth-first order of a complete binary search tree (node
+    k's children at 2k+1, 2k+2): descending 8 levels (right when node < x) ends on leaf
+    255 + rank, rank = number of values < x — the same code as the sorted search."""
+    vals, out, it = sorted_vals.tolist(), [0.0] * sorted_vals.numel(), iter(sorted_vals.tolist())
+
+    def fill(k):
+        if k < len(vals):
+            fill(2 * k + 1)
+            out[k] = next(it)
+            fill(2 * k + 2)
+
+    fill(0)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+# ---- blockwise quantize / dequantize -----------------------------------------------------
+
+def _check_code(code, op):
+    _validate.tensor(code, "code", op)
+    if code.dtype != torch.float32 or code.shape != (256,):
+        raise ValueError(f"fusedops.{op}: code must be a float32 tensor of shape (256,) (a sorted "
+                         f"quantization map), got {code.dtype} {tuple(code.shape)}")
+
+
+def _check_quantize(x, code):
+    _validate.tensor(x, "x", QUANT_OP)
+    _validate.floating(x, "x", QUANT_OP)
+    _check_code(code, QUANT_OP)
+    _validate.same_device(x, "x", code, "code", QUANT_OP)
+
+
+def _quantize_impl(x, code):
+    _check_quantize(x, code)
+    return reference.blockwise_quantize(x, code)
+
+
+def _quantize_fake(x, code):
+    _check_quantize(x, code)
+    blocks = -(-x.numel() // reference.QUANT_BLOCK)
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((blocks,), dtype=torch.float32)
+
+
+quantize_op = define(f"{QUANT_OP}(Tensor x, Tensor code) -> (Tensor, Tensor)", _quantize_impl, _quantize_fake)
+
+
+def _check_dequantize(codes, absmax, code):
+    _validate.tensor(codes, "codes", DEQUANT_OP)
+    _validate.tensor(absmax, "absmax", DEQUANT_OP)
+    _check_code(code, DEQUANT_OP)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"fusedops.{DEQUANT_OP}: codes must be uint8, got {codes.dtype}")
+    if absmax.dtype != torch.float32 or absmax.dim() != 1:
+        raise TypeError(f"fusedops.{DEQUANT_OP}: absmax must be a 1-D float32 tensor, got {absmax.dtype} "
+                        f"{tuple(absmax.shape)}")
+    blocks = -(-codes.numel() // reference.QUANT_BLOCK)
+    if absmax.numel() != blocks:
+        raise ValueError(f"fusedops.{DEQUANT_OP}: absmax has {absmax.numel()} elements but codes of "
+                         f"{codes.numel()} elements need {blocks} (one per 256)")
+    _validate.same_device(codes, "codes", absmax, "absmax", DEQUANT_OP)
+    _validate.same_device(codes, "codes", code, "code", DEQUANT_OP)
+
+
+def _dequantize_impl(codes, absmax, code):
+    _check_dequantize(codes, absmax, code)
+    return reference.blockwise_dequantize(codes, absmax, code)
+
+
+def _dequantize_fake(codes, absmax, code):
+    _check_dequantize(codes, absmax, code)
+    return codes.new_empty(codes.shape, dtype=torch.float32)
+
+
+dequantize_op = define(f"{DEQUANT_OP}(Tensor codes, Tensor absmax, Tensor code) -> Tensor", _dequantize_impl,
+                       _dequantize_fake)
+
+
+def blockwise_quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) of x with the 256-entry sorted map `code` (e.g. signed_map()): per
+    block of 256 elements of the flattened x, absmax = max |x| (fp32 [ceil(n/256)]) and
+    codes = index of the nearest code to x / absmax (uint8, shape of x). A value exactly
+    on a midpoint between two codes (fp32 midpoints, reference.code_midpoints) takes the
+    lower code; with a signed map a negative value never rounds up to 0 (it takes the
+    smallest negative code). x must be finite."""
+    return quantize_op(x, code)
+
+
+def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """code[codes] * absmax[block of the element], fp32 with the shape of codes."""
+    return dequantize_op(codes, absmax, code)
+
+
+# ---- the optimizer step ------------------------------------------------------------------
+
+def _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=True):
+    op = STEP_OP
+    if kind not in KINDS:
+        raise ValueError(f"fusedops.{op}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    two = kind in TWO_STATE
+    n = len(params)
+    lists = [("grads", grads), ("state1", state1), ("absmax1", absmax1)]
+    if two:
+        lists += [("state2", state2), ("absmax2", absmax2)]
+    elif state2 or absmax2:
+        raise ValueError(f"fusedops.{op}: kind {kind!r} has one state; state2 and absmax2 must be empty")
+    for name, ts in lists:
+        if len(ts) != n:
+            raise ValueError(f"fusedops.{op}: {name} has {len(ts)} tensors but params has {n}")
+    if n == 0:
+        return
+    dev, dtype = params[0].device, params[0].dtype
+    for i, p in enumerate(params):
+        _validate.tensor(p, f"params[{i}]", op)
+        g = _validate.tensor(grads[i], f"grads[{i}]", op)
+        if p.dtype not in _validate.KERNEL_DTYPES:
+            raise TypeError(f"fusedops.{op}: params[{i}] must be float32, float16 or bfloat16, got {p.dtype}")
+        if p.dtype != dtype or g.dtype != dtype:
+            raise TypeError(f"fusedops.{op}: params[{i}] and grads[{i}] must have the dtype of params[0] "
+                            f"({dtype}), got {p.dtype} / {g.dtype}")
+        if p.device != dev or g.device != dev:
+            raise ValueError(f"fusedops.{op}: params[{i}] and grads[{i}] must be on {dev}, got {p.device} / "
+                             f"{g.device}")
+        if g.shape != p.shape:
+            raise ValueError(f"fusedops.{op}: grads[{i}] has shape {tuple(g.shape)} but params[{i}] has "
+                             f"{tuple(p.shape)}")
+        if memory and not p.is_contiguous():
+            raise ValueError(f"fusedops.{op}: params[{i}] must be contiguous")
+        blocks = -(-p.numel() // reference.QUANT_BLOCK)
+        for sname, aname, sl, al in (("state1", "absmax1", state1, absmax1), ("state2", "absmax2", state2, absmax2)):
+            if sname == "state2" and not two:
+                continue
+            s = _validate.tensor(sl[i], f"{sname}[{i}]", op)
+            a = _validate.tensor(al[i], f"{aname}[{i}]", op)
+            if s.device != dev or a.device != dev:
+                raise ValueError(f"fusedops.{op}: {sname}[{i}] and {aname}[{i}] must be on {dev}")
+            if s.numel() != p.numel():
+                raise ValueError(f"fusedops.{op}: {sname}[{i}] has {s.numel()} elements but params[{i}] has "
+                                 f"{p.numel()}")
+            if memory and not (s.is_contiguous() and a.is_contiguous()):
+                raise ValueError(f"fusedops.{op}: {sname}[{i}] and {aname}[{i}] must be contiguous")
+            if a.dtype != torch.float32:
+                raise TypeError(f"fusedops.{op}: {aname}[{i}] must be float32, got {a.dtype}")
+            if s.dtype == torch.uint8:
+                if a.numel() != blocks:
+                    raise ValueError(f"fusedops.{op}: {aname}[{i}] must have {blocks} elements (one per 256 of "
+                                     f"params[{i}]), got {a.numel()}")
+            elif s.dtype == torch.float32:
+                if a.numel() != 0:
+                    raise ValueError(f"fusedops.{op}: {aname}[{i}] must be empty for a float32 (32-bit) "
+                                     f"{sname}[{i}]")
+            else:
+                raise TypeError(f"fusedops.{op}: {sname}[{i}] must be uint8 (8-bit) or float32 (32-bit), "
+                                f"got {s.dtype}")
+    if memory:
+        written = list(params) + list(state1) + list(absmax1) + (list(state2) + list(absmax2) if two else [])
+        _validate.disjoint_writes(written, list(grads), op, "params and states", "grads")
+
+
+def _step_impl(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps, weight_decay, step,
+               first=False, nesterov=False):
+    _check_step(params, grads, state1, absmax1, state2, absmax2, kind)
+    if not params:
+        return
+    if kind in TWO_STATE and step < 1:
+        raise ValueError(f"fusedops.{STEP_OP}: step must be >= 1 for {kind}, got {step}")
+    backend = _step.backend_for(params[0].device.type)
+    if backend == "reference":
+        reference.optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps,
+                                       weight_decay, step, first, nesterov)
+        return
+    h = reference.optimizer_hyper(kind, lr, beta1, beta2, eps, weight_decay, step)
+    _step.get(backend)(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov)
+
+
+def _step_fake(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps, weight_decay, step,
+               first=False, nesterov=False):
+    _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=False)
+
+
+step_op = define(f"{STEP_OP}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] absmax1, "
+                 "Tensor(d!)[] state2, Tensor(e!)[] absmax2, str kind, float lr, float beta1, float beta2, "
+                 "float eps, float weight_decay, int step, bool first=False, bool nesterov=False) -> ()",
+                 _step_impl, _step_fake)
+
+_H_ORDER = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay",
+            "step_size", "bc2_sqrt")
+
+
+@_step.register("cuda")
+@_step.register("cpp")
+def _step_native(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov):
+    _native.op("optim8bit_step_")(params, grads, state1, absmax1, state2, absmax2, qmaps(params[0].device),
+                                  _KIND_ID[kind], *(h[k] for k in _H_ORDER), first, nesterov)
+
+
+@_step.register("triton")
+def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov):
+    kernels = _triton.kernels("optim8bit")
+    device = params[0].device
+    two = kind in TWO_STATE
+    bpp = kernels.blocks_per_program()
+    if _native.ops is not None:
+        table = _native.op("optim8bit_table")(params, grads, state1, absmax1, state2, absmax2, two, bpp,
+                                              device.type == "cuda")
+    else:
+        table = kernels.table_py(params, grads, state1, absmax1, state2, absmax2, two, bpp)
+    programs, aligned = int(table[8, -1]), bool(table[7, -1])
+    if device.type != "cpu":
+        table = table.to(device, non_blocking=True)
+    kernels.optim8bit_step_(table, programs, aligned, qmaps(device), kind, params[0].dtype, h, first, nesterov)
+
+
+_step.register("reference")(lambda *a: reference.optimizer_step_8bit_(*a))  # signature of the op
+
+
+def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: str, lr: float, beta1: float,
+                         beta2: float, eps: float, weight_decay: float, step: int, first: bool = False,
+                         nesterov: bool = False) -> None:
+    """One optimizer step of `kind` ("adamw", "adam", "lion", "sgd") in place over all the
+    tensors (one device, one param dtype; grads of the param dtype), in one kernel launch.
+
+    state1[i]/absmax1[i]: first moment (Adam m, Lion / SGD momentum) — uint8 codes of the
+    signed dynamic map with an fp32 absmax per 256 elements, or an fp32 state with an
+    empty absmax. state2/absmax2: Adam's second moment (unsigned map); empty lists for
+    Lion and SGD. `step` is the 1-based step count (Adam's bias corrections). For SGD,
+    beta1 is the momentum and beta2 the dampening; `first` marks the step that
+    initialises the momentum buffer (buf = g, as torch SGD); `nesterov` as torch.
+    The math and the NaN/Inf rule are fusedops.reference.optimizer_update_fp32's.
+    """
+    params, grads = list(params), list(grads)
+    state1, absmax1, state2, absmax2 = list(state1), list(absmax1), list(state2), list(absmax2)
+    if not params:
+        if grads or state1 or absmax1 or state2 or absmax2:
+            raise ValueError(f"fusedops.{STEP_OP}: params is empty but the other lists are not")
+        return
+    step_op(params, grads, state1, absmax1, state2, absmax2, kind, float(lr), float(beta1), float(beta2),
+            float(eps), float(weight_decay), int(step), bool(first), bool(nesterov))

@@ -1,0 +1,244 @@
+"""8-bit optimizers: AdamW8bit, Adam8bit, Lion8bit, SGD8bit.
+
+Drop-in `torch.optim.Optimizer`s with torch's hyperparameter names and defaults, whose
+states take ~2 bytes per parameter instead of 8: each moment is kept as uint8 codes of
+bitsandbytes' dynamic map with one fp32 absmax per block of 256 elements (signed map for
+the first moment, unsigned for Adam's second). The whole step of a param group is one
+kernel launch per (device, param dtype) — fusedops.optimizer_step_8bit_ — on CPU (C++)
+and CUDA (Triton or CUDA C++) alike; nothing in step() synchronises with the host.
+
+- Small tensors (numel < `min_8bit_size`, default 4096) and tensors marked with
+  `optimizer.override_32bit(param)` (e.g. embeddings), or every tensor of a group with
+  `optim_bits=32`, keep fp32 states; they run in the same launch (the kernel reads a
+  per-tensor flag). The state's dtype is the truth after initialisation: uint8 = 8-bit.
+- Params fp32 / fp16 / bf16; math in fp32, the param rounded once to its dtype (round
+  to nearest even; no stochastic rounding). A grad of another dtype is cast to the
+  param's. Params without a grad are skipped (their step count does not advance).
+- NaN/Inf in a gradient element: that element's states are reset to 0 and the param
+  element is left as it was; other elements and the block's absmax are unaffected.
+- Weight decay: AdamW8bit / Lion8bit decoupled (p *= 1 - lr*wd before the update, as
+  torch AdamW); Adam8bit / SGD8bit as L2 added to the gradient (as torch Adam / SGD).
+- state_dict(): per param `step` (int), `state1`, `absmax1` (+ `state2`, `absmax2` for
+  Adam); load_state_dict() keeps the states' dtypes and moves them to the param's
+  device, so a checkpoint moves between CPU and CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops.optim8bit import optimizer_step_8bit_
+from .reference import QUANT_BLOCK, blockwise_dequantize, dynamic_map
+
+__all__ = ["Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit"]
+
+SIGNED_ZERO_CODE = 127  # index of 0.0 in the signed dynamic map
+
+
+class _Optimizer8bit(torch.optim.Optimizer):
+    KIND = ""
+    STATES = 1
+
+    def __init__(self, params, defaults: dict, min_8bit_size: int, optim_bits: int):
+        if optim_bits not in (8, 32):
+            raise ValueError(f"{type(self).__name__}: optim_bits must be 8 or 32, got {optim_bits}")
+        if min_8bit_size < 0:
+            raise ValueError(f"{type(self).__name__}: min_8bit_size must be >= 0, got {min_8bit_size}")
+        defaults = dict(defaults, min_8bit_size=int(min_8bit_size), optim_bits=int(optim_bits))
+        self._force32: set = set()
+        super().__init__(params, defaults)
+
+    # -- 32-bit overrides -------------------------------------------------------------------
+
+    def override_32bit(self, param: torch.Tensor) -> None:
+        """Keep fp32 states for `param` (e.g. an embedding). Call before the first step;
+        a param that already has 8-bit states has them dequantized to fp32 now."""
+        if not any(param is p for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"{type(self).__name__}.override_32bit: param is not in this optimizer")
+        self._force32.add(param)
+        state = self.state.get(param)
+        if state:
+            maps = (dynamic_map(True), dynamic_map(False))
+            for k in range(1, self.STATES + 1):
+                s, a = state[f"state{k}"], state[f"absmax{k}"]
+                if s.dtype == torch.uint8:
+                    state[f"state{k}"] = blockwise_dequantize(s, a, maps[k - 1].to(s.device))
+                    state[f"absmax{k}"] = torch.zeros(0, dtype=torch.float32, device=s.device)
+
+    def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        state["step"] = 0
+        q = group["optim_bits"] == 8 and p.numel() >= group["min_8bit_size"] and p not in self._force32
+        for k in range(1, self.STATES + 1):
+            if q:
+                fill = SIGNED_ZERO_CODE if k == 1 else 0  # codes of 0.0
+                state[f"state{k}"] = torch.full(p.shape, fill, dtype=torch.uint8, device=p.device)
+                blocks = -(-p.numel() // QUANT_BLOCK)
+                state[f"absmax{k}"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            else:
+                state[f"state{k}"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state[f"absmax{k}"] = torch.zeros(0, dtype=torch.float32, device=p.device)
+
+    # -- load_state_dict: keep the state dtypes (uint8 codes, fp32 absmax / fp32 states) --
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, except that state tensors keep their dtype (torch casts
+        floating-point states to the param's dtype) and are copied to the param's device."""
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid in saved:
+                for k, v in saved[pid].items():
+                    if isinstance(v, torch.Tensor):
+                        self.state[p][k] = v.to(device=p.device, copy=True)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _hyper(self, group: dict) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict = {}
+            copies = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, group, state)
+                state["step"] += 1
+                if g.dtype != p.dtype:
+                    g = g.to(p.dtype)
+                work = p
+                if not p.is_contiguous():  # the kernels take contiguous params: one copy, copied back
+                    work = p.contiguous()
+                    copies.append((p, work))
+                lists = buckets.setdefault((p.device, p.dtype, state["step"]), ([], [], [], [], [], []))
+                lists[0].append(work)
+                lists[1].append(g.contiguous())
+                for k in range(1, self.STATES + 1):
+                    lists[2 * k].append(state[f"state{k}"])
+                    lists[2 * k + 1].append(state[f"absmax{k}"])
+            for (_, _, step), lists in buckets.items():
+                self._launch(group, lists, step)
+            for p, work in copies:
+                p.copy_(work)
+        return loss
+
+    def _launch(self, group, lists, step):
+        h = self._hyper(group)
+        optimizer_step_8bit_(*lists, kind=self.KIND, lr=group["lr"], beta1=h["beta1"], beta2=h["beta2"],
+                             eps=h.get("eps", 0.0), weight_decay=group["weight_decay"], step=step,
+                             first=step == 1, nesterov=h.get("nesterov", False))
+
+
+def _check_common(name, lr, weight_decay):
+    if isinstance(lr, torch.Tensor):
+        raise TypeError(f"{name}: lr must be a Python float (tensor lr is not supported)")
+    if not 0.0 <= lr:
+        raise ValueError(f"{name}: invalid learning rate {lr}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"{name}: invalid weight_decay {weight_decay}")
+
+
+def _check_betas(name, betas):
+    if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        raise ValueError(f"{name}: invalid betas {betas}; each must be in [0, 1)")
+
+
+def _unsupported(name, **flags):
+    for flag, value in flags.items():
+        if value:
+            raise NotImplementedError(f"{name}: {flag}=True is not supported")
+
+
+class AdamW8bit(_Optimizer8bit):
+    """torch.optim.AdamW with 8-bit states. Decoupled weight decay (p *= 1 - lr*wd, then
+    the Adam update). `foreach`/`fused` are accepted and ignored (the step is always one
+    fused launch); amsgrad, maximize, capturable and differentiable are not supported."""
+    KIND, STATES = "adamw", 2
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 min_8bit_size=4096, optim_bits=8):
+        name = type(self).__name__
+        _check_common(name, lr, weight_decay)
+        _check_betas(name, betas)
+        if not 0.0 <= eps:
+            raise ValueError(f"{name}: invalid eps {eps}")
+        _unsupported(name, amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         min_8bit_size, optim_bits)
+
+    def _hyper(self, group):
+        return dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
+
+
+class Adam8bit(AdamW8bit):
+    """torch.optim.Adam with 8-bit states: weight decay as L2 (g += wd*p), as torch Adam."""
+    KIND = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, **kw):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **kw)
+
+
+class Lion8bit(_Optimizer8bit):
+    """Lion (Chen et al. 2023) with an 8-bit momentum: p *= 1 - lr*wd;
+    p -= lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g."""
+    KIND, STATES = "lion", 1
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, min_8bit_size=4096, optim_bits=8):
+        name = type(self).__name__
+        _check_common(name, lr, weight_decay)
+        _check_betas(name, betas)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay), min_8bit_size,
+                         optim_bits)
+
+    def _hyper(self, group):
+        return dict(beta1=group["betas"][0], beta2=group["betas"][1])
+
+
+class SGD8bit(_Optimizer8bit):
+    """torch.optim.SGD with an 8-bit momentum buffer (momentum, dampening, nesterov and L2
+    weight decay exactly as torch SGD; the buffer is g on its first step). With
+    momentum=0 there is no state: the step is torch's foreach `p -= lr*(g + wd*p)`."""
+    KIND, STATES = "sgd", 1
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, min_8bit_size=4096, optim_bits=8):
+        name = type(self).__name__
+        _check_common(name, lr, weight_decay)
+        if momentum < 0.0:
+            raise ValueError(f"{name}: invalid momentum {momentum}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"{name}: nesterov momentum requires a momentum and zero dampening")
+        _unsupported(name, maximize=maximize, differentiable=differentiable)
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov), min_8bit_size, optim_bits)
+
+    def _init_state(self, p, group, state):
+        if group["momentum"] == 0:
+            state["step"] = 0
+            return
+        super()._init_state(p, group, state)
+
+    def _hyper(self, group):
+        return dict(beta1=group["momentum"], beta2=group["dampening"], nesterov=group["nesterov"])
+
+    def _launch(self, group, lists, step):
+        if group["momentum"] == 0:
+            params, grads = lists[0], lists[1]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            torch._foreach_add_(params, grads, alpha=-group["lr"])
+            return
+        super()._launch(group, lists, step)
