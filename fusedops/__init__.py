@@ -22,3 +22,7 @@ def backend_for(op: str, device_type: str) -> str:
 
 __all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "convert", "backend_for", "current_backend",
            "foreach_add_", "reference", "use_backend"]
+
+from .ops import add_layer_norm_act, add_rms_norm_act, layer_norm_act, rms_norm_act  # noqa: E402
+
+__all__ += ["add_layer_norm_act", "add_rms_norm_act", "layer_norm_act", "rms_norm_act"]
