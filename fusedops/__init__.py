@@ -26,3 +26,6 @@ __all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "convert", "b
 from .ops import add_layer_norm_act, add_rms_norm_act, layer_norm_act, rms_norm_act  # noqa: E402
 
 __all__ += ["add_layer_norm_act", "add_rms_norm_act", "layer_norm_act", "rms_norm_act"]
+from . import nn  # noqa: E402  (fused modules; registers their converter rules)
+
+__all__ += ["nn"]

@@ -153,16 +153,18 @@ def _fwd_triton(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms):
     _triton.kernels("norm").fwd(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms)
 
 
-def _same_param_dtype(w, b):
-    """The native kernels take weight and bias of one dtype: fp32 when they differ."""
-    if w is not None and b is not None and w.dtype != b.dtype:
-        return w.float(), b.float()
+def _same_param_dtype(w, b, x_dtype):
+    """The native kernels take weight and bias of one dtype, x's or fp32: fp32 otherwise
+    (exact for fp16/bf16 parameters; N elements, cheap)."""
+    dts = {t.dtype for t in (w, b) if t is not None}
+    if len(dts) > 1 or (dts and dts.pop() not in (x_dtype, torch.float32)):
+        return (None if w is None else w.float()), (None if b is None else b.float())
     return w, b
 
 
 def _fwd_native(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms):
     e = rstd.new_empty(0)
-    w, b = _same_param_dtype(w, b)
+    w, b = _same_param_dtype(w, b, x2.dtype)
     _native.op("norm_act_fwd")(x2, e if r2 is None else r2, e if s2 is None else s2, y2, e if w is None else w,
                                e if b is None else b, e if mean is None else mean, rstd, eps, _ACT_CODE[activation],
                                rms, r2 is not None, w is not None, b is not None)
@@ -255,7 +257,7 @@ def _bwd_triton(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms):
 
 def _bwd_native(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms):
     e = rstd.new_empty(0)
-    w, b = _same_param_dtype(w, b)
+    w, b = _same_param_dtype(w, b, s2.dtype)
     _native.op("norm_act_bwd")(dy2, s2, e if w is None else w, e if b is None else b, e if mean is None else mean,
                                rstd, e if ds2 is None else ds2, dx2, e if dwp is None else dwp,
                                e if dbp is None else dbp, _ACT_CODE[activation], rms, w is not None, b is not None,
@@ -482,6 +484,10 @@ def _autocast_dtype(x: torch.Tensor):
     return None
 
 
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
 def _rms_eps(eps, x, out_dtype):
     # F.rms_norm's default: the machine epsilon of the dtype it computes in
     return torch.finfo(out_dtype or x.dtype).eps if eps is None else float(eps)
@@ -501,6 +507,7 @@ def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "id
     """act(F.rms_norm(x, (N,), weight, eps)) over the last dim, fused (eps=None: the
     machine epsilon of the compute dtype, as F.rms_norm)."""
     _validate.tensor(x, "x", "rms_norm_act")
+    _validate.floating(x, "x", "rms_norm_act")
     od = _autocast_dtype(x)
     y, _ = rms_norm_act_op(x, weight, _rms_eps(eps, x, od), activation, od)
     return y
@@ -515,7 +522,10 @@ def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, a
     _validate.tensor(x, "x", "add_layer_norm_act")
     od = _autocast_dtype(x)
     if inplace:
-        return _AddNormActInplace.apply(x, residual, weight, bias, float(eps), activation, od, False)
+        if _needs_grad(x, residual, weight, bias):
+            return _AddNormActInplace.apply(x, residual, weight, bias, float(eps), activation, od, False)
+        y, _, _ = add_layer_norm_act_inplace_op(x, residual, weight, bias, float(eps), activation, od)
+        return y, residual
     y, s, _, _ = add_layer_norm_act_op(x, residual, weight, bias, float(eps), activation, od)
     return y, s
 
@@ -525,9 +535,13 @@ def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activat
     """s = x + residual; y = act(F.rms_norm(s, ...)). Returns (y, s); inplace as in
     add_layer_norm_act."""
     _validate.tensor(x, "x", "add_rms_norm_act")
+    _validate.floating(x, "x", "add_rms_norm_act")
     od = _autocast_dtype(x)
     eps = _rms_eps(eps, x, od)
     if inplace:
-        return _AddNormActInplace.apply(x, residual, weight, None, eps, activation, od, True)
+        if _needs_grad(x, residual, weight):
+            return _AddNormActInplace.apply(x, residual, weight, None, eps, activation, od, True)
+        y, _ = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, od)
+        return y, residual
     y, s, _ = add_rms_norm_act_op(x, residual, weight, eps, activation, od)
     return y, s
