@@ -126,18 +126,30 @@ def test_optional_params(dev_backend, kind, has_w, has_b):
     check(kind, "silu", (4, 300), torch.float32, torch.float32, device, has_w=has_w, has_b=has_b)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 @pytest.mark.parametrize("n", [1000, 4096])
-def test_triton_looped_path(monkeypatch, kind, n):
+def test_triton_looped_path(monkeypatch, device, kind, n):
     """Rows longer than the on-chip block take the looped kernels (forced here by a small
-    max_block; on a GPU it is N > 65536)."""
-    require("cpu", "triton")
+    max_block; by default it is N > 65536)."""
+    require(device, "triton")
     from fusedops.triton_kernels import norm as tk
     monkeypatch.setattr(tk.CONFIG, "max_block", 256)
     monkeypatch.setattr(tk.CONFIG, "loop_block", 128)
     with fusedops.use_backend("triton"):
-        check(kind, "gelu", (3, n), torch.bfloat16, torch.float32, "cpu")
-        check(kind, "relu", (2, n), torch.float32, torch.float32, "cpu")
+        check(kind, "gelu", (3, n), torch.bfloat16, torch.float32, device)
+        check(kind, "relu", (2, n), torch.float32, torch.float32, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("n", [65536 + 8, 131072])
+def test_gpu_long_rows(backend, n):
+    """Past the in-register/on-chip sizes: the looped (Triton) and streaming (CUDA C++) paths."""
+    require("cuda", backend)
+    with fusedops.use_backend(backend):
+        check("add_ln_", "gelu_tanh", (3, n), torch.bfloat16, torch.float32, "cuda")
+        check("rms", "silu", (2, n), torch.float32, torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("layout", ["col_stride", "row_stride", "transposed"])
@@ -377,3 +389,22 @@ def test_compile_functional_with_grad(dev_backend, kind):
             assert c is None
         else:
             torch.testing.assert_close(c, a)
+
+
+def test_mixed_weight_bias_dtypes(dev_backend):
+    """weight and bias of different dtypes (neither x's): computed in fp32 all the same."""
+    device, _ = dev_backend
+    x = torch.randn(6, 200, device=device).bfloat16().requires_grad_()
+    w = (torch.rand(200, device=device) + 0.5).half().requires_grad_()
+    b = torch.randn(200, device=device, requires_grad=True)
+    y = fusedops.layer_norm_act(x, w, b, 1e-5, "gelu")
+    ref = F.gelu(F.layer_norm(x.double(), (200,), w.double(), b.double(), 1e-5))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+    gx, gw, gb = torch.autograd.grad(y.float().sum(), (x, w, b))
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    rx, rw, rb = torch.autograd.grad(F.gelu(F.layer_norm(xr, (200,), wr, br, 1e-5)).sum(), (xr, wr, br))
+    assert (gx.dtype, gw.dtype, gb.dtype) == (torch.bfloat16, torch.float16, torch.float32)
+    torch.testing.assert_close(gx.double(), rx, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-4, atol=1e-4)
