@@ -33,10 +33,14 @@ def dev_backend(request):
         yield device, backend
 
 
-def _eager(kind, x, r, w, b, eps, act):
-    """What eager PyTorch computes, in the input dtype (the reference when given fp64)."""
+def _eager(kind, x, r, w, b, eps, act, s_dtype=None):
+    """What eager PyTorch computes, in the input dtype (the reference when given fp64).
+    s_dtype: round s = x + r to this dtype (as eager and the kernels do) with an identity
+    gradient, so that an fp64 reference normalises the same s."""
     n = x.shape[-1]
     s = x + r if kind.startswith("add") else x
+    if s_dtype is not None and kind.startswith("add"):
+        s = s + (s.to(s_dtype).to(s.dtype) - s).detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mixed-dtype rms_norm warns that it is not fused
         if "ln" in kind:
@@ -77,10 +81,10 @@ def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_vie
         out = [x, r, w, b] if dt is None else [None if t is None else t.to(dt) for t in (x, r, w, b)]
         return [None if t is None else t.detach().clone().requires_grad_() for t in out]
 
-    def run(fn, ts, inplace=False):
+    def run(fn, ts, inplace=False, **kw):
         xl, rl, wl, bl = ts
         rin = rl * 1 if inplace else rl  # an in-place residual is a non-leaf buffer
-        y, s = fn(kind, xl, rin, wl, bl, eps, act)
+        y, s = fn(kind, xl, rin, wl, bl, eps, act, **kw)
         outs, grads = [y], [dy.to(y.dtype)]
         if is_add:
             outs.append(s)
@@ -90,7 +94,7 @@ def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_vie
 
     ours, rin = run(_ours, leaves(), inplace=kind.endswith("_"))
     eager, _ = run(_eager, leaves())
-    ref, _ = run(_eager, leaves(torch.float64))
+    ref, _ = run(_eager, leaves(torch.float64), s_dtype=dtype)
     if kind.endswith("_"):
         assert torch.equal(rin, ours[1]), "in-place: the residual buffer must hold s"
     names = ["y", "s", "dx", "dresidual", "dweight", "dbias"]
@@ -408,3 +412,16 @@ def test_mixed_weight_bias_dtypes(dev_backend):
     torch.testing.assert_close(gx.double(), rx, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gw.double(), rw, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gb.double(), rb, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_family_tiny(tmp_path):
+    """`fusedops bench --ops norm` runs on a tiny CPU workload and counts bytes."""
+    import json
+
+    from fusedops.__main__ import main
+    rc = main(["bench", "--device", "cpu", "--ops", "norm", "--sizes", "64", "--no-compile",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"eager", "fusedops:cpp"}
+    assert all(r["gbps"] and r["gbps"] > 0 for r in rows)

@@ -64,6 +64,22 @@ CONFIG = (NormConfig(max_block=65536, loop_block=4096, row_elems=1 << 16, max_ro
                      interp_programs=4))
 
 
+# The interpreter converts fp32 -> bf16 by truncation (the GPU rounds to nearest even, as
+# torch does); under the interpreter the kernels round to nearest even by hand first.
+_RNE_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _to(x, DT: tl.constexpr):
+    """x (fp32) rounded to DT, to nearest even."""
+    if _RNE_BY_HAND:
+        if DT == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = u + 0x7FFF + ((u >> 16) & 1)
+            x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
 @triton.jit
 def _tanh(u):
     # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at +-inf (exp -> inf or 0)
@@ -107,7 +123,7 @@ def _load_s(X, R, rows64, cols, mask, sx, sr, HAS_R: tl.constexpr):
     x = tl.load(X + rows64[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_R:
         r = tl.load(R + rows64[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = (x + r).to(X.dtype.element_ty).to(tl.float32)
+        x = _to(x + r, X.dtype.element_ty).to(tl.float32)
     return x
 
 
@@ -123,7 +139,7 @@ def norm_act_fwd_kernel(X, R, S, Y, W, B, MEAN, RSTD, M, N, sx, sr, ss, sy, eps,
     mask = rmask[:, None] & cmask[None, :]
     s = _load_s(X, R, rows64, cols, mask, sx, sr, HAS_R)
     if HAS_R:
-        tl.store(S + rows64[:, None] * ss + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+        tl.store(S + rows64[:, None] * ss + cols[None, :], _to(s, S.dtype.element_ty), mask=mask)
     if RMS:
         xc = s
     else:
@@ -138,7 +154,7 @@ def norm_act_fwd_kernel(X, R, S, Y, W, B, MEAN, RSTD, M, N, sx, sr, ss, sy, eps,
     if HAS_B:
         z = z + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     y = _act(z, ACT)
-    tl.store(Y + rows64[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64[:, None] * sy + cols[None, :], _to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -173,13 +189,13 @@ def norm_act_fwd_looped_kernel(X, R, S, Y, W, B, MEAN, RSTD, M, N, sx, sr, ss, s
         mask = rmask[:, None] & cmask[None, :]
         s = _load_s(X, R, rows64, cols, mask, sx, sr, HAS_R)
         if HAS_R:
-            tl.store(S + rows64[:, None] * ss + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+            tl.store(S + rows64[:, None] * ss + cols[None, :], _to(s, S.dtype.element_ty), mask=mask)
         z = (s - mean[:, None]) * rstd[:, None]
         if HAS_W:
             z = z * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
             z = z + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rows64[:, None] * sy + cols[None, :], _act(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows64[:, None] * sy + cols[None, :], _to(_act(z, ACT), Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -239,7 +255,7 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, rows_p
         dx = dx * tl.load(RSTD + rows64, mask=rmask, other=0.0)[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows64[:, None] * sdx + cols[None, :], _to(dx, DX.dtype.element_ty), mask=mask)
     if HAS_W:
         tl.store(DWP + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
     if HAS_B:
@@ -283,7 +299,7 @@ def norm_act_bwd_looped_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, M, N, sdy_r, sd
         dx = dx * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows64[:, None] * sdx + cols[None, :], _to(dx, DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
