@@ -16,7 +16,7 @@ A fixed number of programs (about SM count x k on a GPU) each own a contiguous r
 rows and accumulate dW = sum(dz * xhat), dB = sum(dz) in fp32 registers, then write one
 fp32 partial row each; the host sums the (P, N) partials in a fixed order
 (deterministic, no atomics).
-All math in fp32 (bf16/fp16 upcast right after tl.load); tanh through exp.
+All math in fp32 (bf16/fp16 upcast right after tl.load); gelu_tanh through exp (as a sigmoid).
 """
 from __future__ import annotations
 
@@ -81,20 +81,14 @@ def _to(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _tanh(u):
-    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at +-inf (exp -> inf or 0)
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-
-
-@triton.jit
 def _act(z, ACT: tl.constexpr):
     if ACT == 1:
         z = tl.maximum(z, 0.0)
     elif ACT == 2:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        z = 0.5 * z * (1.0 + t)
+        # 0.5 * (1 + tanh(u)) = sigmoid(2u): no cancellation where tanh(u) is near -1
+        z = z / (1.0 + tl.exp(-2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == 4:
         z = z / (1.0 + tl.exp(-z))
     return z
@@ -109,8 +103,12 @@ def _act_grad(z, ACT: tl.constexpr):
     elif ACT == 2:
         d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     elif ACT == 3:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        # with sg = sigmoid(2u) = 0.5 (1 + tanh u): 1 - tanh^2 u = 4 sg (1 - sg), and
+        # 1 - sg = e sg (e = exp(-2u)) where that avoids cancellation
+        e = tl.exp(-2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z))
+        sg = 1.0 / (1.0 + e)
+        one_minus = tl.where(e > 1.0, 1.0 - sg, e * sg)
+        d = sg + 2.0 * z * sg * one_minus * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     else:
         sg = 1.0 / (1.0 + tl.exp(-z))
         d = sg * (1.0 + z * (1.0 - sg))
