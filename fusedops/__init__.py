@@ -7,9 +7,10 @@ plain functions. Backend choice: see fusedops.use_backend and FUSEDOPS_BACKEND.
 from . import _backend, reference
 from ._backend import BACKENDS, FallbackWarning, current_backend, use_backend
 from .converter import ConvertReport, convert
-from .ops import add_, blockwise_dequantize, blockwise_quantize, foreach_add_, optimizer_step_8bit_
+from .ops import (add_, add_layer_norm_act, add_rms_norm_act, blockwise_dequantize, blockwise_quantize, foreach_add_,
+                  layer_norm_act, optimizer_step_8bit_, rms_norm_act)
 from . import converter_convbn  # noqa: F401  (registers the Conv2d → BatchNorm2d rule)
-from . import optim
+from . import nn, optim  # nn registers the norm converter rules
 from .nn_convbn import fold_conv_bn
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ def backend_for(op: str, device_type: str) -> str:
     return _backend.REGISTRY[op].backend_for(device_type)
 
 
-__all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "backend_for", "blockwise_dequantize",
-           "blockwise_quantize", "convert", "current_backend", "fold_conv_bn", "foreach_add_", "optim",
-           "optimizer_step_8bit_", "reference", "use_backend"]
+__all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "add_layer_norm_act", "add_rms_norm_act",
+           "backend_for", "blockwise_dequantize", "blockwise_quantize", "convert", "current_backend",
+           "fold_conv_bn", "foreach_add_", "layer_norm_act", "nn", "optim", "optimizer_step_8bit_", "reference",
+           "rms_norm_act", "use_backend"]

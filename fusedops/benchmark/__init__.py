@@ -1,7 +1,5 @@
 """Microbenchmarks behind `python -m fusedops bench`; one module per op family."""
-from . import add  # noqa: F401  (registers its families)
-from . import optim8bit  # noqa: F401,E402
+from . import add, convbn, norm, optim8bit  # noqa: F401  (each registers its families)
 from .harness import FAMILIES, Case, Context, Impl, Row
 
 __all__ = ["FAMILIES", "Case", "Context", "Impl", "Row"]
-from . import convbn  # noqa: F401

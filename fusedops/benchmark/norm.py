@@ -1,0 +1,163 @@
+"""Benchmarks of the norm + activation family (`fusedops bench --ops norm`).
+
+Patterns: LayerNorm+GELU(tanh), LayerNorm+SiLU, RMSNorm+SiLU and the residual form
+(s = x + r; RMSNorm(s)+SiLU, gradients into y and s), forward and forward+backward.
+GPU: bf16 (or the fp16/bf16 asked for), rows 32768, N in {768, ..., 16384} (or --sizes),
+plus 16x4096 where launch overhead dominates. CPU: two small shapes, fp32.
+Baselines: eager (F.layer_norm / F.rms_norm + activation), torch.compile of the same,
+Liger-Kernel's LigerLayerNorm / LigerRMSNorm + eager activation when importable.
+
+Unique bytes (e = element size; weights/bias in the activations' dtype; stats fp32):
+  forward   read x (+ r), w (+ b); write y (+ s); write mean/rstd (4-8 B a row)
+  backward  read x-or-s, dy (+ ds), w (+ b), stats; write dx (dresidual is the same
+            tensor: one write); dW (+ dB) fp32 partials, P x N each, written and read once
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fusedops
+
+from .. import _backend
+from .harness import Case, Impl, family
+
+GPU_N = [768, 1024, 2048, 4096, 8192, 16384]
+GPU_ROWS = 32768
+# CPU (kept quick): one shape per pattern, LN+GELU(tanh) and the residual form
+CPU_SHAPES = {"LN+GELU(tanh)": (256, 1024), "Add+RMS+SiLU": (64, 4096)}
+
+# name: (norm, activation, residual)
+PATTERNS = {
+    "LN+GELU(tanh)": ("ln", "gelu_tanh", False),
+    "LN+SiLU": ("ln", "silu", False),
+    "RMS+SiLU": ("rms", "silu", False),
+    "Add+RMS+SiLU": ("rms", "silu", True),
+}
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+        return LigerLayerNorm, LigerRMSNorm
+    except Exception:  # not installed, or no GPU support here
+        return None
+
+
+def _eager_fn(norm, act, residual, n, eps):
+    def f(x, r, w, b):
+        s = x + r if residual else x
+        z = F.layer_norm(s, (n,), w, b, eps) if norm == "ln" else F.rms_norm(s, (n,), w, eps)
+        y = fusedops.reference.activation(z, act)
+        return (y, s) if residual else y
+    return f
+
+
+def _fused_fn(norm, act, residual, eps):
+    def f(x, r, w, b):
+        if residual:
+            return fusedops.add_rms_norm_act(x, r, w, eps, act) if norm == "rms" else \
+                fusedops.add_layer_norm_act(x, r, w, b, eps, act)
+        return fusedops.layer_norm_act(x, w, b, eps, act) if norm == "ln" else fusedops.rms_norm_act(x, w, eps, act)
+    return f
+
+
+def _liger_fn(classes, norm, act, residual, n, eps, device, dtype, w, b):
+    ln_cls, rms_cls = classes
+    if norm == "ln":
+        mod = ln_cls(n, eps=eps).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+            mod.bias.copy_(b)
+    else:
+        mod = rms_cls(n, eps=eps).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+
+    def f(x, r, w_, b_):
+        s = x + r if residual else x
+        y = fusedops.reference.activation(mod(s), act)
+        return (y, s) if residual else y
+    return f, list(mod.parameters())
+
+
+def _bytes(m, n, e, norm, residual, backward, partials):
+    params = (2 if norm == "ln" else 1) * n * e
+    stats = (8 if norm == "ln" else 4) * m
+    fwd = (2 if residual else 1) * m * n * e + params + (2 if residual else 1) * m * n * e + stats
+    if not backward:
+        return fwd
+    bwd = (3 if residual else 2) * m * n * e + params + stats + m * n * e
+    bwd += (2 if norm == "ln" else 1) * 2 * partials * n * 4
+    return fwd + bwd
+
+
+def _runner(fn, x, r, w, b, backward, grads):
+    """A zero-argument callable: forward, or forward + backward through torch.autograd.grad
+    (no .grad accumulation: each call pays only the pattern's own traffic)."""
+    if not backward:
+        def run():
+            with torch.no_grad():
+                fn(x, r, w, b)
+        return run
+    inputs = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
+
+    def run():
+        out = fn(x, r, w, b)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        torch.autograd.grad(outs, inputs, grads[:len(outs)])
+    return run
+
+
+@family("norm")
+def norm_cases(ctx) -> list:
+    cuda = ctx.cuda
+    if cuda:
+        dtypes = [d for d in ctx.dtypes if d in (torch.bfloat16, torch.float16)] or [torch.bfloat16]
+        shapes = [(GPU_ROWS, n) for n in (ctx.sizes or GPU_N)] + [(16, 4096)]
+    else:
+        dtypes = [torch.float32]
+    liger = _liger() if cuda else None
+    backends = [b for b in (["triton", "cuda"] if cuda else ["cpp"]) if _backend.available(b, ctx.device.type)]
+    sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if cuda else 1
+    cases = []
+    for dtype in dtypes:
+        e = torch.finfo(dtype).bits // 8
+        for pname, (norm, act, residual) in PATTERNS.items():
+            if not cuda:
+                if pname not in CPU_SHAPES:
+                    continue
+                shapes = [(CPU_SHAPES[pname][0], n) for n in ctx.sizes] if ctx.sizes else [CPU_SHAPES[pname]]
+            for m, n in shapes:
+                eps = 1e-5 if norm == "ln" else 1e-6
+                x = torch.randn(m, n, device=ctx.device, dtype=dtype)
+                r = torch.randn(m, n, device=ctx.device, dtype=dtype) if residual else None
+                w = (torch.rand(n, device=ctx.device) + 0.5).to(dtype)
+                b = torch.randn(n, device=ctx.device, dtype=dtype) if norm == "ln" else None
+                grads = [torch.randn(m, n, device=ctx.device, dtype=dtype) for _ in range(2)]
+                for backward in (False, True):
+                    for t in (x, r, w, b):
+                        if t is not None:
+                            t.requires_grad_(backward)
+                    eager = _eager_fn(norm, act, residual, n, eps)
+                    impls = {"eager": Impl(_runner(eager, x, r, w, b, backward, grads))}
+                    if ctx.compile:
+                        comp = torch.compile(eager, dynamic=False)
+                        impls["torch.compile"] = Impl(_runner(comp, x, r, w, b, backward, grads))
+                    if liger is not None:
+                        try:
+                            lf, _ = _liger_fn(liger, norm, act, residual, n, eps, ctx.device, dtype, w.detach(),
+                                              None if b is None else b.detach())
+                            impls["liger+eager act"] = Impl(_runner(lf, x, r, w, b, backward, grads))
+                        except Exception:  # a peer that cannot run this case is left out
+                            pass
+                    fused = _fused_fn(norm, act, residual, eps)
+                    for be in backends:
+                        impls[f"fusedops:{be}"] = Impl(_runner(fused, x, r, w, b, backward, grads), backend=be)
+                    mode = "fwd+bwd" if backward else "fwd"
+                    partials = min(m, sms * 4) if cuda else min(m, 64)
+                    name = f"{pname} {m}x{n} {str(dtype).replace('torch.', '')} {mode}"
+                    cases.append(Case("norm", name, {"pattern": pname, "rows": m, "n": n, "dtype": str(dtype),
+                                                     "mode": mode},
+                                      _bytes(m, n, e, norm, residual, backward, partials), impls))
+    return cases

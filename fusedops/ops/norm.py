@@ -1,0 +1,547 @@
+"""LayerNorm / RMSNorm + activation, optionally after a fused residual add.
+
+    y = act(norm(s) * weight + bias) over the last dim,  s = x  or  s = x + residual
+
+activation in {identity, relu, gelu (erf), gelu_tanh, silu}; weight and bias optional and
+of any float dtype (fp32 parameters with bf16 activations are fine); statistics and math
+in fp32, y rounded once. The forward ops return y and the fp32 per-row statistics (mean
+for LayerNorm, rstd) that the backward op `norm_act_backward` recomputes xhat from, in
+one pass over (s, dy): dx (= dresidual) and fp32 per-program dW/dB partials summed in a
+fixed order (deterministic).
+
+Ops (torch.ops.fusedops.*):
+    layer_norm_act(x, weight?, bias?, eps, activation, out_dtype?) -> (y, mean, rstd)
+    rms_norm_act(x, weight?, eps, activation, out_dtype?) -> (y, rstd)
+    add_layer_norm_act(x, residual, ...) -> (y, s, mean, rstd)       s returned
+    add_rms_norm_act(x, residual, ...) -> (y, s, rstd)
+    add_layer_norm_act_(x, residual!, ...) -> (y, mean, rstd)        s written into residual
+    add_rms_norm_act_(x, residual!, ...) -> (y, rstd)
+    norm_act_backward(dy, s, weight?, bias?, mean?, rstd, activation, ds?) -> (ds_total, dweight, dbias)
+The functional ops carry register_autograd; the in-place ones are differentiated through
+an autograd.Function (torch cannot attach a formula to a mutating op) in the public
+functions below.
+
+Layout: any leading dims. x (and residual) are read through a row stride when their rows
+have unit column stride, else copied once; dy and ds are read through any strides (a
+stride-0 gradient from `.sum()` is never materialised). Rows up to 65536 elements are
+held on chip; longer rows take a looped (slower, correct) path.
+
+Autocast: eager F.layer_norm / F.rms_norm run in fp32 under CUDA autocast (and in the
+input dtype under CPU autocast); the public functions match that by asking the kernel for
+an fp32 y (out_dtype) instead of copying x to fp32 (same values: the cast is exact).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native, _triton, _validate, reference
+from .._backend import Kernels
+from ._library import LIB, define
+
+ACTIVATIONS = reference.ACTIVATIONS
+_ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
+
+# Default on CUDA tensors: Triton, until the H100 benchmark (fusedops bench --ops norm)
+# says otherwise.
+FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
+           "add_layer_norm_act_", "add_rms_norm_act_")
+_kernels = {op: Kernels(op, cuda_default="triton") for op in FWD_OPS}
+_bwd = Kernels("norm_act_backward", cuda_default="triton")
+
+
+# ---- checks (shared by the real kernels and the fake ones) ------------------------------
+
+def _check(op, x, residual, weight, bias, activation, out_dtype, inplace=False, memory=True):
+    _validate.tensor(x, "x", op)
+    _validate.floating(x, "x", op)
+    if x.dim() == 0:
+        raise ValueError(f"fusedops.{op}: x must have at least one dimension (the normalised one)")
+    n = x.shape[-1]
+    if residual is not None:
+        _validate.tensor(residual, "residual", op)
+        _validate.same_device(x, "x", residual, "residual", op)
+        if residual.shape != x.shape:
+            raise ValueError(f"fusedops.{op}: residual has shape {tuple(residual.shape)} but x has shape "
+                             f"{tuple(x.shape)}; they must match")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"fusedops.{op}: residual is {residual.dtype} but x is {x.dtype}; they must match")
+        if inplace and memory:
+            _validate.internal_overlap(residual, "residual", op)
+            _validate.no_partial_overlap(residual, "residual", x, "x", op)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        _validate.tensor(p, name, op)
+        _validate.floating(p, name, op)
+        _validate.same_device(x, "x", p, name, op)
+        if p.dim() != 1 or p.shape[0] != n:
+            raise ValueError(f"fusedops.{op}: {name} has shape {tuple(p.shape)} but the hidden size (x's last "
+                             f"dim) is {n}; {name} must have shape ({n},)")
+    if activation not in _ACT_CODE:
+        raise ValueError(f"fusedops.{op}: unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise TypeError(f"fusedops.{op}: out_dtype must be a floating dtype, got {out_dtype}")
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _kernel_ok(x, weight, bias, out_dtype) -> bool:
+    kd = _validate.KERNEL_DTYPES
+    return (x.dtype in kd and (weight is None or weight.dtype in kd) and (bias is None or bias.dtype in kd)
+            and out_dtype in (x.dtype, torch.float32))
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t as (M, N) with unit column stride: a view when possible, else one copy."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(1) == 1 or t2.shape[0] * n <= 1 else t2.contiguous()
+
+
+# ---- the forward kernels ------------------------------------------------------------------
+
+def _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
+    """mode: None (no residual), "out" (s returned), "inplace" (s written into residual).
+    Returns (y, s or None, mean or None, rstd)."""
+    _check(op, x, residual, weight, bias, activation, out_dtype, inplace=mode == "inplace")
+    out_dtype = out_dtype or x.dtype
+    lead, n = x.shape[:-1], x.shape[-1]
+    kernels = _kernels[op]
+    if not _kernel_ok(x, weight, bias, out_dtype):
+        run_ref = kernels.reference(f"no kernel for x {x.dtype} / weight {getattr(weight, 'dtype', None)} / "
+                                    f"out {out_dtype}")
+        return run_ref(x, residual, weight, bias, eps, activation, out_dtype, rms, mode)
+    backend = kernels.backend_for(x.device.type)
+    if backend == "reference":
+        return _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rms, mode)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = None if rms else torch.empty(lead, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(lead, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        if mode == "out":
+            return y, torch.empty_like(x, memory_format=torch.contiguous_format), mean, rstd
+        return y, None, mean, rstd
+    x2 = _rows(x, n)
+    r2 = s = s2 = None
+    copied = False
+    if mode is not None:
+        r2 = _rows(residual, n)
+        if mode == "out":
+            s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            s2 = s.view(-1, n)
+        else:  # in place: into the residual's own rows, or into a copy written back once
+            s2 = r2
+            copied = r2.untyped_storage().data_ptr() != residual.untyped_storage().data_ptr()
+    kernels.get(backend)(x2, r2, s2, y.view(-1, n), weight, bias,
+                         None if mean is None else mean.view(-1), rstd.view(-1), eps, activation, rms)
+    if copied:
+        residual.copy_(s2.view(residual.shape))
+    return y, s, mean, rstd
+
+
+def _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
+    s = x if mode is None else reference.residual_sum(x, residual)
+    y, mean, rstd = reference.norm_act(s, weight, bias, eps, activation, rms, out_dtype)
+    if mode == "inplace":
+        residual.copy_(s)
+        s = None
+    return y, s, mean, rstd
+
+
+def _fwd_triton(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms):
+    _triton.kernels("norm").fwd(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms)
+
+
+def _same_param_dtype(w, b, x_dtype):
+    """The native kernels take weight and bias of one dtype, x's or fp32: fp32 otherwise
+    (exact for fp16/bf16 parameters; N elements, cheap)."""
+    dts = {t.dtype for t in (w, b) if t is not None}
+    if len(dts) > 1 or (dts and dts.pop() not in (x_dtype, torch.float32)):
+        return (None if w is None else w.float()), (None if b is None else b.float())
+    return w, b
+
+
+def _fwd_native(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms):
+    e = rstd.new_empty(0)
+    w, b = _same_param_dtype(w, b, x2.dtype)
+    _native.op("norm_act_fwd")(x2, e if r2 is None else r2, e if s2 is None else s2, y2, e if w is None else w,
+                               e if b is None else b, e if mean is None else mean, rstd, eps, _ACT_CODE[activation],
+                               rms, r2 is not None, w is not None, b is not None)
+
+
+for _k in _kernels.values():
+    _k.register("triton")(_fwd_triton)
+    _k.register("cuda")(_fwd_native)
+    _k.register("cpp")(_fwd_native)
+    _k.register("reference")(_reference_forward)
+
+
+# ---- the backward kernels ------------------------------------------------------------------
+
+def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
+    _check_backward(dy, s, weight, bias, mean, rstd, activation, ds)
+    n = s.shape[-1]
+    rms = mean is None
+    empty = s.new_empty(0)
+    if not _kernel_ok(s, weight, bias, dy.dtype) or (ds is not None and ds.dtype not in _validate.KERNEL_DTYPES):
+        dx, dw, db = _bwd.reference(f"no kernel for s {s.dtype} / dy {dy.dtype}")(
+            dy, s, weight, bias, mean, rstd, activation, ds)
+    else:
+        backend = _bwd.backend_for(s.device.type)
+        if backend == "reference":
+            dx, dw, db = reference.norm_act_backward(dy, s, weight, bias, mean, rstd, activation, ds)
+        else:
+            dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+            m = s.numel() // max(n, 1)
+            p = _programs(backend, m, n, s.device)
+            dwp = torch.empty((p, n), dtype=torch.float32, device=s.device) if weight is not None else None
+            dbp = torch.empty((p, n), dtype=torch.float32, device=s.device) if bias is not None else None
+            if s.numel():
+                _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
+                                  None if rms else mean.reshape(-1), rstd.reshape(-1),
+                                  None if ds is None else ds.reshape(-1, n), dx.view(-1, n), dwp, dbp,
+                                  activation, rms)
+            elif dwp is not None or dbp is not None:
+                for t in (dwp, dbp):
+                    if t is not None:
+                        t.zero_()
+            # ordered sum of the fp32 partials (fixed shape, fixed order: deterministic)
+            dw = dwp.sum(0).to(weight.dtype) if dwp is not None else None
+            db = dbp.sum(0).to(bias.dtype) if dbp is not None else None
+    if dw is None:
+        dw = empty
+    if db is None:
+        db = empty
+    return dx, dw, db
+
+
+def _programs(backend, m, n, device):
+    if backend == "triton":
+        return _triton.kernels("norm").bwd_programs(m, n, device)
+    if device.type == "cuda":
+        return max(1, min(m, torch.cuda.get_device_properties(device).multi_processor_count * 4))
+    return max(1, min(m, 64))  # CPU: fixed chunks, independent of the thread count
+
+
+def _check_backward(dy, s, weight, bias, mean, rstd, activation, ds):
+    op = "norm_act_backward"
+    _validate.tensor(dy, "dy", op)
+    _validate.tensor(s, "s", op)
+    _check(op, s, None, weight, bias, activation, None)
+    if dy.shape != s.shape:
+        raise ValueError(f"fusedops.{op}: dy has shape {tuple(dy.shape)} but s has shape {tuple(s.shape)}")
+    if ds is not None and ds.shape != s.shape:
+        raise ValueError(f"fusedops.{op}: ds has shape {tuple(ds.shape)} but s has shape {tuple(s.shape)}")
+    for name, t in (("rstd", rstd), ("mean", mean)):
+        if t is not None and t.shape != s.shape[:-1]:
+            raise ValueError(f"fusedops.{op}: {name} has shape {tuple(t.shape)}, expected {tuple(s.shape[:-1])}")
+
+
+def _backward_fake(dy, s, weight, bias, mean, rstd, activation, ds=None):
+    _check_backward(dy, s, weight, bias, mean, rstd, activation, ds)
+    dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    dw = torch.empty_like(weight) if weight is not None else s.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None else s.new_empty(0)
+    return dx, dw, db
+
+
+norm_act_backward_op = define(
+    "norm_act_backward(Tensor dy, Tensor s, Tensor? weight, Tensor? bias, Tensor? mean, Tensor rstd, "
+    "str activation, Tensor? ds=None) -> (Tensor, Tensor, Tensor)", _backward_impl, _backward_fake)
+
+
+def _bwd_triton(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms):
+    _triton.kernels("norm").bwd(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms)
+
+
+def _bwd_native(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms):
+    e = rstd.new_empty(0)
+    w, b = _same_param_dtype(w, b, s2.dtype)
+    _native.op("norm_act_bwd")(dy2, s2, e if w is None else w, e if b is None else b, e if mean is None else mean,
+                               rstd, e if ds2 is None else ds2, dx2, e if dwp is None else dwp,
+                               e if dbp is None else dbp, _ACT_CODE[activation], rms, w is not None, b is not None,
+                               ds2 is not None)
+
+
+_bwd.register("triton")(_bwd_triton)
+_bwd.register("cuda")(_bwd_native)
+_bwd.register("cpp")(_bwd_native)
+_bwd.register("reference")(reference.norm_act_backward)
+
+
+def _grads(dy, s, weight, bias, mean, rstd, activation, ds=None):
+    dx, dw, db = norm_act_backward_op(dy, s, weight, bias, mean, rstd, activation, ds)
+    return dx, (dw if weight is not None else None), (db if bias is not None else None)
+
+
+# ---- the forward ops ----------------------------------------------------------------------
+
+def _fake_forward(op, x, residual, weight, bias, activation, out_dtype, rms, mode):
+    _check(op, x, residual, weight, bias, activation, out_dtype, inplace=mode == "inplace", memory=False)
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    lead = x.shape[:-1]
+    mean = None if rms else x.new_empty(lead, dtype=_stat_dtype(x))
+    rstd = x.new_empty(lead, dtype=_stat_dtype(x))
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if mode == "out" else None
+    return y, s, mean, rstd
+
+
+_OPT = "ScalarType? out_dtype=None"
+
+# layer_norm_act
+def _ln_impl(x, weight, bias, eps, activation, out_dtype=None):
+    y, _, mean, rstd = _forward("layer_norm_act", x, None, weight, bias, eps, activation, out_dtype, False, None)
+    return y, mean, rstd
+
+
+def _ln_fake(x, weight, bias, eps, activation, out_dtype=None):
+    y, _, mean, rstd = _fake_forward("layer_norm_act", x, None, weight, bias, activation, out_dtype, False, None)
+    return y, mean, rstd
+
+
+layer_norm_act_op = define(
+    f"layer_norm_act(Tensor x, Tensor? weight, Tensor? bias, float eps, str activation, {_OPT}) "
+    "-> (Tensor, Tensor, Tensor)", _ln_impl, _ln_fake)
+
+
+# rms_norm_act
+def _rms_impl(x, weight, eps, activation, out_dtype=None):
+    y, _, _, rstd = _forward("rms_norm_act", x, None, weight, None, eps, activation, out_dtype, True, None)
+    return y, rstd
+
+
+def _rms_fake(x, weight, eps, activation, out_dtype=None):
+    y, _, _, rstd = _fake_forward("rms_norm_act", x, None, weight, None, activation, out_dtype, True, None)
+    return y, rstd
+
+
+rms_norm_act_op = define(
+    f"rms_norm_act(Tensor x, Tensor? weight, float eps, str activation, {_OPT}) -> (Tensor, Tensor)",
+    _rms_impl, _rms_fake)
+
+
+# add_layer_norm_act (s returned)
+def _add_ln_impl(x, residual, weight, bias, eps, activation, out_dtype=None):
+    return _forward("add_layer_norm_act", x, residual, weight, bias, eps, activation, out_dtype, False, "out")
+
+
+def _add_ln_fake(x, residual, weight, bias, eps, activation, out_dtype=None):
+    return _fake_forward("add_layer_norm_act", x, residual, weight, bias, activation, out_dtype, False, "out")
+
+
+add_layer_norm_act_op = define(
+    f"add_layer_norm_act(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, str activation, "
+    f"{_OPT}) -> (Tensor, Tensor, Tensor, Tensor)", _add_ln_impl, _add_ln_fake)
+
+
+# add_rms_norm_act (s returned)
+def _add_rms_impl(x, residual, weight, eps, activation, out_dtype=None):
+    y, s, _, rstd = _forward("add_rms_norm_act", x, residual, weight, None, eps, activation, out_dtype, True, "out")
+    return y, s, rstd
+
+
+def _add_rms_fake(x, residual, weight, eps, activation, out_dtype=None):
+    y, s, _, rstd = _fake_forward("add_rms_norm_act", x, residual, weight, None, activation, out_dtype, True, "out")
+    return y, s, rstd
+
+
+add_rms_norm_act_op = define(
+    f"add_rms_norm_act(Tensor x, Tensor residual, Tensor? weight, float eps, str activation, {_OPT}) "
+    "-> (Tensor, Tensor, Tensor)", _add_rms_impl, _add_rms_fake)
+
+
+# in place: s into residual
+def _add_ln_inplace_impl(x, residual, weight, bias, eps, activation, out_dtype=None):
+    y, _, mean, rstd = _forward("add_layer_norm_act_", x, residual, weight, bias, eps, activation, out_dtype, False,
+                                "inplace")
+    return y, mean, rstd
+
+
+def _add_ln_inplace_fake(x, residual, weight, bias, eps, activation, out_dtype=None):
+    y, _, mean, rstd = _fake_forward("add_layer_norm_act_", x, residual, weight, bias, activation, out_dtype, False,
+                                     "inplace")
+    return y, mean, rstd
+
+
+add_layer_norm_act_inplace_op = define(
+    f"add_layer_norm_act_(Tensor x, Tensor(a!) residual, Tensor? weight, Tensor? bias, float eps, str activation, "
+    f"{_OPT}) -> (Tensor, Tensor, Tensor)", _add_ln_inplace_impl, _add_ln_inplace_fake)
+
+
+def _add_rms_inplace_impl(x, residual, weight, eps, activation, out_dtype=None):
+    y, _, _, rstd = _forward("add_rms_norm_act_", x, residual, weight, None, eps, activation, out_dtype, True,
+                             "inplace")
+    return y, rstd
+
+
+def _add_rms_inplace_fake(x, residual, weight, eps, activation, out_dtype=None):
+    y, _, _, rstd = _fake_forward("add_rms_norm_act_", x, residual, weight, None, activation, out_dtype, True,
+                                  "inplace")
+    return y, rstd
+
+
+add_rms_norm_act_inplace_op = define(
+    f"add_rms_norm_act_(Tensor x, Tensor(a!) residual, Tensor? weight, float eps, str activation, {_OPT}) "
+    "-> (Tensor, Tensor)", _add_rms_inplace_impl, _add_rms_inplace_fake)
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+def _setup_ln(ctx, inputs, output):
+    x, weight, bias, _, activation = inputs[:5]
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.activation = activation
+
+
+def _backward_ln(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _grads(dy, x, weight, bias, mean, rstd, ctx.activation)
+    return dx, dw, db, None, None, None
+
+
+def _setup_rms(ctx, inputs, output):
+    x, weight, _, activation = inputs[:4]
+    _, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.activation = activation
+
+
+def _backward_rms(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw, _ = _grads(dy, x, weight, None, None, rstd, ctx.activation)
+    return dx, dw, None, None, None
+
+
+def _setup_add_ln(ctx, inputs, output):
+    weight, bias, _, activation = inputs[2:6]
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s, weight, bias, mean, rstd)
+    ctx.activation = activation
+
+
+def _backward_add_ln(ctx, dy, ds, _dmean, _drstd):
+    s, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+    return dx, dx, dw, db, None, None, None
+
+
+def _setup_add_rms(ctx, inputs, output):
+    weight, _, activation = inputs[2:5]
+    _, s, rstd = output
+    ctx.save_for_backward(s, weight, rstd)
+    ctx.activation = activation
+
+
+def _backward_add_rms(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    dx, dw, _ = _grads(dy, s, weight, None, None, rstd, ctx.activation, ds)
+    return dx, dx, dw, None, None, None
+
+
+torch.library.register_autograd("fusedops::layer_norm_act", _backward_ln, setup_context=_setup_ln, lib=LIB)
+torch.library.register_autograd("fusedops::rms_norm_act", _backward_rms, setup_context=_setup_rms, lib=LIB)
+torch.library.register_autograd("fusedops::add_layer_norm_act", _backward_add_ln, setup_context=_setup_add_ln,
+                                lib=LIB)
+torch.library.register_autograd("fusedops::add_rms_norm_act", _backward_add_rms, setup_context=_setup_add_rms,
+                                lib=LIB)
+
+
+class _AddNormActInplace(torch.autograd.Function):
+    """s = x + residual written into residual (marked dirty), y = act(norm(s)*w + b)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, activation, out_dtype, rms):
+        if rms:
+            y, rstd = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, out_dtype)
+            mean = None
+        else:
+            y, mean, rstd = add_layer_norm_act_inplace_op(x, residual, weight, bias, eps, activation, out_dtype)
+        ctx.mark_dirty(residual)
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(residual, weight, bias, mean, rstd)
+        ctx.activation = activation
+        return y, residual
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(s)
+        dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+        return dx, dx, dw, db, None, None, None, None
+
+
+# ---- public API --------------------------------------------------------------------------
+
+def _autocast_dtype(x: torch.Tensor):
+    """fp32 where eager F.layer_norm / F.rms_norm would run in fp32 under autocast (CUDA
+    autocast's fp32 list; CPU autocast leaves them in the input dtype)."""
+    if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled("cuda")):
+        return torch.float32
+    return None
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+def _rms_eps(eps, x, out_dtype):
+    # F.rms_norm's default: the machine epsilon of the dtype it computes in
+    return torch.finfo(out_dtype or x.dtype).eps if eps is None else float(eps)
+
+
+def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str = "identity"):
+    """act(F.layer_norm(x, (N,), weight, bias, eps)) over the last dim, fused.
+
+    weight/bias: (N,) or None, any float dtype; y has x's dtype (fp32 under CUDA autocast,
+    as eager). Differentiable in x, weight and bias."""
+    _validate.tensor(x, "x", "layer_norm_act")
+    y, _, _ = layer_norm_act_op(x, weight, bias, float(eps), activation, _autocast_dtype(x))
+    return y
+
+
+def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "identity"):
+    """act(F.rms_norm(x, (N,), weight, eps)) over the last dim, fused (eps=None: the
+    machine epsilon of the compute dtype, as F.rms_norm)."""
+    _validate.tensor(x, "x", "rms_norm_act")
+    _validate.floating(x, "x", "rms_norm_act")
+    od = _autocast_dtype(x)
+    y, _ = rms_norm_act_op(x, weight, _rms_eps(eps, x, od), activation, od)
+    return y
+
+
+def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, activation: str = "identity",
+                       inplace: bool = False):
+    """s = x + residual; y = act(F.layer_norm(s, ...)). Returns (y, s).
+
+    inplace=True writes s into `residual` (the returned s is `residual`), saving a buffer
+    and a pass; gradients flow to x and residual either way."""
+    _validate.tensor(x, "x", "add_layer_norm_act")
+    od = _autocast_dtype(x)
+    if inplace:
+        if _needs_grad(x, residual, weight, bias):
+            return _AddNormActInplace.apply(x, residual, weight, bias, float(eps), activation, od, False)
+        y, _, _ = add_layer_norm_act_inplace_op(x, residual, weight, bias, float(eps), activation, od)
+        return y, residual
+    y, s, _, _ = add_layer_norm_act_op(x, residual, weight, bias, float(eps), activation, od)
+    return y, s
+
+
+def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activation: str = "identity",
+                     inplace: bool = False):
+    """s = x + residual; y = act(F.rms_norm(s, ...)). Returns (y, s); inplace as in
+    add_layer_norm_act."""
+    _validate.tensor(x, "x", "add_rms_norm_act")
+    _validate.floating(x, "x", "add_rms_norm_act")
+    od = _autocast_dtype(x)
+    eps = _rms_eps(eps, x, od)
+    if inplace:
+        if _needs_grad(x, residual, weight):
+            return _AddNormActInplace.apply(x, residual, weight, None, eps, activation, od, True)
+        y, _ = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, od)
+        return y, residual
+    y, s, _ = add_rms_norm_act_op(x, residual, weight, eps, activation, od)
+    return y, s

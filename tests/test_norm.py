@@ -1,0 +1,427 @@
+"""fusedops LayerNorm / RMSNorm + activation (+ residual add) against eager F.layer_norm /
+F.rms_norm + activation, with an fp64 reference and the 2x-eager-error rule.
+
+Grids are kept small for the Triton interpreter (a few programs per launch). The looped
+path (rows longer than the on-chip block) is exercised on CPU by lowering the Triton
+config's max_block; the C++ CPU kernel has a single path for every N."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedops
+from fusedops import reference as R
+from fusedops.ops import norm as norm_ops
+from helpers import assert_close_rule, backend_params, require
+
+ACTS = list(R.ACTIVATIONS)
+KINDS = ["ln", "rms", "add_ln", "add_rms", "add_ln_", "add_rms_"]
+# (x dtype, weight dtype)
+DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+          (torch.bfloat16, torch.float32)]
+SHAPES = [(1, 1), (5, 123), (3, 7, 1000), (2, 4096), (4, 65536), (1, 777), (0, 64), (2, 0, 8)]
+
+
+@pytest.fixture(params=backend_params())
+def dev_backend(request):
+    device, backend = request.param
+    require(device, backend)
+    with fusedops.use_backend(backend):
+        yield device, backend
+
+
+def _eager(kind, x, r, w, b, eps, act, s_dtype=None):
+    """What eager PyTorch computes, in the input dtype (the reference when given fp64).
+    s_dtype: round s = x + r to this dtype (as eager and the kernels do) with an identity
+    gradient, so that an fp64 reference normalises the same s."""
+    n = x.shape[-1]
+    s = x + r if kind.startswith("add") else x
+    if s_dtype is not None and kind.startswith("add"):
+        s = s + (s.to(s_dtype).to(s.dtype) - s).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mixed-dtype rms_norm warns that it is not fused
+        if "ln" in kind:
+            z = F.layer_norm(s, (n,), w, b, eps)
+        else:
+            z = F.rms_norm(s, (n,), w, eps)
+    return R.activation(z, act), s
+
+
+def _ours(kind, x, r, w, b, eps, act):
+    if kind == "ln":
+        return fusedops.layer_norm_act(x, w, b, eps, act), None
+    if kind == "rms":
+        return fusedops.rms_norm_act(x, w, eps, act), None
+    inplace = kind.endswith("_")
+    if "ln" in kind:
+        return fusedops.add_layer_norm_act(x, r, w, b, eps, act, inplace=inplace)
+    return fusedops.add_rms_norm_act(x, r, w, eps, act, inplace=inplace)
+
+
+def _tol(dtype):
+    return 4 * torch.finfo(dtype).eps
+
+
+def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_view=None):
+    """Forward and backward of `kind` vs eager (same dtype) and an fp64 reference."""
+    n = shape[-1]
+    eps = 1e-5
+    x = (torch.randn(shape, device=device) if x_view is None else x_view).to(dtype)
+    r = torch.randn(shape, device=device).to(dtype)
+    w = (torch.rand(n, device=device) + 0.5).to(wdtype) if has_w else None
+    b = (0.5 * torch.randn(n, device=device)).to(wdtype) if has_b and "ln" in kind else None
+    dy = torch.randn(shape, device=device).to(dtype)
+    dsg = torch.randn(shape, device=device).to(dtype)
+    is_add = kind.startswith("add")
+
+    def leaves(dt=None):
+        out = [x, r, w, b] if dt is None else [None if t is None else t.to(dt) for t in (x, r, w, b)]
+        return [None if t is None else t.detach().clone().requires_grad_() for t in out]
+
+    def run(fn, ts, inplace=False, **kw):
+        xl, rl, wl, bl = ts
+        rin = rl * 1 if inplace else rl  # an in-place residual is a non-leaf buffer
+        y, s = fn(kind, xl, rin, wl, bl, eps, act, **kw)
+        outs, grads = [y], [dy.to(y.dtype)]
+        if is_add:
+            outs.append(s)
+            grads.append(dsg.to(s.dtype))
+        torch.autograd.backward(outs, grads)
+        return [y.detach(), None if s is None else s.detach()] + [None if t is None else t.grad for t in ts], rin
+
+    ours, rin = run(_ours, leaves(), inplace=kind.endswith("_"))
+    eager, _ = run(_eager, leaves())
+    ref, _ = run(_eager, leaves(torch.float64), s_dtype=dtype)
+    if kind.endswith("_"):
+        assert torch.equal(rin, ours[1]), "in-place: the residual buffer must hold s"
+    names = ["y", "s", "dx", "dresidual", "dweight", "dbias"]
+    for name, o, e, f in zip(names, ours, eager, ref):
+        if f is None or (name == "dresidual" and not is_add) or (name == "s" and not is_add):
+            continue
+        assert o is not None, f"{name} missing"
+        assert o.dtype == e.dtype, f"{name}: dtype {o.dtype} != eager {e.dtype}"
+        tol = _tol(dtype) if name in ("y", "s", "dx", "dresidual") else _tol(dtype) * max(1, shape[0])
+        assert_close_rule(o, e, f, rtol=tol, atol=1e-6, name=f"{kind}/{act}/{name}")
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-w{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_activations_dtypes(dev_backend, kind, act, dtypes):
+    device, _ = dev_backend
+    check(kind, act, (3, 5, 100), dtypes[0], dtypes[1], device)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
+def test_shapes(dev_backend, kind, dtype, shape):
+    device, _ = dev_backend
+    check(kind, "gelu_tanh", shape, dtype, torch.float32, device)
+
+
+@pytest.mark.parametrize("has_w,has_b", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("kind", ["ln", "rms", "add_ln"])
+def test_optional_params(dev_backend, kind, has_w, has_b):
+    device, _ = dev_backend
+    check(kind, "silu", (4, 300), torch.float32, torch.float32, device, has_w=has_w, has_b=has_b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
+@pytest.mark.parametrize("n", [1000, 4096])
+def test_triton_looped_path(monkeypatch, device, kind, n):
+    """Rows longer than the on-chip block take the looped kernels (forced here by a small
+    max_block; by default it is N > 65536)."""
+    require(device, "triton")
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "max_block", 256)
+    monkeypatch.setattr(tk.CONFIG, "loop_block", 128)
+    with fusedops.use_backend("triton"):
+        check(kind, "gelu", (3, n), torch.bfloat16, torch.float32, device)
+        check(kind, "relu", (2, n), torch.float32, torch.float32, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("n", [65536 + 8, 131072])
+def test_gpu_long_rows(backend, n):
+    """Past the in-register/on-chip sizes: the looped (Triton) and streaming (CUDA C++) paths."""
+    require("cuda", backend)
+    with fusedops.use_backend(backend):
+        check("add_ln_", "gelu_tanh", (3, n), torch.bfloat16, torch.float32, "cuda")
+        check("rms", "silu", (2, n), torch.float32, torch.float32, "cuda")
+
+
+@pytest.mark.parametrize("layout", ["col_stride", "row_stride", "transposed"])
+@pytest.mark.parametrize("kind", ["ln", "add_rms", "add_ln_"])
+def test_non_contiguous_x(dev_backend, kind, layout):
+    device, _ = dev_backend
+    if layout == "col_stride":
+        x = torch.randn(6, 2 * 130, device=device)[:, ::2]
+    elif layout == "row_stride":
+        x = torch.randn(6, 300, device=device)[:, 10:140]
+    else:
+        x = torch.randn(130, 6, device=device).t()
+    assert not x.is_contiguous()
+    check(kind, "silu", tuple(x.shape), torch.float32, torch.float32, device, x_view=x)
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms", "add_ln", "add_rms_"])
+def test_stride0_dy(dev_backend, kind):
+    """dy from .sum() is an expanded scalar (all strides 0): read as is, never wrongly."""
+    device, _ = dev_backend
+    n = 97
+    x = torch.randn(3, 4, n, device=device)
+    r = torch.randn(3, 4, n, device=device)
+    w, b = torch.rand(n, device=device) + 0.5, torch.randn(n, device=device)
+    grads = []
+    for fn in (_ours, _eager):
+        ts = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        rin = ts[1] * 1 if kind.endswith("_") else ts[1]
+        y, _ = fn(kind, ts[0], rin, ts[2], ts[3], 1e-5, "gelu")
+        y.sum().backward()
+        grads.append([t.grad for t in ts])
+    for name, o, e in zip(["dx", "dr", "dw", "db"], *grads):
+        if e is None:
+            assert o is None
+            continue
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inplace_residual_semantics(dev_backend):
+    device, _ = dev_backend
+    x = torch.randn(4, 5, 64, device=device)
+    base = torch.randn(4, 5, 64, device=device)
+    for make in (lambda: base.clone(), lambda: base.clone().transpose(0, 1).contiguous().transpose(0, 1)):
+        r = make()
+        x0 = x.clone()
+        y, s = fusedops.add_rms_norm_act(x, r, torch.ones(64, device=device), 1e-6, "relu", inplace=True)
+        assert s is r, "in place: the returned s is the residual buffer itself"
+        torch.testing.assert_close(r, x0 + base)
+        assert torch.equal(x, x0), "x must not be written"
+        y_ref, _ = _eager("add_rms", x0, base, torch.ones(64, device=device), None, 1e-6, "relu")
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    # out-of-place leaves the residual alone
+    r = base.clone()
+    y, s = fusedops.add_layer_norm_act(x, r, None, None, 1e-5, "identity")
+    assert torch.equal(r, base) and s.data_ptr() != r.data_ptr()
+
+
+def test_backward_deterministic(dev_backend):
+    device, _ = dev_backend
+    x = torch.randn(37, 300, device=device, requires_grad=True)
+    w = (torch.rand(300, device=device) + 0.5).requires_grad_()
+    b = torch.randn(300, device=device, requires_grad=True)
+    dy = torch.randn(37, 300, device=device)
+    out = []
+    for _ in range(2):
+        x.grad = w.grad = b.grad = None
+        fusedops.layer_norm_act(x, w, b, 1e-5, "gelu_tanh").backward(dy)
+        out.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
+    for a, c in zip(*out):
+        assert torch.equal(a, c)
+
+
+def test_gradcheck_fp64_reference():
+    """float64 runs the eager reference (with a FallbackWarning): gradcheck its analytic
+    backward (norm_act_backward's spec) against finite differences."""
+    torch.manual_seed(0)
+    n = 7
+    x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(n, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fusedops.FallbackWarning)
+        for act in ACTS:
+            if act == "relu":
+                continue  # kink at 0: finite differences are unreliable
+            assert torch.autograd.gradcheck(lambda x, w, b: fusedops.layer_norm_act(x, w, b, 1e-5, act), (x, w, b))
+            assert torch.autograd.gradcheck(lambda x, w: fusedops.rms_norm_act(x, w, 1e-6, act), (x, w))
+            assert torch.autograd.gradcheck(
+                lambda x, r, w, b: fusedops.add_layer_norm_act(x, r, w, b, 1e-5, act), (x, r, w, b))
+            assert torch.autograd.gradcheck(lambda x, r, w: fusedops.add_rms_norm_act(x, r, w, 1e-6, act), (x, r, w))
+
+
+def test_fp64_warns_and_matches_reference():
+    x = torch.randn(3, 10, dtype=torch.float64)
+    from fusedops import _backend
+    _backend._warned.clear()  # the warning is issued once per reason
+    with pytest.warns(fusedops.FallbackWarning, match="float64"):
+        y = fusedops.rms_norm_act(x, None, 1e-6, "silu")
+    torch.testing.assert_close(y, F.silu(F.rms_norm(x, (10,), None, 1e-6)))
+
+
+def _opcheck_args(device):
+    n = 33
+    x = torch.randn(4, n, device=device)
+    r = torch.randn(4, n, device=device)
+    w = torch.rand(n, device=device) + 0.5
+    b = torch.randn(n, device=device)
+    xg, wg, bg, rg = (t.clone().requires_grad_() for t in (x, w, b, r))
+    y, mean, rstd = norm_ops.layer_norm_act_op(x, w, b, 1e-5, "gelu")
+    return {
+        "layer_norm_act": (norm_ops.layer_norm_act_op, (xg, wg, bg, 1e-5, "gelu")),
+        "layer_norm_act bf16 fp32-out": (norm_ops.layer_norm_act_op,
+                                         (x.bfloat16(), w, None, 1e-5, "silu", torch.float32)),
+        "rms_norm_act": (norm_ops.rms_norm_act_op, (xg, wg, 1e-6, "gelu_tanh")),
+        "add_layer_norm_act": (norm_ops.add_layer_norm_act_op, (xg, rg, wg, bg, 1e-5, "relu")),
+        "add_rms_norm_act": (norm_ops.add_rms_norm_act_op, (xg, rg, None, 1e-6, "silu")),
+        "add_layer_norm_act_": (norm_ops.add_layer_norm_act_inplace_op, (x, r.clone(), w, b, 1e-5, "gelu")),
+        "add_rms_norm_act_": (norm_ops.add_rms_norm_act_inplace_op, (x, r.clone(), w, 1e-6, "identity")),
+        "norm_act_backward": (norm_ops.norm_act_backward_op,
+                              (torch.randn(4, n, device=device), x, w, b, mean, rstd, "gelu", None)),
+        "norm_act_backward rms ds": (norm_ops.norm_act_backward_op,
+                                     (torch.randn(4, n, device=device), x, w, None, None, rstd, "silu",
+                                      torch.randn(4, n, device=device))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_args("cpu")))
+def test_opcheck(dev_backend, name):
+    device, _ = dev_backend
+    op, args = _opcheck_args(device)[name]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_functional(dev_backend, kind):
+    device, _ = dev_backend
+    torch._dynamo.reset()
+    x = torch.randn(4, 6, 50, device=device)
+    r = torch.randn(4, 6, 50, device=device)
+    w, b = torch.rand(50, device=device) + 0.5, torch.randn(50, device=device)
+
+    def f(x, r, w, b):
+        rin = r * 1
+        y, s = _ours(kind, x, rin, w, b, 1e-5, "gelu_tanh")
+        return y if s is None else (y, s)
+
+    expected = f(x, r, w, b)
+    got = torch.compile(f, fullgraph=True, dynamic=False)(x, r, w, b)
+    torch.testing.assert_close(got, expected)
+
+
+def test_bad_inputs(dev_backend):
+    device, _ = dev_backend
+    x = torch.randn(3, 16, device=device)
+    r = torch.randn(3, 16, device=device)
+    r0 = r.clone()
+    with pytest.raises(ValueError, match="weight"):
+        fusedops.layer_norm_act(x, torch.ones(15, device=device), None)
+    with pytest.raises(ValueError, match="bias"):
+        fusedops.layer_norm_act(x, torch.ones(16, device=device), torch.ones(3, 16, device=device))
+    with pytest.raises(ValueError, match="weight"):
+        fusedops.rms_norm_act(x, torch.ones(16, device="meta"))
+    with pytest.raises(TypeError, match="weight"):
+        fusedops.rms_norm_act(x, torch.ones(16, device=device, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x"):
+        fusedops.rms_norm_act(x.int(), None)
+    with pytest.raises(ValueError, match="activation"):
+        fusedops.layer_norm_act(x, None, None, 1e-5, "tanh")
+    with pytest.raises(ValueError, match="residual"):
+        fusedops.add_layer_norm_act(x, torch.randn(3, 15, device=device))
+    with pytest.raises(TypeError, match="residual"):
+        fusedops.add_rms_norm_act(x, r.half())
+    with pytest.raises(ValueError, match="weight"):
+        fusedops.add_rms_norm_act(x, r, torch.ones(17, device=device), inplace=True)
+    assert torch.equal(r, r0), "nothing written on bad input"
+    with pytest.raises(ValueError, match="residual"):
+        fusedops.add_rms_norm_act(x, torch.randn(1, 16, device=device).expand(3, 16), inplace=True)
+
+
+def test_cpu_autocast_matches_eager():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fusedops.layer_norm_act(x, w, b, 1e-5, "gelu")
+        eager = F.gelu(F.layer_norm(x, (64,), w, b, 1e-5))
+        ours_r = fusedops.rms_norm_act(x.float(), w, None, "silu")
+        eager_r = F.silu(F.rms_norm(x.float(), (64,), w))
+    assert ours.dtype == eager.dtype and ours_r.dtype == eager_r.dtype
+    torch.testing.assert_close(ours.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours_r, eager_r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_autocast_matches_eager(backend):
+    require("cuda", backend)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    w = (torch.rand(256, device="cuda") + 0.5).requires_grad_()
+    b = torch.randn(256, device="cuda", requires_grad=True)
+    with fusedops.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = fusedops.layer_norm_act(x, w, b, 1e-5, "gelu_tanh")
+        eager = F.gelu(F.layer_norm(x, (256,), w, b, 1e-5), approximate="tanh")
+        ours_a, s = fusedops.add_rms_norm_act(x, r, w, None, "silu")
+        eager_a = F.silu(F.rms_norm(x + r, (256,), w))
+    assert ours.dtype == eager.dtype == torch.float32
+    assert ours_a.dtype == eager_a.dtype and s.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_a, eager_a, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(ours.sum(), (x, w, b))
+    g2 = torch.autograd.grad(eager.sum(), (x, w, b))
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["add_ln_", "add_rms_", "ln", "add_rms"])
+def test_compile_functional_with_grad(dev_backend, kind):
+    device, _ = dev_backend
+    torch._dynamo.reset()
+    x = torch.randn(4, 6, 50, device=device)
+    r = torch.randn(4, 6, 50, device=device)
+    w, b = torch.rand(50, device=device) + 0.5, torch.randn(50, device=device)
+
+    def f(x, r, w, b):
+        rin = r * 1
+        y, s = _ours(kind, x, rin, w, b, 1e-5, "silu")
+        return (y * y).sum() + (0 if s is None else (s * s).sum())
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, dynamic=False)):
+        ts = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        fn(*ts).backward()
+        grads.append([t.grad for t in ts])
+    for a, c in zip(*grads):
+        if a is None:
+            assert c is None
+        else:
+            torch.testing.assert_close(c, a)
+
+
+def test_mixed_weight_bias_dtypes(dev_backend):
+    """weight and bias of different dtypes (neither x's): computed in fp32 all the same."""
+    device, _ = dev_backend
+    x = torch.randn(6, 200, device=device).bfloat16().requires_grad_()
+    w = (torch.rand(200, device=device) + 0.5).half().requires_grad_()
+    b = torch.randn(200, device=device, requires_grad=True)
+    y = fusedops.layer_norm_act(x, w, b, 1e-5, "gelu")
+    ref = F.gelu(F.layer_norm(x.double(), (200,), w.double(), b.double(), 1e-5))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+    gx, gw, gb = torch.autograd.grad(y.float().sum(), (x, w, b))
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    rx, rw, rb = torch.autograd.grad(F.gelu(F.layer_norm(xr, (200,), wr, br, 1e-5)).sum(), (xr, wr, br))
+    assert (gx.dtype, gw.dtype, gb.dtype) == (torch.bfloat16, torch.float16, torch.float32)
+    torch.testing.assert_close(gx.double(), rx, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_family_tiny(tmp_path):
+    """`fusedops bench --ops norm` runs on a tiny CPU workload and counts bytes."""
+    import json
+
+    from fusedops.__main__ import main
+    rc = main(["bench", "--device", "cpu", "--ops", "norm", "--sizes", "64", "--no-compile",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"eager", "fusedops:cpp"}
+    assert all(r["gbps"] and r["gbps"] > 0 for r in rows)
