@@ -76,42 +76,62 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 class _ConvBNActTrain(torch.autograd.Function):
     """act(BN_batch(conv(x, w))) with batch statistics; saves x, w and per-channel stats
-    (and y in memory="fast"). Returns (z, mean, var) — mean/var not differentiable."""
+    (and y in memory="fast"). Returns (z, mean, var) — mean/var not differentiable.
+    conf = (stride, padding, dilation, groups, eps, act, slope, memory) (tuples/lists of
+    ints, made once per module)."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope,
-                memory):
+    def forward(ctx, x, weight, gamma, beta, conv_bias, conf):
+        stride, padding, dilation, groups, eps, act, slope, memory = conf
         y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        mean, invstd, var = bnops.bn_stats(y, eps)
-        z = bnops.bn_act_apply(y, mean, invstd, gamma, beta, act, slope)
-        saved = (x, weight, mean, invstd, gamma, beta) + ((y,) if memory == "fast" else ())
-        ctx.save_for_backward(*saved)
-        ctx.conf = (stride, padding, dilation, groups, act, slope, memory, conv_bias is not None)
+        n, c, h, w = y.shape
+        if n * h * w <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{list(y.shape)}")
+        mean, invstd, var = bnops.stats_direct(y, eps)
+        z = bnops.apply_direct(y, mean, invstd, gamma, beta, act, slope)
+        if memory == "fast":
+            ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
+        else:
+            ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
+        ctx.conf = conf
+        ctx.has_bias = conv_bias is not None
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz, _dmean, _dvar):
-        stride, padding, dilation, groups, act, slope, memory, has_bias = ctx.conf
-        x, weight, mean, invstd, gamma, beta, *rest = ctx.saved_tensors
+        stride, padding, dilation, groups, _eps, act, slope, memory = ctx.conf
+        saved = ctx.saved_tensors
+        x, weight, mean, invstd, gamma, beta = saved[:6]
         if memory == "fast":
-            y = rest[0]
-        else:
+            y = saved[6]
+        elif torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        dy, dgamma, dbeta = bnops.bn_act_backward(dz, y, mean, invstd, gamma, beta, act, slope)
-        del y
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        else:
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope)
+        del y, saved
+        needs = ctx.needs_input_grad
         dx = dw = None
-        if need_x or need_w:
+        if needs[0] or needs[1]:
             dx, dw, _ = torch.ops.aten.convolution_backward(
-                dy, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-                [need_x, need_w, False])
-        dg = dgamma.to(gamma.dtype) if gamma is not None and ctx.needs_input_grad[2] else None
-        db = dbeta.to(beta.dtype) if beta is not None and ctx.needs_input_grad[3] else None
-        dcb = torch.zeros(weight.shape[0], device=x.device, dtype=x.dtype) if has_bias else None
-        return dx, dw, dg, db, dcb, None, None, None, None, None, None, None, None
+                dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
+                [needs[0], needs[1], False])
+        del dy
+        dg = db = dcb = None
+        if gamma is not None and needs[2]:
+            dg = dgamma if dgamma.dtype == gamma.dtype else dgamma.to(gamma.dtype)
+        if beta is not None and needs[3]:
+            db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
+        if ctx.has_bias:
+            dcb = torch.zeros(weight.shape[0], device=x.device, dtype=x.dtype)
+        return dx, dw, dg, db, dcb, None
+
+
+_NO_OUTPUT_PADDING = [0, 0]
 
 
 class ConvBNAct2d(nn.Module):
@@ -199,26 +219,47 @@ class ConvBNAct2d(nn.Module):
             return self._forward_train(x)
         return self._forward_folded(x)
 
+    def _train_conf(self):
+        """The Function's constant arguments, rebuilt only when a setting changed."""
+        conv, bn = self.conv, self.bn
+        key = (conv.stride, self._padding, conv.dilation, conv.groups, bn.eps, self.activation,
+               self.negative_slope, self.memory)
+        cached = self.__dict__.get("_conf_cache")
+        if cached is None or cached[0] != key:
+            conf = (list(conv.stride), list(self._padding), list(conv.dilation), conv.groups, float(bn.eps),
+                    self.activation, float(self.negative_slope), self.memory)
+            cached = self.__dict__["_conf_cache"] = (key, conf)
+        return cached[1]
+
     def _forward_train(self, x):
         conv, bn = self.conv, self.bn
-        w = conv.weight
+        cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
+        w = cparams["weight"]
+        conv_bias = cparams.get("bias")
+        conf = self._train_conf()
         cd = _conv_dtype(x)
         if cd is not None:  # what autocast does to the eager conv: both operands in cd
-            x, w = x.to(cd), w.to(cd)
-        n = x.shape[0]
-        out_hw = [(x.shape[2 + i] + 2 * self._padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
-                  // conv.stride[i] + 1 for i in range(2)]
-        if n * out_hw[0] * out_hw[1] <= 1 and self.training:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{[n, conv.out_channels] + out_hw}")
-        with torch.autocast(x.device.type, enabled=False):
-            z, mean, var = _ConvBNActTrain.apply(
-                x, w, bn.weight, bn.bias, conv.bias, tuple(conv.stride), tuple(self._padding),
-                tuple(conv.dilation), conv.groups, bn.eps, self.activation, self.negative_slope, self.memory)
-        if self.training and bn.track_running_stats and bn.running_mean is not None:
-            mean_b = mean if conv.bias is None else mean + conv.bias.detach().float()
-            reference.update_running_stats_(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean_b, var,
-                                            n * out_hw[0] * out_hw[1], bn.momentum)
+            if x.dtype != cd:
+                x = x.to(cd)
+            if w.dtype != cd:
+                w = w.to(cd)
+            with torch.autocast(x.device.type, enabled=False):
+                z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias,
+                                                     conf)
+        else:
+            z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf)
+        rm = bbufs.get("running_mean")
+        if self.training and bn.track_running_stats and rm is not None:
+            if conv_bias is not None:
+                mean = mean + conv_bias.detach().float()
+            count = z.shape[0] * z.shape[2] * z.shape[3]
+            rv, nbt, momentum = bbufs["running_var"], bbufs.get("num_batches_tracked"), bn.momentum
+            if momentum is None or nbt is None or rm.dtype != mean.dtype or rv.dtype != var.dtype:
+                reference.update_running_stats_(rm, rv, nbt, mean, var, count, momentum)
+            else:  # eager's update in 3 launches: nbt += 1; lerp of both buffers
+                with torch.no_grad():
+                    nbt.add_(1)
+                    torch._foreach_lerp_([rm, rv], [mean, var * (count / max(count - 1, 1))], float(momentum))
         return z
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
