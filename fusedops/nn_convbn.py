@@ -279,11 +279,33 @@ class ConvBNAct2d(nn.Module):
         return w, b.to(conv.weight.dtype)
 
     def _forward_folded(self, x):
-        w, b = self.folded_weight_bias()
         c = self.conv
-        return folded_conv_act(x, w, b, (c.stride, self._padding, c.dilation, c.groups), self.activation,
-                               self.negative_slope)
+        geometry = (c.stride, self._padding, c.dilation, c.groups)
+        params = (c.weight, c.bias, self.bn.weight, self.bn.bias)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in params))):
+            w, b = self.folded_weight_bias()  # differentiable (frozen-BN fine-tuning) / traced
+            return folded_conv_act(x, w, b, geometry, self.activation, self.negative_slope)
+        w, b, b32 = self._folded_cached(_conv_dtype(x))
+        return conv_act_inference(x, w, b, b32, geometry, self.activation, self.negative_slope)
 
+    def _folded_cached(self, cast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """folded_weight_bias() (cast to `cast`, the autocast dtype, if given), recomputed
+        only when a parameter or buffer it reads changed (version counter or storage)."""
+        bn = self.bn
+        tensors = (self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = (cast, bn.eps) + tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+                                     for t in tensors)
+        cache = self.__dict__.setdefault("_fold_cache", {})
+        hit = cache.get(cast)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                w, b = self.folded_weight_bias()
+                b32 = b.float().contiguous()
+                if cast is not None:
+                    w, b = w.to(cast), b.to(cast)
+            hit = cache[cast] = (key, w, b, b32)
+        return hit[1], hit[2], hit[3]
 
 def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=None):
     """act(conv(x, w) + b): a single conv with bias for identity; otherwise the conv, then
@@ -301,6 +323,31 @@ def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=
         zeros = torch.zeros(b.shape[0], device=b.device, dtype=torch.float32)
         ones = torch.ones(b.shape[0], device=b.device, dtype=torch.float32)
     return bnops.bn_act_apply(y, zeros, ones, None, b, act, slope)
+
+
+def _act_inplace(y: torch.Tensor, act: str, slope: float) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu_(y)
+    if act == "relu6":
+        return F.hardtanh_(y, 0.0, 6.0)
+    if act == "silu":
+        return F.silu(y, inplace=True)
+    if act == "leaky_relu":
+        return F.leaky_relu_(y, slope)
+    return reference.activation(y, act, slope)  # identity, gelu, gelu_tanh
+
+
+def conv_act_inference(x, w, b, b32, geometry, act: str, slope: float):
+    """act(conv(x, w) + b) without autograd: identity is one conv with bias; otherwise the
+    conv, then bias + activation in one in-place pass of the apply kernel (fp32 math, b32
+    = b in fp32), or eager in-place ops where no kernel takes the conv output."""
+    stride, padding, dilation, groups = geometry
+    if act == "identity":
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if bnops.bias_act_(y, b32, act, slope):
+        return y
+    return _act_inplace(y.add_(b.reshape(1, -1, 1, 1).to(y.dtype)), act, slope)
 
 
 class FoldedConvAct2d(nn.Module):
@@ -324,8 +371,20 @@ class FoldedConvAct2d(nn.Module):
     def forward(self, x):
         if self._extra_pad is not None:
             x = F.pad(x, self._extra_pad)
-        return folded_conv_act(x, self.weight, self.bias, self.geometry, self.activation, self.negative_slope,
-                               self._zeros.float(), self._ones.float())
+        w, b = self.weight, self.bias
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or w.requires_grad or b.requires_grad)):
+            return folded_conv_act(x, w, b, self.geometry, self.activation, self.negative_slope,
+                                   self._zeros.float(), self._ones.float())
+        cast = _conv_dtype(x)
+        # autocast's casts (and the fp32 bias of the epilogue) made once, reused until w/b change
+        key = (cast, w._version, w.data_ptr(), w.dtype, b._version, b.data_ptr(), b.dtype)
+        hit = self.__dict__.get("_cast_cache")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                wc, bc = (w, b) if cast is None or w.dtype == cast else (w.to(cast), b.to(cast))
+                hit = self.__dict__["_cast_cache"] = (key, wc.detach(), bc.detach(), b.float().contiguous())
+        return conv_act_inference(x, hit[1], hit[2], hit[3], self.geometry, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

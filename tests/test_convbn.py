@@ -436,6 +436,46 @@ def test_eval_and_fold(dev_backend, act):
     torch.testing.assert_close(fused.bn.weight.grad, eager[1].weight.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_eval_fold_cache_follows_changes(dev_backend):
+    """The eval path folds once and reuses W', b' until a parameter or buffer changes."""
+    device, _ = dev_backend
+    fused = _fused_from(_trained_pair(device, "relu")).eval()
+    eager = nn.Sequential(fused.conv, fused.bn, nn.ReLU())  # the same parameters and buffers
+    x = torch.randn(2, 4, 7, 7, device=device)
+
+    def check(name):
+        with torch.no_grad():
+            ref = copy.deepcopy(eager).double()
+            assert_close_rule(fused(x), eager(x), ref(x.double()), atol=1e-5, name=name)
+
+    check("first")
+    check("cached")
+    with torch.no_grad():
+        eager[1].running_var.mul_(3.0)  # shared buffers: an in-place change must refold
+    check("running_var changed in place")
+    with torch.no_grad():
+        eager[0].weight.add_(0.5)
+        eager[1].bias.sub_(0.25)
+    check("parameters changed in place")
+    fused.train()
+    fused(torch.randn(4, 4, 7, 7, device=device))  # a training step moves the running stats
+    fused.eval()
+    check("after a training step")
+    fused.load_state_dict(_fused_from(_trained_pair(device, "relu")).state_dict())
+    check("after load_state_dict")
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):  # cached bf16 casts
+        for _ in range(2):
+            got, want = fused(x), eager(x)
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+    folded = fusedops.fold_conv_bn(copy.deepcopy(fused))
+    with torch.no_grad():
+        before = folded(x)
+        folded.weight.mul_(2.0)
+        after = folded(x)
+    assert not torch.allclose(before, after)
+
+
 def test_fold_low_precision_in_fp32(dev_backend):
     device, _ = dev_backend
     eager = _trained_pair(device, "relu").eval()

@@ -394,3 +394,23 @@ def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float):
     if fn is None or not _kernel_dtype(weight, bias):
         return bn_act_backward_op(dz, y, mean, invstd, weight, bias, act, slope)
     return fn(dz, y, mean, invstd, weight, bias, act, slope)
+
+
+def bias_act_(y: torch.Tensor, bias32: torch.Tensor, act: str, slope: float) -> bool:
+    """y ← act(y + bias) in place with the apply kernel (inference epilogue of a folded
+    conv); bias32 fp32 contiguous [C]. Returns False, writing nothing, when no kernel
+    takes y (the caller then runs eager ops)."""
+    if not _plain(y):
+        return False
+    backend = _apply.backend_for(y.device.type)
+    c = y.shape[1]
+    zeros, ones = _constant(0.0, c, y), _constant(1.0, c, y)
+    yk = _normalize_hw(y)
+    if backend == "triton":
+        _triton.kernels("batchnorm").bn_act_apply(yk, yk, zeros, ones, None, bias32, act, float(slope),
+                                                  _channels_last(yk))
+    elif backend in ("cuda", "cpp") and _native_ready(APPLY, y.device.type):
+        _native.op(APPLY)(yk, zeros, ones, ones, bias32, _ACT_CODES[act], float(slope), yk)
+    else:
+        return False
+    return True
