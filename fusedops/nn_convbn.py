@@ -74,11 +74,22 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def _hooks_active() -> bool:
+    """saved_tensors_hooks (e.g. save_on_cpu) are in force: every saved tensor must go
+    through them."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 class _ConvBNActTrain(torch.autograd.Function):
     """act(BN_batch(conv(x, w))) with batch statistics; saves x, w and per-channel stats
     (and y in memory="fast"). Returns (z, mean, var) — mean/var not differentiable.
     conf = (stride, padding, dilation, groups, eps, act, slope, memory) (tuples/lists of
-    ints, made once per module)."""
+    ints, made once per module).
+
+    memory="recompute" backward: y = conv(x) again; dy is written over y; dW first, then x
+    is released (it is held on ctx, with its version checked as autograd would, unless
+    saved-tensor hooks or tracing need save_for_backward) before dX = conv_transpose(dy):
+    at the peak one activation less than keeping x to the end."""
 
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, conv_bias, conf):
@@ -90,8 +101,12 @@ class _ConvBNActTrain(torch.autograd.Function):
                              f"{list(y.shape)}")
         mean, invstd, var = bnops.stats_direct(y, eps)
         z = bnops.apply_direct(y, mean, invstd, gamma, beta, act, slope)
+        ctx.x = None
         if memory == "fast":
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
+        elif type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _hooks_active():
+            ctx.save_for_backward(weight, mean, invstd, gamma, beta)
+            ctx.x, ctx.x_version = x, x._version
         else:
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
         ctx.conf = conf
@@ -103,8 +118,19 @@ class _ConvBNActTrain(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz, _dmean, _dvar):
         stride, padding, dilation, groups, _eps, act, slope, memory = ctx.conf
-        saved = ctx.saved_tensors
-        x, weight, mean, invstd, gamma, beta = saved[:6]
+        needs = ctx.needs_input_grad
+        early = ctx.x is not None
+        if early:
+            x = ctx.x
+            ctx.x = None
+            if x._version != ctx.x_version:
+                raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                                   f"inplace operation: the input of ConvBNAct2d is at version {x._version}; "
+                                   f"expected version {ctx.x_version} instead.")
+            weight, mean, invstd, gamma, beta = ctx.saved_tensors
+        else:
+            saved = ctx.saved_tensors
+            x, weight, mean, invstd, gamma, beta = saved[:6]
         if memory == "fast":
             y = saved[6]
         elif torch.is_autocast_enabled(x.device.type):
@@ -112,11 +138,23 @@ class _ConvBNActTrain(torch.autograd.Function):
                 y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         else:
             y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope)
-        del y, saved
-        needs = ctx.needs_input_grad
+        dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope,
+                                                  dy_into_y=memory != "fast")
+        del y
+        if not early:
+            del saved
         dx = dw = None
-        if needs[0] or needs[1]:
+        if early:  # dW while x lives, then x goes before dX is allocated
+            if needs[1]:
+                dw = torch.ops.aten.convolution_backward(
+                    dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
+                    [False, True, False])[1]
+            in_hw = x.shape[2:]
+            del x
+            if needs[0]:
+                out_pad = _output_padding(in_hw, dy.shape, weight.shape, stride, padding, dilation)
+                dx = F.conv_transpose2d(dy, weight, None, stride, padding, out_pad, groups, dilation)
+        elif needs[0] or needs[1]:
             dx, dw, _ = torch.ops.aten.convolution_backward(
                 dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
                 [needs[0], needs[1], False])
@@ -127,11 +165,17 @@ class _ConvBNActTrain(torch.autograd.Function):
         if beta is not None and needs[3]:
             db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
         if ctx.has_bias:
-            dcb = torch.zeros(weight.shape[0], device=x.device, dtype=x.dtype)
+            dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
         return dx, dw, dg, db, dcb, None
 
 
 _NO_OUTPUT_PADDING = [0, 0]
+
+
+def _output_padding(in_hw, out_shape, w_shape, stride, padding, dilation) -> list:
+    """conv_transpose2d's output_padding that gives back the conv input's H, W."""
+    return [in_hw[i] - ((out_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w_shape[2 + i] - 1) + 1)
+            for i in range(2)]
 
 
 class ConvBNAct2d(nn.Module):

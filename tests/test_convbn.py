@@ -377,6 +377,21 @@ def test_default_mode_saves_less_than_eager(dev_backend, act):
     out.sum().backward()  # the recompute path runs
 
 
+def test_input_modified_in_place_after_forward_raises(dev_backend):
+    """The recompute mode holds the conv input itself (released early in backward): an
+    in-place change of it must fail in backward as autograd's saved-tensor check does."""
+    device, _ = dev_backend
+    fused = _fused_from(_pair(4, 4, 3, "relu", device, conv_kw=dict(padding=1)))
+    x = torch.randn(2, 4, 6, 6, device=device)
+    h = x.clone().requires_grad_()
+    inner = h * 1.0
+    out = fused(inner)
+    with torch.no_grad():
+        inner.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_compile_fullgraph(triton_dev):
     eager = _pair(4, 6, 3, "relu", triton_dev, conv_kw=dict(padding=1), bn_kw=dict(momentum=None))
     fused = _fused_from(eager)

@@ -227,10 +227,10 @@ bn_act_backward_op = define(
 
 
 @_backward.register("triton")
-def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope):
+def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope, out=None):
     yk = _prepare(y)
     dzk = _prepare(dz)
-    dy = _out_like(y)
+    dy = _out_like(y) if out is None else out
     dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
     dw, db = _triton.kernels("batchnorm").bn_act_backward(
         dzk, yk, _normalize_hw(dyk), mean.contiguous(), invstd.contiguous(), _contig(weight), _contig(bias),
@@ -285,12 +285,12 @@ def _affine32(weight, bias, c, like):
 
 
 def _native_or_reference(kernels: Kernels, op: str, native, ref):
-    def run(*args):
+    def run(*args, **kwargs):
         if _native_ready(op, args[0].device.type):
-            return native(*args)
+            return native(*args, **kwargs)
         warn_once(f"fusedops.{kernels.op}: the extension has no {op} kernel for {args[0].device.type} tensors "
                   "(rebuild fusedops); running the eager reference")
-        return ref(*args)
+        return ref(*args)  # allocates its own outputs (an `out` hint is dropped)
     return run
 
 
@@ -314,9 +314,9 @@ def _apply_native(y, mean, invstd, weight, bias, act, slope):
     return z
 
 
-def _backward_native(dz, y, mean, invstd, weight, bias, act, slope):
+def _backward_native(dz, y, mean, invstd, weight, bias, act, slope, out=None):
     yk, dzk = _prepare(y), _prepare(dz)
-    dy = _out_like(y)
+    dy = _out_like(y) if out is None else out
     dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
     w, b = _affine32(weight, bias, y.shape[1], y)
     c = y.shape[1]
@@ -388,12 +388,20 @@ def apply_direct(y, mean, invstd, weight, bias, act: str, slope: float):
     return fn(y, mean, invstd, weight, bias, act, slope)
 
 
-def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float):
+def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, dy_into_y: bool = False):
+    """dy_into_y: y is a scratch tensor of the caller's; dy may be written over it (the
+    kernels read each element of y before writing dy there) — one activation less."""
     fn = _direct(_backward, y) if (_plain(y) and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES
                                    and dz.shape == y.shape) else None
     if fn is None or not _kernel_dtype(weight, bias):
         return bn_act_backward_op(dz, y, mean, invstd, weight, bias, act, slope)
+    if dy_into_y and not _overlaps(dz, y):
+        return fn(dz, y, mean, invstd, weight, bias, act, slope, out=y)
     return fn(dz, y, mean, invstd, weight, bias, act, slope)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def bias_act_(y: torch.Tensor, bias32: torch.Tensor, act: str, slope: float) -> bool:
