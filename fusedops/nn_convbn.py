@@ -74,6 +74,11 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+# Devices where the recompute backward releases x before dX (two conv-backward calls
+# instead of one): on CPU the split costs more time than the memory it saves is worth.
+EARLY_RELEASE_DEVICES = ("cuda",)
+
+
 def _hooks_active() -> bool:
     """saved_tensors_hooks (e.g. save_on_cpu) are in force: every saved tensor must go
     through them."""
@@ -104,7 +109,8 @@ class _ConvBNActTrain(torch.autograd.Function):
         ctx.x = None
         if memory == "fast":
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
-        elif type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _hooks_active():
+        elif (x.device.type in EARLY_RELEASE_DEVICES and type(x) is torch.Tensor
+              and not torch.compiler.is_compiling() and not _hooks_active()):
             ctx.save_for_backward(weight, mean, invstd, gamma, beta)
             ctx.x, ctx.x_version = x, x._version
         else:

@@ -377,7 +377,22 @@ def test_default_mode_saves_less_than_eager(dev_backend, act):
     out.sum().backward()  # the recompute path runs
 
 
-def test_input_modified_in_place_after_forward_raises(dev_backend):
+@pytest.fixture
+def early_release(monkeypatch):
+    """The recompute backward's early release of x (CUDA by default) on every device."""
+    from fusedops import nn_convbn
+    monkeypatch.setattr(nn_convbn, "EARLY_RELEASE_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(stride=2, padding=1), dict(stride=2, padding=0),
+                                     dict(dilation=2, padding=2, groups=2), dict(padding="same", stride=1)])
+def test_train_early_release_geometry(dev_backend, early_release, conv_kw):
+    device, _ = dev_backend
+    eager = _pair(4, 6, 3, "relu", device, conv_kw=conv_kw)
+    _train_compare(eager, _fused_from(eager), torch.randn(3, 4, 9, 8, device=device), channels_last=True)
+
+
+def test_input_modified_in_place_after_forward_raises(dev_backend, early_release):
     """The recompute mode holds the conv input itself (released early in backward): an
     in-place change of it must fail in backward as autograd's saved-tensor check does."""
     device, _ = dev_backend
