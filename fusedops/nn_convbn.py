@@ -74,44 +74,114 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+# Devices where the recompute backward releases x before dX (two conv-backward calls
+# instead of one): on CPU the split costs more time than the memory it saves is worth.
+EARLY_RELEASE_DEVICES = ("cuda",)
+
+
+def _hooks_active() -> bool:
+    """saved_tensors_hooks (e.g. save_on_cpu) are in force: every saved tensor must go
+    through them."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 class _ConvBNActTrain(torch.autograd.Function):
     """act(BN_batch(conv(x, w))) with batch statistics; saves x, w and per-channel stats
-    (and y in memory="fast"). Returns (z, mean, var) — mean/var not differentiable."""
+    (and y in memory="fast"). Returns (z, mean, var) — mean/var not differentiable.
+    conf = (stride, padding, dilation, groups, eps, act, slope, memory) (tuples/lists of
+    ints, made once per module).
+
+    memory="recompute" backward: y = conv(x) again; dy is written over y; dW first, then x
+    is released (it is held on ctx, with its version checked as autograd would, unless
+    saved-tensor hooks or tracing need save_for_backward) before dX = conv_transpose(dy):
+    at the peak one activation less than keeping x to the end."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope,
-                memory):
+    def forward(ctx, x, weight, gamma, beta, conv_bias, conf):
+        stride, padding, dilation, groups, eps, act, slope, memory = conf
         y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        mean, invstd, var = bnops.bn_stats(y, eps)
-        z = bnops.bn_act_apply(y, mean, invstd, gamma, beta, act, slope)
-        saved = (x, weight, mean, invstd, gamma, beta) + ((y,) if memory == "fast" else ())
-        ctx.save_for_backward(*saved)
-        ctx.conf = (stride, padding, dilation, groups, act, slope, memory, conv_bias is not None)
+        n, c, h, w = y.shape
+        if n * h * w <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{list(y.shape)}")
+        mean, invstd, var = bnops.stats_direct(y, eps)
+        z = bnops.apply_direct(y, mean, invstd, gamma, beta, act, slope)
+        ctx.x = None
+        if memory == "fast":
+            ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
+        elif (x.device.type in EARLY_RELEASE_DEVICES and type(x) is torch.Tensor
+              and not torch.compiler.is_compiling() and not _hooks_active()):
+            ctx.save_for_backward(weight, mean, invstd, gamma, beta)
+            ctx.x, ctx.x_version = x, x._version
+        else:
+            ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
+        ctx.conf = conf
+        ctx.has_bias = conv_bias is not None
         ctx.mark_non_differentiable(mean, var)
         return z, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz, _dmean, _dvar):
-        stride, padding, dilation, groups, act, slope, memory, has_bias = ctx.conf
-        x, weight, mean, invstd, gamma, beta, *rest = ctx.saved_tensors
-        if memory == "fast":
-            y = rest[0]
+        stride, padding, dilation, groups, _eps, act, slope, memory = ctx.conf
+        needs = ctx.needs_input_grad
+        early = ctx.x is not None
+        if early:
+            x = ctx.x
+            ctx.x = None
+            if x._version != ctx.x_version:
+                raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                                   f"inplace operation: the input of ConvBNAct2d is at version {x._version}; "
+                                   f"expected version {ctx.x_version} instead.")
+            weight, mean, invstd, gamma, beta = ctx.saved_tensors
         else:
+            saved = ctx.saved_tensors
+            x, weight, mean, invstd, gamma, beta = saved[:6]
+        if memory == "fast":
+            y = saved[6]
+        elif torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        dy, dgamma, dbeta = bnops.bn_act_backward(dz, y, mean, invstd, gamma, beta, act, slope)
+        else:
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope,
+                                                  dy_into_y=memory != "fast")
         del y
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not early:
+            del saved
         dx = dw = None
-        if need_x or need_w:
+        if early:  # dW while x lives, then x goes before dX is allocated
+            if needs[1]:
+                dw = torch.ops.aten.convolution_backward(
+                    dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
+                    [False, True, False])[1]
+            in_hw = x.shape[2:]
+            del x
+            if needs[0]:
+                out_pad = _output_padding(in_hw, dy.shape, weight.shape, stride, padding, dilation)
+                dx = F.conv_transpose2d(dy, weight, None, stride, padding, out_pad, groups, dilation)
+        elif needs[0] or needs[1]:
             dx, dw, _ = torch.ops.aten.convolution_backward(
-                dy, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-                [need_x, need_w, False])
-        dg = dgamma.to(gamma.dtype) if gamma is not None and ctx.needs_input_grad[2] else None
-        db = dbeta.to(beta.dtype) if beta is not None and ctx.needs_input_grad[3] else None
-        dcb = torch.zeros(weight.shape[0], device=x.device, dtype=x.dtype) if has_bias else None
-        return dx, dw, dg, db, dcb, None, None, None, None, None, None, None, None
+                dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
+                [needs[0], needs[1], False])
+        del dy
+        dg = db = dcb = None
+        if gamma is not None and needs[2]:
+            dg = dgamma if dgamma.dtype == gamma.dtype else dgamma.to(gamma.dtype)
+        if beta is not None and needs[3]:
+            db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
+        if ctx.has_bias:
+            dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
+        return dx, dw, dg, db, dcb, None
+
+
+_NO_OUTPUT_PADDING = [0, 0]
+
+
+def _output_padding(in_hw, out_shape, w_shape, stride, padding, dilation) -> list:
+    """conv_transpose2d's output_padding that gives back the conv input's H, W."""
+    return [in_hw[i] - ((out_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w_shape[2 + i] - 1) + 1)
+            for i in range(2)]
 
 
 class ConvBNAct2d(nn.Module):
@@ -199,26 +269,47 @@ class ConvBNAct2d(nn.Module):
             return self._forward_train(x)
         return self._forward_folded(x)
 
+    def _train_conf(self):
+        """The Function's constant arguments, rebuilt only when a setting changed."""
+        conv, bn = self.conv, self.bn
+        key = (conv.stride, self._padding, conv.dilation, conv.groups, bn.eps, self.activation,
+               self.negative_slope, self.memory)
+        cached = self.__dict__.get("_conf_cache")
+        if cached is None or cached[0] != key:
+            conf = (list(conv.stride), list(self._padding), list(conv.dilation), conv.groups, float(bn.eps),
+                    self.activation, float(self.negative_slope), self.memory)
+            cached = self.__dict__["_conf_cache"] = (key, conf)
+        return cached[1]
+
     def _forward_train(self, x):
         conv, bn = self.conv, self.bn
-        w = conv.weight
+        cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
+        w = cparams["weight"]
+        conv_bias = cparams.get("bias")
+        conf = self._train_conf()
         cd = _conv_dtype(x)
         if cd is not None:  # what autocast does to the eager conv: both operands in cd
-            x, w = x.to(cd), w.to(cd)
-        n = x.shape[0]
-        out_hw = [(x.shape[2 + i] + 2 * self._padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
-                  // conv.stride[i] + 1 for i in range(2)]
-        if n * out_hw[0] * out_hw[1] <= 1 and self.training:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{[n, conv.out_channels] + out_hw}")
-        with torch.autocast(x.device.type, enabled=False):
-            z, mean, var = _ConvBNActTrain.apply(
-                x, w, bn.weight, bn.bias, conv.bias, tuple(conv.stride), tuple(self._padding),
-                tuple(conv.dilation), conv.groups, bn.eps, self.activation, self.negative_slope, self.memory)
-        if self.training and bn.track_running_stats and bn.running_mean is not None:
-            mean_b = mean if conv.bias is None else mean + conv.bias.detach().float()
-            reference.update_running_stats_(bn.running_mean, bn.running_var, bn.num_batches_tracked, mean_b, var,
-                                            n * out_hw[0] * out_hw[1], bn.momentum)
+            if x.dtype != cd:
+                x = x.to(cd)
+            if w.dtype != cd:
+                w = w.to(cd)
+            with torch.autocast(x.device.type, enabled=False):
+                z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias,
+                                                     conf)
+        else:
+            z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf)
+        rm = bbufs.get("running_mean")
+        if self.training and bn.track_running_stats and rm is not None:
+            if conv_bias is not None:
+                mean = mean + conv_bias.detach().float()
+            count = z.shape[0] * z.shape[2] * z.shape[3]
+            rv, nbt, momentum = bbufs["running_var"], bbufs.get("num_batches_tracked"), bn.momentum
+            if momentum is None or nbt is None or rm.dtype != mean.dtype or rv.dtype != var.dtype:
+                reference.update_running_stats_(rm, rv, nbt, mean, var, count, momentum)
+            else:  # eager's update in 3 launches: nbt += 1; lerp of both buffers
+                with torch.no_grad():
+                    nbt.add_(1)
+                    torch._foreach_lerp_([rm, rv], [mean, var * (count / max(count - 1, 1))], float(momentum))
         return z
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,11 +329,33 @@ class ConvBNAct2d(nn.Module):
         return w, b.to(conv.weight.dtype)
 
     def _forward_folded(self, x):
-        w, b = self.folded_weight_bias()
         c = self.conv
-        return folded_conv_act(x, w, b, (c.stride, self._padding, c.dilation, c.groups), self.activation,
-                               self.negative_slope)
+        geometry = (c.stride, self._padding, c.dilation, c.groups)
+        params = (c.weight, c.bias, self.bn.weight, self.bn.bias)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or any(p is not None and p.requires_grad for p in params))):
+            w, b = self.folded_weight_bias()  # differentiable (frozen-BN fine-tuning) / traced
+            return folded_conv_act(x, w, b, geometry, self.activation, self.negative_slope)
+        w, b, b32 = self._folded_cached(_conv_dtype(x))
+        return conv_act_inference(x, w, b, b32, geometry, self.activation, self.negative_slope)
 
+    def _folded_cached(self, cast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """folded_weight_bias() (cast to `cast`, the autocast dtype, if given), recomputed
+        only when a parameter or buffer it reads changed (version counter or storage)."""
+        bn = self.bn
+        tensors = (self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = (cast, bn.eps) + tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
+                                     for t in tensors)
+        cache = self.__dict__.setdefault("_fold_cache", {})
+        hit = cache.get(cast)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                w, b = self.folded_weight_bias()
+                b32 = b.float().contiguous()
+                if cast is not None:
+                    w, b = w.to(cast), b.to(cast)
+            hit = cache[cast] = (key, w, b, b32)
+        return hit[1], hit[2], hit[3]
 
 def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=None):
     """act(conv(x, w) + b): a single conv with bias for identity; otherwise the conv, then
@@ -260,6 +373,31 @@ def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=
         zeros = torch.zeros(b.shape[0], device=b.device, dtype=torch.float32)
         ones = torch.ones(b.shape[0], device=b.device, dtype=torch.float32)
     return bnops.bn_act_apply(y, zeros, ones, None, b, act, slope)
+
+
+def _act_inplace(y: torch.Tensor, act: str, slope: float) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu_(y)
+    if act == "relu6":
+        return F.hardtanh_(y, 0.0, 6.0)
+    if act == "silu":
+        return F.silu(y, inplace=True)
+    if act == "leaky_relu":
+        return F.leaky_relu_(y, slope)
+    return reference.activation(y, act, slope)  # identity, gelu, gelu_tanh
+
+
+def conv_act_inference(x, w, b, b32, geometry, act: str, slope: float):
+    """act(conv(x, w) + b) without autograd: identity is one conv with bias; otherwise the
+    conv, then bias + activation in one in-place pass of the apply kernel (fp32 math, b32
+    = b in fp32), or eager in-place ops where no kernel takes the conv output."""
+    stride, padding, dilation, groups = geometry
+    if act == "identity":
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if bnops.bias_act_(y, b32, act, slope):
+        return y
+    return _act_inplace(y.add_(b.reshape(1, -1, 1, 1).to(y.dtype)), act, slope)
 
 
 class FoldedConvAct2d(nn.Module):
@@ -283,8 +421,20 @@ class FoldedConvAct2d(nn.Module):
     def forward(self, x):
         if self._extra_pad is not None:
             x = F.pad(x, self._extra_pad)
-        return folded_conv_act(x, self.weight, self.bias, self.geometry, self.activation, self.negative_slope,
-                               self._zeros.float(), self._ones.float())
+        w, b = self.weight, self.bias
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or w.requires_grad or b.requires_grad)):
+            return folded_conv_act(x, w, b, self.geometry, self.activation, self.negative_slope,
+                                   self._zeros.float(), self._ones.float())
+        cast = _conv_dtype(x)
+        # autocast's casts (and the fp32 bias of the epilogue) made once, reused until w/b change
+        key = (cast, w._version, w.data_ptr(), w.dtype, b._version, b.data_ptr(), b.dtype)
+        hit = self.__dict__.get("_cast_cache")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                wc, bc = (w, b) if cast is None or w.dtype == cast else (w.to(cast), b.to(cast))
+                hit = self.__dict__["_cast_cache"] = (key, wc.detach(), bc.detach(), b.float().contiguous())
+        return conv_act_inference(x, hit[1], hit[2], hit[3], self.geometry, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -377,6 +377,36 @@ def test_default_mode_saves_less_than_eager(dev_backend, act):
     out.sum().backward()  # the recompute path runs
 
 
+@pytest.fixture
+def early_release(monkeypatch):
+    """The recompute backward's early release of x (CUDA by default) on every device."""
+    from fusedops import nn_convbn
+    monkeypatch.setattr(nn_convbn, "EARLY_RELEASE_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(stride=2, padding=1), dict(stride=2, padding=0),
+                                     dict(dilation=2, padding=2, groups=2), dict(padding="same", stride=1)])
+def test_train_early_release_geometry(dev_backend, early_release, conv_kw):
+    device, _ = dev_backend
+    eager = _pair(4, 6, 3, "relu", device, conv_kw=conv_kw)
+    _train_compare(eager, _fused_from(eager), torch.randn(3, 4, 9, 8, device=device), channels_last=True)
+
+
+def test_input_modified_in_place_after_forward_raises(dev_backend, early_release):
+    """The recompute mode holds the conv input itself (released early in backward): an
+    in-place change of it must fail in backward as autograd's saved-tensor check does."""
+    device, _ = dev_backend
+    fused = _fused_from(_pair(4, 4, 3, "relu", device, conv_kw=dict(padding=1)))
+    x = torch.randn(2, 4, 6, 6, device=device)
+    h = x.clone().requires_grad_()
+    inner = h * 1.0
+    out = fused(inner)
+    with torch.no_grad():
+        inner.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_compile_fullgraph(triton_dev):
     eager = _pair(4, 6, 3, "relu", triton_dev, conv_kw=dict(padding=1), bn_kw=dict(momentum=None))
     fused = _fused_from(eager)
@@ -434,6 +464,46 @@ def test_eval_and_fold(dev_backend, act):
     eager(xe).sum().backward()
     torch.testing.assert_close(xg.grad, xe.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.bn.weight.grad, eager[1].weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_eval_fold_cache_follows_changes(dev_backend):
+    """The eval path folds once and reuses W', b' until a parameter or buffer changes."""
+    device, _ = dev_backend
+    fused = _fused_from(_trained_pair(device, "relu")).eval()
+    eager = nn.Sequential(fused.conv, fused.bn, nn.ReLU())  # the same parameters and buffers
+    x = torch.randn(2, 4, 7, 7, device=device)
+
+    def check(name):
+        with torch.no_grad():
+            ref = copy.deepcopy(eager).double()
+            assert_close_rule(fused(x), eager(x), ref(x.double()), atol=1e-5, name=name)
+
+    check("first")
+    check("cached")
+    with torch.no_grad():
+        eager[1].running_var.mul_(3.0)  # shared buffers: an in-place change must refold
+    check("running_var changed in place")
+    with torch.no_grad():
+        eager[0].weight.add_(0.5)
+        eager[1].bias.sub_(0.25)
+    check("parameters changed in place")
+    fused.train()
+    fused(torch.randn(4, 4, 7, 7, device=device))  # a training step moves the running stats
+    fused.eval()
+    check("after a training step")
+    fused.load_state_dict(_fused_from(_trained_pair(device, "relu")).state_dict())
+    check("after load_state_dict")
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):  # cached bf16 casts
+        for _ in range(2):
+            got, want = fused(x), eager(x)
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+    folded = fusedops.fold_conv_bn(copy.deepcopy(fused))
+    with torch.no_grad():
+        before = folded(x)
+        folded.weight.mul_(2.0)
+        after = folded(x)
+    assert not torch.allclose(before, after)
 
 
 def test_fold_low_precision_in_fp32(dev_backend):

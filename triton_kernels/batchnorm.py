@@ -159,32 +159,47 @@ def bn_stats_partial_kernel(y_ptr, part_ptr, M, C, HW, sN, sC, sHW, rows_per_spl
 
 
 @triton.jit
-def _finalize_step(part_ptr, s, M, C, splits, rows_per_split, cols, cmask, mean, m2, count):
-    k = tl.minimum(M - s * rows_per_split, rows_per_split).to(tl.float32)
-    s_mean = tl.load(part_ptr + s * C + cols, mask=cmask, other=0.0)
-    s_m2 = tl.load(part_ptr + (splits + s) * C + cols, mask=cmask, other=0.0)
-    total = count + k
-    delta = s_mean - mean
-    mean = mean + delta * (k / total)
-    m2 = m2 + s_m2 + delta * delta * (count * k / total)
-    return mean, m2, total
+def _finalize_tile(part_ptr, t, M, C, splits, rows_per_split, cols, cmask, mean, m2, count,
+                   BLOCK_S: tl.constexpr):
+    # BLOCK_S slices at once: their exact combined (mean, M2) in registers (fixed-order
+    # tree sums: deterministic), then Chan's combine into the running (mean, M2)
+    s = t * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < splits
+    k = tl.where(smask, tl.minimum(M - s * rows_per_split, rows_per_split), 0).to(tl.float32)
+    mask = smask[:, None] & cmask[None, :]
+    offs = s[:, None] * C + cols[None, :]
+    s_mean = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    s_m2 = tl.load(part_ptr + splits * C + offs, mask=mask, other=0.0)
+    kk = k[:, None] + tl.zeros_like(s_mean)
+    t_count = tl.sum(kk, axis=0)
+    t_mean = tl.sum(kk * s_mean, axis=0) / tl.maximum(t_count, 1.0)
+    d = tl.where(mask, s_mean - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(s_m2 + kk * d * d, axis=0)
+    total = tl.maximum(count + t_count, 1.0)
+    delta = t_mean - mean
+    mean = mean + delta * (t_count / total)
+    m2 = m2 + t_m2 + delta * delta * (count * t_count / total)
+    return mean, m2, count + t_count
 
 
 @triton.jit
 def bn_stats_finalize_kernel(part_ptr, mean_ptr, invstd_ptr, var_ptr, M, C, splits, rows_per_split, eps,
-                             BLOCK_C: tl.constexpr, STATIC_TILES: tl.constexpr = 0):
-    # Chan-combines the slices in fixed order (deterministic)
+                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, STATIC_TILES: tl.constexpr = 0):
+    # combines the slices' partials; programs over channel blocks, each reading BLOCK_S
+    # slices per step (a few steps instead of one dependent load per slice)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     count = tl.zeros([BLOCK_C], tl.float32)
     if STATIC_TILES > 0:
-        for s in tl.static_range(STATIC_TILES):
-            mean, m2, count = _finalize_step(part_ptr, s, M, C, splits, rows_per_split, cols, cmask, mean, m2, count)
+        for t in tl.static_range(STATIC_TILES):
+            mean, m2, count = _finalize_tile(part_ptr, t, M, C, splits, rows_per_split, cols, cmask, mean, m2,
+                                             count, BLOCK_S)
     else:
-        for s in range(0, splits):
-            mean, m2, count = _finalize_step(part_ptr, s, M, C, splits, rows_per_split, cols, cmask, mean, m2, count)
+        for t in range(0, tl.cdiv(splits, BLOCK_S)):
+            mean, m2, count = _finalize_tile(part_ptr, t, M, C, splits, rows_per_split, cols, cmask, mean, m2,
+                                             count, BLOCK_S)
     var = m2 / count
     tl.store(mean_ptr + cols, mean, mask=cmask)
     tl.store(var_ptr + cols, var, mask=cmask)
@@ -216,9 +231,11 @@ def bn_stats(y: torch.Tensor, eps: float, channels_last: bool, mean: torch.Tenso
     bn_stats_partial_kernel[(splits, c_blocks)](y, part, m, c, hw, sn, sc, shw, rows_per,
                                                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
                                                 STATIC_TILES=_static(rows_per // cfg.block_m))
-    fb = min(1024, triton.next_power_of_2(c))
+    fb = min(32, triton.next_power_of_2(c))
+    bs = min(64, triton.next_power_of_2(splits))
     bn_stats_finalize_kernel[(triton.cdiv(c, fb),)](part, mean, invstd, var, m, c, splits, rows_per, eps,
-                                                    BLOCK_C=fb, num_warps=4, STATIC_TILES=_static(splits))
+                                                    BLOCK_S=bs, BLOCK_C=fb, num_warps=4,
+                                                    STATIC_TILES=_static(triton.cdiv(splits, bs)))
 
 
 @triton.jit

@@ -28,6 +28,7 @@ Geo geometry(const Tensor& t) {
 }
 
 __device__ __forceinline__ int64_t row_offset(const Geo& g, int64_t r) {
+  if (g.sn == g.hw * g.shw) return r * g.shw;  // rows evenly spaced (channels_last dense): no division
   const int64_t n = r / g.hw;
   return n * g.sn + (r - n * g.hw) * g.shw;
 }
@@ -81,14 +82,23 @@ stats_partial_kernel(const T* __restrict__ y, Geo g, int64_t rows_per_split, flo
   int64_t c, r, step;
   thread_slot<kCL>(c, r, step, start);
   float mean = 0.f, m2 = 0.f, cnt = 0.f;
+  auto welford = [&](float v) {
+    cnt += 1.f;
+    const float d = v - mean;
+    mean += d / cnt;
+    m2 += d * (v - mean);
+  };
   if (c < g.c) {
-    for (; r < end; r += step) {
-      const float v = static_cast<float>(y[row_offset(g, r) + c * g.sc]);
-      cnt += 1.f;
-      const float d = v - mean;
-      mean += d / cnt;
-      m2 += d * (v - mean);
+    constexpr int kUnroll = 4;  // independent loads in flight; the same update order as one at a time
+    const T* yc = y + c * g.sc;
+    for (; r + (kUnroll - 1) * step < end; r += kUnroll * step) {
+      float v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = static_cast<float>(yc[row_offset(g, r + u * step)]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) welford(v[u]);
     }
+    for (; r < end; r += step) welford(static_cast<float>(yc[row_offset(g, r)]));
   }
   float* sm = sh;
   float* sm2 = sh + kThreads;
@@ -111,20 +121,36 @@ stats_partial_kernel(const T* __restrict__ y, Geo g, int64_t rows_per_split, flo
   }
 }
 
-__global__ void stats_finalize_kernel(const float* __restrict__ part, int64_t m, int64_t c_total, int64_t splits,
-                                      int64_t rows_per_split, float eps, float* mean_out, float* invstd_out,
-                                      float* var_out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= c_total) return;
+// Finalize kernels: a block per kLanes channels; its kRowsCL warps each combine every
+// kRowsCL-th split in order, then a fixed tree combines the warps (deterministic).
+__global__ void __launch_bounds__(kThreads)
+stats_finalize_kernel(const float* __restrict__ part, int64_t m, int64_t c_total, int64_t splits,
+                      int64_t rows_per_split, float eps, float* mean_out, float* invstd_out, float* var_out) {
+  __shared__ float sh[3 * kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kLanes + (threadIdx.x % kLanes);
   float mean = 0.f, m2 = 0.f, cnt = 0.f;
-  for (int64_t s = 0; s < splits; ++s) {
-    const float k = static_cast<float>(min(m - s * rows_per_split, rows_per_split));
-    chan(mean, m2, cnt, part[s * c_total + c], part[(splits + s) * c_total + c], k);
+  if (c < c_total) {
+    for (int64_t s = threadIdx.x / kLanes; s < splits; s += kRowsCL) {
+      const float k = static_cast<float>(min(m - s * rows_per_split, rows_per_split));
+      chan(mean, m2, cnt, part[s * c_total + c], part[(splits + s) * c_total + c], k);
+    }
   }
-  const float var = m2 / cnt;
-  mean_out[c] = mean;
-  var_out[c] = var;
-  invstd_out[c] = rsqrtf(var + eps);
+  sh[threadIdx.x] = mean;
+  sh[kThreads + threadIdx.x] = m2;
+  sh[2 * kThreads + threadIdx.x] = cnt;
+  block_tree<true>(sh, 3, [&](float* q, int a, int b) {
+    float am = q[a], am2 = q[kThreads + a], ac = q[2 * kThreads + a];
+    chan(am, am2, ac, q[b], q[kThreads + b], q[2 * kThreads + b]);
+    q[a] = am;
+    q[kThreads + a] = am2;
+    q[2 * kThreads + a] = ac;
+  });
+  if (threadIdx.x < kLanes && c < c_total) {
+    const float var = sh[kThreads + threadIdx.x] / sh[2 * kThreads + threadIdx.x];
+    mean_out[c] = sh[threadIdx.x];
+    var_out[c] = var;
+    invstd_out[c] = rsqrtf(var + eps);
+  }
 }
 
 struct Affine {
@@ -201,17 +227,27 @@ bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Ge
   }
 }
 
-__global__ void bwd_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t splits, float* sum_g,
-                                    float* sum_gx) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= c_total) return;
+__global__ void __launch_bounds__(kThreads)
+bwd_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t splits, float* sum_g, float* sum_gx) {
+  __shared__ float sh[2 * kThreads];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kLanes + (threadIdx.x % kLanes);
   float a = 0.f, b = 0.f;
-  for (int64_t s = 0; s < splits; ++s) {
-    a += part[s * c_total + c];
-    b += part[(splits + s) * c_total + c];
+  if (c < c_total) {
+    for (int64_t s = threadIdx.x / kLanes; s < splits; s += kRowsCL) {
+      a += part[s * c_total + c];
+      b += part[(splits + s) * c_total + c];
+    }
   }
-  sum_g[c] = a;
-  sum_gx[c] = b;
+  sh[threadIdx.x] = a;
+  sh[kThreads + threadIdx.x] = b;
+  block_tree<true>(sh, 2, [&](float* q, int x, int w) {
+    q[x] += q[w];
+    q[kThreads + x] += q[kThreads + w];
+  });
+  if (threadIdx.x < kLanes && c < c_total) {
+    sum_g[c] = sh[threadIdx.x];
+    sum_gx[c] = sh[kThreads + threadIdx.x];
+  }
 }
 
 template <typename T, typename TD, bool kCL>
@@ -291,7 +327,7 @@ void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
     else stats_partial_kernel<T, false><<<grid, kThreads, 0, stream>>>(y.const_data_ptr<T>(), g, rows, pp);
     FUSEDOPS_CHECK_LAUNCH();
   });
-  stats_finalize_kernel<<<static_cast<unsigned>((g.c + 255) / 256), 256, 0, stream>>>(
+  stats_finalize_kernel<<<static_cast<unsigned>((g.c + kLanes - 1) / kLanes), kThreads, 0, stream>>>(
       pp, m, g.c, splits, rows, static_cast<float>(eps), mean.mutable_data_ptr<float>(),
       invstd.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
   FUSEDOPS_CHECK_LAUNCH();
@@ -372,7 +408,7 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
     if (cl) bwd_partial_kernel<T, TD, true><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, a, ai, sl, rows, pp);
     else bwd_partial_kernel<T, TD, false><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, a, ai, sl, rows, pp);
     FUSEDOPS_CHECK_LAUNCH();
-    bwd_finalize_kernel<<<static_cast<unsigned>((g.c + 255) / 256), 256, 0, stream>>>(
+    bwd_finalize_kernel<<<static_cast<unsigned>((g.c + kLanes - 1) / kLanes), kThreads, 0, stream>>>(
         pp, g.c, splits, sum_g.mutable_data_ptr<float>(), sum_gx.mutable_data_ptr<float>());
     FUSEDOPS_CHECK_LAUNCH();
     if (total == 0) return;

@@ -227,10 +227,10 @@ bn_act_backward_op = define(
 
 
 @_backward.register("triton")
-def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope):
+def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope, out=None):
     yk = _prepare(y)
     dzk = _prepare(dz)
-    dy = _out_like(y)
+    dy = _out_like(y) if out is None else out
     dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
     dw, db = _triton.kernels("batchnorm").bn_act_backward(
         dzk, yk, _normalize_hw(dyk), mean.contiguous(), invstd.contiguous(), _contig(weight), _contig(bias),
@@ -245,28 +245,52 @@ _backward.register("reference")(reference.bn_act_backward)
 
 # ---- native kernels (C++ CPU, CUDA C++): outputs allocated here, written there ------------
 
+_READY: dict = {}
+
+
 def _native_ready(op: str, device_type: str) -> bool:
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    return _native.ops is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedops_C::{op}", key)
+    key = (op, device_type, _native.ops is not None)
+    ready = _READY.get(key)
+    if ready is None:  # the dispatcher lookup costs ~10 µs: once per (op, device type)
+        dk = "CUDA" if device_type == "cuda" else "CPU"
+        ready = _READY[key] = _native.ops is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fusedops_C::{op}", dk)
+    return ready
 
 
 def _f32(t):
+    if t.dtype is torch.float32 and t.is_contiguous():
+        return t
     return t.to(torch.float32).contiguous()
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float, c: int, like) -> torch.Tensor:
+    """A cached fp32 [c] tensor of `value` (read-only by the kernels), one per device."""
+    key = (value, c, like.device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.full((c,), value, device=like.device, dtype=torch.float32)
+    return t
+
+
 def _affine32(weight, bias, c, like):
-    w = _f32(weight) if weight is not None else torch.ones(c, device=like.device, dtype=torch.float32)
-    b = _f32(bias) if bias is not None else torch.zeros(c, device=like.device, dtype=torch.float32)
+    w = _f32(weight) if weight is not None else _constant(1.0, c, like)
+    b = _f32(bias) if bias is not None else _constant(0.0, c, like)
     return w, b
 
 
 def _native_or_reference(kernels: Kernels, op: str, native, ref):
-    def run(*args):
+    def run(*args, **kwargs):
         if _native_ready(op, args[0].device.type):
-            return native(*args)
+            return native(*args, **kwargs)
         warn_once(f"fusedops.{kernels.op}: the extension has no {op} kernel for {args[0].device.type} tensors "
                   "(rebuild fusedops); running the eager reference")
-        return ref(*args)
+        return ref(*args)  # allocates its own outputs (an `out` hint is dropped)
     return run
 
 
@@ -290,9 +314,9 @@ def _apply_native(y, mean, invstd, weight, bias, act, slope):
     return z
 
 
-def _backward_native(dz, y, mean, invstd, weight, bias, act, slope):
+def _backward_native(dz, y, mean, invstd, weight, bias, act, slope, out=None):
     yk, dzk = _prepare(y), _prepare(dz)
-    dy = _out_like(y)
+    dy = _out_like(y) if out is None else out
     dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
     w, b = _affine32(weight, bias, y.shape[1], y)
     c = y.shape[1]
@@ -333,3 +357,68 @@ def bn_act_backward(dz, y, mean, invstd, weight=None, bias=None, act: str = "ide
     _validate.tensor(dz, "dz", BACKWARD)
     _validate.tensor(y, "y", BACKWARD)
     return bn_act_backward_op(dz, y, mean, invstd, weight, bias, act, float(slope))
+
+
+# ---- direct entry points for fusedops' own modules (host-time fast path) -------------------
+# ConvBNAct2d calls these from inside its autograd.Function with tensors it made itself:
+# in the common case (plain dense tensors of a kernel dtype, a kernel backend, not under
+# tracing) they call the backend directly, skipping the dispatcher round trip and the
+# argument checks (~30 µs of host time per block); anything else goes through the op.
+
+def _plain(y: torch.Tensor) -> bool:
+    return (type(y) is torch.Tensor and y.dtype in _validate.KERNEL_DTYPES and y.numel() > 0
+            and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last))
+            and not torch.compiler.is_compiling())
+
+
+def _direct(kernels: Kernels, y: torch.Tensor):
+    backend = kernels.backend_for(y.device.type)
+    return None if backend == "reference" else kernels.get(backend)
+
+
+def stats_direct(y: torch.Tensor, eps: float):
+    fn = _direct(_stats, y) if _plain(y) else None
+    return fn(y, eps) if fn is not None else bn_stats_op(y, eps)
+
+
+def apply_direct(y, mean, invstd, weight, bias, act: str, slope: float):
+    fn = _direct(_apply, y) if _plain(y) else None
+    if fn is None or not _kernel_dtype(weight, bias):
+        return bn_act_apply_op(y, mean, invstd, weight, bias, act, slope)
+    return fn(y, mean, invstd, weight, bias, act, slope)
+
+
+def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, dy_into_y: bool = False):
+    """dy_into_y: y is a scratch tensor of the caller's; dy may be written over it (the
+    kernels read each element of y before writing dy there) — one activation less."""
+    fn = _direct(_backward, y) if (_plain(y) and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES
+                                   and dz.shape == y.shape) else None
+    if fn is None or not _kernel_dtype(weight, bias):
+        return bn_act_backward_op(dz, y, mean, invstd, weight, bias, act, slope)
+    if dy_into_y and not _overlaps(dz, y):
+        return fn(dz, y, mean, invstd, weight, bias, act, slope, out=y)
+    return fn(dz, y, mean, invstd, weight, bias, act, slope)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def bias_act_(y: torch.Tensor, bias32: torch.Tensor, act: str, slope: float) -> bool:
+    """y ← act(y + bias) in place with the apply kernel (inference epilogue of a folded
+    conv); bias32 fp32 contiguous [C]. Returns False, writing nothing, when no kernel
+    takes y (the caller then runs eager ops)."""
+    if not _plain(y):
+        return False
+    backend = _apply.backend_for(y.device.type)
+    c = y.shape[1]
+    zeros, ones = _constant(0.0, c, y), _constant(1.0, c, y)
+    yk = _normalize_hw(y)
+    if backend == "triton":
+        _triton.kernels("batchnorm").bn_act_apply(yk, yk, zeros, ones, None, bias32, act, float(slope),
+                                                  _channels_last(yk))
+    elif backend in ("cuda", "cpp") and _native_ready(APPLY, y.device.type):
+        _native.op(APPLY)(yk, zeros, ones, ones, bias32, _ACT_CODES[act], float(slope), yk)
+    else:
+        return False
+    return True
