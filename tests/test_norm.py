@@ -44,6 +44,10 @@ def _eager(kind, x, r, w, b, eps, act, s_dtype=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mixed-dtype rms_norm warns that it is not fused
         if "ln" in kind:
+            if s.device.type == "cuda" and w is not None and w.dtype != s.dtype:
+                # eager CUDA layer_norm refuses fp32 params with fp16/bf16 input: the eager
+                # baseline casts them (differentiably) to the input dtype
+                w, b = w.to(s.dtype), None if b is None else b.to(s.dtype)
             z = F.layer_norm(s, (n,), w, b, eps)
         else:
             z = F.rms_norm(s, (n,), w, eps)
