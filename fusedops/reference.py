@@ -33,7 +33,8 @@ CONV_BN_ACTIVATIONS = ("identity", "relu", "relu6", "silu", "gelu", "gelu_tanh",
 
 
 def activation(z: torch.Tensor, act: str, slope: float = 0.01) -> torch.Tensor:
-    """The activation as eager torch computes it."""
+    """The activation as eager torch computes it (shared by the norm and conv+BN families;
+    gelu is the exact erf form, gelu_tanh the tanh approximation)."""
     F = torch.nn.functional
     if act == "identity":
         return z
@@ -338,43 +339,8 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
 # rounded once, to out_dtype (default x's dtype). mean / rstd are fp32 (fp64 for fp64)
 # with shape x.shape[:-1]. LayerNorm: mean and biased variance; RMSNorm: mean square.
 
+# The norm kernels take this subset of the activations defined above (`activation`).
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
-
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_C = 0.044715
-
-
-def activation(z: torch.Tensor, name: str) -> torch.Tensor:
-    """act(z): identity, relu, gelu (exact, erf), gelu_tanh (the tanh approximation), silu."""
-    if name == "identity":
-        return z
-    if name == "relu":
-        return torch.relu(z)
-    if name == "gelu":
-        return torch.nn.functional.gelu(z)
-    if name == "gelu_tanh":
-        return torch.nn.functional.gelu(z, approximate="tanh")
-    if name == "silu":
-        return torch.nn.functional.silu(z)
-    raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
-
-
-def activation_grad(z: torch.Tensor, name: str) -> torch.Tensor:
-    """d act / dz (relu'(0) = 0, as torch)."""
-    if name == "identity":
-        return torch.ones_like(z)
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    if name == "gelu_tanh":
-        t = torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * z * z)
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
-
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One GPU session in stages, each under its own time limit, logs under OUT:
+#   bash bench/gpu_run.sh OUT STAGE[:SECONDS] ...
+# Stages: build, tests (GPU-marked tests), tests-all, bench-<families> (e.g. bench-norm,
+# bench-add_,foreach_add_), report-<model>.
+set -uo pipefail
+out="${1:?output folder}"; shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+for spec in "$@"; do
+  stage="${spec%%:*}"; limit=600; [[ "$spec" == *:* ]] && limit="${spec##*:}"
+  t0=$(date +%s)
+  case "$stage" in
+    build)
+      nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/env.txt"
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
+      TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" timeout "$limit" \
+        python3 -m pip install --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1 \
+        || { tail -30 "$out/build.log"; exit 1; }
+      rc=0 ;;
+    tests) timeout "$limit" python3 -m pytest -q -m gpu tests -p no:cacheprovider >"$out/pytest-gpu.log" 2>&1; rc=$?
+      grep -E "^FAILED|^ERROR|passed|failed" "$out/pytest-gpu.log" | tail -25 ;;
+    tests-all) timeout "$limit" python3 -m pytest -q tests -p no:cacheprovider >"$out/pytest.log" 2>&1; rc=$?
+      grep -E "^FAILED|^ERROR|passed|failed" "$out/pytest.log" | tail -25 ;;
+    bench-*) fams="${stage#bench-}"; extra=(); [[ -n "${BENCH_ARGS:-}" ]] && read -ra extra <<<"$BENCH_ARGS"
+      timeout "$limit" python3 -m fusedops bench --ops "$fams" --out "$out/bench-${fams//,/_}" "${extra[@]}" \
+        >"$out/bench-${fams//,/_}.txt" 2>"$out/bench-${fams//,/_}.err"; rc=$?
+      tail -n +2 "$out/bench-${fams//,/_}.txt" | grep -v "^wrote" ;;
+    report-*) model="${stage#report-}"
+      timeout "$limit" python3 -m fusedops report --models "$model" --out "$out/report-$model" >"$out/report-$model.txt" 2>&1; rc=$?
+      tail -30 "$out/report-$model.txt" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  echo "== $stage: rc=$rc in $(( $(date +%s) - t0 ))s"
+done
