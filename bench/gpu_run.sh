@@ -18,7 +18,7 @@ for spec in "$@"; do
         python3 -m pip install --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1 \
         || { tail -30 "$out/build.log"; exit 1; }
       rc=0 ;;
-    tests) timeout "$limit" python3 -m pytest -q -m gpu tests -p no:cacheprovider >"$out/pytest-gpu.log" 2>&1; rc=$?
+    tests) timeout -s INT "$limit" python3 -m pytest -q -m gpu -n "${TEST_PROCS:-8}" -rf --tb=line tests -p no:cacheprovider >"$out/pytest-gpu.log" 2>&1; rc=$?
       grep -E "^FAILED|^ERROR|passed|failed" "$out/pytest-gpu.log" | tail -25 ;;
     tests-all) timeout "$limit" python3 -m pytest -q tests -p no:cacheprovider >"$out/pytest.log" 2>&1; rc=$?
       grep -E "^FAILED|^ERROR|passed|failed" "$out/pytest.log" | tail -25 ;;
