@@ -310,6 +310,9 @@ class ConvBNAct2d(nn.Module):
                 with torch.no_grad():
                     nbt.add_(1)
                     torch._foreach_lerp_([rm, rv], [mean, var * (count / max(count - 1, 1))], float(momentum))
+                # the CUDA foreach fast path of torch 2.11 leaves version counters alone (seen
+                # on an H100: the eval fold cache, keyed on them, went stale); bump them here
+                torch.autograd.graph.increment_version([rm, rv])
         return z
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,15 @@ def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_vie
         assert o is not None, f"{name} missing"
         assert o.dtype == e.dtype, f"{name}: dtype {o.dtype} != eager {e.dtype}"
         tol = _tol(dtype) if name in ("y", "s", "dx", "dresidual") else _tol(dtype) * max(1, shape[0])
-        assert_close_rule(o, e, f, rtol=tol, atol=1e-6, name=f"{kind}/{act}/{name}")
+        atol = 1e-6
+        if name in ("dx", "dresidual"):
+            # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)): terms of size rstd·|g| cancel, so one fp32
+            # rounding of g costs up to eps·rstd·|g| (rstd ~ 316 for a constant row, eps=1e-5)
+            s64 = (x.double() + r.double()) if is_add else x.double()
+            rstd = (s64.var(-1, unbiased=False) + eps).rsqrt().max().item()
+            g = dy.double().abs().max().item() * (2.0 if w is None else 2.0 * w.double().abs().max().item())
+            atol = max(atol, torch.finfo(torch.float32).eps * rstd * g)
+        assert_close_rule(o, e, f, rtol=tol, atol=atol, name=f"{kind}/{act}/{name}")
 
 
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-w{d[1]}".replace("torch.", ""))

@@ -26,7 +26,8 @@ have unit column stride, else copied once; dy and ds are read through any stride
 stride-0 gradient from `.sum()` is never materialised). Rows up to 65536 elements are
 held on chip; longer rows take a looped (slower, correct) path.
 
-Autocast: eager F.layer_norm / F.rms_norm run in fp32 under CUDA autocast (and in the
+Autocast: eager F.layer_norm (and F.rms_norm, in the torch versions whose CUDA autocast
+lists it) run in fp32 under CUDA autocast (and in the
 input dtype under CPU autocast); the public functions match that by asking the kernel for
 an fp32 y (out_dtype) instead of copying x to fp32 (same values: the cast is exact).
 """
@@ -475,13 +476,22 @@ class _AddNormActInplace(torch.autograd.Function):
 
 # ---- public API --------------------------------------------------------------------------
 
-def _autocast_dtype(x: torch.Tensor):
-    """fp32 where eager F.layer_norm / F.rms_norm would run in fp32 under autocast (CUDA
-    autocast's fp32 list; CPU autocast leaves them in the input dtype)."""
-    if (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+_AUTOCAST_FP32: dict = {}
+
+
+def _autocast_dtype(x: torch.Tensor, eager_op: str = "layer_norm"):
+    """fp32 where eager F.layer_norm / F.rms_norm would run in fp32 under autocast: CUDA
+    autocast casts an op to fp32 when it has an AutocastCUDA kernel (layer_norm has one;
+    rms_norm has one from some torch version on — asked of the dispatcher, not assumed).
+    CPU autocast leaves both in the input dtype."""
+    if not (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
             and torch.is_autocast_enabled("cuda")):
-        return torch.float32
-    return None
+        return None
+    fp32 = _AUTOCAST_FP32.get(eager_op)
+    if fp32 is None:
+        fp32 = _AUTOCAST_FP32[eager_op] = torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"aten::{eager_op}", "AutocastCUDA")
+    return torch.float32 if fp32 else None
 
 
 def _needs_grad(*ts) -> bool:
@@ -508,7 +518,7 @@ def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "id
     machine epsilon of the compute dtype, as F.rms_norm)."""
     _validate.tensor(x, "x", "rms_norm_act")
     _validate.floating(x, "x", "rms_norm_act")
-    od = _autocast_dtype(x)
+    od = _autocast_dtype(x, "rms_norm")
     y, _ = rms_norm_act_op(x, weight, _rms_eps(eps, x, od), activation, od)
     return y
 
@@ -536,7 +546,7 @@ def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activat
     add_layer_norm_act."""
     _validate.tensor(x, "x", "add_rms_norm_act")
     _validate.floating(x, "x", "add_rms_norm_act")
-    od = _autocast_dtype(x)
+    od = _autocast_dtype(x, "rms_norm")
     eps = _rms_eps(eps, x, od)
     if inplace:
         if _needs_grad(x, residual, weight):
