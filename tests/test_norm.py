@@ -113,7 +113,7 @@ def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_vie
             # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)): terms of size rstd·|g| cancel, so one fp32
             # rounding of g costs up to eps·rstd·|g| (rstd ~ 316 for a constant row, eps=1e-5)
             s64 = (x.double() + r.double()) if is_add else x.double()
-            rstd = (s64.var(-1, unbiased=False) + eps).rsqrt().max().item()
+            rstd = (s64.var(-1, unbiased=False) + eps).rsqrt().max().item() if s64.numel() else 0.0
             g = dy.double().abs().max().item() * (2.0 if w is None else 2.0 * w.double().abs().max().item())
             atol = max(atol, torch.finfo(torch.float32).eps * rstd * g)
         assert_close_rule(o, e, f, rtol=tol, atol=atol, name=f"{kind}/{act}/{name}")
@@ -375,7 +375,10 @@ def test_cuda_autocast_matches_eager(backend):
     assert ours.dtype == eager.dtype == torch.float32
     assert ours_a.dtype == eager_a.dtype and s.dtype == torch.bfloat16
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours_a, eager_a, rtol=1e-5, atol=1e-5)
+    # fp32 out where this torch's autocast casts rms_norm; else bf16 (ours rounds once from
+    # fp32, eager's composite may round earlier: one or two bf16 steps apart)
+    tol = 1e-5 if ours_a.dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(ours_a, eager_a, rtol=tol, atol=tol)
     g1 = torch.autograd.grad(ours.sum(), (x, w, b))
     g2 = torch.autograd.grad(eager.sum(), (x, w, b))
     for a, c in zip(g1, g2):

@@ -28,9 +28,11 @@ from ._library import LIB, define
 STATS, APPLY, BACKWARD = "bn_stats", "bn_act_apply", "bn_act_backward"
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
 
-_stats = Kernels(STATS, cuda_default="triton")
-_apply = Kernels(APPLY, cuda_default="triton")
-_backward = Kernels(BACKWARD, cuda_default="triton")
+# Default on CUDA tensors: the CUDA C++ kernels, faster in 8 of 10 training rows of both
+# H100 runs of `fusedops bench --ops convbn` (2026-11-22; bench/NOTES.md).
+_stats = Kernels(STATS, cuda_default="cuda")
+_apply = Kernels(APPLY, cuda_default="cuda")
+_backward = Kernels(BACKWARD, cuda_default="cuda")
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
