@@ -114,7 +114,8 @@ def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_vie
             # rounding of g costs up to eps·rstd·|g| (rstd ~ 316 for a constant row, eps=1e-5)
             s64 = (x.double() + r.double()) if is_add else x.double()
             rstd = (s64.var(-1, unbiased=False) + eps).rsqrt().max().item() if s64.numel() else 0.0
-            g = dy.double().abs().max().item() * (2.0 if w is None else 2.0 * w.double().abs().max().item())
+            g = (dy.double().abs().max().item() if dy.numel() else 0.0) * (
+                2.0 if w is None else 2.0 * w.double().abs().max().item())
             atol = max(atol, torch.finfo(torch.float32).eps * rstd * g)
         assert_close_rule(o, e, f, rtol=tol, atol=atol, name=f"{kind}/{act}/{name}")
 

@@ -188,7 +188,16 @@ def test_step_matches_reference(dev_backend, kind, dtype):
                 # one rounding of the parameter's dtype: an fma can move a value across a
                 # rounding boundary of fp16/bf16
                 rtol = max(1e-5, torch.finfo(a.dtype).eps) if a.dtype.is_floating_point else 1e-5
-                torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7, equal_nan=True, msg=f"{name}[{i}]")
+                close = torch.isclose(a, b, rtol=rtol, atol=1e-7, equal_nan=True)
+                if name == "params":
+                    # the rare element whose state code flipped (allowed above) takes a
+                    # different update: at most a few steps of size lr
+                    far = ~close
+                    assert far.float().mean() < 1e-3, f"{name}[{i}]: {int(far.sum())} elements differ"
+                    if far.any():
+                        assert (a.double() - b.double())[far].abs().max() <= 4 * args[1], f"{name}[{i}]"
+                else:
+                    assert close.all(), f"{name}[{i}]"
     # NaN/Inf policy: those param elements untouched, their states 0, absmax finite
     for i, idx in ((2, [7]), (3, [100, 300])):
         assert torch.equal(ours[0][i].view(-1)[idx], ps[i].view(-1)[idx])
