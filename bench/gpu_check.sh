@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session: build with the machine's torch, run every test, run the benchmark CLI.
+# One GPU run: build with the machine's torch, run every test, run the benchmark CLI.
 # Usage (on the GPU machine, from the repository root): bash bench/gpu_check.sh OUTDIR [bench args…]
 set -uo pipefail
 out="${1:?output folder}"; shift

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session in stages, each under its own time limit, logs under OUT:
+# One GPU run in stages, each under its own time limit, logs under OUT:
 #   bash bench/gpu_run.sh OUT STAGE[:SECONDS] ...
 # Stages: build, tests (GPU-marked tests), tests-all, bench-<families> (e.g. bench-norm,
 # bench-add_,foreach_add_), report-<model>.

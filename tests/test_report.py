@@ -254,7 +254,7 @@ def test_the_report_package_ships():
     assert '"fusedops.report"' in packages
 
 
-# ----------------------------------------------------------------------------- CUDA (the lead's GPU run)
+# ----------------------------------------------------------------------------- CUDA
 
 @pytest.mark.gpu
 def test_report_tiny_cuda_all_variants():
