@@ -1,5 +1,6 @@
 """Diagnostic: host time per call vs GPU kernel time of foreach_add_ (eager, CUDA C++,
-Triton) over the 200 transformer tensors, to tell launch overhead from kernel speed."""
+Triton) over the 200 transformer tensors, to tell launch overhead from kernel speed.
+Run on a GPU machine after `bash bench/gpu_run.sh OUT build`: python3 bench/diag_foreach.py"""
 import time
 
 import torch
