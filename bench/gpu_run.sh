@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU run in stages, each under its own time limit, logs under OUT:
+# One GPU run in stages, each under its own time limit, logs under OUT (env BENCH_ARGS,
+# REPORT_ARGS, TEST_PROCS pass options on):
 #   bash bench/gpu_run.sh OUT STAGE[:SECONDS] ...
 # Stages: build, tests (GPU-marked tests), tests-all, bench-<families> (e.g. bench-norm,
-# bench-add_,foreach_add_), report-<model>.
+# bench-add_,foreach_add_), report-<model>, profile-convbn.
 set -uo pipefail
 out="${1:?output folder}"; shift
 mkdir -p "$out"
@@ -26,8 +27,10 @@ for spec in "$@"; do
       timeout "$limit" python3 -m fusedops bench --ops "$fams" --out "$out/bench-${fams//,/_}" "${extra[@]}" \
         >"$out/bench-${fams//,/_}.txt" 2>"$out/bench-${fams//,/_}.err"; rc=$?
       tail -n +2 "$out/bench-${fams//,/_}.txt" | grep -v "^wrote" ;;
-    report-*) model="${stage#report-}"
-      timeout "$limit" python3 -m fusedops report --models "$model" --out "$out/report-$model" >"$out/report-$model.txt" 2>&1; rc=$?
+    profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
+      tail -25 "$out/profile_convbn.log" ;;
+    report-*) model="${stage#report-}"; extra=(); [[ -n "${REPORT_ARGS:-}" ]] && read -ra extra <<<"$REPORT_ARGS"
+      timeout "$limit" python3 -m fusedops report --models "$model" --out "$out/report-$model" "${extra[@]}" >"$out/report-$model.txt" 2>&1; rc=$?
       tail -30 "$out/report-$model.txt" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
