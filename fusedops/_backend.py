@@ -38,12 +38,14 @@ def _parse(name: str | None, where: str) -> str | None:
 
 # Read once, at import: use_backend() changes the choice at run time.
 _ENV_FORCED = _parse(os.environ.get(ENV_VAR), ENV_VAR)
-_local = threading.local()
+# Process-wide, not per thread: autograd runs the backward of CUDA ops on its own device
+# threads, and a forced backend must reach those ops too.
+_stack: list = []
+_lock = threading.Lock()
 
 
 def _forced() -> str | None:
-    stack = getattr(_local, "stack", None)
-    return stack[-1] if stack else _ENV_FORCED
+    return _stack[-1] if _stack else _ENV_FORCED
 
 
 def current_backend() -> str:
@@ -53,17 +55,19 @@ def current_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force one backend for the ops run inside the block (this thread): "triton", "cuda",
-    "cpp", "reference", or "auto" (the per-device default, ignoring FUSEDOPS_BACKEND)."""
+    """Force one backend for the ops run while the block is open: "triton", "cuda", "cpp",
+    "reference", or "auto" (the per-device default, ignoring FUSEDOPS_BACKEND).
+
+    Process-wide: it also reaches the backward ops that autograd runs on its own threads
+    (run `backward()` inside the block), and other threads' ops while it is open."""
     forced = _parse(name, "use_backend")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(forced)
+    with _lock:
+        _stack.append(forced)
     try:
         yield
     finally:
-        stack.pop()
+        with _lock:
+            _stack.pop()
 
 
 def _native_name(device_type: str) -> str:

@@ -231,6 +231,19 @@ def test_unknown_backend_is_rejected():
             pass
 
 
+def test_forced_backend_reaches_other_threads():
+    # autograd runs CUDA backward ops on its own threads: the forced backend must be seen there
+    import threading
+    from fusedops import _backend
+    seen = []
+    with fusedops.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(_backend.current_backend()))
+        t.start()
+        t.join()
+    seen.append(_backend.current_backend())
+    assert seen == ["reference", _backend._ENV_FORCED or "auto"]
+
+
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
     from fusedops import _triton
     monkeypatch.setattr(_triton, "can_run", lambda device_type: False)
