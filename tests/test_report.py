@@ -158,6 +158,24 @@ def test_report_uses_convert_and_the_8bit_optimizer_when_present(monkeypatch):
     assert fused["agreement"]["agrees"] and fused["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-5)
 
 
+def _live_tensors() -> int:
+    import gc
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_a_run_leaves_no_tensor_alive():
+    # each variant's peak memory is only its own if the runs before it freed everything
+    # (a saved-tensor hook that returned the saved output itself once leaked whole graphs)
+    def run():
+        run_report(["gpt2"], torch.device("cpu"), ["eager", "fusedops"], tiny=True, steps=2, progress=False)
+
+    run()      # first run: per-device caches (e.g. the optimizer's quantization maps) are made
+    before = _live_tensors()
+    run()
+    assert _live_tensors() == before
+
+
 def test_report_resnet_tiny_runs():
     res = run_report(["resnet50"], torch.device("cpu"), ["eager", "fusedops"], tiny=True, steps=2, progress=False)
     m = res["models"][0]

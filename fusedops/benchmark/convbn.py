@@ -73,7 +73,7 @@ def extra_peak_mib(fn, device) -> float:
 
     def pack(t):
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()  # t itself would make a reference cycle through the graph (a leak)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()

@@ -204,7 +204,9 @@ def saved_tensor_bytes(fwd: nn.Module, batch: tuple) -> int:
         if s.data_ptr() not in params and key not in seen:
             seen.add(key)
             total += s.nbytes()
-        return t
+        # Not t itself: a saved output would then hold its own grad_fn, a cycle through C++
+        # that Python's gc cannot free — the whole graph leaked (5 GiB on a GPT-2 step).
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fwd(*batch)
