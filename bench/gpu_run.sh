@@ -3,7 +3,8 @@
 # REPORT_ARGS, TEST_PROCS pass options on):
 #   bash bench/gpu_run.sh OUT STAGE[:SECONDS] ...
 # Stages: build, tests (GPU-marked tests), tests-all, bench-<families> (e.g. bench-norm,
-# bench-add_,foreach_add_), report-<model>, profile-convbn.
+# bench-add_,foreach_add_), report-<model>, profile-convbn,
+# profile-report_<model> (variants from PROFILE_VARIANTS).
 set -uo pipefail
 out="${1:?output folder}"; shift
 mkdir -p "$out"
@@ -29,6 +30,10 @@ for spec in "$@"; do
       tail -n +2 "$out/bench-${fams//,/_}.txt" | grep -v "^wrote" ;;
     profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
       tail -25 "$out/profile_convbn.log" ;;
+    profile-report_*) model="${stage#profile-report_}"
+      timeout "$limit" python3 bench/profile_report.py "$out/profile_report_$model.txt" "$model" \
+        "${PROFILE_VARIANTS:-eager,fusedops,compile,fusedops+compile}" >"$out/profile_report_$model.log" 2>&1; rc=$?
+      tail -8 "$out/profile_report_$model.log" ;;
     report-*) model="${stage#report-}"; extra=(); [[ -n "${REPORT_ARGS:-}" ]] && read -ra extra <<<"$REPORT_ARGS"
       timeout "$limit" python3 -m fusedops report --models "$model" --out "$out/report-$model" "${extra[@]}" >"$out/report-$model.txt" 2>&1; rc=$?
       tail -30 "$out/report-$model.txt" ;;
