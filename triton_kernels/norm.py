@@ -12,10 +12,13 @@ Backward, recomputing xhat and z = xhat*w + b from the saved statistics (no acti
 output is saved):
     dz = dy * act'(z), g = dz * w
     ds = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: no mean(g) term)
-A fixed number of programs (about SM count x k on a GPU) each own a contiguous range of
-rows and accumulate dW = sum(dz * xhat), dB = sum(dz) in fp32 registers, then write one
-fp32 partial row each; the host sums the (P, N) partials in a fixed order
-(deterministic, no atomics).
+One persistent kernel (`norm_act_bwd_kernel`): P = SMs x resident programs, each owning a
+contiguous range of row blocks (ROWS x BLOCK_N tiles, ~16 elements a thread), reading s
+and dy once and writing dx once, accumulating dW = sum(dz * xhat), dB = sum(dz) in fp32
+registers and writing one partial row; rows of 16384 split the accumulators over two
+programs (`norm_act_bwd_split_kernel`); `partials_sum_kernel` sums the P partial rows in a
+fixed order (deterministic, no atomics). Small problems run one program that writes dW/dB
+directly. Rows longer than `CONFIG.bwd_max_block` take the looped kernels.
 All math in fp32 (bf16/fp16 upcast right after tl.load); gelu_tanh through exp (as a sigmoid).
 """
 from __future__ import annotations

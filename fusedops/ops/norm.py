@@ -24,7 +24,8 @@ functions below.
 Layout: any leading dims. x (and residual) are read through a row stride when their rows
 have unit column stride, else copied once; dy and ds are read through any strides (a
 stride-0 gradient from `.sum()` is never materialised). Rows up to 65536 elements are
-held on chip; longer rows take a looped (slower, correct) path.
+held on chip in the forward, up to 16384 in the backward; longer rows take looped
+(slower, correct) paths.
 
 Autocast: eager F.layer_norm (and F.rms_norm, in the torch versions whose CUDA autocast
 lists it) run in fp32 under CUDA autocast (and in the
@@ -206,6 +207,7 @@ def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
 
 
 _SM_COUNT: dict = {}
+_SMALL_BWD_ELEMS = 1 << 17
 
 
 def _native_programs(m, n, device):
@@ -213,6 +215,8 @@ def _native_programs(m, n, device):
     as are resident at once (csrc/cuda/norm_bwd.cu launch_bwd_rows: rows of n <= 4096 run
     in 512-thread blocks over 512 // tx rows a step, 2 blocks an SM; longer rows 1 block)."""
     if device.type == "cuda":
+        if m * n <= _SMALL_BWD_ELEMS:  # launch-bound: one block, dW/dB need no sum
+            return 1
         sms = _SM_COUNT.get(device.index)
         if sms is None:
             sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -271,6 +275,8 @@ def _bwd_native(dy2, s2, w, b, mean, rstd, ds2, dx2, activation, rms):
         for t in (dwp, dbp):
             if t is not None:
                 t.zero_()
+    if p == 1:
+        return (None if dwp is None else dwp[0].to(w.dtype)), (None if dbp is None else dbp[0].to(b.dtype))
     return (None if dwp is None else dwp.sum(0).to(w.dtype)), (None if dbp is None else dbp.sum(0).to(b.dtype))
 
 
