@@ -1,6 +1,7 @@
 """Host time of the norm ops on a launch-bound shape (16x4096 bf16, LN+GELU(tanh)): wall
 clock per call of fwd and fwd+bwd for eager and each fusedops backend, then a
-torch.profiler table of one backend's fwd+bwd (CPU-side time per op / launch).
+torch.profiler table of one backend's fwd+bwd (CPU-side time per op / launch) and a
+cProfile table of the Python side (200 calls: divide by 200).
 
     python bench/profile_norm_host.py [--backend triton|cuda] [--rows 16 --n 4096]"""
 from __future__ import annotations
@@ -54,6 +55,17 @@ def main():
                 fused()
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    # Python-level breakdown (where the host time of one fwd+bwd goes)
+    import cProfile
+    import pstats
+    with fusedops.use_backend(args.backend):
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            fused()
+        torch.cuda.synchronize()
+        pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":

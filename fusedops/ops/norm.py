@@ -98,7 +98,7 @@ def _kernel_ok(x, weight, bias, out_dtype) -> bool:
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t as (M, N) with unit column stride: a view when possible, else one copy."""
-    t2 = t.reshape(-1, n)
+    t2 = t if t.dim() == 2 else t.reshape(-1, n)
     return t2 if t2.stride(1) == 1 or t2.shape[0] * n <= 1 else t2.contiguous()
 
 
@@ -136,8 +136,11 @@ def _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms, mod
         else:  # in place: into the residual's own rows, or into a copy written back once
             s2 = r2
             copied = r2.untyped_storage().data_ptr() != residual.untyped_storage().data_ptr()
-    kernels.get(backend)(x2, r2, s2, y.view(-1, n), weight, bias,
-                         None if mean is None else mean.view(-1), rstd.view(-1), eps, activation, rms)
+    if x.dim() == 2:  # no views (host time)
+        kernels.get(backend)(x2, r2, s2, y, weight, bias, mean, rstd, eps, activation, rms)
+    else:
+        kernels.get(backend)(x2, r2, s2, y.view(-1, n), weight, bias,
+                             None if mean is None else mean.view(-1), rstd.view(-1), eps, activation, rms)
     if copied:
         residual.copy_(s2.view(residual.shape))
     return y, s, mean, rstd
@@ -523,10 +526,14 @@ def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds):
         if backend != "reference":
             n = s.shape[-1]
             dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-            dw, db = _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
-                                       None if mean is None else mean.reshape(-1), rstd.reshape(-1),
-                                       None if ds is None else ds.reshape(-1, n), dx.view(-1, n), activation,
-                                       mean is None)
+            if s.dim() == 2:  # no reshapes (host time)
+                dw, db = _bwd.get(backend)(dy, _rows(s, n), weight, bias, mean, rstd, ds, dx, activation,
+                                           mean is None)
+            else:
+                dw, db = _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
+                                           None if mean is None else mean.reshape(-1), rstd.reshape(-1),
+                                           None if ds is None else ds.reshape(-1, n), dx.view(-1, n), activation,
+                                           mean is None)
             return dx, dw, db
     return _grads(dy, s, weight, bias, mean, rstd, activation, ds)
 
@@ -546,12 +553,14 @@ class _NormActFast(torch.autograd.Function):
         return y if s is None else (y, s)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, ds=None):
         s, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None:  # only s was used: a stride-0 zero gradient (never materialised)
             dy = s.new_zeros(()).expand(s.shape)
-        dx, dw, db = _backward_direct(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+        if torch.is_grad_enabled():  # create_graph: the op, as the ops' own autograd path does
+            dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+        else:  # (once_differentiable without its wrapper's host time)
+            dx, dw, db = _backward_direct(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
         return dx, (dx if ctx.has_r else None), dw, db, None, None, None, None, None
 
 
