@@ -175,13 +175,17 @@ def test_triton_bwd_partials(monkeypatch, kind):
 
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 @pytest.mark.parametrize("n", [1000, 600])
-def test_triton_bwd_split_path(monkeypatch, kind, n):
-    """The column-split backward (two programs per row range; by default rows of 16384),
-    forced here at N ~ 1000 by a small split_block; N not a multiple of the split."""
+@pytest.mark.parametrize("long_rows", ["reload", "split"])
+def test_triton_bwd_long_rows(monkeypatch, kind, n, long_rows):
+    """The long-row backwards (by default rows of 16384): one program re-reading the row
+    (w/b per step) or the column split over two programs; forced here at N ~ 1000 by a
+    small split_block; N not a multiple of the split."""
     require("cpu", "triton")
     from fusedops.triton_kernels import norm as tk
     monkeypatch.setattr(tk.CONFIG, "split_block", 512)
-    assert tk.bwd_config(n, 7).split == 2
+    monkeypatch.setattr(tk.CONFIG, "long_rows", long_rows)
+    cfg = tk.bwd_config(n, 7)
+    assert (cfg.split == 2) if long_rows == "split" else (cfg.reload and cfg.w_in_loop)
     with fusedops.use_backend("triton"):
         check(kind, "gelu_tanh", (7, n), torch.bfloat16, torch.float32, "cpu")
         check(kind, "relu", (3, n), torch.float32, torch.float32, "cpu", has_b=False)
@@ -200,6 +204,18 @@ def test_gpu_bwd_shapes(backend, shape):
         check("ln", "gelu_tanh", shape, torch.bfloat16, torch.bfloat16, "cuda")
         check("add_rms", "silu", shape, torch.bfloat16, torch.float32, "cuda")
         check("add_ln_", "gelu", shape, torch.float16, torch.float16, "cuda", has_b=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("long_rows", ["reload", "split"])
+def test_gpu_triton_long_rows(monkeypatch, long_rows):
+    """Both Triton long-row backwards at N = 16384 (and 12000), several programs."""
+    require("cuda", "triton")
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "long_rows", long_rows)
+    with fusedops.use_backend("triton"):
+        check("ln", "gelu_tanh", (260, 16384), torch.bfloat16, torch.bfloat16, "cuda")
+        check("add_rms", "silu", (133, 12000), torch.bfloat16, torch.float32, "cuda")
 
 
 def test_fast_path_matches_ops(dev_backend):

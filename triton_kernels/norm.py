@@ -60,7 +60,9 @@ class NormConfig:
     bwd_programs_per_sm: int
     interp_programs: int    # backward programs under the interpreter
     bwd_max_block: int = 16384   # longest row of the on-chip backward; longer: looped kernels
-    split_block: int = 16384     # rows this long: the column-split backward kernel
+    split_block: int = 16384     # rows this long: the long-row backward (`long_rows`)
+    long_rows: str = "reload"    # "reload": one program a row range, pipelined loads, the row read
+    #                              twice instead of held beside dW/dB; "split": the column-split kernel
 
 
 CONFIG = (NormConfig(max_block=65536, loop_block=4096, row_elems=1 << 16, max_rows=64, bwd_programs_per_sm=1,
@@ -528,19 +530,25 @@ _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
 def bwd_config(n: int, m: int) -> BwdConfig:
     block = triton.next_power_of_2(n)
+    if block >= CONFIG.split_block:
+        if CONFIG.long_rows == "split":
+            return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, split=2)
+        return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, stages=2, reload=True,
+                         w_in_loop=True)
     if INTERPRET:
-        if block >= CONFIG.split_block:
-            return BwdConfig(rows=1, block_n=block, num_warps=4, split=2)
         return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4)
     if _BWD_OVERRIDE:
         r, w, st, rl, wl, sp = ([int(t) for t in _BWD_OVERRIDE.split(",")] + [1])[:6]
         return BwdConfig(rows=min(r, triton.next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
                          reload=bool(rl), w_in_loop=bool(wl), split=sp)
-    tile = max(4096, block)                     # 16 elements a thread: two 16-byte loads of bf16
+    # 16 elements a thread (two 16-byte loads of bf16); H100 sweep (bench/sweep_norm_bwd.py,
+    # LN+GELU(tanh) bf16 32768 rows): N <= 1024 best as 2 x 1024 tiles on 4 warps (768: 113 µs
+    # vs 138 for 4 x 1024 on 8), 2048-8192 as below (65% of copy); at 16384 the one-program
+    # kernel with pipelined loads and a second read of the row (3.0 ms) beat the column split
+    # (3.5 ms).
+    tile = max(2048 if block <= 1024 else 4096, block)
     warps = min(32, tile // 512)
     rows = min(tile // block, triton.next_power_of_2(max(m, 1)))
-    if block >= CONFIG.split_block:  # 32 warps, at most 64 registers a thread: dW/dB split over 2 programs
-        return BwdConfig(rows=1, block_n=block, num_warps=32, split=2)
     return BwdConfig(rows=rows, block_n=block, num_warps=warps)
 
 
