@@ -505,9 +505,7 @@ def _plain_call(*ts) -> bool:
     return all(t is None or type(t) is torch.Tensor for t in ts)
 
 
-def _dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return _get_current_dispatch_mode()
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode  # noqa: E402
 
 
 def _fast_backend(op, x, weight, bias, out_dtype):
