@@ -39,6 +39,14 @@ def cmd_bench(args) -> int:
     meta = harness.environment(device, copy_bps)
     meta["defaults"] = {op: k.backend_for(device.type) for op, k in __import__("fusedops")._backend.REGISTRY.items()}
     cases = [c for f in fams for c in benchmark.FAMILIES[f](ctx)]
+    if args.cases:
+        keys = [k.strip() for k in args.cases.split(",") if k.strip()]
+        cases = [c for c in cases if any(k in c.name for k in keys)]
+    if args.impls:
+        keep = [k.strip() for k in args.impls.split(",") if k.strip()]
+        for c in cases:
+            c.impls = {label: impl for label, impl in c.impls.items() if label in keep}
+        cases = [c for c in cases if c.impls]
     rows = harness.run_cases(cases, ctx, copy_bps)
     out = Path(args.out or f"bench-out/{device.type}")
     written = harness.write_outputs(rows, meta, out)
@@ -76,6 +84,10 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     b.add_argument("--out", default=None, help="output folder for results.json/.md/.png (default bench-out/<device>)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    b.add_argument("--impls", default=None,
+                   help="comma-separated implementation labels to time, e.g. eager,fusedops:triton (default: all)")
+    b.add_argument("--cases", default=None,
+                   help="comma-separated substrings; only cases whose name contains one run, e.g. 'LN+GELU,16x4096'")
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("report", help="model-level report: time, memory, MFU and loss of whole training steps")
     r.add_argument("--models", default="resnet50,gpt2,mlp",

@@ -153,9 +153,92 @@ def test_triton_looped_path(monkeypatch, device, kind, n):
     from fusedops.triton_kernels import norm as tk
     monkeypatch.setattr(tk.CONFIG, "max_block", 256)
     monkeypatch.setattr(tk.CONFIG, "loop_block", 128)
+    assert tk.triton.next_power_of_2(n) > min(tk.CONFIG.max_block, tk.CONFIG.bwd_max_block)
     with fusedops.use_backend("triton"):
         check(kind, "gelu", (3, n), torch.bfloat16, torch.float32, device)
         check(kind, "relu", (2, n), torch.float32, torch.float32, device)
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
+def test_triton_bwd_partials(monkeypatch, kind):
+    """The persistent backward with several programs (P > 1 fp32 dW/dB partial rows summed
+    by the finalize kernel), row blocks of 2 rows, M not a multiple of the rows a program
+    owns (interpreter: a small row_elems gives 2-row blocks, 37 rows -> 4 programs)."""
+    require("cpu", "triton")
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "row_elems", 1024)
+    assert tk.bwd_config(300, 37).rows == 2
+    with fusedops.use_backend("triton"):
+        check(kind, "gelu_tanh", (37, 300), torch.bfloat16, torch.float32, "cpu")
+        check(kind, "silu", (9, 300), torch.float32, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
+@pytest.mark.parametrize("n", [1000, 600])
+@pytest.mark.parametrize("long_rows", ["reload", "split"])
+def test_triton_bwd_long_rows(monkeypatch, kind, n, long_rows):
+    """The long-row backwards (by default rows of 16384): one program re-reading the row
+    (w/b per step) or the column split over two programs; forced here at N ~ 1000 by a
+    small split_block; N not a multiple of the split."""
+    require("cpu", "triton")
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "split_block", 512)
+    monkeypatch.setattr(tk.CONFIG, "long_rows", long_rows)
+    cfg = tk.bwd_config(n, 7)
+    assert (cfg.split == 2) if long_rows == "split" else (cfg.reload and cfg.w_in_loop)
+    with fusedops.use_backend("triton"):
+        check(kind, "gelu_tanh", (7, n), torch.bfloat16, torch.float32, "cpu")
+        check(kind, "relu", (3, n), torch.float32, torch.float32, "cpu", has_b=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(1000, 768), (777, 4096), (333, 8192), (260, 16384), (5, 16384), (16, 4096),
+                                   (130, 20000), (3, 12000)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_bwd_shapes(backend, shape):
+    """GPU backward paths: several programs with fp32 partials (M not a multiple of the rows
+    per program), one program writing dW/dB directly (small M), the column-split path
+    (N = 16384, 12000), the looped path (N = 20000 > 16384)."""
+    require("cuda", backend)
+    with fusedops.use_backend(backend):
+        check("ln", "gelu_tanh", shape, torch.bfloat16, torch.bfloat16, "cuda")
+        check("add_rms", "silu", shape, torch.bfloat16, torch.float32, "cuda")
+        check("add_ln_", "gelu", shape, torch.float16, torch.float16, "cuda", has_b=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("long_rows", ["reload", "split"])
+def test_gpu_triton_long_rows(monkeypatch, long_rows):
+    """Both Triton long-row backwards at N = 16384 (and 12000), several programs."""
+    require("cuda", "triton")
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "long_rows", long_rows)
+    with fusedops.use_backend("triton"):
+        check("ln", "gelu_tanh", (260, 16384), torch.bfloat16, torch.bfloat16, "cuda")
+        check("add_rms", "silu", (133, 12000), torch.bfloat16, torch.float32, "cuda")
+
+
+def test_fast_path_matches_ops(dev_backend):
+    """The public functions' direct path and the dispatcher ops give the same bits."""
+    device, _ = dev_backend
+    x = torch.randn(37, 300, device=device, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(37, 300, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.rand(300, device=device) + 0.5).requires_grad_()
+    b = torch.randn(300, device=device, requires_grad=True)
+    dy = torch.randn(37, 300, device=device, dtype=torch.bfloat16)
+    ds = torch.randn(37, 300, device=device, dtype=torch.bfloat16)
+    y1, s1 = fusedops.add_layer_norm_act(x, r, w, b, 1e-5, "gelu_tanh")
+    g1 = torch.autograd.grad([y1, s1], [x, r, w, b], [dy, ds])
+    y2, s2, _, _ = torch.ops.fusedops.add_layer_norm_act(x, r, w, b, 1e-5, "gelu_tanh")
+    g2 = torch.autograd.grad([y2, s2], [x, r, w, b], [dy, ds])
+    assert type(y1.grad_fn).__name__ != type(y2.grad_fn).__name__  # two different paths were taken
+    for a, c in zip((y1, s1) + g1, (y2, s2) + g2):
+        assert torch.equal(a, c)
+    y3 = fusedops.rms_norm_act(x, w, 1e-6, "silu")
+    (gx3,) = torch.autograd.grad([y3], [x], [dy])
+    y4, _ = torch.ops.fusedops.rms_norm_act(x, w, 1e-6, "silu")
+    (gx4,) = torch.autograd.grad([y4], [x], [dy])
+    assert torch.equal(y3, y4) and torch.equal(gx3, gx4)
 
 
 @pytest.mark.gpu

@@ -3,7 +3,10 @@
 Patterns: LayerNorm+GELU(tanh), LayerNorm+SiLU, RMSNorm+SiLU and the residual form
 (s = x + r; RMSNorm(s)+SiLU, gradients into y and s), forward and forward+backward.
 GPU: bf16 (or the fp16/bf16 asked for), rows 32768, N in {768, ..., 16384} (or --sizes),
-plus 16x4096 where launch overhead dominates. CPU: two small shapes, fp32.
+plus 16x4096 where launch overhead dominates (timed on the device and, as "... host", by
+host wall clock per call). CPU: two small shapes, fp32.
+Short sweeps: --sizes 1024,4096 --cases LN+GELU --impls eager,fusedops:triton --no-compile
+(labels: eager, torch.compile, liger+eager act, fusedops:triton, fusedops:cuda).
 Baselines: eager (F.layer_norm / F.rms_norm + activation), torch.compile of the same,
 Liger-Kernel's LigerLayerNorm / LigerRMSNorm + eager activation when importable.
 
@@ -24,6 +27,7 @@ from .harness import Case, Impl, family
 
 GPU_N = [768, 1024, 2048, 4096, 8192, 16384]
 GPU_ROWS = 32768
+SMALL = 16 * 4096   # the small-batch shape (16x4096) is also timed by host wall clock
 # CPU (kept quick): one shape per pattern, LN+GELU(tanh) and the residual form
 CPU_SHAPES = {"LN+GELU(tanh)": (256, 1024), "Add+RMS+SiLU": (64, 4096)}
 
@@ -160,4 +164,8 @@ def norm_cases(ctx) -> list:
                     cases.append(Case("norm", name, {"pattern": pname, "rows": m, "n": n, "dtype": str(dtype),
                                                      "mode": mode},
                                       _bytes(m, n, e, norm, residual, backward, partials), impls))
+                    if cuda and m * n <= SMALL:  # launch-bound: what a Python loop pays per call
+                        cases.append(Case("norm", f"{name} host", {"pattern": pname, "rows": m, "n": n,
+                                                                   "dtype": str(dtype), "mode": mode},
+                                          0, dict(impls), wall=True))
     return cases

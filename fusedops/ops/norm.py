@@ -24,7 +24,8 @@ functions below.
 Layout: any leading dims. x (and residual) are read through a row stride when their rows
 have unit column stride, else copied once; dy and ds are read through any strides (a
 stride-0 gradient from `.sum()` is never materialised). Rows up to 65536 elements are
-held on chip; longer rows take a looped (slower, correct) path.
+held on chip in the forward, up to 16384 in the backward; longer rows take looped
+(slower, correct) paths.
 
 Autocast: eager F.layer_norm (and F.rms_norm, in the torch versions whose CUDA autocast
 lists it) run in fp32 under CUDA autocast (and in the
@@ -97,7 +98,7 @@ def _kernel_ok(x, weight, bias, out_dtype) -> bool:
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t as (M, N) with unit column stride: a view when possible, else one copy."""
-    t2 = t.reshape(-1, n)
+    t2 = t if t.dim() == 2 else t.reshape(-1, n)
     return t2 if t2.stride(1) == 1 or t2.shape[0] * n <= 1 else t2.contiguous()
 
 
@@ -135,8 +136,11 @@ def _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms, mod
         else:  # in place: into the residual's own rows, or into a copy written back once
             s2 = r2
             copied = r2.untyped_storage().data_ptr() != residual.untyped_storage().data_ptr()
-    kernels.get(backend)(x2, r2, s2, y.view(-1, n), weight, bias,
-                         None if mean is None else mean.view(-1), rstd.view(-1), eps, activation, rms)
+    if x.dim() == 2:  # no views (host time)
+        kernels.get(backend)(x2, r2, s2, y, weight, bias, mean, rstd, eps, activation, rms)
+    else:
+        kernels.get(backend)(x2, r2, s2, y.view(-1, n), weight, bias,
+                             None if mean is None else mean.view(-1), rstd.view(-1), eps, activation, rms)
     if copied:
         residual.copy_(s2.view(residual.shape))
     return y, s, mean, rstd
@@ -195,22 +199,9 @@ def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
             dx, dw, db = reference.norm_act_backward(dy, s, weight, bias, mean, rstd, activation, ds)
         else:
             dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-            m = s.numel() // max(n, 1)
-            p = _programs(backend, m, n, s.device)
-            dwp = torch.empty((p, n), dtype=torch.float32, device=s.device) if weight is not None else None
-            dbp = torch.empty((p, n), dtype=torch.float32, device=s.device) if bias is not None else None
-            if s.numel():
-                _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
-                                  None if rms else mean.reshape(-1), rstd.reshape(-1),
-                                  None if ds is None else ds.reshape(-1, n), dx.view(-1, n), dwp, dbp,
-                                  activation, rms)
-            elif dwp is not None or dbp is not None:
-                for t in (dwp, dbp):
-                    if t is not None:
-                        t.zero_()
-            # ordered sum of the fp32 partials (fixed shape, fixed order: deterministic)
-            dw = dwp.sum(0).to(weight.dtype) if dwp is not None else None
-            db = dbp.sum(0).to(bias.dtype) if dbp is not None else None
+            dw, db = _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
+                                       None if rms else mean.reshape(-1), rstd.reshape(-1),
+                                       None if ds is None else ds.reshape(-1, n), dx.view(-1, n), activation, rms)
     if dw is None:
         dw = empty
     if db is None:
@@ -218,11 +209,24 @@ def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
     return dx, dw, db
 
 
-def _programs(backend, m, n, device):
-    if backend == "triton":
-        return _triton.kernels("norm").bwd_programs(m, n, device)
+_SM_COUNT: dict = {}
+_SMALL_BWD_ELEMS = 1 << 17
+
+
+def _native_programs(m, n, device):
+    """dW/dB partial rows of the native backward. CUDA: one block per partial row, as many
+    as are resident at once (csrc/cuda/norm_bwd.cu launch_bwd_rows: rows of n <= 4096 run
+    in 512-thread blocks over 512 // tx rows a step, 2 blocks an SM; longer rows 1 block)."""
     if device.type == "cuda":
-        return max(1, min(m, torch.cuda.get_device_properties(device).multi_processor_count * 4))
+        if m * n <= _SMALL_BWD_ELEMS:  # launch-bound: one block, dW/dB need no sum
+            return 1
+        sms = _SM_COUNT.get(device.index)
+        if sms is None:
+            sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        tx = (-(-n // 8) + 31) // 32 * 32
+        if tx <= 512:
+            return max(1, min(-(-m // (512 // tx)), 2 * sms))
+        return max(1, min(m, sms))
     return max(1, min(m, 64))  # CPU: fixed chunks, independent of the thread count
 
 
@@ -253,17 +257,30 @@ norm_act_backward_op = define(
     "str activation, Tensor? ds=None) -> (Tensor, Tensor, Tensor)", _backward_impl, _backward_fake)
 
 
-def _bwd_triton(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms):
-    _triton.kernels("norm").bwd(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms)
+def _bwd_triton(dy2, s2, w, b, mean, rstd, ds2, dx2, activation, rms):
+    return _triton.kernels("norm").bwd(dy2, s2, w, b, mean, rstd, ds2, dx2, activation, rms)
 
 
-def _bwd_native(dy2, s2, w, b, mean, rstd, ds2, dx2, dwp, dbp, activation, rms):
-    e = rstd.new_empty(0)
-    w, b = _same_param_dtype(w, b, s2.dtype)
-    _native.op("norm_act_bwd")(dy2, s2, e if w is None else w, e if b is None else b, e if mean is None else mean,
-                               rstd, e if ds2 is None else ds2, dx2, e if dwp is None else dwp,
-                               e if dbp is None else dbp, _ACT_CODE[activation], rms, w is not None, b is not None,
-                               ds2 is not None)
+def _bwd_native(dy2, s2, w, b, mean, rstd, ds2, dx2, activation, rms):
+    """Writes dx2; returns (dW, dB): fp32 per-block partials summed in a fixed order."""
+    m, n = s2.shape
+    p = _native_programs(m, n, s2.device)
+    dwp = torch.empty((p, n), dtype=torch.float32, device=s2.device) if w is not None else None
+    dbp = torch.empty((p, n), dtype=torch.float32, device=s2.device) if b is not None else None
+    if m and n:
+        e = rstd.new_empty(0)
+        wk, bk = _same_param_dtype(w, b, s2.dtype)
+        _native.op("norm_act_bwd")(dy2, s2, e if wk is None else wk, e if bk is None else bk,
+                                   e if mean is None else mean, rstd, e if ds2 is None else ds2, dx2,
+                                   e if dwp is None else dwp, e if dbp is None else dbp, _ACT_CODE[activation], rms,
+                                   w is not None, b is not None, ds2 is not None)
+    else:
+        for t in (dwp, dbp):
+            if t is not None:
+                t.zero_()
+    if p == 1:
+        return (None if dwp is None else dwp[0].to(w.dtype)), (None if dbp is None else dbp[0].to(b.dtype))
+    return (None if dwp is None else dwp.sum(0).to(w.dtype)), (None if dbp is None else dbp.sum(0).to(b.dtype))
 
 
 _bwd.register("triton")(_bwd_triton)
@@ -475,6 +492,88 @@ class _AddNormActInplace(torch.autograd.Function):
         return dx, dx, dw, db, None, None, None, None
 
 
+# ---- host-time fast path ------------------------------------------------------------------
+# The public functions below run the kernels through one autograd.Function, without the
+# dispatcher round trips of the ops (forward op + register_autograd's generated Function +
+# backward op: ~4x the host time of the eager modules on a launch-bound shape), when the
+# call is plain: dense torch.Tensor arguments of kernel dtypes, a kernel backend, not under
+# tracing or a dispatch mode. Anything else goes through the ops (same kernels, same math).
+
+def _plain_call(*ts) -> bool:
+    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in ts)
+
+
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode  # noqa: E402
+
+
+def _fast_backend(op, x, weight, bias, out_dtype):
+    if not _kernel_ok(x, weight, bias, out_dtype or x.dtype):
+        return None
+    backend = _kernels[op].backend_for(x.device.type)
+    if backend == "reference" or _bwd.backend_for(x.device.type) == "reference":
+        return None
+    return backend
+
+
+def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds):
+    if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and _kernel_ok(s, weight, bias, dy.dtype)
+            and (ds is None or (type(ds) is torch.Tensor and ds.dtype == s.dtype and ds.shape == s.shape))):
+        backend = _bwd.backend_for(s.device.type)
+        if backend != "reference":
+            n = s.shape[-1]
+            dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+            if s.dim() == 2:  # no reshapes (host time)
+                dw, db = _bwd.get(backend)(dy, _rows(s, n), weight, bias, mean, rstd, ds, dx, activation,
+                                           mean is None)
+            else:
+                dw, db = _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
+                                           None if mean is None else mean.reshape(-1), rstd.reshape(-1),
+                                           None if ds is None else ds.reshape(-1, n), dx.view(-1, n), activation,
+                                           mean is None)
+            return dx, dw, db
+    return _grads(dy, s, weight, bias, mean, rstd, activation, ds)
+
+
+class _NormActFast(torch.autograd.Function):
+    """y = act(norm(s) * w + b), s = x or x + residual (returned): the kernels called
+    directly (see above); gradients as the ops' register_autograd formulas."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, activation, out_dtype, rms, op):
+        y, s, mean, rstd = _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms,
+                                    None if residual is None else "out")
+        ctx.save_for_backward(x if s is None else s, weight, bias, mean, rstd)
+        ctx.activation = activation
+        ctx.has_r = residual is not None
+        ctx.set_materialize_grads(False)
+        return y if s is None else (y, s)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        s, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only s was used: a stride-0 zero gradient (never materialised)
+            dy = s.new_zeros(()).expand(s.shape)
+        if torch.is_grad_enabled():  # create_graph: the op, as the ops' own autograd path does
+            dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+        else:  # (once_differentiable without its wrapper's host time)
+            dx, dw, db = _backward_direct(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+        return dx, (dx if ctx.has_r else None), dw, db, None, None, None, None, None
+
+
+def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
+    """(y, s) through the fast path, or None when the call is not plain."""
+    if not _plain_call(x, residual, weight, bias) or _fast_backend(op, x, weight, bias, od) is None:
+        return None
+    if _needs_grad(x, residual, weight, bias):
+        out = _NormActFast.apply(x, residual, weight, bias, eps, activation, od, rms, op)
+        return (out, None) if residual is None else out
+    y, s, _, _ = _forward(op, x, residual, weight, bias, eps, activation, od, rms,
+                          None if residual is None else "out")
+    return y, s
+
+
 # ---- public API --------------------------------------------------------------------------
 
 _AUTOCAST_FP32: dict = {}
@@ -510,7 +609,11 @@ def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str
     weight/bias: (N,) or None, any float dtype; y has x's dtype (fp32 under CUDA autocast,
     as eager). Differentiable in x, weight and bias."""
     _validate.tensor(x, "x", "layer_norm_act")
-    y, _, _ = layer_norm_act_op(x, weight, bias, float(eps), activation, _autocast_dtype(x))
+    od = _autocast_dtype(x)
+    out = _direct("layer_norm_act", x, None, weight, bias, float(eps), activation, od, False)
+    if out is not None:
+        return out[0]
+    y, _, _ = layer_norm_act_op(x, weight, bias, float(eps), activation, od)
     return y
 
 
@@ -520,7 +623,11 @@ def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "id
     _validate.tensor(x, "x", "rms_norm_act")
     _validate.floating(x, "x", "rms_norm_act")
     od = _autocast_dtype(x, "rms_norm")
-    y, _ = rms_norm_act_op(x, weight, _rms_eps(eps, x, od), activation, od)
+    eps = _rms_eps(eps, x, od)
+    out = _direct("rms_norm_act", x, None, weight, None, eps, activation, od, True)
+    if out is not None:
+        return out[0]
+    y, _ = rms_norm_act_op(x, weight, eps, activation, od)
     return y
 
 
@@ -537,6 +644,9 @@ def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, a
             return _AddNormActInplace.apply(x, residual, weight, bias, float(eps), activation, od, False)
         y, _, _ = add_layer_norm_act_inplace_op(x, residual, weight, bias, float(eps), activation, od)
         return y, residual
+    out = _direct("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
+    if out is not None:
+        return out
     y, s, _, _ = add_layer_norm_act_op(x, residual, weight, bias, float(eps), activation, od)
     return y, s
 
@@ -554,5 +664,8 @@ def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activat
             return _AddNormActInplace.apply(x, residual, weight, None, eps, activation, od, True)
         y, _ = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, od)
         return y, residual
+    out = _direct("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True)
+    if out is not None:
+        return out
     y, s, _ = add_rms_norm_act_op(x, residual, weight, eps, activation, od)
     return y, s

@@ -1,0 +1,70 @@
+"""Sweep launch shapes of the Triton norm backward on the GPU (device time of the backward
+alone, cold L2) and print the best per N next to the default.
+
+    python bench/sweep_norm_bwd.py                       # LN+GELU(tanh), bf16, 32768 rows
+    python bench/sweep_norm_bwd.py --rms --act silu --n 4096,16384
+
+Each config is rows,warps,stages,reload,w_in_loop[,split] (see triton_kernels/norm.py
+BwdConfig); floor = (read s, dy + write dx) bytes / copy bandwidth."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton.testing
+
+from fusedops.benchmark.harness import copy_bandwidth
+from fusedops.triton_kernels import norm as tk
+
+CANDIDATES = {
+    "small": ["4,8,1,0,0", "8,8,1,0,0", "2,4,1,0,0", "4,8,2,0,0", "8,16,1,0,0", "16,16,1,0,0", "4,4,1,0,0"],
+    "mid": ["1,8,1,0,0", "2,16,1,0,0", "1,8,2,0,0", "1,4,1,0,0", "2,8,1,0,0", "1,16,1,0,0"],
+    "big": ["1,16,1,0,0", "1,16,2,0,0", "1,32,1,0,0", "1,16,1,1,0", "2,32,1,0,0"],
+    "huge": ["1,32,1,0,0,2", "1,32,1,0,0,4", "1,16,1,0,0,2", "1,32,1,1,1,1", "1,32,2,1,1,1"],
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", default="768,1024,2048,4096,8192,16384")
+    ap.add_argument("--rows", type=int, default=32768)
+    ap.add_argument("--rms", action="store_true")
+    ap.add_argument("--act", default="gelu_tanh")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    print(f"copy {bw / 1e9:.0f} GB/s")
+    for n in [int(t) for t in args.n.split(",")]:
+        m = args.rows
+        x = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+        dy = torch.randn_like(x)
+        w = (torch.rand(n, device=dev) + 0.5).to(torch.bfloat16)
+        b = None if args.rms else torch.randn(n, device=dev, dtype=torch.bfloat16)
+        y = torch.empty_like(x)
+        mean = None if args.rms else torch.empty(m, device=dev)
+        rstd = torch.empty(m, device=dev)
+        tk.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, args.act, args.rms)
+        dx = torch.empty_like(x)
+        floor = 3 * m * n * 2 / bw * 1e6
+        block = triton.next_power_of_2(n)
+        group = "small" if block <= 2048 else "mid" if block <= 4096 else "big" if block <= 8192 else "huge"
+        results = []
+        for cfg in [None] + CANDIDATES[group]:
+            tk._BWD_OVERRIDE = cfg
+            try:
+                fn = lambda: tk.bwd(dy, x, w, b, mean, rstd, None, dx, args.act, args.rms)  # noqa: E731
+                fn()
+                t = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+            except Exception as exc:  # a config that does not compile or launch
+                print(f"  N={n} {cfg}: failed {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            label = cfg or f"default {tk.bwd_config(n, m)}"
+            results.append((t, label))
+            print(f"  N={n:6d} {label}: {t:8.1f} µs  ({floor / t * 100:5.1f}% of floor {floor:.1f} µs)", flush=True)
+        tk._BWD_OVERRIDE = None
+        best = min(results)
+        print(f"N={n}: best {best[1]} {best[0]:.1f} µs; default {results[0][0]:.1f} µs\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

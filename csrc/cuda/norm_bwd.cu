@@ -1,0 +1,434 @@
+// LayerNorm / RMSNorm + activation (+ residual add) on CUDA tensors: the backward
+// (the forward: norm.cu; shared helpers: norm_common.cuh).
+//
+// Rows held on chip (norm_act_bwd_rows_kernel): a fixed grid of P blocks (the caller's
+// partial count), each owning a contiguous range of rows, ty rows a step; dx written once;
+// dW/dB as one fp32 partial row per block, summed by the caller in a fixed order
+// (deterministic, no atomics). Strided dy (e.g. stride 0 from .sum()), odd N, unaligned
+// rows and rows longer than 16384 (bf16) take the streaming kernel: two passes per row,
+// the block's partial row read-modified-written in global memory by its owner thread.
+#include "norm_common.cuh"
+
+#include <cstdlib>
+#include <string>
+
+namespace fusedops {
+namespace {
+
+struct BwdParams {
+  const void* dy; const void* xs; const void* w; const void* b; const float* mean; const float* rstd;
+  const void* ds; void* dx; float* dwp; float* dbp;
+  int64_t m, n, sdy0, sdy1, sxs, sds0, sds1, sdx, rows_per_block;
+  int act;
+  bool rms, has_w, has_b, has_ds;
+  bool ds_packed;  // ds read in 16-byte packets (unit column stride, aligned rows)
+};
+
+// dz and xhat of one packet (dy and ds read element by element through their strides
+// unless dense; xs through packets).
+template <typename T, typename W, typename Y, int V, bool kDenseDy>
+__device__ __forceinline__ void dz_xhat(const BwdParams& p, int64_t row, int64_t col, float mean, float rstd,
+                                        float* dz, float* xh, float* w) {
+  load_pack<T, V>(static_cast<const T*>(p.xs) + row * p.sxs + col, xh);
+  float b[V];
+  if (p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col, w);
+  if (p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col, b);
+  float dy[V];
+  if constexpr (kDenseDy) {
+    load_pack<Y, V>(static_cast<const Y*>(p.dy) + row * p.sdy0 + col, dy);
+  } else {
+    const Y* d = static_cast<const Y*>(p.dy) + row * p.sdy0;
+#pragma unroll
+    for (int e = 0; e < V; ++e) dy[e] = static_cast<float>(d[(col + e) * p.sdy1]);
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    xh[e] = (xh[e] - mean) * rstd;
+    float z = xh[e];
+    if (p.has_w) z *= w[e];
+    if (p.has_b) z += b[e];
+    dz[e] = dy[e] * act_grad(z, p.act);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_dx(const BwdParams& p, int64_t row, int64_t col, float* dx) {
+  if (p.has_ds) {
+    const T* d = static_cast<const T*>(p.ds) + row * p.sds0;
+#pragma unroll
+    for (int e = 0; e < V; ++e) dx[e] += static_cast<float>(d[(col + e) * p.sds1]);
+  }
+  store_pack<T, V>(static_cast<T*>(p.dx) + row * p.sdx + col, dx);
+}
+
+// Long rows: two passes per row (row sums, then dx); the block's dW/dB partial row lives
+// in global memory, each column read-modified-written only by the thread that owns it.
+template <typename T, typename W, typename Y, int V, bool kDenseDy>
+__global__ void __launch_bounds__(kMaxThreads) norm_act_bwd_stream_kernel(const BwdParams p) {
+  __shared__ float red[33];
+  const int64_t n = p.n;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+  float* dwp = p.has_w ? p.dwp + blockIdx.x * n : nullptr;
+  float* dbp = p.has_b ? p.dbp + blockIdx.x * n : nullptr;
+  for (int64_t col = static_cast<int64_t>(threadIdx.x) * V; col < n; col += step) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      if (dwp) dwp[col + e] = 0.f;
+      if (dbp) dbp[col + e] = 0.f;
+    }
+  }
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
+  const int64_t end = min(p.m, begin + p.rows_per_block);
+  for (int64_t row = begin; row < end; ++row) {
+    const float mean = p.rms ? 0.f : p.mean[row], rstd = p.rstd[row];
+    float c1 = 0.f, c2 = 0.f;
+    for (int64_t col = static_cast<int64_t>(threadIdx.x) * V; col < n; col += step) {
+      float g[V], xh[V], w[V];
+      dz_xhat<T, W, Y, V, kDenseDy>(p, row, col, mean, rstd, g, xh, w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (dwp) dwp[col + e] += g[e] * xh[e];
+        if (dbp) dbp[col + e] += g[e];
+        if (p.has_w) g[e] *= w[e];
+        c1 += g[e];
+        c2 += g[e] * xh[e];
+      }
+    }
+    const float m2 = block_sum(c2, red) / static_cast<float>(n);
+    const float m1 = p.rms ? 0.f : block_sum(c1, red) / static_cast<float>(n);
+    for (int64_t col = static_cast<int64_t>(threadIdx.x) * V; col < n; col += step) {
+      float g[V], xh[V], w[V], dx[V];
+      dz_xhat<T, W, Y, V, kDenseDy>(p, row, col, mean, rstd, g, xh, w);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (p.has_w) g[e] *= w[e];
+        dx[e] = (g[e] - m1 - xh[e] * m2) * rstd;
+      }
+      store_dx<T, V>(p, row, col, dx);
+    }
+  }
+}
+
+
+template <typename T, int V>
+__device__ __forceinline__ Packed<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const Packed<T, V>*>(p);
+}
+
+// The backward for rows held on chip: a persistent grid (one block per dW/dB partial row,
+// the caller's count), each block owning a contiguous range of rows, ty rows a step
+// (blockDim = (tx, ty): tx threads per row, PK packets of V elements a thread, 16-byte
+// accesses). One read of s and dy, one write of dx; xhat, z and act' recomputed from the
+// fp32 mean/rstd. With one block an SM the next row's packets are loaded before this
+// row's reductions (kPrefetch); with two, the other block's loads overlap them. dW/dB
+// accumulate in fp32 registers (a thread owns its columns), or for the longest rows
+// (kSmemAcc) in shared-memory slots private to the thread; at the end the ty row groups
+// are summed in a fixed order into the block's partial row (deterministic).
+template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct>
+__global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
+  constexpr bool kPrefetch = !kSmemAcc && kMinBlocks == 1;  // 2 blocks an SM: 64 registers, no room
+  constexpr bool kHoldParams = false;  // w/b re-read per row (L1 hits): registers for the prefetch
+  extern __shared__ float dyn[];   // kSmemAcc: dW, dB [2][n]; else the row-group combine buffer [ty][n]
+  __shared__ float red[2][16][2];  // [step parity][warp][c1, c2]
+  const int tx = blockDim.x, ty = blockDim.y, tix = threadIdx.x, tiy = threadIdx.y;
+  const int lane = tix & 31, warps_x = tx >> 5;
+  const int wid = tiy * warps_x + (tix >> 5);
+  const int64_t n = p.n;
+  int64_t col[PK];
+  bool ok[PK];
+#pragma unroll
+  for (int k = 0; k < PK; ++k) {
+    col[k] = (static_cast<int64_t>(k) * tx + tix) * V;
+    ok[k] = col[k] < n;
+  }
+  float w[kHoldParams ? PK : 1][V], b[kHoldParams ? PK : 1][V];
+  float dw[kSmemAcc ? 1 : PK][V], db[kSmemAcc ? 1 : PK][V];
+  if constexpr (kSmemAcc) {  // each thread zeroes (and later updates) only its own slots
+#pragma unroll
+    for (int k = 0; k < PK; ++k)
+      if (ok[k])
+#pragma unroll
+        for (int e = 0; e < V; ++e) dyn[col[k] + e] = 0.f, dyn[n + col[k] + e] = 0.f;
+  } else {
+#pragma unroll
+    for (int k = 0; k < PK; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e) dw[k][e] = 0.f, db[k][e] = 0.f;
+  }
+  if constexpr (kHoldParams) {
+#pragma unroll
+    for (int k = 0; k < PK; ++k) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) w[k][e] = 1.f, b[k][e] = 0.f;
+      if (ok[k] && p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col[k], w[k]);
+      if (ok[k] && p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col[k], b[k]);
+    }
+  }
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
+  const int64_t end = min(p.m, begin + p.rows_per_block);
+  const int64_t steps = end > begin ? (end - begin + ty - 1) / ty : 0;
+  const T* xs = static_cast<const T*>(p.xs);
+  const Y* dyp = static_cast<const Y*>(p.dy);
+  int64_t row = begin + tiy;
+  Packed<T, V> xr[PK];
+  Packed<Y, V> dr[PK];
+  float mean = 0.f, rstd = 0.f;
+  auto load_row = [&](int64_t r, Packed<T, V> (&xo)[PK], Packed<Y, V> (&dout)[PK], float& mo, float& ro) {
+#pragma unroll
+    for (int k = 0; k < PK; ++k) {
+      if (ok[k]) {
+        xo[k] = load_raw<T, V>(xs + r * p.sxs + col[k]);
+        dout[k] = load_raw<Y, V>(dyp + r * p.sdy0 + col[k]);
+      }
+    }
+    mo = p.rms ? 0.f : p.mean[r];
+    ro = p.rstd[r];
+  };
+  if (row < end) load_row(row, xr, dr, mean, rstd);
+  for (int64_t step = 0; step < steps; ++step) {
+    const bool valid = row < end;
+    const int64_t next = row + ty;
+    Packed<T, V> xn[PK];
+    Packed<Y, V> dn[PK];
+    float mean_n = 0.f, rstd_n = 0.f;
+    if constexpr (kPrefetch) {
+      if (next < end) load_row(next, xn, dn, mean_n, rstd_n);
+    }
+    float g[PK][V];  // xhat is recomputed from the raw packet after the row sums (fewer registers)
+    float c1 = 0.f, c2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < PK; ++k) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) g[k][e] = 0.f;
+      if (valid && ok[k]) {
+        float wk[V], bk[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) wk[e] = 1.f, bk[e] = 0.f;
+        if constexpr (kHoldParams) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) wk[e] = w[k][e], bk[e] = b[k][e];
+        } else {
+          if (p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col[k], wk);
+          if (p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col[k], bk);
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float xhat = (static_cast<float>(xr[k].v[e]) - mean) * rstd;
+          float z = xhat;
+          if (p.has_w) z *= wk[e];
+          if (p.has_b) z += bk[e];
+          const float dz = static_cast<float>(dr[k].v[e]) * act_grad(z, kAct);  // folded: one activation
+          if constexpr (kSmemAcc) {
+            dyn[col[k] + e] += dz * xhat;
+            dyn[n + col[k] + e] += dz;
+          } else {
+            dw[k][e] += dz * xhat;
+            db[k][e] += dz;
+          }
+          const float gv = p.has_w ? dz * wk[e] : dz;
+          g[k][e] = gv;
+          c1 += gv;
+          c2 += gv * xhat;
+        }
+      }
+    }
+    // row sums of the row group: warp shuffles, then the group's warps in a fixed order
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      c1 += __shfl_xor_sync(0xffffffffu, c1, o);
+      c2 += __shfl_xor_sync(0xffffffffu, c2, o);
+    }
+    const int par = static_cast<int>(step & 1);
+    if (lane == 0) {
+      red[par][wid][0] = c1;
+      red[par][wid][1] = c2;
+    }
+    __syncthreads();  // red[par] is next written two steps later, after another barrier
+    float s1 = 0.f, s2 = 0.f;
+    for (int i = 0; i < warps_x; ++i) {
+      s1 += red[par][tiy * warps_x + i][0];
+      s2 += red[par][tiy * warps_x + i][1];
+    }
+    const float m1 = p.rms ? 0.f : s1 / static_cast<float>(n);
+    const float m2 = s2 / static_cast<float>(n);
+    if (valid) {
+#pragma unroll
+      for (int k = 0; k < PK; ++k) {
+        if (!ok[k]) continue;
+        float dx[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float xhat = (static_cast<float>(xr[k].v[e]) - mean) * rstd;
+          dx[e] = (g[k][e] - m1 - xhat * m2) * rstd;
+        }
+        if (p.has_ds) {
+          const T* d = static_cast<const T*>(p.ds) + row * p.sds0;
+          if (p.ds_packed) {
+            float dsv[V];
+            load_pack<T, V>(d + col[k], dsv);
+#pragma unroll
+            for (int e = 0; e < V; ++e) dx[e] += dsv[e];
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) dx[e] += static_cast<float>(d[(col[k] + e) * p.sds1]);
+          }
+        }
+        store_pack<T, V>(static_cast<T*>(p.dx) + row * p.sdx + col[k], dx);
+      }
+    }
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int k = 0; k < PK; ++k) xr[k] = xn[k], dr[k] = dn[k];
+      mean = mean_n;
+      rstd = rstd_n;
+    } else if (next < end) {
+      load_row(next, xr, dr, mean, rstd);
+    }
+    row = next;
+  }
+  // the block's partial rows
+  float* dwp = p.has_w ? p.dwp + static_cast<int64_t>(blockIdx.x) * n : nullptr;
+  float* dbp = p.has_b ? p.dbp + static_cast<int64_t>(blockIdx.x) * n : nullptr;
+  if constexpr (kSmemAcc) {
+#pragma unroll
+    for (int k = 0; k < PK; ++k) {
+      if (!ok[k]) continue;
+      if (dwp) store_pack<float, V>(dwp + col[k], dyn + col[k]);
+      if (dbp) store_pack<float, V>(dbp + col[k], dyn + n + col[k]);
+    }
+  } else if (ty == 1) {
+#pragma unroll
+    for (int k = 0; k < PK; ++k) {
+      if (!ok[k]) continue;
+      if (dwp) store_pack<float, V>(dwp + col[k], dw[k]);
+      if (dbp) store_pack<float, V>(dbp + col[k], db[k]);
+    }
+  } else {
+    for (int which = 0; which < 2; ++which) {
+      float* out = which == 0 ? dwp : dbp;
+      if (out == nullptr) continue;  // uniform over the block
+#pragma unroll
+      for (int k = 0; k < PK; ++k)
+        if (ok[k])
+#pragma unroll
+          for (int e = 0; e < V; ++e) dyn[tiy * n + col[k] + e] = which == 0 ? dw[k][e] : db[k][e];
+      __syncthreads();
+      if (tiy == 0) {
+#pragma unroll
+        for (int k = 0; k < PK; ++k) {
+          if (!ok[k]) continue;
+          float acc[V];
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[e] = 0.f;
+          for (int j = 0; j < ty; ++j)
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] += dyn[j * n + col[k] + e];
+          store_pack<float, V>(out + col[k], acc);
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+bool force_stream() {
+  static const bool forced = [] {
+    const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
+    return v != nullptr && std::string(v) == "stream";
+  }();
+  return forced;
+}
+
+int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
+
+// Block shape of the on-chip backward for rows of n elements in packets of V, at most 512
+// threads: 8 elements a thread over ty = 512 / tx rows a step (n <= 4096, 2 blocks an SM),
+// 16 a thread (n <= 8192, one row a step, 1 block an SM), 32 a thread with shared-memory
+// dW/dB accumulators (n <= 16384); false: the streaming kernel. Mirrored by
+// fusedops/ops/norm.py (_native_programs: the number of blocks = partial rows).
+template <typename T, typename W, typename Y, int V, int kAct>
+bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
+  constexpr int PK8 = V >= 8 ? 1 : 8 / V;
+  const auto threads = [&](int pk) { return round_warp((p.n + V * pk - 1) / (V * pk)); };
+  if (threads(PK8) <= 512) {
+    const int tx = threads(PK8), ty = 512 / tx;
+    const size_t smem = ty > 1 ? static_cast<size_t>(ty) * p.n * sizeof(float) : 0;
+    norm_act_bwd_rows_kernel<T, W, Y, V, PK8, false, 2, kAct><<<blocks, dim3(tx, ty), smem, stream>>>(p);
+  } else if (threads(2 * PK8) <= 512) {
+    norm_act_bwd_rows_kernel<T, W, Y, V, 2 * PK8, false, 1, kAct>
+        <<<blocks, dim3(threads(2 * PK8), 1), 0, stream>>>(p);
+  } else if (threads(4 * PK8) <= 512) {
+    const size_t smem = 2 * static_cast<size_t>(p.n) * sizeof(float);
+    auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct>;
+    FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+    kernel<<<blocks, dim3(threads(4 * PK8), 1), smem, stream>>>(p);
+  } else {
+    return false;
+  }
+  FUSEDOPS_CHECK_LAUNCH();
+  return true;
+}
+
+// The activation as a template argument (its derivative inlined alone: fewer registers).
+template <typename T, typename W, typename Y, int V>
+bool launch_bwd_rows_act(const BwdParams& p, int blocks, cudaStream_t stream) {
+  switch (p.act) {
+    case 0: return launch_bwd_rows<T, W, Y, V, 0>(p, blocks, stream);
+    case 1: return launch_bwd_rows<T, W, Y, V, 1>(p, blocks, stream);
+    case 2: return launch_bwd_rows<T, W, Y, V, 2>(p, blocks, stream);
+    case 3: return launch_bwd_rows<T, W, Y, V, 3>(p, blocks, stream);
+    default: return launch_bwd_rows<T, W, Y, V, 4>(p, blocks, stream);
+  }
+}
+
+void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor rstd, Tensor ds, Tensor dx,
+                  Tensor dwp, Tensor dbp, int64_t act, bool rms, bool has_w, bool has_b, bool has_ds) {
+  STD_TORCH_CHECK(xs.is_cuda() && dy.is_cuda() && dx.is_cuda(),
+                  "fusedops_C::norm_act_bwd (CUDA): tensors must be CUDA tensors");
+  STD_TORCH_CHECK(xs.dim() == 2 && dx.dim() == 2 && dy.dim() == 2 && xs.stride(1) == 1 && dx.stride(1) == 1,
+                  "fusedops_C::norm_act_bwd (CUDA): xs, dx must be 2-D with unit column stride, dy 2-D");
+  STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
+                  "fusedops_C::norm_act_bwd (CUDA): weight and bias must share a dtype");
+  STD_TORCH_CHECK(dy.scalar_type() == xs.scalar_type() || dy.scalar_type() == ScalarType::Float,
+                  "fusedops_C::norm_act_bwd (CUDA): dy must be s's dtype or float32");
+  STD_TORCH_CHECK(!has_ds || ds.scalar_type() == xs.scalar_type(),
+                  "fusedops_C::norm_act_bwd (CUDA): ds must have s's dtype");
+  const int64_t m = xs.size(0), n = xs.size(1);
+  if (m == 0 || n == 0) return;
+  const int64_t blocks = has_w ? dwp.size(0) : (has_b ? dbp.size(0) : std::min<int64_t>(m, 1024));
+  STD_TORCH_CHECK(blocks >= 1 && blocks < (int64_t{1} << 31), "fusedops_C::norm_act_bwd (CUDA): bad partial count");
+  BwdParams p{dy.data_ptr(), xs.data_ptr(), has_w ? w.data_ptr() : nullptr, has_b ? b.data_ptr() : nullptr,
+              rms ? nullptr : static_cast<const float*>(mean.data_ptr()),
+              static_cast<const float*>(rstd.data_ptr()), has_ds ? ds.data_ptr() : nullptr, dx.data_ptr(),
+              has_w ? static_cast<float*>(dwp.data_ptr()) : nullptr,
+              has_b ? static_cast<float*>(dbp.data_ptr()) : nullptr, m, n, dy.stride(0), dy.stride(1),
+              xs.stride(0), has_ds ? ds.stride(0) : 0, has_ds ? ds.stride(1) : 0, dx.stride(0),
+              (m + blocks - 1) / blocks, static_cast<int>(act), rms, has_w, has_b, has_ds, false};
+  torch::stable::accelerator::DeviceGuard guard(xs.get_device_index());
+  cudaStream_t stream = current_stream(xs.get_device_index());
+  const ScalarType wt = has_w ? w.scalar_type() : (has_b ? b.scalar_type() : xs.scalar_type());
+  const bool dy_float = dy.scalar_type() != xs.scalar_type();
+  dispatch_norm(xs.scalar_type(), wt, dy_float, [&]<typename T, typename W, typename Y>() {
+    constexpr int V = 16 / sizeof(T);
+    const bool packed = can_pack<V>(n, {{p.xs, p.sxs}, {p.dx, p.sdx}}, sizeof(T)) &&
+                        can_pack<V>(n, {{p.w, 0}, {p.b, 0}}, sizeof(W)) &&
+                        can_pack<V>(n, {{p.dwp, 0}, {p.dbp, 0}}, sizeof(float)) && p.sdy1 == 1 &&
+                        can_pack<V>(n, {{p.dy, p.sdy0}}, sizeof(Y));
+    BwdParams q = p;
+    q.ds_packed = p.has_ds && p.sds1 == 1 && can_pack<V>(n, {{p.ds, p.sds0}}, sizeof(T));
+    // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
+    // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
+    if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), stream))) {
+      norm_act_bwd_stream_kernel<T, W, Y, 1, false><<<static_cast<int>(blocks), kMaxThreads, 0, stream>>>(p);
+      FUSEDOPS_CHECK_LAUNCH();
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fusedops
+
+STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
+  m.impl("norm_act_bwd", TORCH_BOX(&fusedops::norm_act_bwd));
+}

@@ -1,0 +1,125 @@
+// Shared device helpers of the LayerNorm / RMSNorm + activation CUDA kernels
+// (csrc/cuda/norm.cu: forward, csrc/cuda/norm_bwd.cu: backward).
+#pragma once
+#include "cuda_utils.cuh"
+
+#include <algorithm>
+#include <initializer_list>
+#include <utility>
+
+namespace fusedops {
+namespace {
+
+constexpr int kMaxThreads = 512;  // forward and streaming kernels: __launch_bounds__(512)
+constexpr int kMaxPacks = 16;
+
+__device__ __forceinline__ float act_fwd(float z, int act) {
+  switch (act) {
+    case 1: return z > 0.f ? z : 0.f;
+    case 2: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+    case 3: return 0.5f * z * (1.f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
+    case 4: return z / (1.f + expf(-z));
+    default: return z;
+  }
+}
+
+__device__ __forceinline__ float act_grad(float z, int act) {
+  switch (act) {
+    case 1: return z > 0.f ? 1.f : 0.f;
+    case 2: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * expf(-0.5f * z * z) * 0.39894228040143268f;
+    case 3: {
+      const float t = tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z));
+      return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * 0.79788456080286536f * (1.f + 0.134145f * z * z);
+    }
+    case 4: {
+      const float sg = 1.f / (1.f + expf(-z));
+      return sg * (1.f + z * (1.f - sg));
+    }
+    default: return 1.f;
+  }
+}
+
+// Sum over the block; every thread gets the result. `red` holds 33 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warps = (blockDim.x + 31) >> 5;
+  __syncthreads();  // red may still be read from the previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float t = lane < warps ? red[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (lane == 0) red[32] = t;
+  }
+  __syncthreads();
+  return red[32];
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void load_pack(const T* p, float* out) {
+  const Packed<T, V> v = *reinterpret_cast<const Packed<T, V>*>(p);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = static_cast<float>(v.v[k]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const float* in) {
+  Packed<T, V> v;
+#pragma unroll
+  for (int k = 0; k < V; ++k) v.v[k] = static_cast<T>(in[k]);
+  *reinterpret_cast<Packed<T, V>*>(p) = v;
+}
+
+// Launch shape for rows of n elements in packets of V: threads (a multiple of 32, at most
+// kMaxThreads) and packets per thread P (powers of two up to max_packs); P = 0 means the
+// streaming path (the row does not fit the registers).
+struct Shape {
+  int threads, packs;
+};
+
+Shape pick_shape(int64_t n, int v, int max_packs) {
+  const int64_t np = (n + v - 1) / v;
+  for (int pk = 1; pk <= max_packs; pk *= 2) {
+    const int64_t t = ((np + pk - 1) / pk + 31) / 32 * 32;
+    if (t <= 256 || (pk >= 2 && t <= kMaxThreads)) return {static_cast<int>(t), pk};
+  }
+  return {kMaxThreads, 0};
+}
+
+template <int V>
+bool can_pack(int64_t n, std::initializer_list<std::pair<const void*, int64_t>> ptr_and_bytes_stride,
+              size_t elem) {
+  if (n % V != 0) return false;
+  for (const auto& [ptr, stride] : ptr_and_bytes_stride) {
+    if (ptr == nullptr) continue;
+    if (!aligned_to(ptr, elem * V) || (stride * static_cast<int64_t>(elem)) % static_cast<int64_t>(elem * V) != 0)
+      return false;
+  }
+  return true;
+}
+
+// T: x dtype; W: weight/bias dtype, T or float (the caller casts others to float);
+// Y: y / dy dtype, T or float (autocast's fp32 output).
+template <typename Fn>
+void dispatch_norm(ScalarType xt, ScalarType wt, bool y_float, Fn&& fn) {
+  dispatch_float(xt, "x", [&]<typename T>() {
+    auto with_w = [&]<typename W>() {
+      if (y_float) fn.template operator()<T, W, float>();
+      else fn.template operator()<T, W, T>();
+    };
+    if (wt == xt) {
+      with_w.template operator()<T>();
+    } else {
+      STD_TORCH_CHECK(wt == ScalarType::Float, "fusedops_C norm (CUDA): weight must have x's dtype or float32");
+      with_w.template operator()<float>();
+    }
+  });
+}
+
+int grid_rows(int64_t m) { return static_cast<int>(std::min<int64_t>(m, 1 << 20)); }
+
+}  // namespace
+}  // namespace fusedops
