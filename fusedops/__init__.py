@@ -16,12 +16,13 @@ from .nn_convbn import fold_conv_bn
 __version__ = "0.1.0"
 
 
-def backend_for(op: str, device_type: str) -> str:
+def backend_for(op: str, device_type: str, size: int | None = None) -> str:
     """The backend that `op` ("add_", "foreach_add_", …) runs on tensors of `device_type`
-    now (honours FUSEDOPS_BACKEND and use_backend)."""
+    now (honours FUSEDOPS_BACKEND and use_backend); `size` (e.g. a norm's hidden size) for
+    ops whose CUDA default depends on it."""
     if op not in _backend.REGISTRY:
         raise ValueError(f"backend_for: unknown op {op!r}; known: {', '.join(_backend.REGISTRY)}")
-    return _backend.REGISTRY[op].backend_for(device_type)
+    return _backend.REGISTRY[op].backend_for(device_type, size)
 
 
 __all__ = ["BACKENDS", "ConvertReport", "FallbackWarning", "add_", "add_layer_norm_act", "add_rms_norm_act",

@@ -107,10 +107,14 @@ class Kernels:
     module records the numbers beside it.
     """
 
-    def __init__(self, op: str, *, cuda_default: str):
+    def __init__(self, op: str, *, cuda_default: str, cuda_default_upto: tuple | None = None):
+        """cuda_default_upto=(backend, limit): that backend instead for calls whose size (the
+        op's own measure, passed to backend_for; e.g. the hidden size) is <= limit."""
         assert cuda_default in ("triton", "cuda")
+        assert cuda_default_upto is None or cuda_default_upto[0] in ("triton", "cuda")
         self.op = op
         self.cuda_default = cuda_default
+        self.cuda_default_upto = cuda_default_upto
         self._impls: dict = {}
         self._chosen: dict = {}
         REGISTRY[op] = self
@@ -124,16 +128,21 @@ class Kernels:
 
         return deco
 
-    def backend_for(self, device_type: str) -> str:
-        """The backend a call on `device_type` tensors runs (raises if a forced one cannot)."""
+    def backend_for(self, device_type: str, size: int | None = None) -> str:
+        """The backend a call on `device_type` tensors runs (raises if a forced one cannot);
+        `size` picks between the op's size-dependent CUDA defaults."""
         forced = _forced()
-        key = (device_type, forced)
+        preferred = self.cuda_default
+        upto = self.cuda_default_upto
+        if upto is not None and size is not None and size <= upto[1]:
+            preferred = upto[0]
+        key = (device_type, forced, preferred)
         name = self._chosen.get(key)
         if name is None:
-            name = self._chosen[key] = self._choose(device_type, forced)
+            name = self._chosen[key] = self._choose(device_type, forced, preferred)
         return name
 
-    def _choose(self, device_type: str, forced: str | None) -> str:
+    def _choose(self, device_type: str, forced: str | None, preferred: str | None = None) -> str:
         if forced is not None:
             name = forced if forced in ("triton", "reference") else _native_name(device_type)
             if not available(name, device_type):
@@ -142,7 +151,8 @@ class Kernels:
                                    f"tensors: {why_unavailable(name, device_type)}")
             return name
         if device_type == "cuda":
-            order = [self.cuda_default, "cuda" if self.cuda_default == "triton" else "triton"]
+            first = preferred or self.cuda_default
+            order = [first, "cuda" if first == "triton" else "triton"]
         else:
             order = ["cpp"]
         for name in order:

@@ -244,6 +244,20 @@ def test_forced_backend_reaches_other_threads():
     assert seen == ["reference", _backend._ENV_FORCED or "auto"]
 
 
+def test_size_dependent_cuda_default(monkeypatch):
+    from fusedops import _backend
+    k = _backend.Kernels("test_sized_op", cuda_default="triton", cuda_default_upto=("cuda", 2048))
+    try:
+        monkeypatch.setattr(_backend, "available", lambda name, device_type: True)
+        assert k.backend_for("cuda", 768) == "cuda" and k.backend_for("cuda", 2048) == "cuda"
+        assert k.backend_for("cuda", 4096) == "triton" and k.backend_for("cuda") == "triton"
+        assert k.backend_for("cpu", 768) == "cpp"
+        with fusedops.use_backend("triton"):
+            assert k.backend_for("cuda", 768) == "triton"
+    finally:
+        del _backend.REGISTRY["test_sized_op"]
+
+
 def test_forced_backend_that_cannot_run_raises(monkeypatch):
     from fusedops import _triton
     monkeypatch.setattr(_triton, "can_run", lambda device_type: False)

@@ -43,13 +43,15 @@ from ._library import LIB, define
 ACTIVATIONS = reference.ACTIVATIONS
 _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 
-# Default on CUDA tensors: Triton, faster than the CUDA C++ kernels in most rows of the H100
-# benchmark (2026-11-22: LN+GELU(tanh) bf16 32768x4096 fwd 188 µs vs 308, fwd+bwd 909 vs
-# 1403); CUDA C++ wins fwd+bwd at N <= 2048 and the launch-bound 16x4096 (bench/NOTES.md).
+# Defaults on CUDA tensors, by hidden size N (H100, LN+GELU(tanh) bf16, 32768 rows, fwd+bwd
+# µs, CUDA C++ vs Triton; bench/NOTES.md): N <= 2048 the CUDA C++ kernels (768: 651 vs 1018,
+# 1024: 769 vs 1128, 2048: 651 vs 1266 — the host time of the launches decides there), above
+# it Triton (4096: 840 vs 828 and fwd 307 vs 187; 8192: 1822 vs 1234; 16384: 5441 vs 4285).
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
-_kernels = {op: Kernels(op, cuda_default="triton") for op in FWD_OPS}
-_bwd = Kernels("norm_act_backward", cuda_default="triton")
+SMALL_N = ("cuda", 2048)
+_kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=SMALL_N) for op in FWD_OPS}
+_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=SMALL_N)
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
@@ -115,7 +117,7 @@ def _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms, mod
         run_ref = kernels.reference(f"no kernel for x {x.dtype} / weight {getattr(weight, 'dtype', None)} / "
                                     f"out {out_dtype}")
         return run_ref(x, residual, weight, bias, eps, activation, out_dtype, rms, mode)
-    backend = kernels.backend_for(x.device.type)
+    backend = kernels.backend_for(x.device.type, n)
     if backend == "reference":
         return _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rms, mode)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -194,7 +196,7 @@ def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
         dx, dw, db = _bwd.reference(f"no kernel for s {s.dtype} / dy {dy.dtype}")(
             dy, s, weight, bias, mean, rstd, activation, ds)
     else:
-        backend = _bwd.backend_for(s.device.type)
+        backend = _bwd.backend_for(s.device.type, n)
         if backend == "reference":
             dx, dw, db = reference.norm_act_backward(dy, s, weight, bias, mean, rstd, activation, ds)
         else:
@@ -511,8 +513,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch
 def _fast_backend(op, x, weight, bias, out_dtype):
     if not _kernel_ok(x, weight, bias, out_dtype or x.dtype):
         return None
-    backend = _kernels[op].backend_for(x.device.type)
-    if backend == "reference" or _bwd.backend_for(x.device.type) == "reference":
+    n = x.shape[-1]
+    backend = _kernels[op].backend_for(x.device.type, n)
+    if backend == "reference" or _bwd.backend_for(x.device.type, n) == "reference":
         return None
     return backend
 
@@ -520,9 +523,9 @@ def _fast_backend(op, x, weight, bias, out_dtype):
 def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds):
     if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and _kernel_ok(s, weight, bias, dy.dtype)
             and (ds is None or (type(ds) is torch.Tensor and ds.dtype == s.dtype and ds.shape == s.shape))):
-        backend = _bwd.backend_for(s.device.type)
+        n = s.shape[-1]
+        backend = _bwd.backend_for(s.device.type, n)
         if backend != "reference":
-            n = s.shape[-1]
             dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
             if s.dim() == 2:  # no reshapes (host time)
                 dw, db = _bwd.get(backend)(dy, _rows(s, n), weight, bias, mean, rstd, ds, dx, activation,
