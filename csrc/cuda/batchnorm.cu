@@ -232,7 +232,7 @@ stats_partial_kernel(const T* __restrict__ y, Geo g, Tile tl, float* __restrict_
 __global__ void __launch_bounds__(kFinThreads)
 stats_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t splits, int64_t per_split,
                       int64_t units, float unit_elems, float eps, float* mean_out, float* invstd_out,
-                      float* var_out) {
+                      float* var_out, float* run_mean, float* run_var, float momentum, float unbias) {
   __shared__ float sh[3 * kFinThreads];
   const int t = threadIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinLanes + t % kFinLanes;
@@ -269,6 +269,10 @@ stats_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t s
     mean_out[c] = sh[t];
     var_out[c] = var;
     invstd_out[c] = rsqrtf(var + eps);
+    if (run_mean != nullptr) {  // eager's running-statistics update, in this launch
+      run_mean[c] = bn_lerp(run_mean[c], sh[t], momentum);
+      run_var[c] = bn_lerp(run_var[c], var * unbias, momentum);
+    }
   }
 }
 
@@ -606,7 +610,8 @@ void check_grid(int64_t splits, int64_t groups, const char* op) {
 }
 
 
-void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
+void stats_impl(Tensor& y, double eps, Tensor& mean, Tensor& invstd, Tensor& var, float* run_mean, float* run_var,
+                double momentum) {
   const int32_t dev = y.get_device_index();
   check_cuda(y, "y", dev);
   STD_TORCH_CHECK(y.dim() == 4, "fusedops_C::bn_stats (CUDA): y must be 4-D");
@@ -641,9 +646,26 @@ void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
     FUSEDOPS_CHECK_LAUNCH();
     stats_finalize_kernel<<<static_cast<unsigned>((g.c + kFinLanes - 1) / kFinLanes), kFinThreads, 0, stream>>>(
         pp, g.c, splits, tl.per_split, tl.units, static_cast<float>(cl ? 1 : vec), static_cast<float>(eps),
-        mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
+        mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), run_mean,
+        run_var, static_cast<float>(momentum),
+        static_cast<float>(static_cast<double>(m) / static_cast<double>(std::max<int64_t>(m - 1, 1))));
     FUSEDOPS_CHECK_LAUNCH();
   });
+}
+
+void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
+  stats_impl(y, eps, mean, invstd, var, nullptr, nullptr, 0.0);
+}
+
+void bn_stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor invstd, Tensor var,
+                      Tensor running_mean, Tensor running_var) {
+  const int32_t dev = y.get_device_index();
+  check_cuda(y, "y", dev);
+  STD_TORCH_CHECK(y.dim() == 4, "fusedops_C::bn_stats_running (CUDA): y must be 4-D");
+  check_channel(running_mean, y.size(1), "running_mean", dev);
+  check_channel(running_var, y.size(1), "running_var", dev);
+  stats_impl(y, eps, mean, invstd, var, running_mean.mutable_data_ptr<float>(), running_var.mutable_data_ptr<float>(),
+             momentum);
 }
 
 Affine affine_of(const Tensor& mean, const Tensor& invstd, const Tensor& w, const Tensor& b) {
@@ -768,6 +790,7 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
   m.impl("bn_stats", TORCH_BOX(&fusedops::bn_stats));
+  m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_stats_running));
   m.impl("bn_act_apply", TORCH_BOX(&fusedops::bn_act_apply));
   m.impl("bn_act_backward", TORCH_BOX(&fusedops::bn_act_backward));
 }

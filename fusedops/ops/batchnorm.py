@@ -383,6 +383,25 @@ def stats_direct(y: torch.Tensor, eps: float):
     return fn(y, eps) if fn is not None else bn_stats_op(y, eps)
 
 
+def stats_running_direct(y: torch.Tensor, eps: float, running: list):
+    """stats_direct, and where a native kernel takes it, eager's running-statistics update
+    in the same launch: running = [running_mean, running_var, momentum, done]; done is
+    set True when the buffers were updated here (else the caller updates them)."""
+    rm, rv, momentum = running[0], running[1], running[2]
+    if (_plain(y) and _stats.backend_for(y.device.type) in ("cuda", "cpp") and _native_ready(RUNNING, y.device.type)
+            and rm.dtype is torch.float32 and rv.dtype is torch.float32 and rm.is_contiguous()
+            and rv.is_contiguous() and rm.device == y.device and rv.device == y.device):
+        c = y.shape[1]
+        mean, invstd, var = _out_channels(c, y), _out_channels(c, y), _out_channels(c, y)
+        _native.op(RUNNING)(_normalize_hw(y), eps, momentum, mean, invstd, var, rm, rv)
+        running[3] = True
+        return mean, invstd, var
+    return stats_direct(y, eps)
+
+
+RUNNING = "bn_stats_running"
+
+
 def apply_direct(y, mean, invstd, weight, bias, act: str, slope: float):
     fn = _direct(_apply, y) if _plain(y) else None
     if fn is None or not _kernel_dtype(weight, bias):
