@@ -82,9 +82,12 @@ EARLY_RELEASE_DEVICES = ("cuda",)
 def _no_autocast(device_type: str):
     """autocast off: the C++ guard (~0.6 µs) outside tracing, torch.autocast (~5 µs of
     Python per enter/exit) where torch.compile must see it."""
-    if torch.compiler.is_compiling():
+    if _DISABLE_AUTOCAST is None or torch.compiler.is_compiling():
         return torch.autocast(device_type, enabled=False)
-    return torch._C._DisableAutocast()
+    return _DISABLE_AUTOCAST()
+
+
+_DISABLE_AUTOCAST = getattr(torch._C, "_DisableAutocast", None)
 
 
 def _hooks_active() -> bool:
@@ -112,11 +115,8 @@ class _ConvBNActTrain(torch.autograd.Function):
         if n * h * w <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(y.shape)}")
-        if running is not None:  # [running_mean, running_var, momentum, done]
-            mean, invstd, var = bnops.stats_running_direct(y, eps, running)
-        else:
-            mean, invstd, var = bnops.stats_direct(y, eps)
-        z = bnops.apply_direct(y, mean, invstd, gamma, beta, act, slope)
+        # running: [running_mean, running_var, momentum, done] or None
+        z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
         ctx.x = None
         if memory == "fast":
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
