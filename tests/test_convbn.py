@@ -116,6 +116,26 @@ def _train_compare(eager, fused, x, steps=3, dtype=torch.float32, channels_last=
 
 # ---- ops ---------------------------------------------------------------------------------
 
+def _apply64(y, mean, invstd, w, b, act, slope):
+    """bn_act_apply in float64 (reference.bn_act_apply computes in fp32 whatever its input:
+    it is the eager twin, not the fp64 reference)."""
+    sh = (1, -1, 1, 1)
+    xhat = (y.double() - mean.double().reshape(sh)) * invstd.double().reshape(sh)
+    return reference.activation(xhat * w.double().reshape(sh) + b.double().reshape(sh), act, slope)
+
+
+def _backward64(dz, y, mean, invstd, w, b, act, slope):
+    """bn_act_backward in float64: (dy, dweight, dbias)."""
+    sh = (1, -1, 1, 1)
+    r = invstd.double().reshape(sh)
+    xhat = (y.double() - mean.double().reshape(sh)) * r
+    g = dz.double() * reference.activation_grad(xhat * w.double().reshape(sh) + b.double().reshape(sh), act, slope)
+    m = y.numel() // y.shape[1]
+    sg, sgx = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
+    dy = w.double().reshape(sh) * r * (g - sg.reshape(sh) / m - xhat * sgx.reshape(sh) / m)
+    return dy, sgx, sg
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_bn_ops_against_reference(dev_backend, dtype, layout):
@@ -137,14 +157,13 @@ def test_bn_ops_against_reference(dev_backend, dtype, layout):
         assert z.dtype == y.dtype and z.shape == y.shape
         if layout != "strided":
             assert z.stride() == y.stride()
-        z64 = reference.bn_act_apply(y.double(), mean.double(), invstd.double(), w.double(), b.double(), act, 0.1)
+        z64 = _apply64(y, mean, invstd, w, b, act, 0.1)
         ze = reference.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
         assert_close_rule(z.double(), ze.double(), z64, atol=torch.finfo(dtype).eps * 8 * z64.abs().max().item(),
                           name=f"apply {act}")
         dz = torch.randn_like(y)
         dy, dw, db = bnops.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
-        dy64, dw64, db64 = reference.bn_act_backward(dz.double(), y.double(), mean.double(), invstd.double(),
-                                                     w.double(), b.double(), act, 0.1)
+        dy64, dw64, db64 = _backward64(dz, y, mean, invstd, w, b, act, 0.1)
         dye, dwe, dbe = reference.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
         assert_close_rule(dy.double(), dye.double(), dy64, atol=torch.finfo(dtype).eps * 8 * dy64.abs().max().item(),
                           name=f"dy {act}")
@@ -179,7 +198,10 @@ def test_bn_ops_kernel_tilings(dev_backend, dtype, layout, case):
     device, backend = dev_backend
     shape, offset = case
     if device == "cpu" and (backend == "triton" or shape[0] * shape[2] * shape[3] * shape[1] > 100_000):
-        pytest.skip("large grids are for the GPU (the interpreter is slow)")
+        # the interpreter sums a 256-row tile sequentially in fp32 (not the GPU's tree):
+        # var is then off by ~1.6e-6 relative at times, over this test's 1e-6; the tilings
+        # tested here are the native kernels' (the GPU run covers Triton's)
+        pytest.skip("Triton under the interpreter and large tensors: GPU only")
     y = _tensor_in(shape, layout, dtype, device, offset)
     c = shape[1]
     mean, invstd, var = bnops.bn_stats(y, 1e-5)
@@ -191,13 +213,12 @@ def test_bn_ops_kernel_tilings(dev_backend, dtype, layout, case):
     for act in ["relu", "gelu_tanh"]:
         z = bnops.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
         assert z.stride() == y.stride()
-        z64 = reference.bn_act_apply(y.double(), mean.double(), invstd.double(), w.double(), b.double(), act, 0.1)
+        z64 = _apply64(y, mean, invstd, w, b, act, 0.1)
         ze = reference.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
         assert_close_rule(z.double(), ze.double(), z64, atol=torch.finfo(dtype).eps * 8 * z64.abs().max().item(),
                           name=f"apply {act}")
         dz = _tensor_in(shape, layout, dtype, device, offset)
-        dy64, dw64, db64 = reference.bn_act_backward(dz.double(), y.double(), mean.double(), invstd.double(),
-                                                     w.double(), b.double(), act, 0.1)
+        dy64, dw64, db64 = _backward64(dz, y, mean, invstd, w, b, act, 0.1)
         dye, dwe, dbe = reference.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
         # dy written over a scratch copy of y, as the recompute backward does
         scratch = y.clone()
