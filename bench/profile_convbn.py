@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fusedops import _backend
-from fusedops.benchmark.convbn import GPU_SHAPES, _step, eager_blocks, fused_blocks
+from fusedops.benchmark.convbn import GPU_SHAPES, _step, block_input, eager_blocks, fused_blocks
 
 
 def host_wall(fn, steps=20) -> float:
@@ -41,7 +41,7 @@ def main():
             continue
         torch.manual_seed(0)
         eager = eager_blocks(cin, cout, k, stride, dev)
-        x = torch.randn(batch, cin, hw, hw, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+        x = block_input(batch, cin, hw, dev, True)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             shape = eager(x).shape
         gout = torch.randn(shape, device=dev, dtype=torch.bfloat16).to(memory_format=torch.channels_last)

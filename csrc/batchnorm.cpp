@@ -9,6 +9,10 @@
 
 STABLE_TORCH_LIBRARY_FRAGMENT(fusedops_C, m) {
   m.def("bn_stats(Tensor y, float eps, Tensor(a!) mean, Tensor(b!) invstd, Tensor(c!) var) -> ()");
+  // bn_stats, then the running statistics updated as eager BatchNorm does (fused into the
+  // finalize on CUDA): rm ← lerp(rm, μ, momentum), rv ← lerp(rv, σ²·M/(M−1), momentum).
+  m.def("bn_stats_running(Tensor y, float eps, float momentum, Tensor(a!) mean, Tensor(b!) invstd, "
+        "Tensor(c!) var, Tensor(d!) running_mean, Tensor(e!) running_var) -> ()");
   m.def("bn_act_apply(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int act, float slope, "
         "Tensor(a!) z) -> ()");
   m.def("bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int act, "

@@ -51,4 +51,9 @@ FUSEDOPS_HD float bn_act_grad(float z, int act, float slope) {
   }
 }
 
+// torch.lerp's formula (the running-statistics update of eager BatchNorm via _foreach_lerp_).
+FUSEDOPS_HD float bn_lerp(float start, float end, float weight) {
+  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.f - weight);
+}
+
 }  // namespace fusedops

@@ -79,6 +79,17 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
 EARLY_RELEASE_DEVICES = ("cuda",)
 
 
+def _no_autocast(device_type: str):
+    """autocast off: the C++ guard (~0.6 µs) outside tracing, torch.autocast (~5 µs of
+    Python per enter/exit) where torch.compile must see it."""
+    if _DISABLE_AUTOCAST is None or torch.compiler.is_compiling():
+        return torch.autocast(device_type, enabled=False)
+    return _DISABLE_AUTOCAST()
+
+
+_DISABLE_AUTOCAST = getattr(torch._C, "_DisableAutocast", None)
+
+
 def _hooks_active() -> bool:
     """saved_tensors_hooks (e.g. save_on_cpu) are in force: every saved tensor must go
     through them."""
@@ -97,15 +108,15 @@ class _ConvBNActTrain(torch.autograd.Function):
     at the peak one activation less than keeping x to the end."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, conv_bias, conf):
+    def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None):
         stride, padding, dilation, groups, eps, act, slope, memory = conf
         y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         n, c, h, w = y.shape
         if n * h * w <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(y.shape)}")
-        mean, invstd, var = bnops.stats_direct(y, eps)
-        z = bnops.apply_direct(y, mean, invstd, gamma, beta, act, slope)
+        # running: [running_mean, running_var, momentum, done] or None
+        z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
         ctx.x = None
         if memory == "fast":
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
@@ -140,7 +151,7 @@ class _ConvBNActTrain(torch.autograd.Function):
         if memory == "fast":
             y = saved[6]
         elif torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
+            with _no_autocast(x.device.type):
                 y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         else:
             y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
@@ -172,7 +183,7 @@ class _ConvBNActTrain(torch.autograd.Function):
             db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
         if ctx.has_bias:
             dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
-        return dx, dw, dg, db, dcb, None
+        return dx, dw, dg, db, dcb, None, None
 
 
 _NO_OUTPUT_PADDING = [0, 0]
@@ -287,19 +298,30 @@ class ConvBNAct2d(nn.Module):
         w = cparams["weight"]
         conv_bias = cparams.get("bias")
         conf = self._train_conf()
+        rm = bbufs.get("running_mean")
+        update = self.training and bn.track_running_stats and rm is not None
+        # the running statistics updated in the stats launch where a native kernel can
+        # (fp32 buffers, a momentum, no conv bias to add to the mean)
+        running = None
+        if (update and conv_bias is None and bn.momentum is not None and bbufs.get("num_batches_tracked") is not None
+                and not torch.compiler.is_compiling()):
+            running = [rm, bbufs["running_var"], float(bn.momentum), False]
         cd = _conv_dtype(x)
         if cd is not None:  # what autocast does to the eager conv: both operands in cd
             if x.dtype != cd:
                 x = x.to(cd)
             if w.dtype != cd:
                 w = w.to(cd)
-            with torch.autocast(x.device.type, enabled=False):
+            with _no_autocast(x.device.type):
                 z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias,
-                                                     conf)
+                                                     conf, running)
         else:
-            z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf)
-        rm = bbufs.get("running_mean")
-        if self.training and bn.track_running_stats and rm is not None:
+            z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf,
+                                                 running)
+        if running is not None and running[3]:
+            bbufs["num_batches_tracked"].add_(1)  # a buffer: no grad mode needed
+            torch.autograd.graph.increment_version([rm, bbufs["running_var"]])  # the eval fold cache keys on it
+        elif update:
             if conv_bias is not None:
                 mean = mean + conv_bias.detach().float()
             count = z.shape[0] * z.shape[2] * z.shape[3]

@@ -399,7 +399,8 @@ def bn_act_backward(dz, y, dy, mean, invstd, weight, bias, act: str, slope: floa
     bn_act_bwd_reduce_kernel[(splits, c_blocks)](dz, y, part, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
                                                  dn, dc, dhw, slope, rows_per, **common,
                                                  STATIC_TILES=_static(rows_per // cfg.block_m))
-    sum_g, sum_gx = part[0].sum(dim=0), part[1].sum(dim=0)  # deterministic
+    # deterministic; two sums, not one part.sum(dim=1): the op's outputs must not alias
+    sum_g, sum_gx = part[0].sum(dim=0), part[1].sum(dim=0)
     cfg2, c_blocks2, splits2, rows_per2, _, _ = _grid(y, channels_last, True)
     bn_act_bwd_dy_kernel[(splits2, c_blocks2)](dz, y, dy, sum_g, sum_gx, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
                                                dn, dc, dhw, slope, rows_per2, **common,

@@ -167,11 +167,31 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
   });
 }
 
+void bn_stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor invstd, Tensor var,
+                      Tensor running_mean, Tensor running_var) {
+  bn_stats(y, eps, mean, invstd, var);
+  const Geo g = geometry(y);
+  check_channel(running_mean, g.c, "running_mean");
+  check_channel(running_var, g.c, "running_var");
+  const int64_t m = g.n * g.hw;
+  const float unbias = static_cast<float>(static_cast<double>(m) / static_cast<double>(std::max<int64_t>(m - 1, 1)));
+  const float mom = static_cast<float>(momentum);
+  const float* mp = mean.const_data_ptr<float>();
+  const float* vp = var.const_data_ptr<float>();
+  float* rm = running_mean.mutable_data_ptr<float>();
+  float* rv = running_var.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < g.c; ++c) {
+    rm[c] = bn_lerp(rm[c], mp[c], mom);
+    rv[c] = bn_lerp(rv[c], vp[c] * unbias, mom);
+  }
+}
+
 }  // namespace
 }  // namespace fusedops
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CPU, m) {
   m.impl("bn_stats", TORCH_BOX(&fusedops::bn_stats));
+  m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_stats_running));
   m.impl("bn_act_apply", TORCH_BOX(&fusedops::bn_act_apply));
   m.impl("bn_act_backward", TORCH_BOX(&fusedops::bn_act_backward));
 }

@@ -1,23 +1,39 @@
 // BatchNorm(+activation) kernels on CUDA tensors for a conv output y [N, C, H·W] (see
 // csrc/batchnorm.cpp for the contract), the CUDA C++ twin of triton_kernels/batchnorm.py.
 //
-// Reductions are deterministic: a 2-D grid (row splits × channel groups) writes fp32
-// partials per split — per-thread Welford, then Chan combines in a fixed tree order in
-// shared memory — and a finalize kernel combines the splits in order. No atomics.
-// Layout: channels_last (stride(1) == 1) puts 32 neighbouring channels on a warp's lanes
-// and rows on the warp index; NCHW gives a block one channel and its threads rows (H·W
-// is the contiguous run). Elementwise kernels walk elements in memory order.
+// One tiling for every kernel, chosen on the host (Tile):
+// - channels_last (stride(1) == 1): a "row" is one (n, h·w) position, its C channels
+//   contiguous. A block is `lanes` threads along C × `rows` row groups (lanes · rows =
+//   256); each thread owns VEC neighbouring channels (VEC = 16 bytes / element size when
+//   C, the strides and the pointers allow one 16-byte access, else 1) and walks the rows
+//   of its block's split, kUnroll rows' loads in flight. Its channels' parameters sit in
+//   registers; there is no per-element index arithmetic.
+// - NCHW (stride(3) is the H·W stride): a block is one channel (grid.y) and a split of its
+//   N·H·W elements, in VEC-element vectors along H·W (VEC > 1 when H·W and the strides
+//   allow it).
+// Grid: (splits, channel groups), sized for a few resident blocks per SM.
+// Reductions are deterministic: per-thread accumulation in a fixed order (Welford for the
+// statistics), a fixed tree over the block's row groups in shared memory, one fp32
+// partial per split, and finalize kernels that combine the splits in order. No atomics.
 #include "cuda_utils.cuh"
 #include "../batchnorm_act.h"
 
 #include <algorithm>
+#include <atomic>
+#include <type_traits>
 
 namespace fusedops {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kLanes = 32;                       // channels per block (channels_last)
-constexpr int kRowsCL = kThreads / kLanes;       // row groups per block (channels_last)
+constexpr int kUnroll = 4;
+// The backward kernels hold more per-channel constants: 8-wide vectors keep 2 rows'
+// loads in flight (2 × 32 bytes a thread, 2 blocks of 256 a SM) to stay within 128 registers.
+template <int V>
+constexpr int kBwdUnroll = V >= 8 ? 2 : 4;
+constexpr int kFinLanes = 8;                      // finalize: channels per block
+constexpr int kFinThreads = 1024;
+constexpr int kFinRows = kFinThreads / kFinLanes;  // finalize: split groups per block
 
 struct Geo {
   int64_t n, c, hw, sn, sc, shw;
@@ -27,10 +43,81 @@ Geo geometry(const Tensor& t) {
   return {t.size(0), t.size(1), t.size(2) * t.size(3), t.stride(0), t.stride(1), t.stride(3)};
 }
 
-__device__ __forceinline__ int64_t row_offset(const Geo& g, int64_t r) {
-  if (g.sn == g.hw * g.shw) return r * g.shw;  // rows evenly spaced (channels_last dense): no division
-  const int64_t n = r / g.hw;
-  return n * g.sn + (r - n * g.hw) * g.shw;
+struct Tile {
+  int lanes;          // threads along C (channels_last, a power of two <= 32); 1 for NCHW
+  int rows;           // kThreads / lanes: row groups (channels_last) or threads (NCHW)
+  int64_t per_split;  // units per split
+  int64_t units;      // channels_last: rows N·H·W; NCHW: vectors per channel N·H·W / VEC
+  int64_t hwv;        // NCHW: vectors per plane H·W / VEC
+};
+
+// Offset of unit u (a row, or a vector of a channel's plane) at channel c0.
+template <bool kCL, int V>
+__device__ __forceinline__ int64_t offset_of(const Geo& g, const Tile& tl, int64_t u, int64_t c0) {
+  if constexpr (kCL) {
+    if (g.sn == g.hw * g.shw) return u * g.shw + c0 * g.sc;  // rows evenly spaced: no division
+    const int64_t n = u / g.hw;
+    return n * g.sn + (u - n * g.hw) * g.shw + c0 * g.sc;
+  } else {
+    int64_t n, p;
+    if (tl.units <= 0xffffffffLL) {
+      const uint32_t uu = static_cast<uint32_t>(u), h = static_cast<uint32_t>(tl.hwv);
+      n = uu / h;
+      p = uu - static_cast<uint32_t>(n) * h;
+    } else {
+      n = u / tl.hwv;
+      p = u - n * tl.hwv;
+    }
+    return n * g.sn + c0 * g.sc + p * V * g.shw;
+  }
+}
+
+// Thread slot: first channel, first unit (relative to the split) and unit step.
+template <bool kCL, int V>
+__device__ __forceinline__ void slot(const Tile& tl, int64_t& c0, int64_t& u, int64_t& step) {
+  if constexpr (kCL) {
+    c0 = (static_cast<int64_t>(blockIdx.y) * tl.lanes + threadIdx.x % tl.lanes) * V;
+    u = threadIdx.x / tl.lanes;
+    step = tl.rows;
+  } else {
+    c0 = blockIdx.y;
+    u = threadIdx.x;
+    step = kThreads;
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ Packed<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const Packed<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void to_float(const Packed<T, V>& v, float (&out)[V]) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = static_cast<float>(v.v[k]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = static_cast<float>(*p);
+  } else {
+    const Packed<T, V> v = *reinterpret_cast<const Packed<T, V>*>(p);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = static_cast<float>(v.v[k]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    *p = static_cast<T>(in[0]);
+  } else {
+    Packed<T, V> v;
+#pragma unroll
+    for (int k = 0; k < V; ++k) v.v[k] = static_cast<T>(in[k]);
+    *reinterpret_cast<Packed<T, V>*>(p) = v;
+  }
 }
 
 __device__ __forceinline__ void chan(float& mean, float& m2, float& cnt, float bm, float bm2, float bc) {
@@ -42,250 +129,465 @@ __device__ __forceinline__ void chan(float& mean, float& m2, float& cnt, float b
   cnt = tot;
 }
 
-// Thread layout: lane = channel (CL) or row (NCHW). Returns (channel, first row, row step).
-template <bool kCL>
-__device__ __forceinline__ void thread_slot(int64_t& c, int64_t& r0, int64_t& step, int64_t split_start) {
-  if constexpr (kCL) {
-    c = static_cast<int64_t>(blockIdx.y) * kLanes + (threadIdx.x % kLanes);
-    r0 = split_start + threadIdx.x / kLanes;
-    step = kRowsCL;
-  } else {
-    c = blockIdx.y;
-    r0 = split_start + threadIdx.x;
-    step = kThreads;
-  }
-}
-
-// Combines the block's per-thread values of a channel in a fixed tree order: threads that
-// share a channel are `stride` apart (kLanes in CL, 1 in NCHW). Result in thread `first`.
-template <bool kCL, typename Combine>
-__device__ __forceinline__ void block_tree(float* sh, int nvals, Combine&& combine) {
-  constexpr int group = kCL ? kRowsCL : kThreads;   // threads per channel
-  constexpr int stride = kCL ? kLanes : 1;
-  for (int width = group / 2; width >= 1; width /= 2) {
+// Fixed-order tree over the block's row groups: threads of one channel set are `lanes`
+// apart; combine(a, b) folds thread b's values into thread a's. Result in row group 0.
+template <typename Combine>
+__device__ __forceinline__ void block_tree(int lanes, int rows, Combine&& combine) {
+  const int t = threadIdx.x;
+  const int idx = t / lanes;
+  for (int width = rows / 2; width >= 1; width /= 2) {
     __syncthreads();
-    const int t = threadIdx.x;
-    const int idx = kCL ? t / kLanes : t;
-    if (idx < width) combine(sh, t, t + width * stride);
-    (void)nvals;
+    if (idx < width) combine(t, t + width * lanes);
   }
   __syncthreads();
 }
 
-template <typename T, bool kCL>
+// ---- statistics ----------------------------------------------------------------------------
+
+template <typename T, bool kCL, int V>
 __global__ void __launch_bounds__(kThreads)
-stats_partial_kernel(const T* __restrict__ y, Geo g, int64_t rows_per_split, float* __restrict__ part) {
-  __shared__ float sh[3 * kThreads];
-  const int64_t m = g.n * g.hw;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * rows_per_split;
-  const int64_t end = min(start + rows_per_split, m);
-  int64_t c, r, step;
-  thread_slot<kCL>(c, r, step, start);
-  float mean = 0.f, m2 = 0.f, cnt = 0.f;
-  auto welford = [&](float v) {
-    cnt += 1.f;
-    const float d = v - mean;
-    mean += d / cnt;
-    m2 += d * (v - mean);
-  };
-  if (c < g.c) {
-    constexpr int kUnroll = 4;  // independent loads in flight; the same update order as one at a time
-    const T* yc = y + c * g.sc;
-    for (; r + (kUnroll - 1) * step < end; r += kUnroll * step) {
-      float v[kUnroll];
+stats_partial_kernel(const T* __restrict__ y, Geo g, Tile tl, float* __restrict__ part) {
+  constexpr int NC = kCL ? V : 1;  // channels per thread
+  __shared__ float sh[(2 * NC + 1) * kThreads];
+  int64_t c0, u, step;
+  slot<kCL, V>(tl, c0, u, step);
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * tl.per_split;
+  const int64_t end = min(start + tl.per_split, tl.units);
+  u += start;
+  float mean[NC], m2[NC], cnt = 0.f;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = static_cast<float>(yc[row_offset(g, r + u * step)]);
+  for (int k = 0; k < NC; ++k) mean[k] = m2[k] = 0.f;
+  auto add = [&](const float (&v)[V]) {
+    if constexpr (kCL) {  // one row: V channels, one count
+      cnt += 1.f;
+      const float inv = 1.f / cnt;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) welford(v[u]);
+      for (int k = 0; k < V; ++k) {
+        const float d = v[k] - mean[k];
+        mean[k] += d * inv;
+        m2[k] += d * (v[k] - mean[k]);
+      }
+    } else {  // V elements of one channel: their mean and M2, then a Chan combine
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += v[k];
+      const float bm = s * (1.f / V);
+      float bm2 = 0.f;
+#pragma unroll
+      for (int k = 0; k < V; ++k) bm2 += (v[k] - bm) * (v[k] - bm);
+      chan(mean[0], m2[0], cnt, bm, bm2, static_cast<float>(V));
     }
-    for (; r < end; r += step) welford(static_cast<float>(yc[row_offset(g, r)]));
+  };
+  if (c0 < g.c) {
+    for (; u + (kUnroll - 1) * step < end; u += kUnroll * step) {
+      Packed<T, V> r[kUnroll];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) r[q] = load_raw<T, V>(y + offset_of<kCL, V>(g, tl, u + q * step, c0));
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        float v[V];
+        to_float<T, V>(r[q], v);
+        add(v);
+      }
+    }
+    for (; u < end; u += step) {
+      float v[V];
+      load<T, V>(y + offset_of<kCL, V>(g, tl, u, c0), v);
+      add(v);
+    }
   }
-  float* sm = sh;
-  float* sm2 = sh + kThreads;
-  float* sc = sh + 2 * kThreads;
-  sm[threadIdx.x] = mean;
-  sm2[threadIdx.x] = m2;
-  sc[threadIdx.x] = cnt;
-  block_tree<kCL>(sh, 3, [&](float* s, int a, int b) {
-    float am = s[a], am2 = s[kThreads + a], ac = s[2 * kThreads + a];
-    chan(am, am2, ac, s[b], s[kThreads + b], s[2 * kThreads + b]);
-    s[a] = am;
-    s[kThreads + a] = am2;
-    s[2 * kThreads + a] = ac;
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    sh[k * kThreads + t] = mean[k];
+    sh[(NC + k) * kThreads + t] = m2[k];
+  }
+  sh[2 * NC * kThreads + t] = cnt;
+  block_tree(kCL ? tl.lanes : 1, tl.rows, [&](int a, int b) {
+    float ca = sh[2 * NC * kThreads + a];
+    const float cb = sh[2 * NC * kThreads + b];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      float m = sh[k * kThreads + a], q = sh[(NC + k) * kThreads + a], c = ca;
+      chan(m, q, c, sh[k * kThreads + b], sh[(NC + k) * kThreads + b], cb);
+      sh[k * kThreads + a] = m;
+      sh[(NC + k) * kThreads + a] = q;
+    }
+    sh[2 * NC * kThreads + a] = ca + cb;
   });
-  const bool leader = kCL ? threadIdx.x < kLanes : threadIdx.x == 0;
-  if (leader && c < g.c) {
+  const bool leader = kCL ? t < tl.lanes : t == 0;
+  if (leader && c0 < g.c) {
     const int64_t splits = gridDim.x;
-    part[blockIdx.x * g.c + c] = sm[threadIdx.x];
-    part[(splits + blockIdx.x) * g.c + c] = sm2[threadIdx.x];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      part[blockIdx.x * g.c + c0 + k] = sh[k * kThreads + t];
+      part[(splits + blockIdx.x) * g.c + c0 + k] = sh[(NC + k) * kThreads + t];
+    }
   }
 }
 
-// Finalize kernels: a block per kLanes channels; its kRowsCL warps each combine every
-// kRowsCL-th split in order, then a fixed tree combines the warps (deterministic).
-__global__ void __launch_bounds__(kThreads)
-stats_finalize_kernel(const float* __restrict__ part, int64_t m, int64_t c_total, int64_t splits,
-                      int64_t rows_per_split, float eps, float* mean_out, float* invstd_out, float* var_out) {
-  __shared__ float sh[3 * kThreads];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kLanes + (threadIdx.x % kLanes);
+// A block per kFinLanes channels; kFinRows groups of threads each combine every
+// kFinRows-th split in order (loads batched), then a fixed tree combines the groups.
+// Split s holds min(per_split, units − s·per_split) · unit_elems elements per channel.
+__global__ void __launch_bounds__(kFinThreads)
+stats_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t splits, int64_t per_split,
+                      int64_t units, float unit_elems, float eps, float* mean_out, float* invstd_out,
+                      float* var_out, float* run_mean, float* run_var, float momentum, float unbias) {
+  __shared__ float sh[3 * kFinThreads];
+  const int t = threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinLanes + t % kFinLanes;
   float mean = 0.f, m2 = 0.f, cnt = 0.f;
   if (c < c_total) {
-    for (int64_t s = threadIdx.x / kLanes; s < splits; s += kRowsCL) {
-      const float k = static_cast<float>(min(m - s * rows_per_split, rows_per_split));
-      chan(mean, m2, cnt, part[s * c_total + c], part[(splits + s) * c_total + c], k);
+    for (int64_t s = t / kFinLanes; s < splits; s += kUnroll * kFinRows) {
+      float pm[kUnroll], pq[kUnroll];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int64_t ss = s + q * kFinRows;
+        pm[q] = ss < splits ? part[ss * c_total + c] : 0.f;
+        pq[q] = ss < splits ? part[(splits + ss) * c_total + c] : 0.f;
+      }
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int64_t ss = s + q * kFinRows;
+        if (ss < splits)
+          chan(mean, m2, cnt, pm[q], pq[q], static_cast<float>(min(per_split, units - ss * per_split)) * unit_elems);
+      }
     }
   }
-  sh[threadIdx.x] = mean;
-  sh[kThreads + threadIdx.x] = m2;
-  sh[2 * kThreads + threadIdx.x] = cnt;
-  block_tree<true>(sh, 3, [&](float* q, int a, int b) {
-    float am = q[a], am2 = q[kThreads + a], ac = q[2 * kThreads + a];
-    chan(am, am2, ac, q[b], q[kThreads + b], q[2 * kThreads + b]);
-    q[a] = am;
-    q[kThreads + a] = am2;
-    q[2 * kThreads + a] = ac;
+  sh[t] = mean;
+  sh[kFinThreads + t] = m2;
+  sh[2 * kFinThreads + t] = cnt;
+  block_tree(kFinLanes, kFinRows, [&](int a, int b) {
+    float am = sh[a], am2 = sh[kFinThreads + a], ac = sh[2 * kFinThreads + a];
+    chan(am, am2, ac, sh[b], sh[kFinThreads + b], sh[2 * kFinThreads + b]);
+    sh[a] = am;
+    sh[kFinThreads + a] = am2;
+    sh[2 * kFinThreads + a] = ac;
   });
-  if (threadIdx.x < kLanes && c < c_total) {
-    const float var = sh[kThreads + threadIdx.x] / sh[2 * kThreads + threadIdx.x];
-    mean_out[c] = sh[threadIdx.x];
+  if (t < kFinLanes && c < c_total) {
+    const float var = sh[kFinThreads + t] / sh[2 * kFinThreads + t];
+    mean_out[c] = sh[t];
     var_out[c] = var;
     invstd_out[c] = rsqrtf(var + eps);
+    if (run_mean != nullptr) {  // eager's running-statistics update, in this launch
+      run_mean[c] = bn_lerp(run_mean[c], sh[t], momentum);
+      run_var[c] = bn_lerp(run_var[c], var * unbias, momentum);
+    }
   }
 }
+
+// ---- apply ---------------------------------------------------------------------------------
 
 struct Affine {
   const float *mean, *invstd, *w, *b;
 };
 
-// Element i in memory order -> (n, c, p) -> offsets through the strides of each tensor.
-template <bool kCL>
-__device__ __forceinline__ void element(const Geo& g, int64_t i, int64_t& n, int64_t& c, int64_t& p) {
-  const int64_t per_n = g.c * g.hw;
-  n = i / per_n;
-  const int64_t rem = i - n * per_n;
-  if constexpr (kCL) {
-    p = rem / g.c;
-    c = rem - p * g.c;
-  } else {
-    c = rem / g.hw;
-    p = rem - c * g.hw;
-  }
-}
-
-template <typename T, bool kCL>
+// y and z may be the same tensor (in-place epilogue): each thread reads its elements
+// before it writes them, so no __restrict__ on them.
+template <typename T, bool kCL, int V>
 __global__ void __launch_bounds__(kThreads)
-apply_kernel(const T* __restrict__ y, T* __restrict__ z, Geo g, Affine a, int act, float slope, int64_t total) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    int64_t n, c, p;
-    element<kCL>(g, i, n, c, p);
-    const int64_t o = n * g.sn + c * g.sc + p * g.shw;
-    const float scale = a.invstd[c] * a.w[c];
-    const float shift = a.b[c] - a.mean[c] * scale;
-    z[o] = static_cast<T>(bn_act(static_cast<float>(y[o]) * scale + shift, act, slope));
+apply_kernel(const T* y, T* z, Geo g, Tile tl, Affine a, int act, float slope) {
+  constexpr int NC = kCL ? V : 1;
+  int64_t c0, u, step;
+  slot<kCL, V>(tl, c0, u, step);
+  if (c0 >= g.c) return;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * tl.per_split;
+  const int64_t end = min(start + tl.per_split, tl.units);
+  u += start;
+  float scale[NC], shift[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    scale[k] = a.invstd[c0 + k] * a.w[c0 + k];
+    shift[k] = a.b[c0 + k] - a.mean[c0 + k] * scale[k];
   }
-}
-
-template <typename T, typename TD>
-__device__ __forceinline__ float grad_at(const T* y, const TD* dz, const Geo& g, const Geo& gd, int64_t r, int64_t c,
-                                         const Affine& a, int act, float slope, float& xhat) {
-  const int64_t n = r / g.hw, p = r - n * g.hw;
-  xhat = (static_cast<float>(y[n * g.sn + c * g.sc + p * g.shw]) - a.mean[c]) * a.invstd[c];
-  return static_cast<float>(dz[n * gd.sn + c * gd.sc + p * gd.shw]) * bn_act_grad(xhat * a.w[c] + a.b[c], act, slope);
-}
-
-template <typename T, typename TD, bool kCL>
-__global__ void __launch_bounds__(kThreads)
-bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Geo gd, Affine a, int act, float slope,
-                   int64_t rows_per_split, float* __restrict__ part) {
-  __shared__ float sh[2 * kThreads];
-  const int64_t m = g.n * g.hw;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * rows_per_split;
-  const int64_t end = min(start + rows_per_split, m);
-  int64_t c, r, step;
-  thread_slot<kCL>(c, r, step, start);
-  float sg = 0.f, sgx = 0.f;
-  if (c < g.c) {
-    for (; r < end; r += step) {
-      float xhat;
-      const float gg = grad_at(y, dz, g, gd, r, c, a, act, slope, xhat);
-      sg += gg;
-      sgx += gg * xhat;
+  auto op = [&](float (&v)[V]) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = bn_act(v[k] * scale[kCL ? k : 0] + shift[kCL ? k : 0], act, slope);
+  };
+  for (; u + (kUnroll - 1) * step < end; u += kUnroll * step) {
+    Packed<T, V> r[kUnroll];
+    int64_t o[kUnroll];
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      o[q] = offset_of<kCL, V>(g, tl, u + q * step, c0);
+      r[q] = load_raw<T, V>(y + o[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < kUnroll; ++q) {
+      float v[V];
+      to_float<T, V>(r[q], v);
+      op(v);
+      store<T, V>(z + o[q], v);
     }
   }
-  sh[threadIdx.x] = sg;
-  sh[kThreads + threadIdx.x] = sgx;
-  block_tree<kCL>(sh, 2, [&](float* s, int x, int w) {
-    s[x] += s[w];
-    s[kThreads + x] += s[kThreads + w];
-  });
-  const bool leader = kCL ? threadIdx.x < kLanes : threadIdx.x == 0;
-  if (leader && c < g.c) {
-    const int64_t splits = gridDim.x;
-    part[blockIdx.x * g.c + c] = sh[threadIdx.x];
-    part[(splits + blockIdx.x) * g.c + c] = sh[kThreads + threadIdx.x];
+  for (; u < end; u += step) {
+    float v[V];
+    const int64_t o = offset_of<kCL, V>(g, tl, u, c0);
+    load<T, V>(y + o, v);
+    op(v);
+    store<T, V>(z + o, v);
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
+// ---- backward ------------------------------------------------------------------------------
+
+// Per-channel constants of the backward, in registers for the thread's channels.
+template <int NC>
+struct BwdParams {
+  float mean[NC], invstd[NC], w[NC], b[NC];
+  __device__ __forceinline__ void load(const Affine& a, int64_t c0) {
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      mean[k] = a.mean[c0 + k];
+      invstd[k] = a.invstd[c0 + k];
+      w[k] = a.w[c0 + k];
+      b[k] = a.b[c0 + k];
+    }
+  }
+};
+
+template <typename T, typename TD, bool kCL, int V>
+__global__ void __launch_bounds__(kThreads, 2)
+bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Geo gd, Tile tl, Affine a, int act,
+                   float slope, float* __restrict__ part) {
+  constexpr int NC = kCL ? V : 1;
+  constexpr int kU = kBwdUnroll<V>;
+  __shared__ float sh[2 * NC * kThreads];
+  int64_t c0, u, step;
+  slot<kCL, V>(tl, c0, u, step);
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * tl.per_split;
+  const int64_t end = min(start + tl.per_split, tl.units);
+  u += start;
+  float sg[NC], sgx[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) sg[k] = sgx[k] = 0.f;
+  if (c0 < g.c) {
+    BwdParams<NC> p;
+    p.load(a, c0);
+    auto add = [&](const float (&yv)[V], const float (&dv)[V]) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int j = kCL ? k : 0;
+        const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
+        const float gg = dv[k] * bn_act_grad(xhat * p.w[j] + p.b[j], act, slope);
+        sg[j] += gg;
+        sgx[j] += gg * xhat;
+      }
+    };
+    for (; u + (kU - 1) * step < end; u += kU * step) {
+      Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
+      Packed<TD, V> rd[kU];
+#pragma unroll
+      for (int q = 0; q < kU; ++q) {
+        ry[q] = load_raw<T, V>(y + offset_of<kCL, V>(g, tl, u + q * step, c0));
+        rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
+      }
+#pragma unroll
+      for (int q = 0; q < kU; ++q) {
+        float yv[V], dv[V];
+        to_float<T, V>(ry[q], yv);
+        to_float<TD, V>(rd[q], dv);
+        add(yv, dv);
+      }
+    }
+    for (; u < end; u += step) {
+      float yv[V], dv[V];
+      load<T, V>(y + offset_of<kCL, V>(g, tl, u, c0), yv);
+      load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
+      add(yv, dv);
+    }
+  }
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    sh[k * kThreads + t] = sg[k];
+    sh[(NC + k) * kThreads + t] = sgx[k];
+  }
+  block_tree(kCL ? tl.lanes : 1, tl.rows, [&](int x, int w) {
+#pragma unroll
+    for (int k = 0; k < 2 * NC; ++k) sh[k * kThreads + x] += sh[k * kThreads + w];
+  });
+  const bool leader = kCL ? t < tl.lanes : t == 0;
+  if (leader && c0 < g.c) {
+    const int64_t splits = gridDim.x;
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      part[blockIdx.x * g.c + c0 + k] = sh[k * kThreads + t];
+      part[(splits + blockIdx.x) * g.c + c0 + k] = sh[(NC + k) * kThreads + t];
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kFinThreads)
 bwd_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t splits, float* sum_g, float* sum_gx) {
-  __shared__ float sh[2 * kThreads];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kLanes + (threadIdx.x % kLanes);
+  __shared__ float sh[2 * kFinThreads];
+  const int t = threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinLanes + t % kFinLanes;
   float a = 0.f, b = 0.f;
   if (c < c_total) {
-    for (int64_t s = threadIdx.x / kLanes; s < splits; s += kRowsCL) {
-      a += part[s * c_total + c];
-      b += part[(splits + s) * c_total + c];
+    for (int64_t s = t / kFinLanes; s < splits; s += kUnroll * kFinRows) {
+      float pa[kUnroll], pb[kUnroll];
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        const int64_t ss = s + q * kFinRows;
+        pa[q] = ss < splits ? part[ss * c_total + c] : 0.f;
+        pb[q] = ss < splits ? part[(splits + ss) * c_total + c] : 0.f;
+      }
+#pragma unroll
+      for (int q = 0; q < kUnroll; ++q) {
+        a += pa[q];
+        b += pb[q];
+      }
     }
   }
-  sh[threadIdx.x] = a;
-  sh[kThreads + threadIdx.x] = b;
-  block_tree<true>(sh, 2, [&](float* q, int x, int w) {
-    q[x] += q[w];
-    q[kThreads + x] += q[kThreads + w];
+  sh[t] = a;
+  sh[kFinThreads + t] = b;
+  block_tree(kFinLanes, kFinRows, [&](int x, int w) {
+    sh[x] += sh[w];
+    sh[kFinThreads + x] += sh[kFinThreads + w];
   });
-  if (threadIdx.x < kLanes && c < c_total) {
-    sum_g[c] = sh[threadIdx.x];
-    sum_gx[c] = sh[kThreads + threadIdx.x];
+  if (t < kFinLanes && c < c_total) {
+    sum_g[c] = sh[t];
+    sum_gx[c] = sh[kFinThreads + t];
   }
 }
 
-template <typename T, typename TD, bool kCL>
-__global__ void __launch_bounds__(kThreads)
-dy_kernel(const T* __restrict__ y, const TD* __restrict__ dz, T* __restrict__ dy, Geo g, Geo gd, Affine a, int act,
-          float slope, const float* __restrict__ sum_g, const float* __restrict__ sum_gx, int64_t total) {
+// dy may be y itself (the recompute backward writes dy over its scratch y): each thread
+// reads its elements of y before it writes them, so no __restrict__ on y and dy.
+template <typename T, typename TD, bool kCL, int V>
+__global__ void __launch_bounds__(kThreads, 2)
+dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, Affine a, int act, float slope,
+          const float* __restrict__ sum_g, const float* __restrict__ sum_gx) {
+  constexpr int NC = kCL ? V : 1;
+  constexpr int kU = kBwdUnroll<V>;
+  int64_t c0, u, step;
+  slot<kCL, V>(tl, c0, u, step);
+  if (c0 >= g.c) return;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * tl.per_split;
+  const int64_t end = min(start + tl.per_split, tl.units);
+  u += start;
   const float inv_m = 1.f / static_cast<float>(g.n * g.hw);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    int64_t n, c, p;
-    element<kCL>(g, i, n, c, p);
-    float xhat;
-    const float gg = grad_at(y, dz, g, gd, n * g.hw + p, c, a, act, slope, xhat);
-    dy[n * g.sn + c * g.sc + p * g.shw] =
-        static_cast<T>(a.w[c] * a.invstd[c] * (gg - sum_g[c] * inv_m - xhat * sum_gx[c] * inv_m));
+  BwdParams<NC> p;
+  p.load(a, c0);
+  float mg[NC], mgx[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    mg[k] = sum_g[c0 + k] * inv_m;
+    mgx[k] = sum_gx[c0 + k] * inv_m;
+  }
+  auto op = [&](float (&yv)[V], const float (&dv)[V]) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int j = kCL ? k : 0;
+      const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
+      const float gg = dv[k] * bn_act_grad(xhat * p.w[j] + p.b[j], act, slope);
+      yv[k] = p.w[j] * p.invstd[j] * (gg - mg[j] - xhat * mgx[j]);
+    }
+  };
+  for (; u + (kU - 1) * step < end; u += kU * step) {
+    Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
+    Packed<TD, V> rd[kU];
+    int64_t o[kU];
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      o[q] = offset_of<kCL, V>(g, tl, u + q * step, c0);
+      ry[q] = load_raw<T, V>(y + o[q]);
+      rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
+    }
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      float yv[V], dv[V];
+      to_float<T, V>(ry[q], yv);
+      to_float<TD, V>(rd[q], dv);
+      op(yv, dv);
+      store<T, V>(dy + o[q], yv);
+    }
+  }
+  for (; u < end; u += step) {
+    float yv[V], dv[V];
+    const int64_t o = offset_of<kCL, V>(g, tl, u, c0);
+    load<T, V>(y + o, yv);
+    load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
+    op(yv, dv);
+    store<T, V>(dy + o, yv);
   }
 }
 
 // ---- host ---------------------------------------------------------------------------------
 
 int sm_count(int32_t device) {
+  static std::atomic<int> cache[64];
+  if (device >= 0 && device < 64) {
+    const int hit = cache[device].load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
   int sms = 0;
   FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  sms = std::max(sms, 1);
+  if (device >= 0 && device < 64) cache[device].store(sms, std::memory_order_relaxed);
   return sms;
 }
 
-// (splits, rows_per_split): about 4 blocks per SM over all channel groups, >= 1024 rows each.
-void split_rows(int64_t m, int64_t groups, int32_t device, int64_t& splits, int64_t& rows) {
-  const int64_t target = std::max<int64_t>(1, 4 * sm_count(device) / std::max<int64_t>(groups, 1));
-  splits = std::max<int64_t>(1, std::min<int64_t>(target, m / 1024));
-  rows = (m + splits - 1) / splits;
-  splits = (m + rows - 1) / rows;
+// Elements per 16-byte access of T where y's layout (and every other tensor's: same
+// strides, 16-byte aligned) allows it, else 1.
+template <typename T>
+int vector_width(bool cl, const Geo& g, std::initializer_list<std::pair<const Tensor*, size_t>> others,
+                 const Tensor& y) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  const bool shape_ok = cl ? (g.sc == 1 && g.c % V == 0 && (g.hw == 1 || g.shw % V == 0) && (g.n == 1 || g.sn % V == 0))
+                           : (g.shw == 1 && g.hw % V == 0 && g.sc % V == 0 && (g.n == 1 || g.sn % V == 0));
+  if (!shape_ok || !aligned_to(y.const_data_ptr(), 16)) return 1;
+  for (const auto& [t, elem] : others) {
+    const Geo o = geometry(*t);
+    if (o.sn != g.sn || o.sc != g.sc || o.shw != g.shw || !aligned_to(t->const_data_ptr(), elem * V)) return 1;
+  }
+  return V;
 }
 
-unsigned elementwise_grid(int64_t total, int32_t device) {
-  const int64_t want = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, 32LL * sm_count(device))));
+// Blocks of `Kernel` (kThreads threads) resident on one SM, asked once per kernel (the
+// answer depends on the kernel's registers and shared memory, not on the call).
+template <auto Kernel>
+int resident_blocks() {
+  static const int n = [] {
+    int b = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, kThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      b = 2;
+    }
+    return std::max(b, 1);
+  }();
+  return n;
 }
+
+// The tile of a kernel over y with VEC `vec`: at most `per_sm` blocks per SM in all (one
+// wave: every block resident at once, no tail wave), each thread >= kUnroll units.
+Tile make_tile(bool cl, const Geo& g, int vec, int32_t device, int per_sm, int64_t& groups) {
+  Tile tl{};
+  if (cl) {
+    const int64_t lanes_needed = (g.c + vec - 1) / vec;
+    int lanes = 1;
+    while (lanes < 32 && lanes < lanes_needed) lanes *= 2;
+    tl.lanes = lanes;
+    tl.rows = kThreads / lanes;
+    tl.units = g.n * g.hw;
+    tl.hwv = g.hw;
+    groups = (g.c + static_cast<int64_t>(lanes) * vec - 1) / (static_cast<int64_t>(lanes) * vec);
+  } else {
+    tl.lanes = 1;
+    tl.rows = kThreads;
+    tl.hwv = g.hw / vec;
+    tl.units = g.n * tl.hwv;
+    groups = g.c;
+  }
+  const int64_t target = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sm_count(device) / groups);
+  // at least kUnroll units per thread in a split
+  const int64_t max_splits = std::max<int64_t>(1, tl.units / (static_cast<int64_t>(tl.rows) * kUnroll));
+  int64_t splits = std::min(target, max_splits);
+  tl.per_split = std::max<int64_t>(1, (tl.units + splits - 1) / splits);
+  return tl;
+}
+
+int64_t splits_of(const Tile& tl) { return std::max<int64_t>(1, (tl.units + tl.per_split - 1) / tl.per_split); }
 
 void check_cuda(const Tensor& t, const char* name, int32_t device) {
   STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == device, "fusedops_C (CUDA): ", name,
@@ -302,7 +604,14 @@ Tensor empty_f32(int64_t rows, int64_t c, const Tensor& like) {
   return torch::stable::new_empty(like, {rows, c}, std::make_optional(ScalarType::Float));
 }
 
-void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
+void check_grid(int64_t splits, int64_t groups, const char* op) {
+  STD_TORCH_CHECK(groups <= 65535 && splits <= 0x7fffffffLL, "fusedops_C::", op,
+                  " (CUDA): too many channels for the grid");
+}
+
+
+void stats_impl(Tensor& y, double eps, Tensor& mean, Tensor& invstd, Tensor& var, float* run_mean, float* run_var,
+                double momentum) {
   const int32_t dev = y.get_device_index();
   check_cuda(y, "y", dev);
   STD_TORCH_CHECK(y.dim() == 4, "fusedops_C::bn_stats (CUDA): y must be 4-D");
@@ -315,22 +624,48 @@ void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
   torch::stable::accelerator::DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
   const bool cl = g.sc == 1 && g.c > 1;
-  const int64_t groups = cl ? (g.c + kLanes - 1) / kLanes : g.c;
-  STD_TORCH_CHECK(groups <= 65535, "fusedops_C::bn_stats (CUDA): too many channels for the grid");
-  int64_t splits, rows;
-  split_rows(m, groups, dev, splits, rows);
-  Tensor part = empty_f32(2 * splits, g.c, y);
-  float* pp = part.mutable_data_ptr<float>();
   dispatch_float(y.scalar_type(), "y", [&]<typename T>() {
+    constexpr int VW = static_cast<int>(16 / sizeof(T));
+    const int vec = vector_width<T>(cl, g, {}, y);
+    const int per_sm = cl ? (vec > 1 ? resident_blocks<stats_partial_kernel<T, true, VW>>()
+                                     : resident_blocks<stats_partial_kernel<T, true, 1>>())
+                          : (vec > 1 ? resident_blocks<stats_partial_kernel<T, false, VW>>()
+                                     : resident_blocks<stats_partial_kernel<T, false, 1>>());
+    int64_t groups;
+    const Tile tl = make_tile(cl, g, vec, dev, per_sm, groups);
+    const int64_t splits = splits_of(tl);
+    check_grid(splits, groups, "bn_stats");
+    Tensor part = empty_f32(2 * splits, g.c, y);
+    float* pp = part.mutable_data_ptr<float>();
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
-    if (cl) stats_partial_kernel<T, true><<<grid, kThreads, 0, stream>>>(y.const_data_ptr<T>(), g, rows, pp);
-    else stats_partial_kernel<T, false><<<grid, kThreads, 0, stream>>>(y.const_data_ptr<T>(), g, rows, pp);
+    const T* yp = y.const_data_ptr<T>();
+    if (cl && vec > 1) stats_partial_kernel<T, true, VW><<<grid, kThreads, 0, stream>>>(yp, g, tl, pp);
+    else if (cl) stats_partial_kernel<T, true, 1><<<grid, kThreads, 0, stream>>>(yp, g, tl, pp);
+    else if (vec > 1) stats_partial_kernel<T, false, VW><<<grid, kThreads, 0, stream>>>(yp, g, tl, pp);
+    else stats_partial_kernel<T, false, 1><<<grid, kThreads, 0, stream>>>(yp, g, tl, pp);
+    FUSEDOPS_CHECK_LAUNCH();
+    stats_finalize_kernel<<<static_cast<unsigned>((g.c + kFinLanes - 1) / kFinLanes), kFinThreads, 0, stream>>>(
+        pp, g.c, splits, tl.per_split, tl.units, static_cast<float>(cl ? 1 : vec), static_cast<float>(eps),
+        mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), run_mean,
+        run_var, static_cast<float>(momentum),
+        static_cast<float>(static_cast<double>(m) / static_cast<double>(std::max<int64_t>(m - 1, 1))));
     FUSEDOPS_CHECK_LAUNCH();
   });
-  stats_finalize_kernel<<<static_cast<unsigned>((g.c + kLanes - 1) / kLanes), kThreads, 0, stream>>>(
-      pp, m, g.c, splits, rows, static_cast<float>(eps), mean.mutable_data_ptr<float>(),
-      invstd.mutable_data_ptr<float>(), var.mutable_data_ptr<float>());
-  FUSEDOPS_CHECK_LAUNCH();
+}
+
+void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
+  stats_impl(y, eps, mean, invstd, var, nullptr, nullptr, 0.0);
+}
+
+void bn_stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor invstd, Tensor var,
+                      Tensor running_mean, Tensor running_var) {
+  const int32_t dev = y.get_device_index();
+  check_cuda(y, "y", dev);
+  STD_TORCH_CHECK(y.dim() == 4, "fusedops_C::bn_stats_running (CUDA): y must be 4-D");
+  check_channel(running_mean, y.size(1), "running_mean", dev);
+  check_channel(running_var, y.size(1), "running_var", dev);
+  stats_impl(y, eps, mean, invstd, var, running_mean.mutable_data_ptr<float>(), running_var.mutable_data_ptr<float>(),
+             momentum);
 }
 
 Affine affine_of(const Tensor& mean, const Tensor& invstd, const Tensor& w, const Tensor& b) {
@@ -345,26 +680,38 @@ void bn_act_apply(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bi
   check_cuda(z, "z", dev);
   STD_TORCH_CHECK(y.dim() == 4 && z.dim() == 4, "fusedops_C::bn_act_apply (CUDA): y and z must be 4-D");
   const Geo g = geometry(y), gz = geometry(z);
-  STD_TORCH_CHECK(g.sn == gz.sn && g.sc == gz.sc && g.shw == gz.shw && z.scalar_type() == y.scalar_type(),
-                  "fusedops_C::bn_act_apply (CUDA): z must have y's strides and dtype");
+  STD_TORCH_CHECK(g.n == gz.n && g.c == gz.c && g.hw == gz.hw && g.sn == gz.sn && g.sc == gz.sc &&
+                      g.shw == gz.shw && z.scalar_type() == y.scalar_type(),
+                  "fusedops_C::bn_act_apply (CUDA): z must have y's shape, strides and dtype");
   check_channel(mean, g.c, "mean", dev);
   check_channel(invstd, g.c, "invstd", dev);
   check_channel(weight, g.c, "weight", dev);
   check_channel(bias, g.c, "bias", dev);
-  const int64_t total = g.n * g.c * g.hw;
-  if (total == 0) return;
+  if (g.n * g.c * g.hw == 0) return;
   torch::stable::accelerator::DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
   const Affine a = affine_of(mean, invstd, weight, bias);
   const bool cl = g.sc == 1 && g.c > 1;
+  const int ai = static_cast<int>(act);
+  const float sl = static_cast<float>(slope);
   dispatch_float(y.scalar_type(), "y", [&]<typename T>() {
-    const unsigned grid = elementwise_grid(total, dev);
-    if (cl)
-      apply_kernel<T, true><<<grid, kThreads, 0, stream>>>(y.const_data_ptr<T>(), z.mutable_data_ptr<T>(), g, a,
-                                                           static_cast<int>(act), static_cast<float>(slope), total);
-    else
-      apply_kernel<T, false><<<grid, kThreads, 0, stream>>>(y.const_data_ptr<T>(), z.mutable_data_ptr<T>(), g, a,
-                                                            static_cast<int>(act), static_cast<float>(slope), total);
+    constexpr int VW = static_cast<int>(16 / sizeof(T));
+    const int vec = vector_width<T>(cl, g, {{&z, sizeof(T)}}, y);
+    const int per_sm = cl ? (vec > 1 ? resident_blocks<apply_kernel<T, true, VW>>()
+                                     : resident_blocks<apply_kernel<T, true, 1>>())
+                          : (vec > 1 ? resident_blocks<apply_kernel<T, false, VW>>()
+                                     : resident_blocks<apply_kernel<T, false, 1>>());
+    int64_t groups;
+    const Tile tl = make_tile(cl, g, vec, dev, per_sm, groups);
+    const int64_t splits = splits_of(tl);
+    check_grid(splits, groups, "bn_act_apply");
+    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
+    const T* yp = y.const_data_ptr<T>();
+    T* zp = z.mutable_data_ptr<T>();
+    if (cl && vec > 1) apply_kernel<T, true, VW><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
+    else if (cl) apply_kernel<T, true, 1><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
+    else if (vec > 1) apply_kernel<T, false, VW><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
+    else apply_kernel<T, false, 1><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
     FUSEDOPS_CHECK_LAUNCH();
   });
 }
@@ -378,8 +725,9 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
   STD_TORCH_CHECK(y.dim() == 4 && dz.dim() == 4 && dy.dim() == 4,
                   "fusedops_C::bn_act_backward (CUDA): dz, y and dy must be 4-D");
   const Geo g = geometry(y), gd = geometry(dz), gy = geometry(dy);
-  STD_TORCH_CHECK(g.sn == gy.sn && g.sc == gy.sc && g.shw == gy.shw && dy.scalar_type() == y.scalar_type(),
-                  "fusedops_C::bn_act_backward (CUDA): dy must have y's strides and dtype");
+  STD_TORCH_CHECK(gy.n == g.n && gy.c == g.c && gy.hw == g.hw && g.sn == gy.sn && g.sc == gy.sc &&
+                      g.shw == gy.shw && dy.scalar_type() == y.scalar_type(),
+                  "fusedops_C::bn_act_backward (CUDA): dy must have y's shape, strides and dtype");
   STD_TORCH_CHECK(gd.n == g.n && gd.c == g.c && gd.hw == g.hw, "fusedops_C::bn_act_backward (CUDA): dz shape");
   check_channel(mean, g.c, "mean", dev);
   check_channel(invstd, g.c, "invstd", dev);
@@ -387,41 +735,53 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
   check_channel(bias, g.c, "bias", dev);
   check_channel(sum_gx, g.c, "sum_gx", dev);
   check_channel(sum_g, g.c, "sum_g", dev);
-  const int64_t m = g.n * g.hw, total = m * g.c;
+  const int64_t m = g.n * g.hw;
   if (g.c == 0) return;
   torch::stable::accelerator::DeviceGuard guard(dev);
   cudaStream_t stream = current_stream(dev);
   const Affine a = affine_of(mean, invstd, weight, bias);
   const bool cl = g.sc == 1 && g.c > 1;
-  const int64_t groups = cl ? (g.c + kLanes - 1) / kLanes : g.c;
-  STD_TORCH_CHECK(groups <= 65535, "fusedops_C::bn_act_backward (CUDA): too many channels for the grid");
-  int64_t splits, rows;
-  split_rows(std::max<int64_t>(m, 1), groups, dev, splits, rows);
-  Tensor part = empty_f32(2 * splits, g.c, y);
-  float* pp = part.mutable_data_ptr<float>();
   const int ai = static_cast<int>(act);
   const float sl = static_cast<float>(slope);
   dispatch_float2(y.scalar_type(), "y", dz.scalar_type(), "dz", [&]<typename T, typename TD>() {
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
+    constexpr int VW = static_cast<int>(16 / sizeof(T));
+    int vec = 1;
+    if constexpr (std::is_same_v<T, TD>) vec = vector_width<T>(cl, g, {{&dz, sizeof(TD)}, {&dy, sizeof(T)}}, y);
     const T* yp = y.const_data_ptr<T>();
     const TD* dzp = dz.const_data_ptr<TD>();
-    if (cl) bwd_partial_kernel<T, TD, true><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, a, ai, sl, rows, pp);
-    else bwd_partial_kernel<T, TD, false><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, a, ai, sl, rows, pp);
-    FUSEDOPS_CHECK_LAUNCH();
-    bwd_finalize_kernel<<<static_cast<unsigned>((g.c + kLanes - 1) / kLanes), kThreads, 0, stream>>>(
-        pp, g.c, splits, sum_g.mutable_data_ptr<float>(), sum_gx.mutable_data_ptr<float>());
-    FUSEDOPS_CHECK_LAUNCH();
-    if (total == 0) return;
-    const unsigned eg = elementwise_grid(total, dev);
     T* dyp = dy.mutable_data_ptr<T>();
-    if (cl)
-      dy_kernel<T, TD, true><<<eg, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, a, ai, sl, sum_g.const_data_ptr<float>(),
-                                                          sum_gx.const_data_ptr<float>(), total);
-    else
-      dy_kernel<T, TD, false><<<eg, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, a, ai, sl,
-                                                           sum_g.const_data_ptr<float>(),
-                                                           sum_gx.const_data_ptr<float>(), total);
-    FUSEDOPS_CHECK_LAUNCH();
+    float* sg = sum_g.mutable_data_ptr<float>();
+    float* sgx = sum_gx.mutable_data_ptr<float>();
+    auto launch = [&]<bool kCL, int V>() {
+      // one tile for both passes (the partial kernel bounds the blocks per SM)
+      const int per_sm = std::min(resident_blocks<bwd_partial_kernel<T, TD, kCL, V>>(),
+                                  resident_blocks<dy_kernel<T, TD, kCL, V>>());
+      int64_t groups;
+      Tile tl = make_tile(cl, g, V, dev, per_sm, groups);
+      if (m == 0) tl.per_split = 1;  // one empty split: the sums are zeros
+      const int64_t splits = splits_of(tl);
+      check_grid(splits, groups, "bn_act_backward");
+      Tensor part = empty_f32(2 * splits, g.c, y);
+      float* pp = part.mutable_data_ptr<float>();
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
+      bwd_partial_kernel<T, TD, kCL, V><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, tl, a, ai, sl, pp);
+      FUSEDOPS_CHECK_LAUNCH();
+      bwd_finalize_kernel<<<static_cast<unsigned>((g.c + kFinLanes - 1) / kFinLanes), kFinThreads, 0, stream>>>(
+          pp, g.c, splits, sg, sgx);
+      FUSEDOPS_CHECK_LAUNCH();
+      if (m == 0) return;
+      dy_kernel<T, TD, kCL, V><<<grid, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, tl, a, ai, sl, sg, sgx);
+      FUSEDOPS_CHECK_LAUNCH();
+    };
+    if constexpr (std::is_same_v<T, TD>) {
+      if (vec > 1) {
+        if (cl) launch.template operator()<true, VW>();
+        else launch.template operator()<false, VW>();
+        return;
+      }
+    }
+    if (cl) launch.template operator()<true, 1>();
+    else launch.template operator()<false, 1>();
   });
 }
 
@@ -430,6 +790,7 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
   m.impl("bn_stats", TORCH_BOX(&fusedops::bn_stats));
+  m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_stats_running));
   m.impl("bn_act_apply", TORCH_BOX(&fusedops::bn_act_apply));
   m.impl("bn_act_backward", TORCH_BOX(&fusedops::bn_act_backward));
 }

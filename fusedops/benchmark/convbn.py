@@ -8,6 +8,11 @@ rest cout→cout), channels_last, bf16 autocast on GPU (fp32 on CPU):
 - "eval": forward under no_grad; fused = fusedops.fold_conv_bn (conv with the folded
   bias + fused bias/ReLU epilogue).
 Bytes are the activations the fused kernels must move (no floor for the convs).
+
+The input models a block inside a network: on GPU it is a bf16 channels_last tensor (the
+output of a previous bf16 block under autocast, so no fp32→bf16 cast copy is kept), and
+its gradient is handed back, not accumulated: x.grad is dropped before and after every
+step (no fp32 dX of the whole input, no accumulation transient).
 """
 from __future__ import annotations
 
@@ -51,11 +56,20 @@ def fused_blocks(eager: nn.Sequential, memory: str) -> nn.Sequential:
     return model
 
 
+def block_input(batch, cin, hw, device, autocast) -> torch.Tensor:
+    """The 4 blocks' input: bf16 under autocast (what a previous bf16 layer hands over),
+    else fp32; channels_last, requires grad."""
+    x = torch.randn(batch, cin, hw, hw, device=device).to(memory_format=torch.channels_last)
+    return (x.bfloat16() if autocast else x).requires_grad_()
+
+
 def _step(model, x, gout, autocast):
     def run():
+        x.grad = None  # the gradient goes to the previous layer: nothing accumulates
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
         out.backward(gout)
+        x.grad = None
     return run
 
 
@@ -95,7 +109,7 @@ def convbn_cases(ctx) -> list:
             continue
         torch.manual_seed(0)
         eager = eager_blocks(cin, cout, k, stride, dev)
-        x = torch.randn(batch, cin, hw, hw, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+        x = block_input(batch, cin, hw, dev, autocast)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
             out_shape = eager(x).shape
         gout = torch.randn(out_shape, device=dev).to(memory_format=torch.channels_last)

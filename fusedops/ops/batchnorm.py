@@ -383,6 +383,58 @@ def stats_direct(y: torch.Tensor, eps: float):
     return fn(y, eps) if fn is not None else bn_stats_op(y, eps)
 
 
+_NATIVE = ("cuda", "cpp")
+
+
+def forward_direct(y: torch.Tensor, eps: float, weight, bias, act: str, slope: float, running=None):
+    """(z, mean, invstd, var) of the training forward: stats (and the running-statistics
+    update where `running` is given, see stats_running_direct), then apply. With the native
+    kernels and a plain y, one set of checks and no wrapper layers for both (host time);
+    else stats_direct / stats_running_direct + apply_direct."""
+    dt = y.device.type
+    if (_plain(y) and _stats.backend_for(dt) in _NATIVE and _apply.backend_for(dt) in _NATIVE
+            and _native_ready(STATS, dt) and _native_ready(APPLY, dt) and _kernel_dtype(weight, bias)):
+        c = y.shape[1]
+        yk = _normalize_hw(y)
+        mean, invstd, var = _out_channels(c, y), _out_channels(c, y), _out_channels(c, y)
+        if running is not None and _running_ok(y, running):
+            _native.op(RUNNING)(yk, eps, running[2], mean, invstd, var, running[0], running[1])
+            running[3] = True
+        else:
+            _native.op(STATS)(yk, eps, mean, invstd, var)
+        z = _out_like(y)  # y is dense: z gets its strides
+        w, b = _affine32(weight, bias, c, y)
+        _native.op(APPLY)(yk, mean, invstd, w, b, _ACT_CODES[act], float(slope), _normalize_hw(z))
+        return z, mean, invstd, var
+    if running is not None:
+        mean, invstd, var = stats_running_direct(y, eps, running)
+    else:
+        mean, invstd, var = stats_direct(y, eps)
+    return apply_direct(y, mean, invstd, weight, bias, act, slope), mean, invstd, var
+
+
+def _running_ok(y, running) -> bool:
+    rm, rv = running[0], running[1]
+    return (_native_ready(RUNNING, y.device.type) and rm.dtype is torch.float32 and rv.dtype is torch.float32
+            and rm.is_contiguous() and rv.is_contiguous() and rm.device == y.device and rv.device == y.device)
+
+
+def stats_running_direct(y: torch.Tensor, eps: float, running: list):
+    """stats_direct, and where a native kernel takes it, eager's running-statistics update
+    in the same launch: running = [running_mean, running_var, momentum, done]; done is
+    set True when the buffers were updated here (else the caller updates them)."""
+    if _plain(y) and _stats.backend_for(y.device.type) in _NATIVE and _running_ok(y, running):
+        c = y.shape[1]
+        mean, invstd, var = _out_channels(c, y), _out_channels(c, y), _out_channels(c, y)
+        _native.op(RUNNING)(_normalize_hw(y), eps, running[2], mean, invstd, var, running[0], running[1])
+        running[3] = True
+        return mean, invstd, var
+    return stats_direct(y, eps)
+
+
+RUNNING = "bn_stats_running"
+
+
 def apply_direct(y, mean, invstd, weight, bias, act: str, slope: float):
     fn = _direct(_apply, y) if _plain(y) else None
     if fn is None or not _kernel_dtype(weight, bias):
@@ -393,9 +445,25 @@ def apply_direct(y, mean, invstd, weight, bias, act: str, slope: float):
 def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, dy_into_y: bool = False):
     """dy_into_y: y is a scratch tensor of the caller's; dy may be written over it (the
     kernels read each element of y before writing dy there) — one activation less."""
-    fn = _direct(_backward, y) if (_plain(y) and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES
-                                   and dz.shape == y.shape) else None
-    if fn is None or not _kernel_dtype(weight, bias):
+    plain = (_plain(y) and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES and dz.shape == y.shape
+             and _kernel_dtype(weight, bias))
+    dt = y.device.type
+    if plain and _backward.backend_for(dt) in _NATIVE and _native_ready(BACKWARD, dt):
+        # native kernels: no wrapper layers (host time); as _backward_native for a dense y
+        c = y.shape[1]
+        yk = _normalize_hw(y)
+        if dy_into_y and not _overlaps(dz, y):
+            dy, dyk = y, yk
+        else:
+            dy = _out_like(y)  # y is dense: dy gets its strides
+            dyk = _normalize_hw(dy)
+        w, b = _affine32(weight, bias, c, y)
+        dw, db = _out_channels(c, y), _out_channels(c, y)
+        _native.op(BACKWARD)(_prepare(dz), yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope), dyk,
+                             dw, db)
+        return dy, dw, db
+    fn = _direct(_backward, y) if plain else None
+    if fn is None:
         return bn_act_backward_op(dz, y, mean, invstd, weight, bias, act, slope)
     if dy_into_y and not _overlaps(dz, y):
         return fn(dz, y, mean, invstd, weight, bias, act, slope, out=y)
