@@ -57,6 +57,9 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fusedops_C, m) {
         "Tensor(d!)[] state2, Tensor(e!)[] absmax2, Tensor qmaps, int kind, float lr, float beta1, "
         "float one_minus_beta1, float beta2, float one_minus_beta2, float eps, float weight_decay, float decay, "
         "float step_size, float bc2_sqrt, bool first, bool nesterov) -> ()");
+  // The step kernels' quantizer alone (a test hook): out[i] = code of the already
+  // normalised x[i] (fp32) with the signed or the unsigned map's bucket table of qmaps.
+  m.def("optim8bit_codes_(Tensor x, Tensor(a!) out, Tensor qmaps, bool signed) -> ()");
   m.def("optim8bit_table(Tensor[] params, Tensor[] grads, Tensor[] state1, Tensor[] absmax1, Tensor[] state2, "
         "Tensor[] absmax2, bool two, int blocks_per_program, bool pin) -> Tensor");
 }

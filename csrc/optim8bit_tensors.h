@@ -89,6 +89,22 @@ inline std::vector<StepTensor> collect(const std::vector<Tensor>& params, const 
   return out;
 }
 
+// Checks of optim8bit_codes_ (the quantizer test hook); returns the number of elements.
+inline int64_t check_codes(const Tensor& x, const Tensor& out, const Tensor& qmaps) {
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && x.is_contiguous(),
+                  "fusedops_C::optim8bit_codes_: x must be a contiguous float32 tensor");
+  STD_TORCH_CHECK(out.scalar_type() == ScalarType::Byte && out.is_contiguous() && out.numel() == x.numel(),
+                  "fusedops_C::optim8bit_codes_: out must be a contiguous uint8 tensor with the size of x");
+  STD_TORCH_CHECK(qmaps.scalar_type() == ScalarType::Float && qmaps.is_contiguous() && qmaps.numel() == kQmapsNumel,
+                  "fusedops_C::optim8bit_codes_: qmaps must be a contiguous float32 tensor of ", kQmapsNumel,
+                  " elements");
+  STD_TORCH_CHECK(x.is_cuda() == out.is_cuda() && x.is_cuda() == qmaps.is_cuda() &&
+                      x.get_device_index() == out.get_device_index() &&
+                      x.get_device_index() == qmaps.get_device_index(),
+                  "fusedops_C::optim8bit_codes_: x, out and qmaps must be on one device");
+  return x.numel();
+}
+
 inline Hyper make_hyper(double lr, double beta1, double omb1, double beta2, double omb2, double eps, double wd,
                         double decay, double step_size, double bc2_sqrt, bool first, bool nesterov) {
   return {static_cast<float>(lr),    static_cast<float>(beta1), static_cast<float>(omb1),

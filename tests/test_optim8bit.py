@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,81 @@ def test_opcheck_quantize_ops():
     torch.library.opcheck(torch.ops.fusedops.blockwise_quantize.default, (x, code))
     c, a = fusedops.blockwise_quantize(x, code)
     torch.library.opcheck(torch.ops.fusedops.blockwise_dequantize.default, (c, a, code))
+
+
+def _brute_force_codes(x: torch.Tensor, code: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The definition, by brute force over every midpoint (numpy, in chunks): the number of
+    fp32 midpoints strictly below x, and for the signed map a negative x never takes the
+    code of 0 (it takes the last negative code)."""
+    mids = R.code_midpoints(code).numpy()
+    xs = x.numpy()
+    out = np.empty(xs.shape, dtype=np.int64)
+    for i in range(0, xs.size, 1 << 16):
+        out[i:i + (1 << 16)] = (mids[None, :] < xs[i:i + (1 << 16), None]).sum(axis=1)
+    if signed:
+        zero = int((code < 0).sum())
+        out = np.where((xs < 0) & (out >= zero), zero - 1, out)
+    return torch.from_numpy(out)
+
+
+def _quantizer_points(code: torch.Tensor, n_random: int) -> torch.Tensor:
+    """Every midpoint and its fp32 neighbours, every bucket edge of the kernels' tables and
+    its neighbours (both signs), 0, +-1, values outside [-1, 1], and random floats in
+    [-1, 1] (uniform, and log-uniform in magnitude down to 1e-10)."""
+    mids = R.code_midpoints(code).numpy()
+    keys = np.arange(O.BUCKETS + 1, dtype=np.int64) + O.BUCKET_BASE
+    edges = (keys << O.BUCKET_SHIFT).astype(np.uint32).view(np.float32)
+    pts = []
+    for v in (mids, edges):
+        for w in (v, np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))):
+            pts += [w, -w]
+    pts.append(np.array([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38, 1e-30, -1e-30, 1e-45, -1e-45,
+                         np.inf, -np.inf], dtype=np.float32))
+    gen = np.random.default_rng(5)
+    pts.append(gen.uniform(-1, 1, n_random).astype(np.float32))
+    pts.append((np.sign(gen.uniform(-1, 1, n_random)) * 10.0 ** gen.uniform(-10, 0, n_random)).astype(np.float32))
+    return torch.from_numpy(np.concatenate(pts).astype(np.float32))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("backend", ["table", "cpp", "triton"])
+def test_kernel_quantizer_is_exact(backend, signed):
+    """The bucket-table quantizer of the step kernels gives exactly the brute-force codes."""
+    if backend != "table":
+        require("cpu", backend)
+    code = O.signed_map() if signed else O.unsigned_map()
+    x = _quantizer_points(code, 10 ** 6 if backend != "triton" else 2 * 10 ** 5)
+    want = _brute_force_codes(x, code, signed)
+    got = O.kernel_codes(x, signed, backend).long()
+    bad = got != want
+    assert not bad.any(), f"{int(bad.sum())} codes differ, e.g. x={x[bad][:4].tolist()}: {got[bad][:4].tolist()} " \
+                          f"!= {want[bad][:4].tolist()}"
+    # the tables are the map's: the reference search gives the same codes (finite x)
+    fin = torch.isfinite(x)
+    assert torch.equal(R._nearest_code(x[fin], code), want[fin])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kernel_quantizer_is_exact_gpu(backend, signed):
+    require("cuda", backend)
+    code = O.signed_map() if signed else O.unsigned_map()
+    x = _quantizer_points(code, 10 ** 6)
+    want = _brute_force_codes(x, code, signed)
+    got = O.kernel_codes(x.cuda(), signed, backend).cpu().long()
+    assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+
+
+def test_qmaps_layout():
+    q = O.qmaps("cpu")
+    assert q.dtype == torch.float32 and q.numel() == O.QMAPS_NUMEL and q.is_contiguous()
+    assert torch.equal(q[:256], O.signed_map()) and torch.equal(q[512:768], O.unsigned_map())
+    assert torch.equal(q[256:511], R.code_midpoints(O.signed_map()))
+    for off, signed in ((O.SIGNED_TABLE, True), (O.UNSIGNED_TABLE, False)):
+        tab = q[off:off + 2 * O.BUCKETS].view(torch.int32)
+        assert torch.equal(tab, O.bucket_table(O.signed_map() if signed else O.unsigned_map(), signed))
+        assert int((tab >> 23).max()) <= 255 and int((tab >> 23).min()) >= 0
 
 
 # ---- the step op: backends against the eager spec -----------------------------------------

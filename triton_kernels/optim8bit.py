@@ -27,17 +27,25 @@ def blocks_per_program() -> int:
     return BLOCKS
 
 
+# The quantizer's bucket tables (fusedops.ops.optim8bit.bucket_table; csrc/optim8bit.h quantize).
+BUCKET_BASE = (104 << 7) - 1
+BUCKETS = (127 << 7) - BUCKET_BASE + 1
+SIGNED_TABLE, UNSIGNED_TABLE = 1024, 1024 + 2 * BUCKETS
+_BASE, _NB = tl.constexpr(BUCKET_BASE), tl.constexpr(BUCKETS)
+_SIGNED_TABLE, _UNSIGNED_TABLE = tl.constexpr(SIGNED_TABLE), tl.constexpr(UNSIGNED_TABLE)
+
+
 @triton.jit
-def _quantize(x, mids_ptr, SIGNED: tl.constexpr):
-    # number of midpoints strictly below x (ties to the lower code); 8 steps over 255 mids
-    pos = tl.zeros(x.shape, dtype=tl.int32)
-    for k in tl.static_range(8):
-        s = 128 >> k
-        mid = tl.load(mids_ptr + pos + (s - 1))
-        pos = tl.where(mid < x, pos + s, pos)
-    if SIGNED:  # bnb's sign rule: a negative value does not round up to the code of 0
-        pos = tl.where((x < 0.0) & (pos == 127), 126, pos)
-    return pos
+def _quantize(x, table_ptr):
+    # number of midpoints strictly below x (ties to the lower code; the signed map's sign
+    # rule is in its table): one lookup in the bucket of |x| (bits >> 16) and one integer
+    # comparison with the mantissa of the bucket's midpoint
+    u = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    neg = x < 0.0
+    k = tl.minimum(tl.maximum((u >> 16) - _BASE, 0), _NB - 1)
+    e = tl.load(table_ptr + tl.where(neg, k + _NB, k))
+    mant = (u & 0x7FFFFF) ^ tl.where(neg, 0x7FFFFF, 0)
+    return (e >> 23) + tl.where(mant > (e & 0x7FFFFF), 1, 0)
 
 
 @triton.jit
@@ -63,7 +71,7 @@ def _st(ptrs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr,
+def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr, qt_ptr,
                lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
                KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
@@ -128,7 +136,7 @@ def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs,
         _st(s1_addr.to(tl.pointer_type(tl.float32)) + offs, m, mask, MASKED)
     else:
         new1 = tl.max(tl.abs(m), axis=1)
-        q1 = _quantize(_normalise(m, new1[:, None]), qm_ptr + 256, True)
+        q1 = _quantize(_normalise(m, new1[:, None]), qt_ptr + _SIGNED_TABLE)
         _st(s1_addr.to(tl.pointer_type(tl.uint8)) + offs, q1.to(tl.uint8), mask, MASKED)
         _st(a1_ptr + blk, new1, bmask, MASKED)
     if KIND <= 1:
@@ -136,13 +144,13 @@ def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs,
             _st(s2_addr.to(tl.pointer_type(tl.float32)) + offs, v, mask, MASKED)
         else:
             new2 = tl.max(v, axis=1)
-            q2 = _quantize(_normalise(v, new2[:, None]), qm_ptr + 768, False)
+            q2 = _quantize(_normalise(v, new2[:, None]), qt_ptr + _UNSIGNED_TABLE)
             _st(s2_addr.to(tl.pointer_type(tl.uint8)) + offs, q2.to(tl.uint8), mask, MASKED)
             _st(a2_ptr + blk, new2, bmask, MASKED)
 
 
 @triton.jit
-def optim8bit_kernel(table_ptr, count, qm_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
                      KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                      BLOCKS: tl.constexpr, SEARCH_STEPS: tl.constexpr, ROUND_BF16: tl.constexpr,
                      ALIGNED: tl.constexpr):
@@ -180,11 +188,11 @@ def optim8bit_kernel(table_ptr, count, qm_ptr, lr, beta1, omb1, beta2, omb2, eps
     mask = offs < n
     bmask = blk * 256 < n
     if (first + BLOCKS) * 256 <= n:
-        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr,
+        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr, qt_ptr,
                    lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
                    KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False)
     else:
-        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr,
+        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr, qt_ptr,
                    lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
                    KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True)
 
@@ -216,8 +224,27 @@ def optim8bit_step_(table: torch.Tensor, programs: int, aligned: bool, qmaps: to
         return
     count = table.shape[1] - 1
     optim8bit_kernel[(programs,)](
-        table, count, qmaps, h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
+        table, count, qmaps, qmaps.view(torch.int32), h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
         h["weight_decay"], h["decay"], h["step_size"], h["bc2_sqrt"],
         KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS,
         SEARCH_STEPS=max(1, (count - 1).bit_length()),
         ROUND_BF16=INTERPRET and p_dtype == torch.bfloat16, ALIGNED=aligned, num_warps=NUM_WARPS)
+
+
+@triton.jit
+def _codes_kernel(x_ptr, out_ptr, n, table_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _quantize(x, table_ptr).to(tl.uint8), mask=mask)
+
+
+def codes_(x: torch.Tensor, out: torch.Tensor, qmaps: torch.Tensor, signed: bool) -> None:
+    """The step kernel's quantizer alone (a test hook): out = codes of the fp32 x (already
+    normalised), with the signed or unsigned map's bucket table."""
+    n = x.numel()
+    if n == 0:
+        return
+    block = 1 << 16 if INTERPRET else 1024
+    table = qmaps.view(torch.int32)[SIGNED_TABLE if signed else UNSIGNED_TABLE:]
+    _codes_kernel[(triton.cdiv(n, block),)](x, out, n, table, BLOCK=block)

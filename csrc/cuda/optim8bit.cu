@@ -1,10 +1,13 @@
 // 8-bit optimizer step on CUDA tensors: every tensor of the step in one launch.
 //
-// A warp per quantization block of 256 elements, 8 contiguous elements per lane (16- and
-// 8-byte accesses when aligned), 8 warps per CTA. Per block: dequantize both states from
-// the maps in shared memory, fp32 update (csrc/optim8bit.h: the same operation order as
-// the C++ CPU kernel and the reference, every op separately rounded), block absmax by warp
-// shuffles, requantize by an 8-level search over the midpoints in Eytzinger order.
+// Persistent CTAs: the grid is at most (resident CTAs per SM) x (SMs); a warp handles one
+// quantization block of 256 elements at a time (8 contiguous elements per lane, 16- and
+// 8-byte accesses when aligned) and walks the blocks of all tensors in grid-stride order.
+// Each CTA copies the code maps and the quantizer's bucket tables into shared memory once.
+// Per block: dequantize both states (code[c] * absmax), fp32 update (csrc/optim8bit.h:
+// the same operation order as the C++ CPU kernel and the reference, every op separately
+// rounded), block absmax by warp shuffles, requantize with one bucket-table lookup per
+// element (csrc/optim8bit.h quantize).
 //
 // The table of tensors travels as a __grid_constant__ kernel parameter (CUDA >= 12.1,
 // sm_70+): no host-to-device copy, nothing to synchronise, capturable in a CUDA graph.
@@ -25,7 +28,7 @@ constexpr int kMaxTensors = 320;    // 320 * 64 B + prefix sums: within the 32 K
 
 struct StepTable {
   StepTensor t[kMaxTensors];
-  int64_t first[kMaxTensors + 1];  // first CTA of each tensor (prefix sums)
+  int64_t first[kMaxTensors + 1];  // first quantization block of each tensor (prefix sums)
   int count;
 };
 
@@ -115,9 +118,8 @@ __device__ __forceinline__ void load_state(const StepTensor& t, bool f32, const 
   }
 }
 
-template <bool kSigned>
 __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t b, int64_t e0, int len, bool vec,
-                                            const float* eytz, int lane, const float (&x)[kPer]) {
+                                            const uint32_t* buckets, int lane, const float (&x)[kPer]) {
   if (f32) {
     store8(static_cast<float*>(s) + e0, x, len, vec && aligned_to(static_cast<float*>(s) + e0, 16));
     return;
@@ -128,29 +130,26 @@ __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t
   mx = warp_max(mx);
   int c[kPer];
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) c[i] = quantize_eytzinger<kSigned>(normalise(x[i], mx), eytz);
+  for (int i = 0; i < kPer; ++i) c[i] = quantize(normalise(x[i], mx), buckets);
   store_codes(static_cast<uint8_t*>(s) + e0, c, len, vec && aligned_to(static_cast<uint8_t*>(s) + e0, 8));
   if (lane == 0) a[b] = mx;
 }
 
-template <int64_t K, typename T>
-__global__ void __launch_bounds__(kThreads)
-optim8bit_kernel(const __grid_constant__ StepTable table, const float* __restrict__ qmaps, const Hyper h) {
-  constexpr bool kTwo = K == kAdamW || K == kAdam;
-  __shared__ float sm[kQmapsNumel];
-  for (int i = threadIdx.x; i < kQmapsNumel; i += kThreads) sm[i] = qmaps[i];
-  __syncthreads();
+// Shared memory: the code maps (signed, then unsigned for two-state kinds) and the bucket
+// tables (signed, then unsigned), copied from qmaps once per CTA.
+template <bool kTwo>
+constexpr int smem_floats() {
+  return kTwo ? 512 + 4 * kBuckets : 256 + 2 * kBuckets;
+}
 
-  const int64_t cta = blockIdx.x;
-  int lo = 0, hi = table.count - 1;  // last tensor whose first CTA is <= cta
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.first[mid] <= cta) lo = mid; else hi = mid - 1;
-  }
-  const StepTensor& t = table.t[lo];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = (cta - table.first[lo]) * kWarps + warp;  // quantization block in the tensor
-  if (b * kQBlock >= t.n) return;  // no block barrier below this point
+// One quantization block `b` of tensor `t` by one warp.
+template <int64_t K, typename T>
+__device__ __forceinline__ void step_block(const StepTensor& t, int64_t b, int lane, const float* sm, const Hyper& h) {
+  constexpr bool kTwo = K == kAdamW || K == kAdam;
+  const float* code1 = sm;
+  const float* code2 = sm + 256;
+  const uint32_t* tab1 = reinterpret_cast<const uint32_t*>(sm + (kTwo ? 512 : 256));
+  const uint32_t* tab2 = tab1 + 2 * kBuckets;
   const int64_t e0 = b * kQBlock + lane * kPer;
   const int64_t rest = t.n - e0;
   const int len = rest <= 0 ? 0 : (rest >= kPer ? kPer : static_cast<int>(rest));
@@ -162,8 +161,8 @@ optim8bit_kernel(const __grid_constant__ StepTable table, const float* __restric
   const T* gp = static_cast<const T*>(t.g) + e0;
   load8(pp, p, len, full && aligned_to(pp, 16));
   load8(gp, g, len, full && aligned_to(gp, 16));
-  load_state(t, f1, t.s1, t.a1, b, e0, len, full, sm + kSignedCode, kSignedZero, m);
-  if constexpr (kTwo) load_state(t, f2, t.s2, t.a2, b, e0, len, full, sm + kUnsignedCode, 0, v);
+  load_state(t, f1, t.s1, t.a1, b, e0, len, full, code1, kSignedZero, m);
+  if constexpr (kTwo) load_state(t, f2, t.s2, t.a2, b, e0, len, full, code2, 0, v);
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     float vi = kTwo ? v[i] : 0.f;
@@ -176,8 +175,59 @@ optim8bit_kernel(const __grid_constant__ StepTable table, const float* __restric
     v[i] = vi;
   }
   store8(pp, p, len, full && aligned_to(pp, 16));
-  store_state<true>(f1, t.s1, t.a1, b, e0, len, full, sm + kSignedEytz, lane, m);
-  if constexpr (kTwo) store_state<false>(f2, t.s2, t.a2, b, e0, len, full, sm + kUnsignedEytz, lane, v);
+  store_state(f1, t.s1, t.a1, b, e0, len, full, tab1, lane, m);
+  if constexpr (kTwo) store_state(f2, t.s2, t.a2, b, e0, len, full, tab2, lane, v);
+}
+
+// Resident CTAs per SM the kernel is built for (registers: 65536 / (256 * this)).
+template <int64_t K>
+constexpr int min_ctas() {
+  return (K == kAdamW || K == kAdam) ? 4 : 5;
+}
+
+template <int64_t K, typename T>
+__global__ void __launch_bounds__(kThreads, min_ctas<K>())
+optim8bit_kernel(const __grid_constant__ StepTable table, const float* __restrict__ qmaps, const Hyper h) {
+  constexpr bool kTwo = K == kAdamW || K == kAdam;
+  extern __shared__ float4 sm4[];
+  float* sm = reinterpret_cast<float*>(sm4);
+  {
+    // codes: qmaps[0, 256) (+ [512, 768)); tables: qmaps[1024, 1024 + 2 or 4 kBuckets)
+    const float4* q4 = reinterpret_cast<const float4*>(qmaps);
+    constexpr int kCode4 = (kTwo ? 512 : 256) / 4, kTab4 = (smem_floats<kTwo>() - (kTwo ? 512 : 256)) / 4;
+    for (int i = threadIdx.x; i < kCode4; i += kThreads) sm4[i] = q4[i < 64 ? i : i + 64];
+    for (int i = threadIdx.x; i < kTab4; i += kThreads) sm4[kCode4 + i] = q4[kSignedTable / 4 + i];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t total = table.first[table.count];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  int t = 0;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; u < total; u += stride) {
+    while (u >= table.first[t + 1]) ++t;
+    step_block<K, T>(table.t[t], u - table.first[t], lane, sm, h);
+  }
+}
+
+// Grid of a launch: at most the CTAs that are resident at once (queried once per device
+// and kernel), fewer when the work is smaller.
+template <int64_t K, typename T>
+int64_t persistent_ctas(int32_t device, int64_t blocks) {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  const size_t smem = sizeof(float) * smem_floats<K == kAdamW || K == kAdam>();
+  int& resident = cached[device < kMaxDevices ? device : 0];
+  if (resident == 0 || device >= kMaxDevices) {
+    auto kernel = optim8bit_kernel<K, T>;
+    FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+    int per_sm = 0, sms = 0;
+    FUSEDOPS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    resident = (per_sm > 0 ? per_sm : 1) * sms;
+  }
+  const int64_t needed = (blocks + kWarps - 1) / kWarps;
+  return needed < resident ? needed : resident;
 }
 
 void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> state1,
@@ -192,9 +242,10 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
   STD_TORCH_CHECK(params[0].is_cuda(), "fusedops_C::optim8bit_step_ (CUDA): params must be CUDA tensors");
   const int32_t device = params[0].get_device_index();
   STD_TORCH_CHECK(qmaps.is_cuda() && qmaps.get_device_index() == device && qmaps.scalar_type() == ScalarType::Float &&
-                      qmaps.numel() == kQmapsNumel && qmaps.is_contiguous(),
-                  "fusedops_C::optim8bit_step_: qmaps must be a contiguous float32 [6, 256] tensor on the params' "
-                  "device");
+                      qmaps.numel() == kQmapsNumel && qmaps.is_contiguous() &&
+                      aligned_to(qmaps.const_data_ptr(), 16),
+                  "fusedops_C::optim8bit_step_: qmaps must be a contiguous, 16-byte aligned float32 tensor of ",
+                  kQmapsNumel, " elements on the params' device");
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(device);
   const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov);
@@ -203,20 +254,20 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
     auto launch_all = [&]<int64_t K>() {
       StepTable table{};
       auto launch = [&]() {
-        const int64_t ctas = table.first[table.count];
-        if (ctas == 0) return;
-        optim8bit_kernel<K, T><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(table, qm, h);
+        const int64_t blocks = table.first[table.count];
+        if (blocks == 0) return;
+        const int64_t ctas = persistent_ctas<K, T>(device, blocks);
+        optim8bit_kernel<K, T><<<static_cast<unsigned>(ctas), kThreads,
+                                 sizeof(float) * smem_floats<K == kAdamW || K == kAdam>(), stream>>>(table, qm, h);
         FUSEDOPS_CHECK_LAUNCH();
       };
       for (const StepTensor& st : ts) {
-        const int64_t ctas = (blocks_of(st.n) + kWarps - 1) / kWarps;
-        // A full table, or a grid that would pass 2^31 CTAs, goes out as its own launch.
-        if (table.count == kMaxTensors || table.first[table.count] + ctas >= (int64_t{1} << 31)) {
+        if (table.count == kMaxTensors) {  // a full table goes out as its own launch
           launch();
           table.count = 0;
         }
         table.t[table.count] = st;
-        table.first[table.count + 1] = table.first[table.count] + ctas;
+        table.first[table.count + 1] = table.first[table.count] + blocks_of(st.n);
         ++table.count;
       }
       if (table.count > 0) launch();
@@ -230,10 +281,31 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
   });
 }
 
+__global__ void codes_kernel(const float* __restrict__ x, uint8_t* __restrict__ out, int64_t n,
+                             const uint32_t* __restrict__ table) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = static_cast<uint8_t>(quantize(x[i], table));
+}
+
+void optim8bit_codes_(Tensor x, Tensor out, Tensor qmaps, bool is_signed) {
+  const int64_t n = check_codes(x, out, qmaps);
+  STD_TORCH_CHECK(x.is_cuda(), "fusedops_C::optim8bit_codes_ (CUDA): x must be a CUDA tensor");
+  if (n == 0) return;
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(qmaps.const_data_ptr<float>() +
+                                                            (is_signed ? kSignedTable : kUnsignedTable));
+  const int64_t ctas = (n + 255) / 256 < 65536 ? (n + 255) / 256 : 65536;
+  codes_kernel<<<static_cast<unsigned>(ctas), 256, 0, current_stream(x.get_device_index())>>>(
+      x.const_data_ptr<float>(), out.mutable_data_ptr<uint8_t>(), n, table);
+  FUSEDOPS_CHECK_LAUNCH();
+}
+
 }  // namespace
 }  // namespace optim8bit
 }  // namespace fusedops
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
   m.impl("optim8bit_step_", TORCH_BOX(&fusedops::optim8bit::optim8bit_step_));
+  m.impl("optim8bit_codes_", TORCH_BOX(&fusedops::optim8bit::optim8bit_codes_));
 }
