@@ -118,6 +118,56 @@ __device__ __forceinline__ void load_state(const StepTensor& t, bool f32, const 
   }
 }
 
+// x / b for one b > 0 and many x, correctly rounded (= __fdiv_rn) with the reciprocal
+// computed once: the fast path of nvcc's IEEE division (y0 = MUFU.RCP(b), one Newton step
+// y = y0 + y0 (1 - b y0), q0 = x y, r = x - b q0 exact by an fma, q = q0 + r y) is correctly
+// rounded whenever no intermediate leaves the normal range; nvcc guards it per division by
+// a range check (FCHK) and a slow path. Here the range is checked conservatively (b in
+// [2^-60, 2^60], |x| in [max(b 2^-50, 2^-90), b 2^50]: quotient within 2^+-50, |x| and the
+// remainder normal) and anything else takes __fdiv_rn. x = +-0 takes the fast path too:
+// it gives +0 for -0 / b (IEEE: -0), which quantizes to the same code.
+struct BlockDiv {
+  float b, y, lo, hi;
+
+  __device__ __forceinline__ explicit BlockDiv(float b_) : b(b_) {
+    float y0;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(b));
+    y = __fmaf_rn(y0, __fmaf_rn(-b, y0, 1.f), y0);
+    const bool ok = b >= 0x1p-60f && b <= 0x1p60f;
+    lo = ok ? fmaxf(__fmul_rn(b, 0x1p-50f), 0x1p-90f) : INFINITY;  // !ok: every x goes the slow way
+    hi = __fmul_rn(b, 0x1p50f);
+  }
+  __device__ __forceinline__ bool fast(float x) const {
+    const float a = fabsf(x);
+    return (a >= lo && a <= hi) || x == 0.f;
+  }
+  __device__ __forceinline__ float quotient(float x) const {
+    const float q0 = __fmul_rn(x, y);
+    return __fmaf_rn(y, __fmaf_rn(-q0, b, x), q0);
+  }
+};
+
+// Normalises a lane's 8 elements by the block absmax (normalise() of csrc/optim8bit.h).
+__device__ __forceinline__ void normalise8(const float (&x)[kPer], float mx, float (&q)[kPer]) {
+  if (mx == 0.f) {  // warp-uniform: an all-zero block
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) q[i] = 0.f;
+    return;
+  }
+  const BlockDiv d(mx);
+  bool slow = false;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    q[i] = d.quotient(x[i]);
+    slow = slow || !d.fast(x[i]);
+  }
+  if (slow) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (!d.fast(x[i])) q[i] = fdiv(x[i], mx);
+  }
+}
+
 __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t b, int64_t e0, int len, bool vec,
                                             const uint32_t* buckets, int lane, const float (&x)[kPer]) {
   if (f32) {
@@ -128,9 +178,11 @@ __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t
 #pragma unroll
   for (int i = 0; i < kPer; ++i) mx = fmaxf(mx, fabsf(x[i]));  // padding lanes hold 0
   mx = warp_max(mx);
+  float q[kPer];
+  normalise8(x, mx, q);
   int c[kPer];
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) c[i] = quantize(normalise(x[i], mx), buckets);
+  for (int i = 0; i < kPer; ++i) c[i] = quantize(q[i], buckets);
   store_codes(static_cast<uint8_t*>(s) + e0, c, len, vec && aligned_to(static_cast<uint8_t*>(s) + e0, 8));
   if (lane == 0) a[b] = mx;
 }
