@@ -18,13 +18,19 @@ from ._config import INTERPRET, TL_DTYPE
 
 QBLOCK = 256
 KIND_ID = {"adamw": 0, "adam": 1, "lion": 2, "sgd": 3}
-# Quantization blocks per program, and warps: 4 blocks (1024 elements) per program on GPU;
-# under the interpreter few, large programs (each program costs ~2 ms there).
-BLOCKS, NUM_WARPS = (16, 4) if INTERPRET else (4, 4)
+# A program handles ITERS tiles of BLOCKS quantization blocks of one tensor. On GPU a tile
+# is one block ([1, 256], 2 warps: 4 elements per thread, so that fp32 / bf16 / uint8
+# accesses share one layout: 16-byte fp32 loads, no layout conversions through shared
+# memory) and a program loops over 8 of them; under the interpreter one large tile (each
+# program instance costs ~2 ms there).
+BLOCKS, ITERS, NUM_WARPS = (16, 1, 4) if INTERPRET else (1, 8, 2)
+# Normalising division by a per-block reciprocal (see _normalise); the interpreter's fma is
+# not fused, so it divides.
+FAST_DIV = not INTERPRET
 
 
 def blocks_per_program() -> int:
-    return BLOCKS
+    return BLOCKS * ITERS
 
 
 # The quantizer's bucket tables (fusedops.ops.optim8bit.bucket_table; csrc/optim8bit.h quantize).
@@ -49,9 +55,27 @@ def _quantize(x, table_ptr):
 
 
 @triton.jit
-def _normalise(x, absmax):
+def _normalise(x, absmax, FAST_DIV: tl.constexpr):
+    # x / absmax, IEEE-rounded (an all-zero block gives 0). FAST_DIV: nvcc's division fast
+    # path with the reciprocal of the block computed once (y = 1 / absmax, q0 = x y,
+    # q = q0 + (x - absmax q0) y with exact fma remainders): correctly rounded while no
+    # intermediate leaves the normal range, which is checked conservatively (as in the
+    # CUDA kernel, csrc/cuda/optim8bit.cu BlockDiv); a tile with an element outside takes
+    # div_rn for those elements. x = -0 may give +0 (same code).
     safe = tl.where(absmax == 0.0, 1.0, absmax)
-    return tl.where(absmax == 0.0, 0.0, tl.math.div_rn(x, safe))
+    if FAST_DIV:
+        y = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+        q0 = x * y
+        q = tl.fma(y, tl.fma(-q0, safe, x), q0)
+        inside = (safe >= 8.673617379884035e-19) & (safe <= 1.152921504606847e+18)
+        lo = tl.where(inside, tl.maximum(safe * 8.881784197001252e-16, 8.077935669463161e-28), float("inf"))
+        a = tl.abs(x)
+        fast = ((a >= lo) & (a <= safe * 1125899906842624.0)) | (x == 0.0)
+        if tl.min(fast.to(tl.int32)) == 0:
+            q = tl.where(fast, q, tl.math.div_rn(x, safe))
+    else:
+        q = tl.math.div_rn(x, safe)
+    return tl.where(absmax == 0.0, 0.0, q)
 
 
 @triton.jit
@@ -71,28 +95,59 @@ def _st(ptrs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr, qt_ptr,
+def _bcast(v, BLOCKS: tl.constexpr):
+    # per-block values ([BLOCKS], a scalar when BLOCKS == 1) -> one per element of the tile
+    if BLOCKS == 1:
+        return v
+    else:
+        return tl.reshape(tl.broadcast_to(v[:, None], (BLOCKS, 256)), (BLOCKS * 256,))
+
+
+@triton.jit
+def _block_max(x, BLOCKS: tl.constexpr):
+    if BLOCKS == 1:
+        return tl.max(x, axis=0)
+    else:
+        return tl.max(tl.reshape(x, (BLOCKS, 256)), axis=1)
+
+
+@triton.jit
+def _ld_blocks(ptr, first, bmask, BLOCKS: tl.constexpr):
+    if BLOCKS == 1:  # the tile is inside the tensor
+        return tl.load(ptr + first)
+    else:
+        return tl.load(ptr + first + tl.arange(0, BLOCKS), mask=bmask, other=0.0)
+
+
+@triton.jit
+def _st_blocks(ptr, first, value, bmask, BLOCKS: tl.constexpr):
+    if BLOCKS == 1:
+        tl.store(ptr + first, value)
+    else:
+        tl.store(ptr + first + tl.arange(0, BLOCKS), value, mask=bmask)
+
+
+@triton.jit
+def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr, qt_ptr,
                lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
                KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-               ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
+               ROUND_BF16: tl.constexpr, MASKED: tl.constexpr, FAST_DIV: tl.constexpr, BLOCKS: tl.constexpr):
     # MASKED=False: every element of the tile is in the tensor (no masks: the loads and
     # stores can be vectorised when the addresses are known to be aligned).
     g = _ld(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
     p = _ld(p_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
     if (flags & 1) != 0:
-        m = _ld(s1_addr.to(tl.pointer_type(tl.float32)) + offs, mask, 0.0, MASKED)
+        m = _ld(s1f + offs, mask, 0.0, MASKED)
     else:
-        c1 = _ld(s1_addr.to(tl.pointer_type(tl.uint8)) + offs, mask, 127, MASKED).to(tl.int32)
-        am1 = _ld(a1_ptr + blk, bmask, 0.0, MASKED)
-        m = tl.load(qm_ptr + c1) * am1[:, None]
+        c1 = _ld(s1b + offs, mask, 127, MASKED).to(tl.int32)
+        m = tl.load(qm_ptr + c1) * _bcast(_ld_blocks(a1_ptr, first, bmask, BLOCKS), BLOCKS)
     v = m  # (Lion / SGD: unused)
     if KIND <= 1:
         if (flags & 2) != 0:
-            v = _ld(s2_addr.to(tl.pointer_type(tl.float32)) + offs, mask, 0.0, MASKED)
+            v = _ld(s2f + offs, mask, 0.0, MASKED)
         else:
-            c2 = _ld(s2_addr.to(tl.pointer_type(tl.uint8)) + offs, mask, 0, MASKED).to(tl.int32)
-            am2 = _ld(a2_ptr + blk, bmask, 0.0, MASKED)
-            v = tl.load(qm_ptr + 512 + c2) * am2[:, None]
+            c2 = _ld(s2b + offs, mask, 0, MASKED).to(tl.int32)
+            v = tl.load(qm_ptr + 512 + c2) * _bcast(_ld_blocks(a2_ptr, first, bmask, BLOCKS), BLOCKS)
 
     ok = (g == g) & (tl.abs(g) < float("inf"))
     g0 = tl.where(ok, g, 0.0)
@@ -133,27 +188,27 @@ def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs,
     _st(p_ptr + offs, p.to(P_DTYPE), mask, MASKED)
 
     if (flags & 1) != 0:
-        _st(s1_addr.to(tl.pointer_type(tl.float32)) + offs, m, mask, MASKED)
+        _st(s1f + offs, m, mask, MASKED)
     else:
-        new1 = tl.max(tl.abs(m), axis=1)
-        q1 = _quantize(_normalise(m, new1[:, None]), qt_ptr + _SIGNED_TABLE)
-        _st(s1_addr.to(tl.pointer_type(tl.uint8)) + offs, q1.to(tl.uint8), mask, MASKED)
-        _st(a1_ptr + blk, new1, bmask, MASKED)
+        new1 = _block_max(tl.abs(m), BLOCKS)
+        q1 = _quantize(_normalise(m, _bcast(new1, BLOCKS), FAST_DIV), qt_ptr + _SIGNED_TABLE)
+        _st(s1b + offs, q1.to(tl.uint8), mask, MASKED)
+        _st_blocks(a1_ptr, first, new1, bmask, BLOCKS)
     if KIND <= 1:
         if (flags & 2) != 0:
-            _st(s2_addr.to(tl.pointer_type(tl.float32)) + offs, v, mask, MASKED)
+            _st(s2f + offs, v, mask, MASKED)
         else:
-            new2 = tl.max(v, axis=1)
-            q2 = _quantize(_normalise(v, new2[:, None]), qt_ptr + _UNSIGNED_TABLE)
-            _st(s2_addr.to(tl.pointer_type(tl.uint8)) + offs, q2.to(tl.uint8), mask, MASKED)
-            _st(a2_ptr + blk, new2, bmask, MASKED)
+            new2 = _block_max(v, BLOCKS)
+            q2 = _quantize(_normalise(v, _bcast(new2, BLOCKS), FAST_DIV), qt_ptr + _UNSIGNED_TABLE)
+            _st(s2b + offs, q2.to(tl.uint8), mask, MASKED)
+            _st_blocks(a2_ptr, first, new2, bmask, BLOCKS)
 
 
 @triton.jit
 def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
                      KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-                     BLOCKS: tl.constexpr, SEARCH_STEPS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                     ALIGNED: tl.constexpr):
+                     BLOCKS: tl.constexpr, ITERS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                     ROUND_BF16: tl.constexpr, ALIGNED: tl.constexpr, FAST_DIV: tl.constexpr):
     # table (int64 [9, count + 1]): p, g, state1, absmax1, state2, absmax2 addresses, numel,
     # flags (1: state1 is fp32, 2: state2 is fp32), first program of each tensor.
     # ALIGNED: every address is 16-byte aligned (full tiles then use 16-byte accesses).
@@ -167,34 +222,36 @@ def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, o
         lo = tl.where(take, mid, lo)
         hi = tl.where(take, hi, mid - 1)
     t = lo
-    p_addr = tl.load(table_ptr + t)
-    g_addr = tl.load(table_ptr + stride + t)
+    p_ptr = tl.load(table_ptr + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(table_ptr + stride + t).to(tl.pointer_type(P_DTYPE))
     s1_addr = tl.load(table_ptr + 2 * stride + t)
     s2_addr = tl.load(table_ptr + 4 * stride + t)
-    if ALIGNED:
-        p_addr = tl.multiple_of(p_addr, 16)
-        g_addr = tl.multiple_of(g_addr, 16)
-        s1_addr = tl.multiple_of(s1_addr, 16)
-        s2_addr = tl.multiple_of(s2_addr, 16)
-    p_ptr = p_addr.to(tl.pointer_type(P_DTYPE))
-    g_ptr = g_addr.to(tl.pointer_type(P_DTYPE))
+    s1f, s1b = s1_addr.to(tl.pointer_type(tl.float32)), s1_addr.to(tl.pointer_type(tl.uint8))
+    s2f, s2b = s2_addr.to(tl.pointer_type(tl.float32)), s2_addr.to(tl.pointer_type(tl.uint8))
+    if ALIGNED:  # the alignment hint goes on the pointers (an int hint is lost in the cast)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        s1f, s1b = tl.multiple_of(s1f, 16), tl.multiple_of(s1b, 16)
+        s2f, s2b = tl.multiple_of(s2f, 16), tl.multiple_of(s2b, 16)
     a1_ptr = tl.load(table_ptr + 3 * stride + t).to(tl.pointer_type(tl.float32))
     a2_ptr = tl.load(table_ptr + 5 * stride + t).to(tl.pointer_type(tl.float32))
     n = tl.load(table_ptr + 6 * stride + t)
     flags = tl.load(table_ptr + 7 * stride + t)
-    first = (pid - tl.load(table_ptr + 8 * stride + t)) * BLOCKS
-    blk = first + tl.arange(0, BLOCKS)
-    offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
-    mask = offs < n
-    bmask = blk * 256 < n
-    if (first + BLOCKS) * 256 <= n:
-        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr, qt_ptr,
-                   lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
-                   KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False)
-    else:
-        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr, qt_ptr,
-                   lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
-                   KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True)
+    base = (pid - tl.load(table_ptr + 8 * stride + t)) * (BLOCKS * ITERS)
+    for it in tl.range(0, ITERS):
+        first = base + it * BLOCKS
+        if first * 256 < n:
+            offs = first * 256 + tl.arange(0, BLOCKS * 256)
+            mask = offs < n
+            bmask = (first + tl.arange(0, BLOCKS)) * 256 < n
+            if (first + BLOCKS) * 256 <= n:
+                _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
+                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False, FAST_DIV, BLOCKS)
+            else:
+                _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
+                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True, FAST_DIV, BLOCKS)
 
 
 def table_py(params, grads, state1, absmax1, state2, absmax2, two: bool, bpp: int) -> torch.Tensor:
@@ -226,9 +283,10 @@ def optim8bit_step_(table: torch.Tensor, programs: int, aligned: bool, qmaps: to
     optim8bit_kernel[(programs,)](
         table, count, qmaps, qmaps.view(torch.int32), h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
         h["weight_decay"], h["decay"], h["step_size"], h["bc2_sqrt"],
-        KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS,
+        KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS, ITERS=ITERS,
         SEARCH_STEPS=max(1, (count - 1).bit_length()),
-        ROUND_BF16=INTERPRET and p_dtype == torch.bfloat16, ALIGNED=aligned, num_warps=NUM_WARPS)
+        ROUND_BF16=INTERPRET and p_dtype == torch.bfloat16, ALIGNED=aligned, FAST_DIV=FAST_DIV,
+        num_warps=NUM_WARPS)
 
 
 @triton.jit
