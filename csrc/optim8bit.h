@@ -41,6 +41,8 @@ constexpr int64_t kState1F32 = 1, kState2F32 = 2;
 struct Hyper {
   float lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt;
   bool first, nesterov;
+  bool sr;          // stochastic rounding of bf16 params
+  uint32_t sr_key;  // its key for this step (fusedops.reference.sr_key(seed, step))
 };
 
 FO_HD float fmul(float a, float b) {
@@ -135,6 +137,42 @@ FO_HD int quantize(float x, const uint32_t* table) {
   const uint32_t e = table[neg ? k + kBuckets : k];
   const uint32_t mant = (a & 0x7FFFFFu) ^ (neg ? 0x7FFFFFu : 0u);
   return static_cast<int>(e >> 23) + (mant > (e & 0x7FFFFFu) ? 1 : 0);
+}
+
+FO_HD float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// Stochastic rounding of bf16 params: 16 random bits per element from a counter-based hash
+// (murmur3's finaliser) of the step's key, the tensor's position in the step's lists and
+// the element's index, the same on every backend (fusedops.reference.sr_bits).
+FO_HD uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+FO_HD uint32_t sr_tensor_key(uint32_t key, int64_t index) {
+  return fmix32(key ^ (static_cast<uint32_t>(index) * 0x632BE5ABu));
+}
+FO_HD uint32_t sr_bits(uint32_t tensor_key, int64_t element) {
+  return fmix32(tensor_key + static_cast<uint32_t>(element) * 0x9E3779B9u);
+}
+// x rounded to a bf16 value (returned as the fp32 of it): up with probability (distance to
+// the lower neighbour) / (gap), by adding 16 random bits below bf16's last bit and
+// truncating. Inf and NaN are returned as they are.
+FO_HD float round_bf16_stochastic(float x, uint32_t rnd) {
+  const uint32_t b = float_bits(x);
+  if ((b & 0x7F800000u) == 0x7F800000u) return x;
+  return bits_float((b + (rnd & 0xFFFFu)) & 0xFFFF0000u);
 }
 
 // x / absmax, with an all-zero block (absmax 0) giving 0.

@@ -230,6 +230,46 @@ def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 
 OPTIM_KINDS = ("adamw", "adam", "lion", "sgd")
 
+# ---- stochastic rounding of bf16 parameters (every backend: csrc/optim8bit.h) -------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """x * c mod 2^32 for x in [0, 2^32) (int or int64 tensor) without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x):
+    """murmur3's 32-bit finaliser on ints or int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: int) -> int:
+    """The stochastic-rounding key of one step (a uint32): every backend hashes it with
+    the tensor's position in the step's lists and the element's index."""
+    return _fmix32((int(seed) + _mul32(int(step) & _M32, 0x9E3779B9)) & _M32)
+
+
+def round_bf16_stochastic(x: torch.Tensor, key: int, index: int) -> torch.Tensor:
+    """fp32 x rounded stochastically to bf16 values (returned as fp32): 16 random bits
+    r = fmix32(tensor_key + element * 0x9E3779B9), tensor_key = fmix32(key ^ index *
+    0x632BE5AB), added below bf16's last bit before truncating, so that x rounds up with
+    probability (x - lower) / (upper - lower): unbiased. Inf and NaN stay."""
+    tk = _fmix32(key ^ _mul32(index & _M32, 0x632BE5AB))
+    flat = x.reshape(-1).contiguous()
+    e = torch.arange(flat.numel(), dtype=torch.int64, device=x.device) & _M32
+    r = _fmix32((tk + _mul32(e, 0x9E3779B9)) & _M32)
+    b = flat.view(torch.int32).long() & _M32
+    out = (b + (r & 0xFFFF)) & 0xFFFF0000
+    out = torch.where((b & 0x7F800000) == 0x7F800000, b, out)
+    out = torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
+    return out.view(torch.float32).view(x.shape)
+
+
 
 def optimizer_hyper(kind: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     step: int) -> dict:
@@ -295,13 +335,15 @@ def optimizer_update_fp32(kind: str, p, g, m, v, h: dict, *, first: bool = False
 
 def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: str, lr: float, beta1: float,
                          beta2: float, eps: float, weight_decay: float, step: int, first: bool = False,
-                         nesterov: bool = False) -> None:
+                         nesterov: bool = False, sr_seed: int = -1) -> None:
     """The eager spec of fusedops.optimizer_step_8bit_: for each parameter, dequantize its
     states -> fp32 update (optimizer_update_fp32) -> requantize, in place. A state whose
     absmax tensor is empty is a plain fp32 state (32-bit states: small tensors, overrides).
     The first moment uses the signed dynamic map, the second the unsigned one; the new
     absmax is the block max of |state| after the update, before quantization; the
-    parameter update uses the unquantized new states; p is rounded once to its dtype."""
+    parameter update uses the unquantized new states; p is rounded once to its dtype (bf16
+    params with sr_seed >= 0: stochastically, round_bf16_stochastic with sr_key(sr_seed,
+    step) and the param's position in the lists)."""
     h = optimizer_hyper(kind, lr, beta1, beta2, eps, weight_decay, step)
     smap, umap = dynamic_map(True), dynamic_map(False)
     two = kind in ("adamw", "adam")
@@ -317,6 +359,8 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
         pn, mn, vn = optimizer_update_fp32(kind, p.float(), g.float(), m.view(p.shape),
                                            v.view(p.shape) if v is not None else None, h,
                                            first=first, nesterov=nesterov)
+        if sr_seed >= 0 and p.dtype == torch.bfloat16:
+            pn = round_bf16_stochastic(pn, sr_key(sr_seed, step), i)
         p.copy_(pn)
         if q1:
             a = blockwise_absmax(mn)

@@ -1,10 +1,11 @@
 """8-bit optimizer step (AdamW / Adam / Lion / SGD) over many tensors in one launch.
 
-Each program handles BLOCKS quantization blocks of 256 elements of one tensor: it finds
-its tensor by binary search over the table's program prefix sums, dequantizes the states
-(code[c] * absmax), runs the fp32 update of fusedops.reference.optimizer_update_fp32
-(same operation order; IEEE division and sqrt through div_rn / sqrt_rn), takes the new
-block absmax, and requantizes by an 8-step binary search over the map's midpoints.
+Each program handles BLOCKS * ITERS quantization blocks of 256 elements of one tensor: it
+finds its tensor by binary search over the table's program prefix sums, dequantizes the
+states (code[c] * absmax), runs the fp32 update of fusedops.reference.optimizer_update_fp32
+(same operation order; IEEE division and sqrt through div_rn / sqrt_rn), optionally rounds
+bf16 params stochastically, takes the new block absmax, and requantizes with one lookup in
+the map's bucket table (fusedops.ops.optim8bit.bucket_table) per element.
 Memory per element (fp32 params, AdamW): p read+write 8 B, g 4 B, two codes read+write
 4 B: 16 B; absmax traffic is 16 B per 256 elements.
 """
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, TL_DTYPE
+from ._multi_tensor import find_tensor, search_steps
 
 QBLOCK = 256
 KIND_ID = {"adamw": 0, "adam": 1, "lion": 2, "sgd": 3}
@@ -95,6 +97,26 @@ def _st(ptrs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _fmix32(x):
+    # murmur3's finaliser on uint32 (csrc/optim8bit.h fmix32; literals >= 2^31 are uint32)
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_bf16_stochastic(p, offs, tensor_key):
+    # csrc/optim8bit.h round_bf16_stochastic with sr_bits(tensor_key, element index)
+    rnd = _fmix32(tensor_key + offs.to(tl.uint32) * 0x9E3779B9)
+    b = p.to(tl.uint32, bitcast=True)
+    r = (b + (rnd & 0xFFFF)) & 0xFFFF0000
+    r = tl.where((b & 0x7F800000) == 0x7F800000, b, r)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _bcast(v, BLOCKS: tl.constexpr):
     # per-block values ([BLOCKS], a scalar when BLOCKS == 1) -> one per element of the tile
     if BLOCKS == 1:
@@ -131,7 +153,8 @@ def _st_blocks(ptr, first, value, bmask, BLOCKS: tl.constexpr):
 def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr, qt_ptr,
                lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
                KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-               ROUND_BF16: tl.constexpr, MASKED: tl.constexpr, FAST_DIV: tl.constexpr, BLOCKS: tl.constexpr):
+               ROUND_BF16: tl.constexpr, MASKED: tl.constexpr, FAST_DIV: tl.constexpr, BLOCKS: tl.constexpr,
+               SR: tl.constexpr, sr_tensor_key):
     # MASKED=False: every element of the tile is in the tensor (no masks: the loads and
     # stores can be vectorised when the addresses are known to be aligned).
     g = _ld(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
@@ -181,6 +204,8 @@ def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, o
         pn = pn + (-lr) * d
     m = tl.where(ok & mask, mn, 0.0)
     p = tl.where(ok, pn, p)
+    if SR:  # stochastic rounding to bf16 (the conversion below is then exact)
+        p = _round_bf16_stochastic(p, offs, sr_tensor_key)
     if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round to nearest even first
         bits = p.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -206,22 +231,17 @@ def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, o
 
 @triton.jit
 def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+                     sr_key,
                      KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                      BLOCKS: tl.constexpr, ITERS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                     ROUND_BF16: tl.constexpr, ALIGNED: tl.constexpr, FAST_DIV: tl.constexpr):
-    # table (int64 [9, count + 1]): p, g, state1, absmax1, state2, absmax2 addresses, numel,
-    # flags (1: state1 is fp32, 2: state2 is fp32), first program of each tensor.
+                     ROUND_BF16: tl.constexpr, ALIGNED: tl.constexpr, FAST_DIV: tl.constexpr, SR: tl.constexpr):
+    # table (int64 [10, count + 1]): p, g, state1, absmax1, state2, absmax2 addresses, numel,
+    # flags (1: state1 is fp32, 2: state2 is fp32), first program of each tensor, its
+    # position in the step's lists. SR: stochastic rounding of bf16 params with sr_key.
     # ALIGNED: every address is 16-byte aligned (full tiles then use 16-byte accesses).
     pid = tl.program_id(0).to(tl.int64)
     stride = count + 1
-    lo = 0
-    hi = count - 1
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        take = tl.load(table_ptr + 8 * stride + mid) <= pid
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
-    t = lo
+    t = find_tensor(table_ptr + 8 * stride, pid, count, SEARCH_STEPS)
     p_ptr = tl.load(table_ptr + t).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(table_ptr + stride + t).to(tl.pointer_type(P_DTYPE))
     s1_addr = tl.load(table_ptr + 2 * stride + t)
@@ -238,6 +258,10 @@ def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, o
     n = tl.load(table_ptr + 6 * stride + t)
     flags = tl.load(table_ptr + 7 * stride + t)
     base = (pid - tl.load(table_ptr + 8 * stride + t)) * (BLOCKS * ITERS)
+    sr_tensor_key = 0
+    if SR:
+        index = tl.load(table_ptr + 9 * stride + t)
+        sr_tensor_key = _fmix32(sr_key.to(tl.int64).to(tl.uint32) ^ ((index * 0x632BE5AB) & 0xFFFFFFFF).to(tl.uint32))
     for it in tl.range(0, ITERS):
         first = base + it * BLOCKS
         if first * 256 < n:
@@ -247,11 +271,11 @@ def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, o
             if (first + BLOCKS) * 256 <= n:
                 _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
                            qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
-                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False, FAST_DIV, BLOCKS)
+                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False, FAST_DIV, BLOCKS, SR, sr_tensor_key)
             else:
                 _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
                            qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
-                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True, FAST_DIV, BLOCKS)
+                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True, FAST_DIV, BLOCKS, SR, sr_tensor_key)
 
 
 def table_py(params, grads, state1, absmax1, state2, absmax2, two: bool, bpp: int) -> torch.Tensor:
@@ -266,15 +290,15 @@ def table_py(params, grads, state1, absmax1, state2, absmax2, two: bool, bpp: in
         addr = lambda t: t.data_ptr() if t.numel() else 0  # noqa: E731
         cols.append([p.data_ptr(), grads[i].data_ptr(), state1[i].data_ptr(), addr(absmax1[i]),
                      state2[i].data_ptr() if two else 0, addr(absmax2[i]) if two else 0, p.numel(),
-                     int(f1) | (2 * int(f2)), programs])
+                     int(f1) | (2 * int(f2)), programs, i])
         programs += triton.cdiv(triton.cdiv(p.numel(), QBLOCK), bpp)
     aligned = all(a % 16 == 0 for col in cols for a in col[:6])
-    cols.append([0] * 7 + [int(aligned), programs])
+    cols.append([0] * 7 + [int(aligned), programs, 0])
     return torch.tensor(cols, dtype=torch.int64).t().contiguous()
 
 
 def optim8bit_step_(table: torch.Tensor, programs: int, aligned: bool, qmaps: torch.Tensor, kind: str,
-                    p_dtype: torch.dtype, h: dict, first: bool, nesterov: bool) -> None:
+                    p_dtype: torch.dtype, h: dict, first: bool, nesterov: bool, sr_key: int = -1) -> None:
     """One launch over every tensor of `table` (on the tensors' device); `programs` and
     `aligned` come from the host copy of its last column, so that no sync is needed."""
     if programs == 0:
@@ -282,11 +306,11 @@ def optim8bit_step_(table: torch.Tensor, programs: int, aligned: bool, qmaps: to
     count = table.shape[1] - 1
     optim8bit_kernel[(programs,)](
         table, count, qmaps, qmaps.view(torch.int32), h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
-        h["weight_decay"], h["decay"], h["step_size"], h["bc2_sqrt"],
+        h["weight_decay"], h["decay"], h["step_size"], h["bc2_sqrt"], max(sr_key, 0),
         KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS, ITERS=ITERS,
-        SEARCH_STEPS=max(1, (count - 1).bit_length()),
+        SEARCH_STEPS=search_steps(count),
         ROUND_BF16=INTERPRET and p_dtype == torch.bfloat16, ALIGNED=aligned, FAST_DIV=FAST_DIV,
-        num_warps=NUM_WARPS)
+        SR=sr_key >= 0 and p_dtype == torch.bfloat16, num_warps=NUM_WARPS)
 
 
 @triton.jit

@@ -4,6 +4,7 @@
 #include "../optim8bit_tensors.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace fusedops {
@@ -50,10 +51,13 @@ void step_block(const StepTensor& t, int64_t b, const float* qm, const Hyper& h)
     }
   }
   float max1 = 0.f, max2 = 0.f;
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const uint32_t key = kBf16 && h.sr ? sr_tensor_key(h.sr_key, t.index) : 0u;
   for (int i = 0; i < len; ++i) {
     float pi = static_cast<float>(p[i]);
     float vi = kTwo ? v[i] : 0.f;
     update<K>(pi, static_cast<float>(g[i]), m[i], vi, h);
+    if (kBf16 && h.sr) pi = round_bf16_stochastic(pi, sr_bits(key, begin + i));
     p[i] = static_cast<T>(pi);
     max1 = std::max(max1, std::fabs(m[i]));
     if constexpr (kTwo) {
@@ -98,7 +102,7 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                      std::vector<Tensor> absmax1, std::vector<Tensor> state2, std::vector<Tensor> absmax2,
                      Tensor qmaps, int64_t kind, double lr, double beta1, double omb1, double beta2, double omb2,
                      double eps, double wd, double decay, double step_size, double bc2_sqrt, bool first,
-                     bool nesterov) {
+                     bool nesterov, int64_t sr_key) {
   STD_TORCH_CHECK(kind >= kAdamW && kind <= kSGD, "fusedops_C::optim8bit_step_: unknown kind ", kind);
   const bool two = kind == kAdamW || kind == kAdam;
   const auto ts = collect(params, grads, state1, absmax1, state2, absmax2, two);
@@ -108,7 +112,7 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                       qmaps.is_contiguous(),
                   "fusedops_C::optim8bit_step_: qmaps must be a contiguous float32 CPU tensor of ", kQmapsNumel, " elements");
   const float* qm = qmaps.const_data_ptr<float>();
-  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov);
+  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov, sr_key);
   dispatch_float(params[0].scalar_type(), "params", [&]<typename T>() {
     switch (kind) {
       case kAdamW: run<kAdamW, T>(ts, qm, h); break;

@@ -15,6 +15,7 @@
 #include "cuda_utils.cuh"
 #include "../optim8bit_tensors.h"
 
+#include <type_traits>
 #include <vector>
 
 namespace fusedops {
@@ -24,7 +25,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPer = kQBlock / 32;  // 8 elements per lane
-constexpr int kMaxTensors = 320;    // 320 * 64 B + prefix sums: within the 32 KB parameter space
+constexpr int kMaxTensors = 320;    // 320 * 72 B + prefix sums: within the 32 KB parameter space
 
 struct StepTable {
   StepTensor t[kMaxTensors];
@@ -226,6 +227,13 @@ __device__ __forceinline__ void step_block(const StepTensor& t, int64_t b, int l
     }
     v[i] = vi;
   }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (h.sr) {  // stochastic rounding: p becomes a bf16 value (the store's conversion is exact)
+      const uint32_t key = sr_tensor_key(h.sr_key, t.index);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) p[i] = round_bf16_stochastic(p[i], sr_bits(key, e0 + i));
+    }
+  }
   store8(pp, p, len, full && aligned_to(pp, 16));
   store_state(f1, t.s1, t.a1, b, e0, len, full, tab1, lane, m);
   if constexpr (kTwo) store_state(f2, t.s2, t.a2, b, e0, len, full, tab2, lane, v);
@@ -286,7 +294,7 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                      std::vector<Tensor> absmax1, std::vector<Tensor> state2, std::vector<Tensor> absmax2,
                      Tensor qmaps, int64_t kind, double lr, double beta1, double omb1, double beta2, double omb2,
                      double eps, double wd, double decay, double step_size, double bc2_sqrt, bool first,
-                     bool nesterov) {
+                     bool nesterov, int64_t sr_key) {
   STD_TORCH_CHECK(kind >= kAdamW && kind <= kSGD, "fusedops_C::optim8bit_step_: unknown kind ", kind);
   const bool two = kind == kAdamW || kind == kAdam;
   const auto ts = collect(params, grads, state1, absmax1, state2, absmax2, two);
@@ -300,7 +308,7 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                   kQmapsNumel, " elements on the params' device");
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(device);
-  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov);
+  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov, sr_key);
   const float* qm = qmaps.const_data_ptr<float>();
   dispatch_float(params[0].scalar_type(), "params", [&]<typename T>() {
     auto launch_all = [&]<int64_t K>() {

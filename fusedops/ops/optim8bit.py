@@ -290,29 +290,32 @@ def _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=Tr
 
 
 def _step_impl(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps, weight_decay, step,
-               first=False, nesterov=False):
+               first=False, nesterov=False, sr_seed=-1):
     _check_step(params, grads, state1, absmax1, state2, absmax2, kind)
     if not params:
         return
     if kind in TWO_STATE and step < 1:
         raise ValueError(f"fusedops.{STEP_OP}: step must be >= 1 for {kind}, got {step}")
+    if sr_seed < -1 or sr_seed >= 2 ** 32:
+        raise ValueError(f"fusedops.{STEP_OP}: sr_seed must be -1 (off) or in [0, 2^32), got {sr_seed}")
     backend = _step.backend_for(params[0].device.type)
     if backend == "reference":
         reference.optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps,
-                                       weight_decay, step, first, nesterov)
+                                       weight_decay, step, first, nesterov, sr_seed)
         return
     h = reference.optimizer_hyper(kind, lr, beta1, beta2, eps, weight_decay, step)
-    _step.get(backend)(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov)
+    key = reference.sr_key(sr_seed, step) if sr_seed >= 0 and params[0].dtype == torch.bfloat16 else -1
+    _step.get(backend)(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov, key)
 
 
 def _step_fake(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps, weight_decay, step,
-               first=False, nesterov=False):
+               first=False, nesterov=False, sr_seed=-1):
     _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=False)
 
 
 step_op = define(f"{STEP_OP}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] absmax1, "
                  "Tensor(d!)[] state2, Tensor(e!)[] absmax2, str kind, float lr, float beta1, float beta2, "
-                 "float eps, float weight_decay, int step, bool first=False, bool nesterov=False) -> ()",
+                 "float eps, float weight_decay, int step, bool first=False, bool nesterov=False, int sr_seed=-1) -> ()",
                  _step_impl, _step_fake)
 
 _H_ORDER = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay",
@@ -321,13 +324,13 @@ _H_ORDER = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
 
 @_step.register("cuda")
 @_step.register("cpp")
-def _step_native(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov):
+def _step_native(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov, sr_key):
     _native.op("optim8bit_step_")(params, grads, state1, absmax1, state2, absmax2, qmaps(params[0].device),
-                                  _KIND_ID[kind], *(h[k] for k in _H_ORDER), first, nesterov)
+                                  _KIND_ID[kind], *(h[k] for k in _H_ORDER), first, nesterov, sr_key)
 
 
 @_step.register("triton")
-def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov):
+def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov, sr_key):
     kernels = _triton.kernels("optim8bit")
     device = params[0].device
     two = kind in TWO_STATE
@@ -340,10 +343,11 @@ def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first
     programs, aligned = int(table[8, -1]), bool(table[7, -1])
     if device.type != "cpu":
         table = table.to(device, non_blocking=True)
-    kernels.optim8bit_step_(table, programs, aligned, qmaps(device), kind, params[0].dtype, h, first, nesterov)
+    kernels.optim8bit_step_(table, programs, aligned, qmaps(device), kind, params[0].dtype, h, first, nesterov,
+                            sr_key)
 
 
-_step.register("reference")(lambda *a: reference.optimizer_step_8bit_(*a))  # signature of the op
+_step.register("reference")(lambda *a: reference.optimizer_step_8bit_(*a))  # signature of the op (+ sr_seed)
 
 
 def kernel_codes(x: torch.Tensor, signed: bool, backend: str) -> torch.Tensor:
@@ -363,7 +367,7 @@ def kernel_codes(x: torch.Tensor, signed: bool, backend: str) -> torch.Tensor:
 
 def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: str, lr: float, beta1: float,
                          beta2: float, eps: float, weight_decay: float, step: int, first: bool = False,
-                         nesterov: bool = False) -> None:
+                         nesterov: bool = False, sr_seed: int = -1) -> None:
     """One optimizer step of `kind` ("adamw", "adam", "lion", "sgd") in place over all the
     tensors (one device, one param dtype; grads of the param dtype), in one kernel launch.
 
@@ -374,6 +378,9 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
     beta1 is the momentum and beta2 the dampening; `first` marks the step that
     initialises the momentum buffer (buf = g, as torch SGD); `nesterov` as torch.
     The math and the NaN/Inf rule are fusedops.reference.optimizer_update_fp32's.
+    `sr_seed` >= 0 (< 2^32): bf16 params are rounded stochastically (unbiased), with random
+    bits from a hash of (sr_seed, step, the param's position in the lists, element index):
+    deterministic and the same on every backend; no effect on fp32 / fp16 params.
     """
     params, grads = list(params), list(grads)
     state1, absmax1, state2, absmax2 = list(state1), list(absmax1), list(state2), list(absmax2)
@@ -382,4 +389,4 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
             raise ValueError(f"fusedops.{STEP_OP}: params is empty but the other lists are not")
         return
     step_op(params, grads, state1, absmax1, state2, absmax2, kind, float(lr), float(beta1), float(beta2),
-            float(eps), float(weight_decay), int(step), bool(first), bool(nesterov))
+            float(eps), float(weight_decay), int(step), bool(first), bool(nesterov), int(sr_seed))
