@@ -58,7 +58,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fusedops_C, m) {
   m.def("optim8bit_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] absmax1, "
         "Tensor(d!)[] state2, Tensor(e!)[] absmax2, Tensor qmaps, int kind, float lr, float beta1, "
         "float one_minus_beta1, float beta2, float one_minus_beta2, float eps, float weight_decay, float decay, "
-        "float step_size, float bc2_sqrt, bool first, bool nesterov, int sr_key) -> ()");
+        "float step_size, float inv_bc2_sqrt, bool first, bool nesterov, int sr_key) -> ()");
   // The step kernels' quantizer alone (a test hook): out[i] = code of the already
   // normalised x[i] (fp32) with the signed or the unsigned map's bucket table of qmaps.
   m.def("optim8bit_codes_(Tensor x, Tensor(a!) out, Tensor qmaps, bool signed) -> ()");

@@ -39,7 +39,7 @@ constexpr int kSignedTable = 1024, kUnsignedTable = 1024 + 2 * kBuckets, kQmapsN
 constexpr int64_t kState1F32 = 1, kState2F32 = 2;
 
 struct Hyper {
-  float lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt;
+  float lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt;
   bool first, nesterov;
   bool sr;          // stochastic rounding of bf16 params
   uint32_t sr_key;  // its key for this step (fusedops.reference.sr_key(seed, step))
@@ -95,7 +95,7 @@ FO_HD void update(float& p, float g, float& m, float& v, const Hyper& h) {
     else g = fadd(g, fmul(h.wd, p));
     m = fadd(fmul(h.beta1, m), fmul(h.omb1, g));
     v = fadd(fmul(h.beta2, v), fmul(h.omb2, fmul(g, g)));
-    const float denom = fadd(fdiv(fsqrt(v), h.bc2_sqrt), h.eps);
+    const float denom = fadd(fmul(fsqrt(v), h.inv_bc2_sqrt), h.eps);
     p = fadd(p, fmul(-h.step_size, fdiv(m, denom)));
   } else if constexpr (K == kLion) {
     p = fmul(p, h.decay);

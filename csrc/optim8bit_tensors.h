@@ -109,13 +109,13 @@ inline int64_t check_codes(const Tensor& x, const Tensor& out, const Tensor& qma
 
 // sr_key: the stochastic-rounding key of the step (0 .. 2^32 - 1), or -1 for round to nearest.
 inline Hyper make_hyper(double lr, double beta1, double omb1, double beta2, double omb2, double eps, double wd,
-                        double decay, double step_size, double bc2_sqrt, bool first, bool nesterov, int64_t sr_key) {
+                        double decay, double step_size, double inv_bc2_sqrt, bool first, bool nesterov, int64_t sr_key) {
   STD_TORCH_CHECK(sr_key >= -1 && sr_key < (int64_t{1} << 32),
                   "fusedops_C::optim8bit_step_: sr_key must be -1 or in [0, 2^32)");
   return {static_cast<float>(lr),    static_cast<float>(beta1), static_cast<float>(omb1),
           static_cast<float>(beta2), static_cast<float>(omb2),  static_cast<float>(eps),
           static_cast<float>(wd),    static_cast<float>(decay), static_cast<float>(step_size),
-          static_cast<float>(bc2_sqrt), first, nesterov, sr_key >= 0, static_cast<uint32_t>(sr_key < 0 ? 0 : sr_key)};
+          static_cast<float>(inv_bc2_sqrt), first, nesterov, sr_key >= 0, static_cast<uint32_t>(sr_key < 0 ? 0 : sr_key)};
 }
 
 }  // namespace optim8bit

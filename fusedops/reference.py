@@ -276,10 +276,10 @@ def optimizer_hyper(kind: str, lr: float, beta1: float, beta2: float, eps: float
     """The scalars every backend of the 8-bit step receives, computed here once in fp64 and
     rounded to fp32 by the kernels (as torch rounds its Python-scalar arguments)."""
     h = dict(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-             eps=eps, weight_decay=weight_decay, decay=1.0 - lr * weight_decay, step_size=lr, bc2_sqrt=1.0)
+             eps=eps, weight_decay=weight_decay, decay=1.0 - lr * weight_decay, step_size=lr, inv_bc2_sqrt=1.0)
     if kind in ("adamw", "adam"):
         h["step_size"] = lr / (1.0 - beta1 ** step)
-        h["bc2_sqrt"] = math.sqrt(1.0 - beta2 ** step)
+        h["inv_bc2_sqrt"] = 1.0 / math.sqrt(1.0 - beta2 ** step)
     return h
 
 
@@ -289,7 +289,7 @@ def optimizer_update_fp32(kind: str, p, g, m, v, h: dict, *, first: bool = False
     optimizer_hyper (for SGD: beta1 = momentum, beta2 = dampening).
 
     - adamw: p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
-             p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)   (torch AdamW)
+             p += -(lr / (1-b1^t)) * m / (sqrt(v) * (1/sqrt(1-b2^t)) + eps)  (torch AdamW)
     - adam:  g += wd*p, then the same without the decay factor              (torch Adam, L2)
     - lion:  p *= 1 - lr*wd; p += -lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g
     - sgd:   g += wd*p; m = g on the first step, else momentum*m + (1-dampening)*g;
@@ -310,9 +310,10 @@ def optimizer_update_fp32(kind: str, p, g, m, v, h: dict, *, first: bool = False
         m = f("beta1") * m + f("one_minus_beta1") * g0
         v = f("beta2") * v + f("one_minus_beta2") * (g0 * g0)
         # The kernels' sqrt and division are IEEE (correctly rounded); torch's CPU fp32 sqrt
-        # is not always, and it divides by a scalar as a multiply by the reciprocal: so the
-        # sqrt is taken in fp64 (then exactly rounded) and the divisor is a full tensor.
-        denom = torch.sqrt(v.double()).float() / torch.full_like(v, h["bc2_sqrt"]) + f("eps")
+        # is not always: so the sqrt is taken in fp64 (then exactly rounded). The second
+        # bias correction multiplies by its reciprocal (rounded once to fp32 from fp64):
+        # one division per element less in the kernels; within an ulp of torch's division.
+        denom = torch.sqrt(v.double()).float() * f("inv_bc2_sqrt") + f("eps")
         p = p + (-f("step_size")) * (m / denom)
     elif kind == "lion":
         p = p * f("decay")

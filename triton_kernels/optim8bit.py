@@ -151,7 +151,7 @@ def _st_blocks(ptr, first, value, bmask, BLOCKS: tl.constexpr):
 
 @triton.jit
 def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr, qt_ptr,
-               lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+               lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
                KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                ROUND_BF16: tl.constexpr, MASKED: tl.constexpr, FAST_DIV: tl.constexpr, BLOCKS: tl.constexpr,
                SR: tl.constexpr, sr_tensor_key):
@@ -182,7 +182,7 @@ def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, o
             g0 = g0 + wd * p
         mn = beta1 * m + omb1 * g0
         vn = beta2 * v + omb2 * (g0 * g0)
-        denom = tl.math.div_rn(tl.sqrt_rn(vn), bc2_sqrt) + eps
+        denom = tl.sqrt_rn(vn) * inv_bc2_sqrt + eps
         pn = pn + (-step_size) * tl.math.div_rn(mn, denom)
         v = tl.where(ok & mask, vn, 0.0)
     elif KIND == 2:
@@ -230,7 +230,7 @@ def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, o
 
 
 @triton.jit
-def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
                      sr_key,
                      KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                      BLOCKS: tl.constexpr, ITERS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -270,11 +270,11 @@ def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, o
             bmask = (first + tl.arange(0, BLOCKS)) * 256 < n
             if (first + BLOCKS) * 256 <= n:
                 _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
-                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
                            KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False, FAST_DIV, BLOCKS, SR, sr_tensor_key)
             else:
                 _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
-                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
                            KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True, FAST_DIV, BLOCKS, SR, sr_tensor_key)
 
 
@@ -306,7 +306,7 @@ def optim8bit_step_(table: torch.Tensor, programs: int, aligned: bool, qmaps: to
     count = table.shape[1] - 1
     optim8bit_kernel[(programs,)](
         table, count, qmaps, qmaps.view(torch.int32), h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
-        h["weight_decay"], h["decay"], h["step_size"], h["bc2_sqrt"], max(sr_key, 0),
+        h["weight_decay"], h["decay"], h["step_size"], h["inv_bc2_sqrt"], max(sr_key, 0),
         KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS, ITERS=ITERS,
         SEARCH_STEPS=search_steps(count),
         ROUND_BF16=INTERPRET and p_dtype == torch.bfloat16, ALIGNED=aligned, FAST_DIV=FAST_DIV,

@@ -101,7 +101,7 @@ void run(const std::vector<StepTensor>& ts, const float* qm, const Hyper& h) {
 void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> state1,
                      std::vector<Tensor> absmax1, std::vector<Tensor> state2, std::vector<Tensor> absmax2,
                      Tensor qmaps, int64_t kind, double lr, double beta1, double omb1, double beta2, double omb2,
-                     double eps, double wd, double decay, double step_size, double bc2_sqrt, bool first,
+                     double eps, double wd, double decay, double step_size, double inv_bc2_sqrt, bool first,
                      bool nesterov, int64_t sr_key) {
   STD_TORCH_CHECK(kind >= kAdamW && kind <= kSGD, "fusedops_C::optim8bit_step_: unknown kind ", kind);
   const bool two = kind == kAdamW || kind == kAdam;
@@ -112,7 +112,7 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                       qmaps.is_contiguous(),
                   "fusedops_C::optim8bit_step_: qmaps must be a contiguous float32 CPU tensor of ", kQmapsNumel, " elements");
   const float* qm = qmaps.const_data_ptr<float>();
-  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov, sr_key);
+  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt, first, nesterov, sr_key);
   dispatch_float(params[0].scalar_type(), "params", [&]<typename T>() {
     switch (kind) {
       case kAdamW: run<kAdamW, T>(ts, qm, h); break;

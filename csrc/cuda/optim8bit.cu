@@ -293,7 +293,7 @@ int64_t persistent_ctas(int32_t device, int64_t blocks) {
 void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> state1,
                      std::vector<Tensor> absmax1, std::vector<Tensor> state2, std::vector<Tensor> absmax2,
                      Tensor qmaps, int64_t kind, double lr, double beta1, double omb1, double beta2, double omb2,
-                     double eps, double wd, double decay, double step_size, double bc2_sqrt, bool first,
+                     double eps, double wd, double decay, double step_size, double inv_bc2_sqrt, bool first,
                      bool nesterov, int64_t sr_key) {
   STD_TORCH_CHECK(kind >= kAdamW && kind <= kSGD, "fusedops_C::optim8bit_step_: unknown kind ", kind);
   const bool two = kind == kAdamW || kind == kAdam;
@@ -308,7 +308,7 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                   kQmapsNumel, " elements on the params' device");
   torch::stable::accelerator::DeviceGuard guard(device);
   cudaStream_t stream = current_stream(device);
-  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov, sr_key);
+  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt, first, nesterov, sr_key);
   const float* qm = qmaps.const_data_ptr<float>();
   dispatch_float(params[0].scalar_type(), "params", [&]<typename T>() {
     auto launch_all = [&]<int64_t K>() {

@@ -319,7 +319,7 @@ step_op = define(f"{STEP_OP}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] s
                  _step_impl, _step_fake)
 
 _H_ORDER = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay",
-            "step_size", "bc2_sqrt")
+            "step_size", "inv_bc2_sqrt")
 
 
 @_step.register("cuda")
