@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define FO_HD __host__ __device__ __forceinline__
@@ -24,18 +25,24 @@ enum Kind : int64_t { kAdamW = 0, kAdam = 1, kLion = 2, kSGD = 3 };
 constexpr int kQBlock = 256;      // elements per quantization block (bnb's block size)
 constexpr int kSignedZero = 127;  // index of 0.0 in the signed dynamic map
 
-// Row layout of the [6, 256] fp32 qmaps tensor: signed code, its midpoints, unsigned code,
-// its midpoints, then both midpoint lists in Eytzinger order (255 midpoints per list; the
-// 256th entry is padding, never read).
+// Layout of the fp32 qmaps tensor (fusedops/ops/optim8bit.py qmaps): signed code, its 255
+// midpoints (+1 padding), unsigned code, its midpoints (+1 padding), then the bucket tables
+// of the quantizer (quantize below) for the signed and for the unsigned map: 2 * kBuckets
+// uint32 entries each (stored as their bits), first for x >= 0, then for x < 0.
+constexpr int kBucketShift = 16;                    // |x| bits >> 16: exponent + 7 mantissa bits
+constexpr int kBucketBase = (104 << 7) - 1;         // key of bucket 0 (|x| < 2^-23, no midpoints)
+constexpr int kBuckets = (127 << 7) - kBucketBase + 1;  // 2946 per sign; the last one: |x| >= 1
 constexpr int kSignedCode = 0, kSignedMids = 256, kUnsignedCode = 512, kUnsignedMids = 768;
-constexpr int kSignedEytz = 1024, kUnsignedEytz = 1280, kQmapsNumel = 1536;
+constexpr int kSignedTable = 1024, kUnsignedTable = 1024 + 2 * kBuckets, kQmapsNumel = 1024 + 4 * kBuckets;
 
 // Table flags per tensor: its first / second state is a plain fp32 state (32-bit states).
 constexpr int64_t kState1F32 = 1, kState2F32 = 2;
 
 struct Hyper {
-  float lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt;
+  float lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt;
   bool first, nesterov;
+  bool sr;          // stochastic rounding of bf16 params
+  uint32_t sr_key;  // its key for this step (fusedops.reference.sr_key(seed, step))
 };
 
 FO_HD float fmul(float a, float b) {
@@ -88,7 +95,7 @@ FO_HD void update(float& p, float g, float& m, float& v, const Hyper& h) {
     else g = fadd(g, fmul(h.wd, p));
     m = fadd(fmul(h.beta1, m), fmul(h.omb1, g));
     v = fadd(fmul(h.beta2, v), fmul(h.omb2, fmul(g, g)));
-    const float denom = fadd(fdiv(fsqrt(v), h.bc2_sqrt), h.eps);
+    const float denom = fadd(fmul(fsqrt(v), h.inv_bc2_sqrt), h.eps);
     p = fadd(p, fmul(-h.step_size, fdiv(m, denom)));
   } else if constexpr (K == kLion) {
     p = fmul(p, h.decay);
@@ -104,33 +111,68 @@ FO_HD void update(float& p, float g, float& m, float& v, const Hyper& h) {
   }
 }
 
-// Code of x (a state scaled by its block's absmax, in [-1, 1]): the number of midpoints
-// strictly below x (ties to the lower code), by an 8-step branchless binary search over
-// the 255 sorted midpoints. Signed map: a negative x that lands on 0 takes the smallest
-// negative code (bnb's sign rule).
-template <bool kSigned>
-FO_HD int quantize(float x, const float* mids) {
-  int pos = 0;
-#pragma unroll
-  for (int s = 128; s >= 1; s >>= 1) pos += (mids[pos + s - 1] < x) ? s : 0;
-  if constexpr (kSigned) {
-    if (x < 0.f && pos == kSignedZero) pos = kSignedZero - 1;
-  }
-  return pos;
+FO_HD uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
 }
 
-// The same code by descending the midpoints in Eytzinger order (node k's children at 2k+1
-// and 2k+2): the leaf reached is 255 + (number of midpoints < x).
-template <bool kSigned>
-FO_HD int quantize_eytzinger(float x, const float* eytz) {
-  int k = 0;
-#pragma unroll
-  for (int l = 0; l < 8; ++l) k = 2 * k + 1 + (eytz[k] < x ? 1 : 0);
-  int pos = k - 255;
-  if constexpr (kSigned) {
-    if (x < 0.f && pos == kSignedZero) pos = kSignedZero - 1;
-  }
-  return pos;
+// Code of x (a state scaled by its block's absmax): the number of midpoints strictly below
+// x (ties to the lower code), and for the signed map bnb's sign rule (a negative x never
+// takes the code of 0). One table lookup and one integer comparison: the bucket of |x|
+// (key = bits >> 16, clamped to [kBucketBase, kBucketBase + kBuckets - 1]) holds at most
+// one midpoint; its entry is (base << 23) | thr with base = the number of midpoints below
+// the bucket and thr = that midpoint's mantissa (complemented in the half for x < 0, which
+// also carries the sign rule; 0x7FFFFF when none). Exact for every float x (see
+// fusedops.ops.optim8bit.bucket_table; -0.0 counts as >= 0).
+FO_HD int quantize(float x, const uint32_t* table) {
+  const uint32_t a = float_bits(x) & 0x7FFFFFFFu;
+  const bool neg = x < 0.f;
+  int k = static_cast<int>(a >> kBucketShift) - kBucketBase;
+  k = k < 0 ? 0 : (k > kBuckets - 1 ? kBuckets - 1 : k);
+  const uint32_t e = table[neg ? k + kBuckets : k];
+  const uint32_t mant = (a & 0x7FFFFFu) ^ (neg ? 0x7FFFFFu : 0u);
+  return static_cast<int>(e >> 23) + (mant > (e & 0x7FFFFFu) ? 1 : 0);
+}
+
+FO_HD float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// Stochastic rounding of bf16 params: 16 random bits per element from a counter-based hash
+// (murmur3's finaliser) of the step's key, the tensor's position in the step's lists and
+// the element's index, the same on every backend (fusedops.reference.sr_bits).
+FO_HD uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+FO_HD uint32_t sr_tensor_key(uint32_t key, int64_t index) {
+  return fmix32(key ^ (static_cast<uint32_t>(index) * 0x632BE5ABu));
+}
+FO_HD uint32_t sr_bits(uint32_t tensor_key, int64_t element) {
+  return fmix32(tensor_key + static_cast<uint32_t>(element) * 0x9E3779B9u);
+}
+// x rounded to a bf16 value (returned as the fp32 of it): up with probability (distance to
+// the lower neighbour) / (gap), by adding 16 random bits below bf16's last bit and
+// truncating. Inf and NaN are returned as they are.
+FO_HD float round_bf16_stochastic(float x, uint32_t rnd) {
+  const uint32_t b = float_bits(x);
+  if ((b & 0x7F800000u) == 0x7F800000u) return x;
+  return bits_float((b + (rnd & 0xFFFFu)) & 0xFFFF0000u);
 }
 
 // x / absmax, with an all-zero block (absmax 0) giving 0.

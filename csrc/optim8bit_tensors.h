@@ -19,6 +19,7 @@ struct StepTensor {
   float* a2;
   int64_t n;
   int64_t flags;  // kState1F32 | kState2F32
+  int64_t index;  // position in the step's lists (stochastic rounding's key)
 };
 
 inline int64_t blocks_of(int64_t n) { return (n + kQBlock - 1) / kQBlock; }
@@ -84,17 +85,37 @@ inline std::vector<StepTensor> collect(const std::vector<Tensor>& params, const 
     out.push_back({p.data_ptr(), g.data_ptr(), state1[i].data_ptr(),
                    absmax1[i].numel() ? absmax1[i].mutable_data_ptr<float>() : nullptr,
                    two ? state2[i].data_ptr() : nullptr,
-                   two && absmax2[i].numel() ? absmax2[i].mutable_data_ptr<float>() : nullptr, p.numel(), flags});
+                   two && absmax2[i].numel() ? absmax2[i].mutable_data_ptr<float>() : nullptr, p.numel(), flags,
+                   static_cast<int64_t>(i)});
   }
   return out;
 }
 
+// Checks of optim8bit_codes_ (the quantizer test hook); returns the number of elements.
+inline int64_t check_codes(const Tensor& x, const Tensor& out, const Tensor& qmaps) {
+  STD_TORCH_CHECK(x.scalar_type() == ScalarType::Float && x.is_contiguous(),
+                  "fusedops_C::optim8bit_codes_: x must be a contiguous float32 tensor");
+  STD_TORCH_CHECK(out.scalar_type() == ScalarType::Byte && out.is_contiguous() && out.numel() == x.numel(),
+                  "fusedops_C::optim8bit_codes_: out must be a contiguous uint8 tensor with the size of x");
+  STD_TORCH_CHECK(qmaps.scalar_type() == ScalarType::Float && qmaps.is_contiguous() && qmaps.numel() == kQmapsNumel,
+                  "fusedops_C::optim8bit_codes_: qmaps must be a contiguous float32 tensor of ", kQmapsNumel,
+                  " elements");
+  STD_TORCH_CHECK(x.is_cuda() == out.is_cuda() && x.is_cuda() == qmaps.is_cuda() &&
+                      x.get_device_index() == out.get_device_index() &&
+                      x.get_device_index() == qmaps.get_device_index(),
+                  "fusedops_C::optim8bit_codes_: x, out and qmaps must be on one device");
+  return x.numel();
+}
+
+// sr_key: the stochastic-rounding key of the step (0 .. 2^32 - 1), or -1 for round to nearest.
 inline Hyper make_hyper(double lr, double beta1, double omb1, double beta2, double omb2, double eps, double wd,
-                        double decay, double step_size, double bc2_sqrt, bool first, bool nesterov) {
+                        double decay, double step_size, double inv_bc2_sqrt, bool first, bool nesterov, int64_t sr_key) {
+  STD_TORCH_CHECK(sr_key >= -1 && sr_key < (int64_t{1} << 32),
+                  "fusedops_C::optim8bit_step_: sr_key must be -1 or in [0, 2^32)");
   return {static_cast<float>(lr),    static_cast<float>(beta1), static_cast<float>(omb1),
           static_cast<float>(beta2), static_cast<float>(omb2),  static_cast<float>(eps),
           static_cast<float>(wd),    static_cast<float>(decay), static_cast<float>(step_size),
-          static_cast<float>(bc2_sqrt), first, nesterov};
+          static_cast<float>(inv_bc2_sqrt), first, nesterov, sr_key >= 0, static_cast<uint32_t>(sr_key < 0 ? 0 : sr_key)};
 }
 
 }  // namespace optim8bit

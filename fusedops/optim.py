@@ -12,7 +12,10 @@ and CUDA (Triton or CUDA C++) alike; nothing in step() synchronises with the hos
   `optim_bits=32`, keep fp32 states; they run in the same launch (the kernel reads a
   per-tensor flag). The state's dtype is the truth after initialisation: uint8 = 8-bit.
 - Params fp32 / fp16 / bf16; math in fp32, the param rounded once to its dtype (round
-  to nearest even; no stochastic rounding). A grad of another dtype is cast to the
+  to nearest even; with `stochastic_rounding=True`, bf16 params are rounded
+  stochastically — unbiased, deterministic: random bits from a hash of (`sr_seed`, the
+  group's position, step, the param's position, element index), the same on every
+  backend; no effect on fp32 / fp16 params). A grad of another dtype is cast to the
   param's. Params without a grad are skipped (their step count does not advance).
 - NaN/Inf in a gradient element: that element's states are reset to 0 and the param
   element is left as it was; other elements and the block's absmax are unaffected.
@@ -38,12 +41,16 @@ class _Optimizer8bit(torch.optim.Optimizer):
     KIND = ""
     STATES = 1
 
-    def __init__(self, params, defaults: dict, min_8bit_size: int, optim_bits: int):
+    def __init__(self, params, defaults: dict, min_8bit_size: int, optim_bits: int, stochastic_rounding: bool = False,
+                 sr_seed: int = 0):
+        if not 0 <= sr_seed < 2 ** 32:
+            raise ValueError(f"{type(self).__name__}: sr_seed must be in [0, 2^32), got {sr_seed}")
         if optim_bits not in (8, 32):
             raise ValueError(f"{type(self).__name__}: optim_bits must be 8 or 32, got {optim_bits}")
         if min_8bit_size < 0:
             raise ValueError(f"{type(self).__name__}: min_8bit_size must be >= 0, got {min_8bit_size}")
-        defaults = dict(defaults, min_8bit_size=int(min_8bit_size), optim_bits=int(optim_bits))
+        defaults = dict(defaults, min_8bit_size=int(min_8bit_size), optim_bits=int(optim_bits),
+                        stochastic_rounding=bool(stochastic_rounding), sr_seed=int(sr_seed))
         self._force32: set = set()
         super().__init__(params, defaults)
 
@@ -103,7 +110,7 @@ class _Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             buckets: dict = {}
             copies = []
             for p in group["params"]:
@@ -129,16 +136,19 @@ class _Optimizer8bit(torch.optim.Optimizer):
                     lists[2 * k].append(state[f"state{k}"])
                     lists[2 * k + 1].append(state[f"absmax{k}"])
             for (_, _, step), lists in buckets.items():
-                self._launch(group, lists, step)
+                self._launch(group, lists, step, gi)
             for p, work in copies:
                 p.copy_(work)
         return loss
 
-    def _launch(self, group, lists, step):
+    def _launch(self, group, lists, step, gi=0):
         h = self._hyper(group)
+        sr_seed = -1
+        if group.get("stochastic_rounding", False):
+            sr_seed = (group.get("sr_seed", 0) + 0x9E3779B9 * gi) % 2 ** 32
         optimizer_step_8bit_(*lists, kind=self.KIND, lr=group["lr"], beta1=h["beta1"], beta2=h["beta2"],
                              eps=h.get("eps", 0.0), weight_decay=group["weight_decay"], step=step,
-                             first=step == 1, nesterov=h.get("nesterov", False))
+                             first=step == 1, nesterov=h.get("nesterov", False), sr_seed=sr_seed)
 
 
 def _check_common(name, lr, weight_decay):
@@ -169,7 +179,7 @@ class AdamW8bit(_Optimizer8bit):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 min_8bit_size=4096, optim_bits=8):
+                 min_8bit_size=4096, optim_bits=8, stochastic_rounding=False, sr_seed=0):
         name = type(self).__name__
         _check_common(name, lr, weight_decay)
         _check_betas(name, betas)
@@ -177,7 +187,7 @@ class AdamW8bit(_Optimizer8bit):
             raise ValueError(f"{name}: invalid eps {eps}")
         _unsupported(name, amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         min_8bit_size, optim_bits)
+                         min_8bit_size, optim_bits, stochastic_rounding, sr_seed)
 
     def _hyper(self, group):
         return dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
@@ -196,12 +206,13 @@ class Lion8bit(_Optimizer8bit):
     p -= lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g."""
     KIND, STATES = "lion", 1
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, min_8bit_size=4096, optim_bits=8):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, min_8bit_size=4096, optim_bits=8,
+                 stochastic_rounding=False, sr_seed=0):
         name = type(self).__name__
         _check_common(name, lr, weight_decay)
         _check_betas(name, betas)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay), min_8bit_size,
-                         optim_bits)
+                         optim_bits, stochastic_rounding, sr_seed)
 
     def _hyper(self, group):
         return dict(beta1=group["betas"][0], beta2=group["betas"][1])
@@ -214,7 +225,8 @@ class SGD8bit(_Optimizer8bit):
     KIND, STATES = "sgd", 1
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, min_8bit_size=4096, optim_bits=8):
+                 maximize=False, foreach=None, differentiable=False, fused=None, min_8bit_size=4096, optim_bits=8,
+                 stochastic_rounding=False, sr_seed=0):
         name = type(self).__name__
         _check_common(name, lr, weight_decay)
         if momentum < 0.0:
@@ -223,7 +235,7 @@ class SGD8bit(_Optimizer8bit):
             raise ValueError(f"{name}: nesterov momentum requires a momentum and zero dampening")
         _unsupported(name, maximize=maximize, differentiable=differentiable)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov), min_8bit_size, optim_bits)
+                                      nesterov=nesterov), min_8bit_size, optim_bits, stochastic_rounding, sr_seed)
 
     def _init_state(self, p, group, state):
         if group["momentum"] == 0:
@@ -234,11 +246,11 @@ class SGD8bit(_Optimizer8bit):
     def _hyper(self, group):
         return dict(beta1=group["momentum"], beta2=group["dampening"], nesterov=group["nesterov"])
 
-    def _launch(self, group, lists, step):
+    def _launch(self, group, lists, step, gi=0):
         if group["momentum"] == 0:
             params, grads = lists[0], lists[1]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             torch._foreach_add_(params, grads, alpha=-group["lr"])
             return
-        super()._launch(group, lists, step)
+        super()._launch(group, lists, step, gi)

@@ -230,16 +230,56 @@ def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 
 OPTIM_KINDS = ("adamw", "adam", "lion", "sgd")
 
+# ---- stochastic rounding of bf16 parameters (every backend: csrc/optim8bit.h) -------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """x * c mod 2^32 for x in [0, 2^32) (int or int64 tensor) without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x):
+    """murmur3's 32-bit finaliser on ints or int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: int) -> int:
+    """The stochastic-rounding key of one step (a uint32): every backend hashes it with
+    the tensor's position in the step's lists and the element's index."""
+    return _fmix32((int(seed) + _mul32(int(step) & _M32, 0x9E3779B9)) & _M32)
+
+
+def round_bf16_stochastic(x: torch.Tensor, key: int, index: int) -> torch.Tensor:
+    """fp32 x rounded stochastically to bf16 values (returned as fp32): 16 random bits
+    r = fmix32(tensor_key + element * 0x9E3779B9), tensor_key = fmix32(key ^ index *
+    0x632BE5AB), added below bf16's last bit before truncating, so that x rounds up with
+    probability (x - lower) / (upper - lower): unbiased. Inf and NaN stay."""
+    tk = _fmix32(key ^ _mul32(index & _M32, 0x632BE5AB))
+    flat = x.reshape(-1).contiguous()
+    e = torch.arange(flat.numel(), dtype=torch.int64, device=x.device) & _M32
+    r = _fmix32((tk + _mul32(e, 0x9E3779B9)) & _M32)
+    b = flat.view(torch.int32).long() & _M32
+    out = (b + (r & 0xFFFF)) & 0xFFFF0000
+    out = torch.where((b & 0x7F800000) == 0x7F800000, b, out)
+    out = torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
+    return out.view(torch.float32).view(x.shape)
+
+
 
 def optimizer_hyper(kind: str, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     step: int) -> dict:
     """The scalars every backend of the 8-bit step receives, computed here once in fp64 and
     rounded to fp32 by the kernels (as torch rounds its Python-scalar arguments)."""
     h = dict(lr=lr, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-             eps=eps, weight_decay=weight_decay, decay=1.0 - lr * weight_decay, step_size=lr, bc2_sqrt=1.0)
+             eps=eps, weight_decay=weight_decay, decay=1.0 - lr * weight_decay, step_size=lr, inv_bc2_sqrt=1.0)
     if kind in ("adamw", "adam"):
         h["step_size"] = lr / (1.0 - beta1 ** step)
-        h["bc2_sqrt"] = math.sqrt(1.0 - beta2 ** step)
+        h["inv_bc2_sqrt"] = 1.0 / math.sqrt(1.0 - beta2 ** step)
     return h
 
 
@@ -249,7 +289,7 @@ def optimizer_update_fp32(kind: str, p, g, m, v, h: dict, *, first: bool = False
     optimizer_hyper (for SGD: beta1 = momentum, beta2 = dampening).
 
     - adamw: p *= 1 - lr*wd; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2;
-             p += -(lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)   (torch AdamW)
+             p += -(lr / (1-b1^t)) * m / (sqrt(v) * (1/sqrt(1-b2^t)) + eps)  (torch AdamW)
     - adam:  g += wd*p, then the same without the decay factor              (torch Adam, L2)
     - lion:  p *= 1 - lr*wd; p += -lr * sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g
     - sgd:   g += wd*p; m = g on the first step, else momentum*m + (1-dampening)*g;
@@ -270,9 +310,10 @@ def optimizer_update_fp32(kind: str, p, g, m, v, h: dict, *, first: bool = False
         m = f("beta1") * m + f("one_minus_beta1") * g0
         v = f("beta2") * v + f("one_minus_beta2") * (g0 * g0)
         # The kernels' sqrt and division are IEEE (correctly rounded); torch's CPU fp32 sqrt
-        # is not always, and it divides by a scalar as a multiply by the reciprocal: so the
-        # sqrt is taken in fp64 (then exactly rounded) and the divisor is a full tensor.
-        denom = torch.sqrt(v.double()).float() / torch.full_like(v, h["bc2_sqrt"]) + f("eps")
+        # is not always: so the sqrt is taken in fp64 (then exactly rounded). The second
+        # bias correction multiplies by its reciprocal (rounded once to fp32 from fp64):
+        # one division per element less in the kernels; within an ulp of torch's division.
+        denom = torch.sqrt(v.double()).float() * f("inv_bc2_sqrt") + f("eps")
         p = p + (-f("step_size")) * (m / denom)
     elif kind == "lion":
         p = p * f("decay")
@@ -295,13 +336,15 @@ def optimizer_update_fp32(kind: str, p, g, m, v, h: dict, *, first: bool = False
 
 def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: str, lr: float, beta1: float,
                          beta2: float, eps: float, weight_decay: float, step: int, first: bool = False,
-                         nesterov: bool = False) -> None:
+                         nesterov: bool = False, sr_seed: int = -1) -> None:
     """The eager spec of fusedops.optimizer_step_8bit_: for each parameter, dequantize its
     states -> fp32 update (optimizer_update_fp32) -> requantize, in place. A state whose
     absmax tensor is empty is a plain fp32 state (32-bit states: small tensors, overrides).
     The first moment uses the signed dynamic map, the second the unsigned one; the new
     absmax is the block max of |state| after the update, before quantization; the
-    parameter update uses the unquantized new states; p is rounded once to its dtype."""
+    parameter update uses the unquantized new states; p is rounded once to its dtype (bf16
+    params with sr_seed >= 0: stochastically, round_bf16_stochastic with sr_key(sr_seed,
+    step) and the param's position in the lists)."""
     h = optimizer_hyper(kind, lr, beta1, beta2, eps, weight_decay, step)
     smap, umap = dynamic_map(True), dynamic_map(False)
     two = kind in ("adamw", "adam")
@@ -317,6 +360,8 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
         pn, mn, vn = optimizer_update_fp32(kind, p.float(), g.float(), m.view(p.shape),
                                            v.view(p.shape) if v is not None else None, h,
                                            first=first, nesterov=nesterov)
+        if sr_seed >= 0 and p.dtype == torch.bfloat16:
+            pn = round_bf16_stochastic(pn, sr_key(sr_seed, step), i)
         p.copy_(pn)
         if q1:
             a = blockwise_absmax(mn)

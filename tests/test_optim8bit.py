@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,81 @@ def test_opcheck_quantize_ops():
     torch.library.opcheck(torch.ops.fusedops.blockwise_dequantize.default, (c, a, code))
 
 
+def _brute_force_codes(x: torch.Tensor, code: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The definition, by brute force over every midpoint (numpy, in chunks): the number of
+    fp32 midpoints strictly below x, and for the signed map a negative x never takes the
+    code of 0 (it takes the last negative code)."""
+    mids = R.code_midpoints(code).numpy()
+    xs = x.numpy()
+    out = np.empty(xs.shape, dtype=np.int64)
+    for i in range(0, xs.size, 1 << 16):
+        out[i:i + (1 << 16)] = (mids[None, :] < xs[i:i + (1 << 16), None]).sum(axis=1)
+    if signed:
+        zero = int((code < 0).sum())
+        out = np.where((xs < 0) & (out >= zero), zero - 1, out)
+    return torch.from_numpy(out)
+
+
+def _quantizer_points(code: torch.Tensor, n_random: int) -> torch.Tensor:
+    """Every midpoint and its fp32 neighbours, every bucket edge of the kernels' tables and
+    its neighbours (both signs), 0, +-1, values outside [-1, 1], and random floats in
+    [-1, 1] (uniform, and log-uniform in magnitude down to 1e-10)."""
+    mids = R.code_midpoints(code).numpy()
+    keys = np.arange(O.BUCKETS + 1, dtype=np.int64) + O.BUCKET_BASE
+    edges = (keys << O.BUCKET_SHIFT).astype(np.uint32).view(np.float32)
+    pts = []
+    for v in (mids, edges):
+        for w in (v, np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))):
+            pts += [w, -w]
+    pts.append(np.array([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38, 1e-30, -1e-30, 1e-45, -1e-45,
+                         np.inf, -np.inf], dtype=np.float32))
+    gen = np.random.default_rng(5)
+    pts.append(gen.uniform(-1, 1, n_random).astype(np.float32))
+    pts.append((np.sign(gen.uniform(-1, 1, n_random)) * 10.0 ** gen.uniform(-10, 0, n_random)).astype(np.float32))
+    return torch.from_numpy(np.concatenate(pts).astype(np.float32))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("backend", ["table", "cpp", "triton"])
+def test_kernel_quantizer_is_exact(backend, signed):
+    """The bucket-table quantizer of the step kernels gives exactly the brute-force codes."""
+    if backend != "table":
+        require("cpu", backend)
+    code = O.signed_map() if signed else O.unsigned_map()
+    x = _quantizer_points(code, 10 ** 6 if backend != "triton" else 2 * 10 ** 5)
+    want = _brute_force_codes(x, code, signed)
+    got = O.kernel_codes(x, signed, backend).long()
+    bad = got != want
+    assert not bad.any(), f"{int(bad.sum())} codes differ, e.g. x={x[bad][:4].tolist()}: {got[bad][:4].tolist()} " \
+                          f"!= {want[bad][:4].tolist()}"
+    # the tables are the map's: the reference search gives the same codes (finite x)
+    fin = torch.isfinite(x)
+    assert torch.equal(R._nearest_code(x[fin], code), want[fin])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_kernel_quantizer_is_exact_gpu(backend, signed):
+    require("cuda", backend)
+    code = O.signed_map() if signed else O.unsigned_map()
+    x = _quantizer_points(code, 10 ** 6)
+    want = _brute_force_codes(x, code, signed)
+    got = O.kernel_codes(x.cuda(), signed, backend).cpu().long()
+    assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+
+
+def test_qmaps_layout():
+    q = O.qmaps("cpu")
+    assert q.dtype == torch.float32 and q.numel() == O.QMAPS_NUMEL and q.is_contiguous()
+    assert torch.equal(q[:256], O.signed_map()) and torch.equal(q[512:768], O.unsigned_map())
+    assert torch.equal(q[256:511], R.code_midpoints(O.signed_map()))
+    for off, signed in ((O.SIGNED_TABLE, True), (O.UNSIGNED_TABLE, False)):
+        tab = q[off:off + 2 * O.BUCKETS].view(torch.int32)
+        assert torch.equal(tab, O.bucket_table(O.signed_map() if signed else O.unsigned_map(), signed))
+        assert int((tab >> 23).max()) <= 255 and int((tab >> 23).min()) >= 0
+
+
 # ---- the step op: backends against the eager spec -----------------------------------------
 
 def _states(ps, kind, q32=()):
@@ -203,6 +279,101 @@ def test_step_matches_reference(dev_backend, kind, dtype):
         assert torch.equal(ours[0][i].view(-1)[idx], ps[i].view(-1)[idx])
         for a in ours[3] + ours[5]:
             assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("kind", O.KINDS)
+def test_stochastic_rounding_matches_reference(dev_backend, kind):
+    """bf16 params with sr_seed: every backend gives the reference's bits on CPU (GPU: up to
+    rare one-ulp fp32 differences before the rounding, as above); fp32 params ignore sr_seed."""
+    device, backend = dev_backend
+    sizes = [(4097,), (0,), (33, 70), (65537,)]
+    torch.manual_seed(11)
+    ps = [(torch.randn(s, device=device) * 0.1).to(torch.bfloat16) for s in sizes]
+    gs = [(torch.randn(s, device=device) * 0.01).to(torch.bfloat16) for s in sizes]
+    lists = [ps, gs, *_states(ps, kind, q32={2})]
+    args = (kind, 1e-3, 0.9, 0.1 if kind == "sgd" else 0.99, 1e-8, 0.05, 5)
+    ours = [[t.clone() for t in lst] for lst in lists]
+    ref = [[t.clone() for t in lst] for lst in lists]
+    rne = [[t.clone() for t in lst] for lst in lists]
+    fusedops.optimizer_step_8bit_(*ours, *args, sr_seed=2 ** 32 - 3)
+    fusedops.optimizer_step_8bit_(*rne, *args)
+    with fusedops.use_backend("reference"):
+        fusedops.optimizer_step_8bit_(*ref, *args, sr_seed=2 ** 32 - 3)
+    for i, (a, b, c) in enumerate(zip(ours[0], ref[0], rne[0])):
+        if device == "cpu":
+            assert torch.equal(a, b), f"params[{i}] differs from the reference"
+        elif a.numel():  # GPU: the reference's torch ops (and Triton's fma contraction) may move
+            # an fp32 value by an ulp before the rounding (the CUDA kernel is checked bitwise
+            # against the CPU kernel in test_gpu_cuda_step_is_bitwise_the_cpu_step)
+            assert (a != b).float().mean() < 1e-3, f"params[{i}]"
+        if a.numel() > 1000:  # stochastic rounding differs from round-to-nearest somewhere
+            assert not torch.equal(a, c)
+            assert ((a.float() - c.float()).abs() <= (c.float().abs() * 2 ** -7)).all()  # one bf16 step at most
+    for li in (2, 3):  # the states do not depend on the rounding of p
+        for a, b in zip(ours[li], rne[li]):
+            assert torch.equal(a, b)
+    # fp32 params: no effect
+    p32 = [torch.randn(5000, device=device)]
+    g32 = [torch.randn(5000, device=device) * 0.01]
+    a = [[t.clone() for t in lst] for lst in (p32, g32, *_states(p32, kind))]
+    b = [[t.clone() for t in lst] for lst in a]
+    fusedops.optimizer_step_8bit_(*a, *args, sr_seed=7)
+    fusedops.optimizer_step_8bit_(*b, *args)
+    assert torch.equal(a[0][0], b[0][0])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_stochastic_rounding_is_unbiased(dev_backend, sign):
+    """x = 1 + (77/256) ulp between two bf16 neighbours (an exact fp32 SGD step from 1.0):
+    over 2^18 elements the mean of the rounded values is x within 6 standard deviations
+    (truncation or round-to-nearest miss it by > 100), both neighbours occur, and another
+    step gives another pattern."""
+    device, backend = dev_backend
+    n = 1 << 18 if not (device == "cpu" and backend == "triton") else 1 << 15
+    delta = 77 * 2.0 ** -15  # 77/256 of bf16's ulp at 1.0 (2^-7)
+    x = sign * (1.0 + delta)
+    outs = []
+    for step in (1, 2):
+        p = torch.full((n,), sign, dtype=torch.bfloat16, device=device)
+        g = torch.full((n,), -sign * delta, dtype=torch.bfloat16, device=device)
+        fusedops.optimizer_step_8bit_([p], [g], [torch.zeros(n, device=device)], [torch.zeros(0, device=device)],
+                                      [], [], "sgd", 1.0, 0.0, 0.0, 0.0, 0.0, step, first=True, sr_seed=99)
+        vals = p.double().cpu()
+        assert set(vals.unique().tolist()) == {sign * 1.0, sign * (1.0 + 2 ** -7)}
+        q = 77 / 256
+        sd = 2 ** -7 * math.sqrt(q * (1 - q) / n)
+        assert abs(vals.mean().item() - x) < 6 * sd, f"mean {vals.mean().item()!r} vs {x!r} (sd {sd:.1e})"
+        outs.append(vals)
+    assert not torch.equal(outs[0], outs[1])
+    # off: round to nearest (1.0)
+    p = torch.full((n,), sign, dtype=torch.bfloat16, device=device)
+    g = torch.full((n,), -sign * delta, dtype=torch.bfloat16, device=device)
+    fusedops.optimizer_step_8bit_([p], [g], [torch.zeros(n, device=device)], [torch.zeros(0, device=device)],
+                                  [], [], "sgd", 1.0, 0.0, 0.0, 0.0, 0.0, 1, first=True)
+    assert (p.double() == sign).all()
+
+
+def test_optimizer_stochastic_rounding_flag():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8192).to(torch.bfloat16))
+    q, r = torch.nn.Parameter(p.detach().clone()), torch.nn.Parameter(p.detach().clone())
+    o1 = AdamW8bit([p], stochastic_rounding=True)
+    o2, o3 = AdamW8bit([q]), AdamW8bit([r], stochastic_rounding=True)
+    assert o1.defaults["stochastic_rounding"] and not o2.defaults["stochastic_rounding"]
+    for _ in range(3):
+        g = torch.randn(8192).to(torch.bfloat16)
+        p.grad, q.grad, r.grad = g.clone(), g.clone(), g.clone()
+        o1.step(), o2.step(), o3.step()
+    assert torch.equal(p, r) and not torch.equal(p, q)  # deterministic; differs from round-to-nearest
+    assert o1.state_dict()["param_groups"][0]["stochastic_rounding"] is True
+    with pytest.raises(ValueError, match="sr_seed"):
+        AdamW8bit([p], sr_seed=-1)
+    f = torch.nn.Parameter(torch.randn(8192))  # fp32 params: no effect
+    f2 = torch.nn.Parameter(f.detach().clone())
+    a, b = Lion8bit([f], stochastic_rounding=True), Lion8bit([f2])
+    f.grad, f2.grad = torch.ones_like(f), torch.ones_like(f2)
+    a.step(), b.step()
+    assert torch.equal(f, f2)
 
 
 def test_opcheck_step():
@@ -524,6 +695,34 @@ def test_gpu_step_is_one_launch_and_no_sync(backend):
         graph.replay()
         torch.cuda.synchronize()
         assert not all(torch.equal(a, b) for a, b in zip(before, ps))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", O.KINDS)
+def test_gpu_cuda_step_is_bitwise_the_cpu_step(kind, dtype):
+    """The CUDA C++ kernel (every op separately rounded, the normalising division by a
+    hoisted reciprocal with a range-checked fast path) gives the C++ CPU kernel's bits,
+    also for blocks whose values span many binades (the division's slow path)."""
+    require("cuda", "cuda")
+    torch.manual_seed(7)
+    sizes = [(4095,), (4097,), (65537,), (300, 1000)]
+    ps = [(torch.randn(s) * 0.1).to(dtype) for s in sizes]
+    gs = [(torch.randn(s) * torch.logspace(-30, 2, s[-1])[torch.randperm(s[-1])]).to(dtype) for s in sizes]
+    gs[0].view(-1)[5] = float("nan")
+    lists = [ps, gs, *_states(ps, kind, q32={1})]
+    beta2 = 0.1 if kind == "sgd" else 0.999
+    args = (kind, 1e-3, 0.9, beta2, 1e-8, 0.05, 3)
+    cpu = [[t.clone() for t in lst] for lst in lists]
+    gpu = [[t.cuda() for t in lst] for lst in lists]
+    sr = 1234 if dtype == torch.bfloat16 else -1  # bf16: with stochastic rounding
+    with fusedops.use_backend("cpp"):
+        fusedops.optimizer_step_8bit_(*cpu, *args, sr_seed=sr)
+    with fusedops.use_backend("cuda"):
+        fusedops.optimizer_step_8bit_(*gpu, *args, sr_seed=sr)
+    for li, name in enumerate(["params", "grads", "state1", "absmax1", "state2", "absmax2"]):
+        for i, (a, b) in enumerate(zip(cpu[li], gpu[li])):
+            assert torch.equal(a.nan_to_num(), b.cpu().nan_to_num()), f"{name}[{i}] differs from the CPU kernel"
 
 
 @pytest.mark.gpu

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, TL_DTYPE
+from ._multi_tensor import find_tensor, search_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +58,7 @@ def foreach_add_kernel(table_ptr, count, alpha, X_DTYPE: tl.constexpr, Y_DTYPE: 
     # compile to 16-byte accesses; the last block of a tensor is masked.
     pid = tl.program_id(0).to(tl.int64)
     stride = count + 1
-    lo = 0
-    hi = count - 1
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        take = tl.load(table_ptr + 3 * stride + mid) <= pid
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
+    lo = find_tensor(table_ptr + 3 * stride, pid, count, SEARCH_STEPS)
     x_ptr = tl.load(table_ptr + lo).to(tl.pointer_type(X_DTYPE))
     y_ptr = tl.load(table_ptr + stride + lo).to(tl.pointer_type(Y_DTYPE))
     if ALIGNED:
@@ -111,5 +106,5 @@ def foreach_add_(table: torch.Tensor, blocks: int, aligned: bool, x_dtype: torch
     count = table.shape[1] - 1
     foreach_add_kernel[(blocks,)](
         table, count, alpha, X_DTYPE=TL_DTYPE[x_dtype], Y_DTYPE=TL_DTYPE[y_dtype],
-        BLOCK=foreach_block(x_dtype), SEARCH_STEPS=max(1, (count - 1).bit_length()), ALIGNED=aligned,
+        BLOCK=foreach_block(x_dtype), SEARCH_STEPS=search_steps(count), ALIGNED=aligned,
         num_warps=CONFIG.num_warps)

@@ -1,10 +1,11 @@
 """8-bit optimizer step (AdamW / Adam / Lion / SGD) over many tensors in one launch.
 
-Each program handles BLOCKS quantization blocks of 256 elements of one tensor: it finds
-its tensor by binary search over the table's program prefix sums, dequantizes the states
-(code[c] * absmax), runs the fp32 update of fusedops.reference.optimizer_update_fp32
-(same operation order; IEEE division and sqrt through div_rn / sqrt_rn), takes the new
-block absmax, and requantizes by an 8-step binary search over the map's midpoints.
+Each program handles BLOCKS * ITERS quantization blocks of 256 elements of one tensor: it
+finds its tensor by binary search over the table's program prefix sums, dequantizes the
+states (code[c] * absmax), runs the fp32 update of fusedops.reference.optimizer_update_fp32
+(same operation order; IEEE division and sqrt through div_rn / sqrt_rn), optionally rounds
+bf16 params stochastically, takes the new block absmax, and requantizes with one lookup in
+the map's bucket table (fusedops.ops.optim8bit.bucket_table) per element.
 Memory per element (fp32 params, AdamW): p read+write 8 B, g 4 B, two codes read+write
 4 B: 16 B; absmax traffic is 16 B per 256 elements.
 """
@@ -15,35 +16,68 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, TL_DTYPE
+from ._multi_tensor import find_tensor, search_steps
 
 QBLOCK = 256
 KIND_ID = {"adamw": 0, "adam": 1, "lion": 2, "sgd": 3}
-# Quantization blocks per program, and warps: 4 blocks (1024 elements) per program on GPU;
-# under the interpreter few, large programs (each program costs ~2 ms there).
-BLOCKS, NUM_WARPS = (16, 4) if INTERPRET else (4, 4)
+# A program handles ITERS tiles of BLOCKS quantization blocks of one tensor. On GPU a tile
+# is one block ([1, 256], 2 warps: 4 elements per thread, so that fp32 / bf16 / uint8
+# accesses share one layout: 16-byte fp32 loads, no layout conversions through shared
+# memory) and a program loops over 8 of them; under the interpreter one large tile (each
+# program instance costs ~2 ms there).
+BLOCKS, ITERS, NUM_WARPS = (16, 1, 4) if INTERPRET else (1, 8, 2)
+# Normalising division by a per-block reciprocal (see _normalise); the interpreter's fma is
+# not fused, so it divides.
+FAST_DIV = not INTERPRET
 
 
 def blocks_per_program() -> int:
-    return BLOCKS
+    return BLOCKS * ITERS
+
+
+# The quantizer's bucket tables (fusedops.ops.optim8bit.bucket_table; csrc/optim8bit.h quantize).
+BUCKET_BASE = (104 << 7) - 1
+BUCKETS = (127 << 7) - BUCKET_BASE + 1
+SIGNED_TABLE, UNSIGNED_TABLE = 1024, 1024 + 2 * BUCKETS
+_BASE, _NB = tl.constexpr(BUCKET_BASE), tl.constexpr(BUCKETS)
+_SIGNED_TABLE, _UNSIGNED_TABLE = tl.constexpr(SIGNED_TABLE), tl.constexpr(UNSIGNED_TABLE)
 
 
 @triton.jit
-def _quantize(x, mids_ptr, SIGNED: tl.constexpr):
-    # number of midpoints strictly below x (ties to the lower code); 8 steps over 255 mids
-    pos = tl.zeros(x.shape, dtype=tl.int32)
-    for k in tl.static_range(8):
-        s = 128 >> k
-        mid = tl.load(mids_ptr + pos + (s - 1))
-        pos = tl.where(mid < x, pos + s, pos)
-    if SIGNED:  # bnb's sign rule: a negative value does not round up to the code of 0
-        pos = tl.where((x < 0.0) & (pos == 127), 126, pos)
-    return pos
+def _quantize(x, table_ptr):
+    # number of midpoints strictly below x (ties to the lower code; the signed map's sign
+    # rule is in its table): one lookup in the bucket of |x| (bits >> 16) and one integer
+    # comparison with the mantissa of the bucket's midpoint
+    u = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    neg = x < 0.0
+    k = tl.minimum(tl.maximum((u >> 16) - _BASE, 0), _NB - 1)
+    e = tl.load(table_ptr + tl.where(neg, k + _NB, k))
+    mant = (u & 0x7FFFFF) ^ tl.where(neg, 0x7FFFFF, 0)
+    return (e >> 23) + tl.where(mant > (e & 0x7FFFFF), 1, 0)
 
 
 @triton.jit
-def _normalise(x, absmax):
+def _normalise(x, absmax, FAST_DIV: tl.constexpr):
+    # x / absmax, IEEE-rounded (an all-zero block gives 0). FAST_DIV: nvcc's division fast
+    # path with the reciprocal of the block computed once (y = 1 / absmax, q0 = x y,
+    # q = q0 + (x - absmax q0) y with exact fma remainders): correctly rounded while no
+    # intermediate leaves the normal range, which is checked conservatively (as in the
+    # CUDA kernel, csrc/cuda/optim8bit.cu BlockDiv); a tile with an element outside takes
+    # div_rn for those elements. x = -0 may give +0 (same code).
     safe = tl.where(absmax == 0.0, 1.0, absmax)
-    return tl.where(absmax == 0.0, 0.0, tl.math.div_rn(x, safe))
+    if FAST_DIV:
+        y = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
+        q0 = x * y
+        q = tl.fma(y, tl.fma(-q0, safe, x), q0)
+        inside = (safe >= 8.673617379884035e-19) & (safe <= 1.152921504606847e+18)
+        lo = tl.where(inside, tl.maximum(safe * 8.881784197001252e-16, 8.077935669463161e-28), float("inf"))
+        a = tl.abs(x)
+        fast = ((a >= lo) & (a <= safe * 1125899906842624.0)) | (x == 0.0)
+        if tl.min(fast.to(tl.int32)) == 0:
+            q = tl.where(fast, q, tl.math.div_rn(x, safe))
+    else:
+        q = tl.math.div_rn(x, safe)
+    return tl.where(absmax == 0.0, 0.0, q)
 
 
 @triton.jit
@@ -63,28 +97,80 @@ def _st(ptrs, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr,
-               lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+def _fmix32(x):
+    # murmur3's finaliser on uint32 (csrc/optim8bit.h fmix32; literals >= 2^31 are uint32)
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_bf16_stochastic(p, offs, tensor_key):
+    # csrc/optim8bit.h round_bf16_stochastic with sr_bits(tensor_key, element index)
+    rnd = _fmix32(tensor_key + offs.to(tl.uint32) * 0x9E3779B9)
+    b = p.to(tl.uint32, bitcast=True)
+    r = (b + (rnd & 0xFFFF)) & 0xFFFF0000
+    r = tl.where((b & 0x7F800000) == 0x7F800000, b, r)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bcast(v, BLOCKS: tl.constexpr):
+    # per-block values ([BLOCKS], a scalar when BLOCKS == 1) -> one per element of the tile
+    if BLOCKS == 1:
+        return v
+    else:
+        return tl.reshape(tl.broadcast_to(v[:, None], (BLOCKS, 256)), (BLOCKS * 256,))
+
+
+@triton.jit
+def _block_max(x, BLOCKS: tl.constexpr):
+    if BLOCKS == 1:
+        return tl.max(x, axis=0)
+    else:
+        return tl.max(tl.reshape(x, (BLOCKS, 256)), axis=1)
+
+
+@triton.jit
+def _ld_blocks(ptr, first, bmask, BLOCKS: tl.constexpr):
+    if BLOCKS == 1:  # the tile is inside the tensor
+        return tl.load(ptr + first)
+    else:
+        return tl.load(ptr + first + tl.arange(0, BLOCKS), mask=bmask, other=0.0)
+
+
+@triton.jit
+def _st_blocks(ptr, first, value, bmask, BLOCKS: tl.constexpr):
+    if BLOCKS == 1:
+        tl.store(ptr + first, value)
+    else:
+        tl.store(ptr + first + tl.arange(0, BLOCKS), value, mask=bmask)
+
+
+@triton.jit
+def _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr, qt_ptr,
+               lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
                KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-               ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
+               ROUND_BF16: tl.constexpr, MASKED: tl.constexpr, FAST_DIV: tl.constexpr, BLOCKS: tl.constexpr,
+               SR: tl.constexpr, sr_tensor_key):
     # MASKED=False: every element of the tile is in the tensor (no masks: the loads and
     # stores can be vectorised when the addresses are known to be aligned).
     g = _ld(g_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
     p = _ld(p_ptr + offs, mask, 0.0, MASKED).to(tl.float32)
     if (flags & 1) != 0:
-        m = _ld(s1_addr.to(tl.pointer_type(tl.float32)) + offs, mask, 0.0, MASKED)
+        m = _ld(s1f + offs, mask, 0.0, MASKED)
     else:
-        c1 = _ld(s1_addr.to(tl.pointer_type(tl.uint8)) + offs, mask, 127, MASKED).to(tl.int32)
-        am1 = _ld(a1_ptr + blk, bmask, 0.0, MASKED)
-        m = tl.load(qm_ptr + c1) * am1[:, None]
+        c1 = _ld(s1b + offs, mask, 127, MASKED).to(tl.int32)
+        m = tl.load(qm_ptr + c1) * _bcast(_ld_blocks(a1_ptr, first, bmask, BLOCKS), BLOCKS)
     v = m  # (Lion / SGD: unused)
     if KIND <= 1:
         if (flags & 2) != 0:
-            v = _ld(s2_addr.to(tl.pointer_type(tl.float32)) + offs, mask, 0.0, MASKED)
+            v = _ld(s2f + offs, mask, 0.0, MASKED)
         else:
-            c2 = _ld(s2_addr.to(tl.pointer_type(tl.uint8)) + offs, mask, 0, MASKED).to(tl.int32)
-            am2 = _ld(a2_ptr + blk, bmask, 0.0, MASKED)
-            v = tl.load(qm_ptr + 512 + c2) * am2[:, None]
+            c2 = _ld(s2b + offs, mask, 0, MASKED).to(tl.int32)
+            v = tl.load(qm_ptr + 512 + c2) * _bcast(_ld_blocks(a2_ptr, first, bmask, BLOCKS), BLOCKS)
 
     ok = (g == g) & (tl.abs(g) < float("inf"))
     g0 = tl.where(ok, g, 0.0)
@@ -96,7 +182,7 @@ def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs,
             g0 = g0 + wd * p
         mn = beta1 * m + omb1 * g0
         vn = beta2 * v + omb2 * (g0 * g0)
-        denom = tl.math.div_rn(tl.sqrt_rn(vn), bc2_sqrt) + eps
+        denom = tl.sqrt_rn(vn) * inv_bc2_sqrt + eps
         pn = pn + (-step_size) * tl.math.div_rn(mn, denom)
         v = tl.where(ok & mask, vn, 0.0)
     elif KIND == 2:
@@ -118,6 +204,8 @@ def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs,
         pn = pn + (-lr) * d
     m = tl.where(ok & mask, mn, 0.0)
     p = tl.where(ok, pn, p)
+    if SR:  # stochastic rounding to bf16 (the conversion below is then exact)
+        p = _round_bf16_stochastic(p, offs, sr_tensor_key)
     if ROUND_BF16:  # the interpreter truncates fp32 -> bf16: round to nearest even first
         bits = p.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -125,68 +213,69 @@ def _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs,
     _st(p_ptr + offs, p.to(P_DTYPE), mask, MASKED)
 
     if (flags & 1) != 0:
-        _st(s1_addr.to(tl.pointer_type(tl.float32)) + offs, m, mask, MASKED)
+        _st(s1f + offs, m, mask, MASKED)
     else:
-        new1 = tl.max(tl.abs(m), axis=1)
-        q1 = _quantize(_normalise(m, new1[:, None]), qm_ptr + 256, True)
-        _st(s1_addr.to(tl.pointer_type(tl.uint8)) + offs, q1.to(tl.uint8), mask, MASKED)
-        _st(a1_ptr + blk, new1, bmask, MASKED)
+        new1 = _block_max(tl.abs(m), BLOCKS)
+        q1 = _quantize(_normalise(m, _bcast(new1, BLOCKS), FAST_DIV), qt_ptr + _SIGNED_TABLE)
+        _st(s1b + offs, q1.to(tl.uint8), mask, MASKED)
+        _st_blocks(a1_ptr, first, new1, bmask, BLOCKS)
     if KIND <= 1:
         if (flags & 2) != 0:
-            _st(s2_addr.to(tl.pointer_type(tl.float32)) + offs, v, mask, MASKED)
+            _st(s2f + offs, v, mask, MASKED)
         else:
-            new2 = tl.max(v, axis=1)
-            q2 = _quantize(_normalise(v, new2[:, None]), qm_ptr + 768, False)
-            _st(s2_addr.to(tl.pointer_type(tl.uint8)) + offs, q2.to(tl.uint8), mask, MASKED)
-            _st(a2_ptr + blk, new2, bmask, MASKED)
+            new2 = _block_max(v, BLOCKS)
+            q2 = _quantize(_normalise(v, _bcast(new2, BLOCKS), FAST_DIV), qt_ptr + _UNSIGNED_TABLE)
+            _st(s2b + offs, q2.to(tl.uint8), mask, MASKED)
+            _st_blocks(a2_ptr, first, new2, bmask, BLOCKS)
 
 
 @triton.jit
-def optim8bit_kernel(table_ptr, count, qm_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
+def optim8bit_kernel(table_ptr, count, qm_ptr, qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
+                     sr_key,
                      KIND: tl.constexpr, P_DTYPE: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-                     BLOCKS: tl.constexpr, SEARCH_STEPS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                     ALIGNED: tl.constexpr):
-    # table (int64 [9, count + 1]): p, g, state1, absmax1, state2, absmax2 addresses, numel,
-    # flags (1: state1 is fp32, 2: state2 is fp32), first program of each tensor.
+                     BLOCKS: tl.constexpr, ITERS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                     ROUND_BF16: tl.constexpr, ALIGNED: tl.constexpr, FAST_DIV: tl.constexpr, SR: tl.constexpr):
+    # table (int64 [10, count + 1]): p, g, state1, absmax1, state2, absmax2 addresses, numel,
+    # flags (1: state1 is fp32, 2: state2 is fp32), first program of each tensor, its
+    # position in the step's lists. SR: stochastic rounding of bf16 params with sr_key.
     # ALIGNED: every address is 16-byte aligned (full tiles then use 16-byte accesses).
     pid = tl.program_id(0).to(tl.int64)
     stride = count + 1
-    lo = 0
-    hi = count - 1
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi + 1) // 2
-        take = tl.load(table_ptr + 8 * stride + mid) <= pid
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
-    t = lo
-    p_addr = tl.load(table_ptr + t)
-    g_addr = tl.load(table_ptr + stride + t)
+    t = find_tensor(table_ptr + 8 * stride, pid, count, SEARCH_STEPS)
+    p_ptr = tl.load(table_ptr + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(table_ptr + stride + t).to(tl.pointer_type(P_DTYPE))
     s1_addr = tl.load(table_ptr + 2 * stride + t)
     s2_addr = tl.load(table_ptr + 4 * stride + t)
-    if ALIGNED:
-        p_addr = tl.multiple_of(p_addr, 16)
-        g_addr = tl.multiple_of(g_addr, 16)
-        s1_addr = tl.multiple_of(s1_addr, 16)
-        s2_addr = tl.multiple_of(s2_addr, 16)
-    p_ptr = p_addr.to(tl.pointer_type(P_DTYPE))
-    g_ptr = g_addr.to(tl.pointer_type(P_DTYPE))
+    s1f, s1b = s1_addr.to(tl.pointer_type(tl.float32)), s1_addr.to(tl.pointer_type(tl.uint8))
+    s2f, s2b = s2_addr.to(tl.pointer_type(tl.float32)), s2_addr.to(tl.pointer_type(tl.uint8))
+    if ALIGNED:  # the alignment hint goes on the pointers (an int hint is lost in the cast)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        s1f, s1b = tl.multiple_of(s1f, 16), tl.multiple_of(s1b, 16)
+        s2f, s2b = tl.multiple_of(s2f, 16), tl.multiple_of(s2b, 16)
     a1_ptr = tl.load(table_ptr + 3 * stride + t).to(tl.pointer_type(tl.float32))
     a2_ptr = tl.load(table_ptr + 5 * stride + t).to(tl.pointer_type(tl.float32))
     n = tl.load(table_ptr + 6 * stride + t)
     flags = tl.load(table_ptr + 7 * stride + t)
-    first = (pid - tl.load(table_ptr + 8 * stride + t)) * BLOCKS
-    blk = first + tl.arange(0, BLOCKS)
-    offs = blk[:, None] * 256 + tl.arange(0, 256)[None, :]
-    mask = offs < n
-    bmask = blk * 256 < n
-    if (first + BLOCKS) * 256 <= n:
-        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr,
-                   lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
-                   KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False)
-    else:
-        _step_tile(p_ptr, g_ptr, s1_addr, a1_ptr, s2_addr, a2_ptr, flags, blk, offs, mask, bmask, qm_ptr,
-                   lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt,
-                   KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True)
+    base = (pid - tl.load(table_ptr + 8 * stride + t)) * (BLOCKS * ITERS)
+    sr_tensor_key = 0
+    if SR:
+        index = tl.load(table_ptr + 9 * stride + t)
+        sr_tensor_key = _fmix32(sr_key.to(tl.int64).to(tl.uint32) ^ ((index * 0x632BE5AB) & 0xFFFFFFFF).to(tl.uint32))
+    for it in tl.range(0, ITERS):
+        first = base + it * BLOCKS
+        if first * 256 < n:
+            offs = first * 256 + tl.arange(0, BLOCKS * 256)
+            mask = offs < n
+            bmask = (first + tl.arange(0, BLOCKS)) * 256 < n
+            if (first + BLOCKS) * 256 <= n:
+                _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
+                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
+                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, False, FAST_DIV, BLOCKS, SR, sr_tensor_key)
+            else:
+                _step_tile(p_ptr, g_ptr, s1f, s1b, a1_ptr, s2f, s2b, a2_ptr, flags, first, offs, mask, bmask, qm_ptr,
+                           qt_ptr, lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt,
+                           KIND, P_DTYPE, FIRST, NESTEROV, ROUND_BF16, True, FAST_DIV, BLOCKS, SR, sr_tensor_key)
 
 
 def table_py(params, grads, state1, absmax1, state2, absmax2, two: bool, bpp: int) -> torch.Tensor:
@@ -201,23 +290,43 @@ def table_py(params, grads, state1, absmax1, state2, absmax2, two: bool, bpp: in
         addr = lambda t: t.data_ptr() if t.numel() else 0  # noqa: E731
         cols.append([p.data_ptr(), grads[i].data_ptr(), state1[i].data_ptr(), addr(absmax1[i]),
                      state2[i].data_ptr() if two else 0, addr(absmax2[i]) if two else 0, p.numel(),
-                     int(f1) | (2 * int(f2)), programs])
+                     int(f1) | (2 * int(f2)), programs, i])
         programs += triton.cdiv(triton.cdiv(p.numel(), QBLOCK), bpp)
     aligned = all(a % 16 == 0 for col in cols for a in col[:6])
-    cols.append([0] * 7 + [int(aligned), programs])
+    cols.append([0] * 7 + [int(aligned), programs, 0])
     return torch.tensor(cols, dtype=torch.int64).t().contiguous()
 
 
 def optim8bit_step_(table: torch.Tensor, programs: int, aligned: bool, qmaps: torch.Tensor, kind: str,
-                    p_dtype: torch.dtype, h: dict, first: bool, nesterov: bool) -> None:
+                    p_dtype: torch.dtype, h: dict, first: bool, nesterov: bool, sr_key: int = -1) -> None:
     """One launch over every tensor of `table` (on the tensors' device); `programs` and
     `aligned` come from the host copy of its last column, so that no sync is needed."""
     if programs == 0:
         return
     count = table.shape[1] - 1
     optim8bit_kernel[(programs,)](
-        table, count, qmaps, h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
-        h["weight_decay"], h["decay"], h["step_size"], h["bc2_sqrt"],
-        KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS,
-        SEARCH_STEPS=max(1, (count - 1).bit_length()),
-        ROUND_BF16=INTERPRET and p_dtype == torch.bfloat16, ALIGNED=aligned, num_warps=NUM_WARPS)
+        table, count, qmaps, qmaps.view(torch.int32), h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
+        h["weight_decay"], h["decay"], h["step_size"], h["inv_bc2_sqrt"], max(sr_key, 0),
+        KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS, ITERS=ITERS,
+        SEARCH_STEPS=search_steps(count),
+        ROUND_BF16=INTERPRET and p_dtype == torch.bfloat16, ALIGNED=aligned, FAST_DIV=FAST_DIV,
+        SR=sr_key >= 0 and p_dtype == torch.bfloat16, num_warps=NUM_WARPS)
+
+
+@triton.jit
+def _codes_kernel(x_ptr, out_ptr, n, table_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _quantize(x, table_ptr).to(tl.uint8), mask=mask)
+
+
+def codes_(x: torch.Tensor, out: torch.Tensor, qmaps: torch.Tensor, signed: bool) -> None:
+    """The step kernel's quantizer alone (a test hook): out = codes of the fp32 x (already
+    normalised), with the signed or unsigned map's bucket table."""
+    n = x.numel()
+    if n == 0:
+        return
+    block = 1 << 16 if INTERPRET else 1024
+    table = qmaps.view(torch.int32)[SIGNED_TABLE if signed else UNSIGNED_TABLE:]
+    _codes_kernel[(triton.cdiv(n, block),)](x, out, n, table, BLOCK=block)

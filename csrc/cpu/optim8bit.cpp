@@ -4,6 +4,7 @@
 #include "../optim8bit_tensors.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace fusedops {
@@ -12,24 +13,14 @@ namespace {
 
 constexpr int64_t kGrainBlocks = 16;  // quantization blocks per parallel task
 
-// quantize() for a whole block, level by level: the 256 searches are independent, so the
-// compiler turns each comparison into a branch-free select (one search per element with
-// data-dependent branches mispredicts about half of its 8 steps). Same codes.
-template <bool kSigned>
-void quantize_block(const float* x, int len, float absmax, const float* mids, uint8_t* out) {
-  float xn[kQBlock];
-  int pos[kQBlock];
-  for (int i = 0; i < len; ++i) {
-    xn[i] = normalise(x[i], absmax);
-    pos[i] = 0;
-  }
-  for (int s = 128; s >= 1; s >>= 1)
-    for (int i = 0; i < len; ++i) pos[i] += s & -static_cast<int>(mids[pos[i] + s - 1] < xn[i]);
-  for (int i = 0; i < len; ++i) {
-    int c = pos[i];
-    if constexpr (kSigned) c -= static_cast<int>(xn[i] < 0.f && c == kSignedZero);
-    out[i] = static_cast<uint8_t>(c);
-  }
+// The bucket table of the signed / unsigned map inside qmaps (uint32 entries stored as fp32 bits).
+const uint32_t* tables(const float* qm, bool is_signed) {
+  return reinterpret_cast<const uint32_t*>(qm + (is_signed ? kSignedTable : kUnsignedTable));
+}
+
+// Normalise and quantize a block (csrc/optim8bit.h quantize: one bucket-table lookup).
+void quantize_block(const float* x, int len, float absmax, const uint32_t* table, uint8_t* out) {
+  for (int i = 0; i < len; ++i) out[i] = static_cast<uint8_t>(quantize(normalise(x[i], absmax), table));
 }
 
 template <int64_t K, typename T>
@@ -60,10 +51,13 @@ void step_block(const StepTensor& t, int64_t b, const float* qm, const Hyper& h)
     }
   }
   float max1 = 0.f, max2 = 0.f;
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const uint32_t key = kBf16 && h.sr ? sr_tensor_key(h.sr_key, t.index) : 0u;
   for (int i = 0; i < len; ++i) {
     float pi = static_cast<float>(p[i]);
     float vi = kTwo ? v[i] : 0.f;
     update<K>(pi, static_cast<float>(g[i]), m[i], vi, h);
+    if (kBf16 && h.sr) pi = round_bf16_stochastic(pi, sr_bits(key, begin + i));
     p[i] = static_cast<T>(pi);
     max1 = std::max(max1, std::fabs(m[i]));
     if constexpr (kTwo) {
@@ -75,7 +69,7 @@ void step_block(const StepTensor& t, int64_t b, const float* qm, const Hyper& h)
     float* s = static_cast<float*>(t.s1) + begin;
     for (int i = 0; i < len; ++i) s[i] = m[i];
   } else {
-    quantize_block<true>(m, len, max1, qm + kSignedMids, static_cast<uint8_t*>(t.s1) + begin);
+    quantize_block(m, len, max1, tables(qm, true), static_cast<uint8_t*>(t.s1) + begin);
     t.a1[b] = max1;
   }
   if constexpr (kTwo) {
@@ -83,7 +77,7 @@ void step_block(const StepTensor& t, int64_t b, const float* qm, const Hyper& h)
       float* s = static_cast<float*>(t.s2) + begin;
       for (int i = 0; i < len; ++i) s[i] = v[i];
     } else {
-      quantize_block<false>(v, len, max2, qm + kUnsignedMids, static_cast<uint8_t*>(t.s2) + begin);
+      quantize_block(v, len, max2, tables(qm, false), static_cast<uint8_t*>(t.s2) + begin);
       t.a2[b] = max2;
     }
   }
@@ -107,8 +101,8 @@ void run(const std::vector<StepTensor>& ts, const float* qm, const Hyper& h) {
 void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> state1,
                      std::vector<Tensor> absmax1, std::vector<Tensor> state2, std::vector<Tensor> absmax2,
                      Tensor qmaps, int64_t kind, double lr, double beta1, double omb1, double beta2, double omb2,
-                     double eps, double wd, double decay, double step_size, double bc2_sqrt, bool first,
-                     bool nesterov) {
+                     double eps, double wd, double decay, double step_size, double inv_bc2_sqrt, bool first,
+                     bool nesterov, int64_t sr_key) {
   STD_TORCH_CHECK(kind >= kAdamW && kind <= kSGD, "fusedops_C::optim8bit_step_: unknown kind ", kind);
   const bool two = kind == kAdamW || kind == kAdam;
   const auto ts = collect(params, grads, state1, absmax1, state2, absmax2, two);
@@ -116,9 +110,9 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
   STD_TORCH_CHECK(params[0].is_cpu(), "fusedops_C::optim8bit_step_ (CPU): params must be CPU tensors");
   STD_TORCH_CHECK(qmaps.is_cpu() && qmaps.scalar_type() == ScalarType::Float && qmaps.numel() == kQmapsNumel &&
                       qmaps.is_contiguous(),
-                  "fusedops_C::optim8bit_step_: qmaps must be a contiguous float32 [6, 256] CPU tensor");
+                  "fusedops_C::optim8bit_step_: qmaps must be a contiguous float32 CPU tensor of ", kQmapsNumel, " elements");
   const float* qm = qmaps.const_data_ptr<float>();
-  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, bc2_sqrt, first, nesterov);
+  const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt, first, nesterov, sr_key);
   dispatch_float(params[0].scalar_type(), "params", [&]<typename T>() {
     switch (kind) {
       case kAdamW: run<kAdamW, T>(ts, qm, h); break;
@@ -129,10 +123,20 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
   });
 }
 
+void optim8bit_codes_(Tensor x, Tensor out, Tensor qmaps, bool is_signed) {
+  const int64_t n = check_codes(x, out, qmaps);
+  STD_TORCH_CHECK(x.is_cpu(), "fusedops_C::optim8bit_codes_ (CPU): x must be a CPU tensor");
+  const float* xs = x.const_data_ptr<float>();
+  uint8_t* o = out.mutable_data_ptr<uint8_t>();
+  const uint32_t* table = tables(qmaps.const_data_ptr<float>(), is_signed);
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<uint8_t>(quantize(xs[i], table));
+}
+
 }  // namespace
 }  // namespace optim8bit
 }  // namespace fusedops
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CPU, m) {
   m.impl("optim8bit_step_", TORCH_BOX(&fusedops::optim8bit::optim8bit_step_));
+  m.impl("optim8bit_codes_", TORCH_BOX(&fusedops::optim8bit::optim8bit_codes_));
 }

@@ -55,38 +55,96 @@ def unsigned_map() -> torch.Tensor:
     return reference.dynamic_map(False)
 
 
+# Bucket tables of the kernels' quantizer (csrc/optim8bit.h quantize): the bits of |x| >> 16
+# (exponent and the top 7 mantissa bits) select a bucket; buckets below exponent 2^-23 (no
+# midpoint lies there) share bucket 0, and everything from 1.0 up the last one.
+BUCKET_SHIFT = 16
+BUCKET_BASE = (104 << 7) - 1          # key of the bucket below 2^-23 (bucket 0)
+BUCKETS = (127 << 7) - BUCKET_BASE + 1  # 2946 buckets per sign
+MANT = 0x7FFFFF
+SIGNED_CODE, SIGNED_MIDS, UNSIGNED_CODE, UNSIGNED_MIDS = 0, 256, 512, 768
+SIGNED_TABLE, UNSIGNED_TABLE = 1024, 1024 + 2 * BUCKETS
+QMAPS_NUMEL = 1024 + 4 * BUCKETS
+
+
+def bucket_table(code: torch.Tensor, signed: bool) -> torch.Tensor:
+    """int32 [2 * BUCKETS] for the map `code`: entries (base << 23) | thr for x >= 0 (first
+    half; -0.0 counts as >= 0) and for x < 0 (second half). The code of x is
+    base + (mantissa' > thr), mantissa' = the 23 mantissa bits of x, complemented for x < 0:
+
+    - x >= 0 in bucket [lo, hi): base = number of midpoints < lo; a bucket holds at most one
+      midpoint (checked here), and a midpoint mid in it is < x iff its mantissa is below
+      x's (same exponent and top bits): thr = mantissa(mid), or 0x7FFFFF (never) if none.
+    - x < 0, |x| in [lo, hi), x in (-hi, -lo]: base = number of midpoints <= -hi; the
+      midpoint -b with b in [lo, hi) is < x iff b > |x|: thr = complemented mantissa(b).
+      bnb's sign rule (a negative x never takes the code of 0) is folded in: codes are
+      capped at the last negative code.
+
+    So the code is exactly "number of midpoints strictly below x" (+ the sign rule) for
+    every float x, not only in [-1, 1] (tests/test_optim8bit.py checks it against a brute
+    force search)."""
+    import numpy as np
+
+    mids = reference.code_midpoints(code).numpy().astype(np.float32)
+    assert np.all(mids[1:] > mids[:-1])
+    keys = np.arange(BUCKETS, dtype=np.int64) + BUCKET_BASE
+    lo = (keys << BUCKET_SHIFT).astype(np.uint32).view(np.float32).astype(np.float64)
+    lo[0] = 0.0
+    hi = np.append(lo[1:], np.inf)
+    mids64 = mids.astype(np.float64)
+    mbits = mids.view(np.uint32).astype(np.int64) & MANT
+    # x >= 0
+    base = np.searchsorted(mids64, lo, side="left")
+    cnt = np.searchsorted(mids64, hi, side="left") - base
+    assert cnt.max() <= 1, "a bucket holds two midpoints: the map needs finer buckets"
+    thr = np.where(cnt == 1, mbits[np.minimum(base, 254)], MANT)
+    pos = (base << 23) | thr
+    # x < 0
+    nbase = np.searchsorted(mids64, -hi, side="right")
+    ncnt = np.searchsorted(mids64, -lo, side="right") - nbase
+    ncnt[0] = np.searchsorted(mids64, 0.0, side="left") - nbase[0]  # (-hi, 0): -0.0 is in the first half
+    assert ncnt.max() <= 1, "a bucket holds two midpoints: the map needs finer buckets"
+    # the first bucket spans exponents and the last one everything from 1.0 up: no midpoints
+    assert cnt[0] == cnt[-1] == ncnt[0] == ncnt[-1] == 0
+    nthr = np.where(ncnt == 1, MANT ^ mbits[np.minimum(nbase, 254)], MANT)
+    if signed:  # sign rule: codes of negative x stop at the last negative code (126)
+        zero = int(np.searchsorted(code.numpy(), 0.0))
+        nthr = np.where(nbase + ncnt >= zero, MANT, nthr)
+        nbase = np.minimum(nbase, zero - 1)
+    neg = (nbase << 23) | nthr
+    return torch.from_numpy(np.concatenate([pos, neg]).astype(np.int32))
+
+
 def qmaps(device: torch.device) -> torch.Tensor:
-    """fp32 [6, 256] on `device`: signed code, its 255 midpoints (+1 padding), unsigned code,
-    its midpoints, then both midpoint lists in Eytzinger (breadth-first) order for the CUDA
-    kernel's search, whose first levels then read neighbouring shared-memory banks. Built
-    once per device."""
+    """fp32 [QMAPS_NUMEL] on `device`, read by every kernel of the step: signed code, its 255
+    midpoints (+1 padding), unsigned code, its midpoints (+1 padding), then the bucket
+    tables of the signed and of the unsigned map (bucket_table; int32 entries stored as
+    their bits — copied, never computed with). Built once per device."""
     device = torch.device(device)
     key = (device.type, device.index)
     t = _qmaps.get(key)
     if t is None:
-        rows, eytz = [], []
-        for code in (signed_map(), unsigned_map()):
+        rows, tables = [], []
+        for signed, code in ((True, signed_map()), (False, unsigned_map())):
             mids = reference.code_midpoints(code)
             rows += [code, torch.cat([mids, torch.tensor([2.0])])]
-            eytz.append(torch.cat([_eytzinger(mids), torch.tensor([2.0])]))
-        t = _qmaps[key] = torch.stack(rows + eytz).contiguous().to(device)
+            tables.append(bucket_table(code, signed).view(torch.float32))
+        t = torch.cat(rows + tables).contiguous()
+        assert t.numel() == QMAPS_NUMEL
+        t = _qmaps[key] = t.to(device)
     return t
 
 
-def _eytzinger(sorted_vals: torch.Tensor) -> torch.Tensor:
-    """The 255 sorted values in breadth-first order of a complete binary search tree (node
-    k's children at 2k+1, 2k+2): descending 8 levels (right when node < x) ends on leaf
-    255 + rank, rank = number of values < x — the same code as the sorted search."""
-    vals, out, it = sorted_vals.tolist(), [0.0] * sorted_vals.numel(), iter(sorted_vals.tolist())
-
-    def fill(k):
-        if k < len(vals):
-            fill(2 * k + 1)
-            out[k] = next(it)
-            fill(2 * k + 2)
-
-    fill(0)
-    return torch.tensor(out, dtype=torch.float32)
+def table_quantize(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The kernels' quantizer in torch (int64 codes of the fp32 x, already normalised):
+    bucket_table lookups. Equal to reference._nearest_code for every float x."""
+    tab = qmaps(x.device)[SIGNED_TABLE if signed else UNSIGNED_TABLE:][:2 * BUCKETS].view(torch.int32).long()
+    u = x.float().contiguous().view(torch.int32).long() & 0x7FFFFFFF
+    neg = x < 0
+    k = ((u >> BUCKET_SHIFT) - BUCKET_BASE).clamp(0, BUCKETS - 1) + neg.long() * BUCKETS
+    e = tab[k]
+    mant = (u & MANT) ^ torch.where(neg, MANT, 0)
+    return (e >> 23) + (mant > (e & MANT)).long()
 
 
 # ---- blockwise quantize / dequantize -----------------------------------------------------
@@ -232,44 +290,47 @@ def _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=Tr
 
 
 def _step_impl(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps, weight_decay, step,
-               first=False, nesterov=False):
+               first=False, nesterov=False, sr_seed=-1):
     _check_step(params, grads, state1, absmax1, state2, absmax2, kind)
     if not params:
         return
     if kind in TWO_STATE and step < 1:
         raise ValueError(f"fusedops.{STEP_OP}: step must be >= 1 for {kind}, got {step}")
+    if sr_seed < -1 or sr_seed >= 2 ** 32:
+        raise ValueError(f"fusedops.{STEP_OP}: sr_seed must be -1 (off) or in [0, 2^32), got {sr_seed}")
     backend = _step.backend_for(params[0].device.type)
     if backend == "reference":
         reference.optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps,
-                                       weight_decay, step, first, nesterov)
+                                       weight_decay, step, first, nesterov, sr_seed)
         return
     h = reference.optimizer_hyper(kind, lr, beta1, beta2, eps, weight_decay, step)
-    _step.get(backend)(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov)
+    key = reference.sr_key(sr_seed, step) if sr_seed >= 0 and params[0].dtype == torch.bfloat16 else -1
+    _step.get(backend)(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov, key)
 
 
 def _step_fake(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps, weight_decay, step,
-               first=False, nesterov=False):
+               first=False, nesterov=False, sr_seed=-1):
     _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=False)
 
 
 step_op = define(f"{STEP_OP}(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] absmax1, "
                  "Tensor(d!)[] state2, Tensor(e!)[] absmax2, str kind, float lr, float beta1, float beta2, "
-                 "float eps, float weight_decay, int step, bool first=False, bool nesterov=False) -> ()",
+                 "float eps, float weight_decay, int step, bool first=False, bool nesterov=False, int sr_seed=-1) -> ()",
                  _step_impl, _step_fake)
 
 _H_ORDER = ("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay",
-            "step_size", "bc2_sqrt")
+            "step_size", "inv_bc2_sqrt")
 
 
 @_step.register("cuda")
 @_step.register("cpp")
-def _step_native(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov):
+def _step_native(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov, sr_key):
     _native.op("optim8bit_step_")(params, grads, state1, absmax1, state2, absmax2, qmaps(params[0].device),
-                                  _KIND_ID[kind], *(h[k] for k in _H_ORDER), first, nesterov)
+                                  _KIND_ID[kind], *(h[k] for k in _H_ORDER), first, nesterov, sr_key)
 
 
 @_step.register("triton")
-def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov):
+def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov, sr_key):
     kernels = _triton.kernels("optim8bit")
     device = params[0].device
     two = kind in TWO_STATE
@@ -282,15 +343,31 @@ def _step_triton(params, grads, state1, absmax1, state2, absmax2, kind, h, first
     programs, aligned = int(table[8, -1]), bool(table[7, -1])
     if device.type != "cpu":
         table = table.to(device, non_blocking=True)
-    kernels.optim8bit_step_(table, programs, aligned, qmaps(device), kind, params[0].dtype, h, first, nesterov)
+    kernels.optim8bit_step_(table, programs, aligned, qmaps(device), kind, params[0].dtype, h, first, nesterov,
+                            sr_key)
 
 
-_step.register("reference")(lambda *a: reference.optimizer_step_8bit_(*a))  # signature of the op
+_step.register("reference")(lambda *a: reference.optimizer_step_8bit_(*a))  # signature of the op (+ sr_seed)
+
+
+def kernel_codes(x: torch.Tensor, signed: bool, backend: str) -> torch.Tensor:
+    """Codes (uint8) of the fp32 values x (already normalised) by the quantizer of the step
+    kernel of `backend` ("cpp", "cuda", "triton"; "table" = table_quantize in torch). A
+    test hook: the step kernels quantize inside the step and expose no op of their own."""
+    x = x.float().contiguous()
+    if backend == "table":
+        return table_quantize(x, signed).to(torch.uint8)
+    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    if backend == "triton":
+        _triton.kernels("optim8bit").codes_(x, out, qmaps(x.device), signed)
+    else:
+        _native.op("optim8bit_codes_")(x, out, qmaps(x.device), signed)
+    return out
 
 
 def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: str, lr: float, beta1: float,
                          beta2: float, eps: float, weight_decay: float, step: int, first: bool = False,
-                         nesterov: bool = False) -> None:
+                         nesterov: bool = False, sr_seed: int = -1) -> None:
     """One optimizer step of `kind` ("adamw", "adam", "lion", "sgd") in place over all the
     tensors (one device, one param dtype; grads of the param dtype), in one kernel launch.
 
@@ -301,6 +378,9 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
     beta1 is the momentum and beta2 the dampening; `first` marks the step that
     initialises the momentum buffer (buf = g, as torch SGD); `nesterov` as torch.
     The math and the NaN/Inf rule are fusedops.reference.optimizer_update_fp32's.
+    `sr_seed` >= 0 (< 2^32): bf16 params are rounded stochastically (unbiased), with random
+    bits from a hash of (sr_seed, step, the param's position in the lists, element index):
+    deterministic and the same on every backend; no effect on fp32 / fp16 params.
     """
     params, grads = list(params), list(grads)
     state1, absmax1, state2, absmax2 = list(state1), list(absmax1), list(state2), list(absmax2)
@@ -309,4 +389,4 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
             raise ValueError(f"fusedops.{STEP_OP}: params is empty but the other lists are not")
         return
     step_op(params, grads, state1, absmax1, state2, absmax2, kind, float(lr), float(beta1), float(beta2),
-            float(eps), float(weight_decay), int(step), bool(first), bool(nesterov))
+            float(eps), float(weight_decay), int(step), bool(first), bool(nesterov), int(sr_seed))
