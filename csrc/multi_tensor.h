@@ -8,6 +8,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <iterator>
 #include <vector>
 
 namespace fusedops {
@@ -61,6 +62,23 @@ inline bool plain_pairs(const std::vector<Tensor>& xs, const std::vector<Tensor>
     if (it->end <= yb) continue;
     const bool self = it->pair == j && it->begin == yb && it->end == ye && tx == ty;
     if (!self) return false;
+  }
+  return true;
+}
+
+// True when no two `written` ranges overlap and no `read` range overlaps a written one,
+// except a read range that is exactly the written range of its own pair (an element read
+// and then written by the same thread). Sorts `written`; give it non-empty ranges.
+inline bool disjoint_ranges(std::vector<ByteRange>& written, const std::vector<ByteRange>& read) {
+  std::sort(written.begin(), written.end(), [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < written.size(); ++k)
+    if (written[k].begin < written[k - 1].end) return false;
+  for (const ByteRange& r : read) {
+    auto it = std::lower_bound(written.begin(), written.end(), r.end,
+                               [](const ByteRange& w, uintptr_t v) { return w.begin < v; });
+    if (it == written.begin()) continue;
+    const ByteRange& w = *std::prev(it);
+    if (w.end > r.begin && !(w.pair == r.pair && w.begin == r.begin && w.end == r.end)) return false;
   }
   return true;
 }

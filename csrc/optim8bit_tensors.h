@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.h"
+#include "multi_tensor.h"
 #include "optim8bit.h"
 
 #include <vector>
@@ -67,6 +68,9 @@ inline std::vector<StepTensor> collect(const std::vector<Tensor>& params, const 
   const bool cuda = params[0].is_cuda();
   const int32_t device = params[0].get_device_index();
   STD_TORCH_CHECK(is_kernel_float(dtype), "fusedops_C::optim8bit_step_: params must be float32, float16 or bfloat16");
+  std::vector<ByteRange> written, read;  // what the step writes (params, states) and reads (grads)
+  written.reserve(5 * n);
+  read.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
     const Tensor& g = grads[i];
@@ -77,17 +81,34 @@ inline std::vector<StepTensor> collect(const std::vector<Tensor>& params, const 
                     "fusedops_C::optim8bit_step_: params[", i, "] and grads[", i, "] must be on the device of params[0]");
     STD_TORCH_CHECK(p.is_contiguous() && g.is_contiguous(), "fusedops_C::optim8bit_step_: params[", i,
                     "] and grads[", i, "] must be contiguous");
-    STD_TORCH_CHECK(g.numel() == p.numel(), "fusedops_C::optim8bit_step_: grads[", i,
-                    "] must have as many elements as params[", i, "]");
+    const auto ps = p.sizes(), gs = g.sizes();
+    STD_TORCH_CHECK(ps.size() == gs.size() && std::equal(ps.begin(), ps.end(), gs.begin()),
+                    "fusedops_C::optim8bit_step_: grads[", i, "] must have the shape of params[", i, "]");
     int64_t flags = check_state(state1[i], absmax1[i], p, "state1", "absmax1", i) ? kState1F32 : 0;
     if (two) flags |= check_state(state2[i], absmax2[i], p, "state2", "absmax2", i) ? kState2F32 : 0;
     if (p.numel() == 0) continue;
+    // empty tensors own no bytes; `pair` is i for params[i] and grads[i], n + i for states
+    auto add = [](std::vector<ByteRange>& to, const Tensor& t, size_t pair) {
+      if (t.numel() == 0) return;
+      const auto b = reinterpret_cast<uintptr_t>(t.data_ptr());
+      to.push_back({b, b + static_cast<uintptr_t>(t.numel()) * t.element_size(), pair});
+    };
+    add(written, p, i);
+    add(written, state1[i], n + i);
+    add(written, absmax1[i], n + i);
+    if (two) {
+      add(written, state2[i], n + i);
+      add(written, absmax2[i], n + i);
+    }
+    add(read, g, i);
     out.push_back({p.data_ptr(), g.data_ptr(), state1[i].data_ptr(),
                    absmax1[i].numel() ? absmax1[i].mutable_data_ptr<float>() : nullptr,
                    two ? state2[i].data_ptr() : nullptr,
                    two && absmax2[i].numel() ? absmax2[i].mutable_data_ptr<float>() : nullptr, p.numel(), flags,
                    static_cast<int64_t>(i)});
   }
+  STD_TORCH_CHECK(disjoint_ranges(written, read), "fusedops_C::optim8bit_step_: params and states must not "
+                  "overlap each other, nor the grads (a grad may be exactly its own param)");
   return out;
 }
 

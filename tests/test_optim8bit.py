@@ -410,6 +410,14 @@ def test_step_bad_inputs_write_nothing():
         run(params=[torch.randn(600)[::2], ps[1]])
     with pytest.raises(ValueError, match="kind"):
         fusedops.optimizer_step_8bit_(ps, gs, s1, a1, s2, a2, "adagrad", 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        run(grads=[gs[0], gs[1].view(50, 100)])
+    # overlapping memory: a grad inside another param, two params sharing bytes
+    with pytest.raises(ValueError, match=r"grads\[0\] overlaps params and states\[1\]"):
+        run(grads=[ps[1][:300], gs[1]])
+    big = torch.randn(5300)
+    with pytest.raises(ValueError, match=r"states\[1\] overlaps params and states\[0\]"):
+        run(params=[big[:300], big[200:5200]])
     after = ps + s1 + a1 + s2 + a2
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "a failed call wrote something"
 

@@ -225,7 +225,9 @@ def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
 
 # ---- the optimizer step ------------------------------------------------------------------
 
-def _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=True):
+def _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=True, lists_only=False):
+    """Every check of the step's arguments (each error names the argument). lists_only: the
+    kind and the list lengths alone (what the extension's own check cannot name)."""
     op = STEP_OP
     if kind not in KINDS:
         raise ValueError(f"fusedops.{op}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -239,7 +241,7 @@ def _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=Tr
     for name, ts in lists:
         if len(ts) != n:
             raise ValueError(f"fusedops.{op}: {name} has {len(ts)} tensors but params has {n}")
-    if n == 0:
+    if n == 0 or lists_only:
         return
     dev, dtype = params[0].device, params[0].dtype
     for i, p in enumerate(params):
@@ -291,7 +293,8 @@ def _check_step(params, grads, state1, absmax1, state2, absmax2, kind, memory=Tr
 
 def _step_impl(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps, weight_decay, step,
                first=False, nesterov=False, sr_seed=-1):
-    _check_step(params, grads, state1, absmax1, state2, absmax2, kind)
+    lists = (params, grads, state1, absmax1, state2, absmax2, kind)
+    _check_step(*lists, lists_only=True)
     if not params:
         return
     if kind in TWO_STATE and step < 1:
@@ -299,6 +302,20 @@ def _step_impl(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1,
     if sr_seed < -1 or sr_seed >= 2 ** 32:
         raise ValueError(f"fusedops.{STEP_OP}: sr_seed must be -1 (off) or in [0, 2^32), got {sr_seed}")
     backend = _step.backend_for(params[0].device.type)
+    if backend != "reference" and _native.ops is not None:
+        # The extension checks every tensor (dtype, device, shape, layout, state sizes, no
+        # overlapping writes: csrc/optim8bit_tensors.h collect) before anything is written, in
+        # microseconds; the Python checks cost milliseconds a step for ~100 tensors, so they
+        # run only to name the argument when the extension refuses.
+        h = reference.optimizer_hyper(kind, lr, beta1, beta2, eps, weight_decay, step)
+        key = reference.sr_key(sr_seed, step) if sr_seed >= 0 and params[0].dtype == torch.bfloat16 else -1
+        try:
+            _step.get(backend)(params, grads, state1, absmax1, state2, absmax2, kind, h, first, nesterov, key)
+        except RuntimeError:
+            _check_step(*lists)
+            raise
+        return
+    _check_step(*lists)
     if backend == "reference":
         reference.optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1, beta2, eps,
                                        weight_decay, step, first, nesterov, sr_seed)
