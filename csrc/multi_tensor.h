@@ -18,54 +18,6 @@ struct ByteRange {
   size_t pair;
 };
 
-// True when: equal lengths; every x and y defined, contiguous, of one device (that of
-// xs[0]); every x of one kernel dtype and every y of one kernel dtype; each pair of equal
-// shape; and no pair writes memory that another pair reads or writes (a y may be its own
-// x exactly). Writes nothing.
-inline bool plain_pairs(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
-  if (xs.size() != ys.size() || xs.empty()) return false;
-  const auto tx = xs[0].scalar_type(), ty = ys[0].scalar_type();
-  if (!is_kernel_float(tx) || !is_kernel_float(ty)) return false;
-  const bool cuda = xs[0].is_cuda();
-  if (!cuda && !xs[0].is_cpu()) return false;
-  const int32_t device = xs[0].get_device_index();
-  std::vector<ByteRange> written;
-  written.reserve(xs.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    const Tensor& x = xs[i];
-    const Tensor& y = ys[i];
-    if (!x.defined() || !y.defined()) return false;
-    if (x.scalar_type() != tx || y.scalar_type() != ty) return false;
-    if (x.is_cuda() != cuda || y.is_cuda() != cuda || (!cuda && !(x.is_cpu() && y.is_cpu()))) return false;
-    if (x.get_device_index() != device || y.get_device_index() != device) return false;
-    const auto xs_ = x.sizes(), ys_ = y.sizes();
-    if (xs_.size() != ys_.size() || !std::equal(xs_.begin(), xs_.end(), ys_.begin())) return false;
-    if (!x.is_contiguous() || !y.is_contiguous()) return false;
-    const int64_t n = x.numel();
-    if (n == 0) continue;
-    const auto xb = reinterpret_cast<uintptr_t>(x.data_ptr());
-    written.push_back({xb, xb + static_cast<uintptr_t>(n) * x.element_size(), i});
-  }
-  std::sort(written.begin(), written.end(), [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
-  for (size_t k = 1; k < written.size(); ++k)
-    if (written[k].begin < written[k - 1].end) return false;  // two xs overlap
-  for (size_t j = 0; j < ys.size(); ++j) {
-    const int64_t n = ys[j].numel();
-    if (n == 0) continue;
-    const auto yb = reinterpret_cast<uintptr_t>(ys[j].data_ptr());
-    const uintptr_t ye = yb + static_cast<uintptr_t>(n) * ys[j].element_size();
-    // the written range with the largest begin below ye is the only one that can overlap y
-    auto it = std::lower_bound(written.begin(), written.end(), ye,
-                               [](const ByteRange& r, uintptr_t v) { return r.begin < v; });
-    if (it == written.begin()) continue;
-    --it;
-    if (it->end <= yb) continue;
-    const bool self = it->pair == j && it->begin == yb && it->end == ye && tx == ty;
-    if (!self) return false;
-  }
-  return true;
-}
-
 // True when no two `written` ranges overlap and no `read` range overlaps a written one,
 // except a read range that is exactly the written range of its own pair (an element read
 // and then written by the same thread). Sorts `written`; give it non-empty ranges.
@@ -81,6 +33,42 @@ inline bool disjoint_ranges(std::vector<ByteRange>& written, const std::vector<B
     if (w.end > r.begin && !(w.pair == r.pair && w.begin == r.begin && w.end == r.end)) return false;
   }
   return true;
+}
+
+// True when: equal lengths; every x and y defined, contiguous, of one device (that of
+// xs[0]); every x of one kernel dtype and every y of one kernel dtype; each pair of equal
+// shape; and no pair writes memory that another pair reads or writes (a y may be its own
+// x exactly). Writes nothing.
+inline bool plain_pairs(const std::vector<Tensor>& xs, const std::vector<Tensor>& ys) {
+  if (xs.size() != ys.size() || xs.empty()) return false;
+  const auto tx = xs[0].scalar_type(), ty = ys[0].scalar_type();
+  if (!is_kernel_float(tx) || !is_kernel_float(ty)) return false;
+  const bool cuda = xs[0].is_cuda();
+  if (!cuda && !xs[0].is_cpu()) return false;
+  const int32_t device = xs[0].get_device_index();
+  // a y may be exactly its own x only when both have one dtype (element i read, then written)
+  const size_t no_pair = static_cast<size_t>(-1);
+  std::vector<ByteRange> written, read;
+  written.reserve(xs.size());
+  read.reserve(ys.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const Tensor& x = xs[i];
+    const Tensor& y = ys[i];
+    if (!x.defined() || !y.defined()) return false;
+    if (x.scalar_type() != tx || y.scalar_type() != ty) return false;
+    if (x.is_cuda() != cuda || y.is_cuda() != cuda || (!cuda && !(x.is_cpu() && y.is_cpu()))) return false;
+    if (x.get_device_index() != device || y.get_device_index() != device) return false;
+    const auto xs_ = x.sizes(), ys_ = y.sizes();
+    if (xs_.size() != ys_.size() || !std::equal(xs_.begin(), xs_.end(), ys_.begin())) return false;
+    if (!x.is_contiguous() || !y.is_contiguous()) return false;
+    const int64_t n = x.numel();
+    if (n == 0) continue;
+    const auto xb = reinterpret_cast<uintptr_t>(x.data_ptr());
+    const auto yb = reinterpret_cast<uintptr_t>(y.data_ptr());
+    written.push_back({xb, xb + static_cast<uintptr_t>(n) * x.element_size(), i});
+    read.push_back({yb, yb + static_cast<uintptr_t>(n) * y.element_size(), tx == ty ? i : no_pair});
+  }
+  return disjoint_ranges(written, read);
 }
 
 }  // namespace fusedops
