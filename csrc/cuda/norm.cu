@@ -8,6 +8,7 @@
 // Rows too long for registers (more than 512 threads x 16 packets) take a streaming path
 // that re-reads the row from global memory (L2) per pass.
 #include "norm_common.cuh"
+#include "../norm_ops.h"
 
 namespace fusedops {
 namespace {
@@ -188,6 +189,21 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
 }  // namespace
 }  // namespace fusedops
 
+// The op: outputs allocated here, any leading shape (csrc/norm_ops.h).
+namespace fusedops {
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_act_forward(Tensor x, std::optional<Tensor> r,
+                                                            std::optional<Tensor> w, std::optional<Tensor> b,
+                                                            double eps, int64_t act, bool rms, int64_t mode,
+                                                            bool y_float) {
+  STD_TORCH_CHECK(x.is_cuda(), "fusedops_C::norm_act_fwd (CUDA): x must be a CUDA tensor");
+  return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_float);
+}
+
+}  // namespace
+}  // namespace fusedops
+
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
-  m.impl("norm_act_fwd", TORCH_BOX(&fusedops::norm_act_fwd));
+  m.impl("norm_act_fwd", TORCH_BOX(&fusedops::norm_act_forward));
 }

@@ -8,7 +8,9 @@
 // rows and rows longer than 16384 (bf16) take the streaming kernel: two passes per row,
 // the block's partial row read-modified-written in global memory by its owner thread.
 #include "norm_common.cuh"
+#include "../norm_ops.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -345,7 +347,7 @@ int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
 // threads: 8 elements a thread over ty = 512 / tx rows a step (n <= 4096, 2 blocks an SM),
 // 16 a thread (n <= 8192, one row a step, 1 block an SM), 32 a thread with shared-memory
 // dW/dB accumulators (n <= 16384); false: the streaming kernel. Mirrored by
-// fusedops/ops/norm.py (_native_programs: the number of blocks = partial rows).
+// partial_rows below (the number of blocks = partial rows).
 template <typename T, typename W, typename Y, int V, int kAct>
 bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
   constexpr int PK8 = V >= 8 ? 1 : 8 / V;
@@ -429,6 +431,105 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
 }  // namespace
 }  // namespace fusedops
 
+// The op: outputs allocated here, any leading shape (csrc/norm_ops.h); dW / dB summed from
+// the partial rows and cast by a second small kernel.
+namespace fusedops {
+namespace {
+
+// Multiprocessors of a device, asked once per device.
+int sm_count(int32_t device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  STD_TORCH_CHECK(device >= 0 && device < kMaxDevices, "fusedops_C norm (CUDA): device index ", device,
+                  " out of range");
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small
+// inputs (launch-bound); else as many as are resident at once (launch_bwd_rows: rows of
+// n <= 4096 run in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
+// rows 1 block an SM).
+int64_t partial_rows(int64_t m, int64_t n, const Tensor& s) {
+  if (m * n <= (int64_t{1} << 17)) return 1;
+  const int64_t sms = sm_count(s.get_device_index());
+  const int64_t tx = ((n + 7) / 8 + 31) / 32 * 32;
+  if (tx <= 512) {
+    const int64_t per_step = 512 / tx;
+    return std::max<int64_t>(1, std::min<int64_t>((m + per_step - 1) / per_step, 2 * sms));
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(m, sms));
+}
+
+struct SumParams {
+  const float* part[2];
+  void* out[2];
+  int dtype[2];  // 0 float32, 1 float16, 2 bfloat16
+  int64_t p, n;
+};
+
+int dtype_code(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return 0;
+    case ScalarType::Half: return 1;
+    case ScalarType::BFloat16: return 2;
+    default: STD_TORCH_CHECK(false, "fusedops_C norm (CUDA): parameters must be float32, float16 or bfloat16");
+  }
+  return 0;
+}
+
+// out[j] = sum over i of part[i, j], i in order, fp32; one thread a column, blockIdx.y the
+// output (dW, dB). Deterministic: no atomics, a fixed order per column.
+__global__ void norm_partials_sum_kernel(const SumParams q) {
+  const int which = blockIdx.y;
+  const float* part = q.part[which];
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < q.n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < q.p; ++i) acc += part[i * q.n + j];
+    switch (q.dtype[which]) {
+      case 0: static_cast<float*>(q.out[which])[j] = acc; break;
+      case 1: static_cast<c10::Half*>(q.out[which])[j] = static_cast<c10::Half>(acc); break;
+      default: static_cast<c10::BFloat16*>(q.out[which])[j] = static_cast<c10::BFloat16>(acc); break;
+    }
+  }
+}
+
+void sum_partials(const Tensor& dwp, Tensor& dw, bool sum_w, const Tensor& dbp, Tensor& db, bool sum_b, int64_t p,
+                  int64_t n) {
+  SumParams q{};
+  int k = 0;
+  const auto add = [&](const Tensor& part, const Tensor& out) {
+    q.part[k] = static_cast<const float*>(part.data_ptr());
+    q.out[k] = out.data_ptr();
+    q.dtype[k++] = dtype_code(out.scalar_type());
+  };
+  if (sum_w) add(dwp, dw);
+  if (sum_b) add(dbp, db);
+  q.p = p;
+  q.n = n;
+  const int device = (sum_w ? dw : db).get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  constexpr int kThreads = 256;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)), k);
+  norm_partials_sum_kernel<<<grid, kThreads, 0, current_stream(device)>>>(q);
+  FUSEDOPS_CHECK_LAUNCH();
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_act_backward(Tensor dy, Tensor s, std::optional<Tensor> w,
+                                                     std::optional<Tensor> b, std::optional<Tensor> mean, Tensor rstd,
+                                                     std::optional<Tensor> ds, int64_t act) {
+  STD_TORCH_CHECK(s.is_cuda(), "fusedops_C::norm_act_bwd (CUDA): s must be a CUDA tensor");
+  return norm::backward(partial_rows, norm_act_bwd, sum_partials, dy, s, w, b, mean, rstd, ds, act);
+}
+
+}  // namespace
+}  // namespace fusedops
+
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
-  m.impl("norm_act_bwd", TORCH_BOX(&fusedops::norm_act_bwd));
+  m.impl("norm_act_bwd", TORCH_BOX(&fusedops::norm_act_backward));
 }
