@@ -482,20 +482,30 @@ int dtype_code(ScalarType t) {
   return 0;
 }
 
-// out[j] = sum over i of part[i, j], i in order, fp32; one thread a column, blockIdx.y the
-// output (dW, dB). Deterministic: no atomics, a fixed order per column.
-__global__ void norm_partials_sum_kernel(const SumParams q) {
+// out[j] = sum over i of part[i, j] in fp32, cast to the output dtype; blockIdx.y the output
+// (dW, dB). A block (32, kSumGroups) owns 32 columns: thread row g sums the partial rows
+// g, g + kSumGroups, ... in order, then thread row 0 adds the groups' sums in order.
+// Deterministic: no atomics, a fixed order per column.
+constexpr int kSumGroups = 8;
+
+__global__ void __launch_bounds__(32 * kSumGroups) norm_partials_sum_kernel(const SumParams q) {
+  __shared__ float part_sum[kSumGroups][33];
   const int which = blockIdx.y;
   const float* part = q.part[which];
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < q.n;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float acc = 0.f;
-    for (int64_t i = 0; i < q.p; ++i) acc += part[i * q.n + j];
-    switch (q.dtype[which]) {
-      case 0: static_cast<float*>(q.out[which])[j] = acc; break;
-      case 1: static_cast<c10::Half*>(q.out[which])[j] = static_cast<c10::Half>(acc); break;
-      default: static_cast<c10::BFloat16*>(q.out[which])[j] = static_cast<c10::BFloat16>(acc); break;
-    }
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (j < q.n)
+    for (int64_t i = threadIdx.y; i < q.p; i += kSumGroups) acc += part[i * q.n + j];
+  part_sum[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y != 0 || j >= q.n) return;
+  acc = 0.f;
+#pragma unroll
+  for (int g = 0; g < kSumGroups; ++g) acc += part_sum[g][threadIdx.x];
+  switch (q.dtype[which]) {
+    case 0: static_cast<float*>(q.out[which])[j] = acc; break;
+    case 1: static_cast<c10::Half*>(q.out[which])[j] = static_cast<c10::Half>(acc); break;
+    default: static_cast<c10::BFloat16*>(q.out[which])[j] = static_cast<c10::BFloat16>(acc); break;
   }
 }
 
@@ -514,9 +524,9 @@ void sum_partials(const Tensor& dwp, Tensor& dw, bool sum_w, const Tensor& dbp, 
   q.n = n;
   const int device = (sum_w ? dw : db).get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  constexpr int kThreads = 256;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)), k);
-  norm_partials_sum_kernel<<<grid, kThreads, 0, current_stream(device)>>>(q);
+  STD_TORCH_CHECK((n + 31) / 32 < (int64_t{1} << 31), "fusedops_C::norm_act_bwd (CUDA): hidden size too large");
+  const dim3 grid(static_cast<unsigned>((n + 31) / 32), k);
+  norm_partials_sum_kernel<<<grid, dim3(32, kSumGroups), 0, current_stream(device)>>>(q);
   FUSEDOPS_CHECK_LAUNCH();
 }
 
