@@ -436,10 +436,10 @@ BwdPath bwd_path() {
   return path;
 }
 
-// Lets `kernel` use up to the device's opt-in shared memory per block (once per device).
+// Lets `kernel` use all the dynamic shared memory a block may opt in to (the device's
+// opt-in limit less the kernel's static shared memory), once per device.
 template <typename Kernel>
-void allow_max_smem(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return;
+void allow_max_smem(Kernel kernel) {
   static std::atomic<uint64_t> done{0};
   int dev = 0;
   FUSEDOPS_CUDA_CHECK(cudaGetDevice(&dev));
@@ -447,7 +447,10 @@ void allow_max_smem(Kernel kernel, size_t smem) {
   if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return;
   int optin = 0;
   FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  cudaFuncAttributes attr{};
+  FUSEDOPS_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           optin - static_cast<int>(attr.sharedSizeBytes)));
   done.fetch_or(bit, std::memory_order_relaxed);
 }
 
@@ -463,7 +466,7 @@ void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStrea
   const size_t ring = kRingStages * static_cast<size_t>(ty) * p.n * (sizeof(T) + sizeof(Y));
   const size_t smem = std::max(ring, combine);
   auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, kRingStages>;
-  allow_max_smem(kernel, smem);
+  allow_max_smem(kernel);
   kernel<<<blocks, dim3(tx, ty), smem, stream>>>(p);
 }
 
