@@ -73,6 +73,23 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return red[32];
 }
 
+// Sum over the block with one barrier; every thread gets the same bits (a butterfly:
+// each step adds two equal-order partial sums, commutative). `red` holds 32 floats and must
+// not be written again before every thread has passed another barrier: callers alternate
+// two buffers.
+__device__ __forceinline__ float block_sum1(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warps = (blockDim.x + 31) >> 5;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? red[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+  return t;
+}
+
 template <typename T, int V>
 __device__ __forceinline__ void load_pack(const T* p, float* out) {
   const Packed<T, V> v = *reinterpret_cast<const Packed<T, V>*>(p);
