@@ -4,7 +4,8 @@
 // One block per row (grid-stride over rows). Each thread owns the same columns of every
 // row: packets of V elements (16-byte accesses when the rows are aligned and N % V == 0,
 // else V = 1), P packets per thread held in registers (fp32). Statistics by warp shuffles
-// + a shared-memory combine, fp32, two-pass (mean, then sum of squared deviations).
+// + a shared-memory combine (one barrier a reduction), fp32, two-pass (mean, then sum of
+// squared deviations).
 // Rows too long for registers (more than 512 threads x 16 packets) take a streaming path
 // that re-reads the row from global memory (L2) per pass.
 #include "norm_common.cuh"
@@ -52,8 +53,10 @@ __device__ __forceinline__ void store_y(const FwdParams& p, int64_t row, int64_t
 // Row in registers: P packets of V elements per thread.
 template <typename T, typename W, typename Y, int V, int P>
 __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdParams p) {
-  __shared__ float red[33];
+  __shared__ float red[2][32];  // alternated between reductions (block_sum1)
+  int par = 0;
   const int64_t n = p.n;
+  const float inv_n = 1.f / static_cast<float>(n);
   for (int64_t row = blockIdx.x; row < p.m; row += gridDim.x) {
     float v[P][V];
     float sum = 0.f;
@@ -68,7 +71,10 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdPara
       }
     }
     float mean = 0.f;
-    if (!p.rms) mean = block_sum(sum, red) / static_cast<float>(n);
+    if (!p.rms) {
+      mean = block_sum1(sum, red[par]) * inv_n;
+      par ^= 1;
+    }
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < P; ++k) {
@@ -81,7 +87,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdPara
         }
       }
     }
-    const float rstd = rsqrtf(block_sum(sq, red) / static_cast<float>(n) + p.eps);
+    const float rstd = rsqrtf(block_sum1(sq, red[par]) * inv_n + p.eps);
+    par ^= 1;
     if (threadIdx.x == 0) {
       if (!p.rms) p.mean[row] = mean;
       p.rstd[row] = rstd;

@@ -43,15 +43,17 @@ from ._library import LIB, define
 ACTIVATIONS = reference.ACTIVATIONS
 _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 
-# Defaults on CUDA tensors, by hidden size N (H100, LN+GELU(tanh) bf16, 32768 rows, fwd+bwd
-# µs, CUDA C++ vs Triton; bench/NOTES.md): N <= 2048 the CUDA C++ kernels (768: 651 vs 1018,
-# 1024: 769 vs 1128, 2048: 651 vs 1266 — the host time of the launches decides there), above
-# it Triton (4096: 840 vs 828 and fwd 307 vs 187; 8192: 1822 vs 1234; 16384: 5441 vs 4285).
+# Defaults on CUDA tensors, by hidden size N, for the forward and the backward separately
+# (either backward takes either forward's saved statistics). H100, LN+GELU(tanh) bf16, 32768
+# rows, device µs (bench/NOTES.md): forward CUDA C++ vs Triton 88 vs 76 at 1024 (host time
+# decides there: CUDA C++ fwd+bwd 291 µs wall vs Triton 420), 262 vs 186 at 4096, 545 vs
+# 386 at 8192 — CUDA C++ up to N = 2048, Triton above; backward CUDA C++ vs Triton 380 vs
+# 394 at 4096, 696 vs ~850 at 8192, Triton at 16384 — CUDA C++ up to N = 8192.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 SMALL_N = ("cuda", 2048)
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=SMALL_N) for op in FWD_OPS}
-_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=SMALL_N)
+_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("cuda", 8192))
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
