@@ -562,20 +562,6 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
 namespace fusedops {
 namespace {
 
-// Multiprocessors of a device, asked once per device.
-int sm_count(int32_t device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  STD_TORCH_CHECK(device >= 0 && device < kMaxDevices, "fusedops_C norm (CUDA): device index ", device,
-                  " out of range");
-  int v = cache[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(v, std::memory_order_relaxed);
-  }
-  return v;
-}
-
 // dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small
 // inputs (launch-bound); else as many as are resident at once (launch_bwd_rows: rows of
 // n <= 4096 run in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
