@@ -1,11 +1,11 @@
 // LayerNorm / RMSNorm + activation (+ residual add) on CUDA tensors: the forward
 // (the backward: norm_bwd.cu).
 //
-// A persistent grid (the blocks resident at once), each block looping over rows. Each
-// thread owns the same columns of every row: packets of V elements (16-byte accesses when
-// the rows are aligned and N % V == 0, else V = 1), P packets per thread held in registers
-// (fp32). Statistics by warp shuffles + a shared-memory combine (one barrier a reduction),
-// fp32, two-pass (mean, then sum of squared deviations).
+// One block per row (grid-stride over rows). Each thread owns the same columns of every
+// row: packets of V elements (16-byte accesses when the rows are aligned and N % V == 0,
+// else V = 1), P packets per thread held in registers (fp32). Statistics by warp shuffles
+// + a shared-memory combine (one barrier a reduction), fp32, two-pass (mean, then sum of
+// squared deviations).
 // Rows too long for registers (more than 512 threads x 16 packets) take a streaming path
 // that re-reads the row from global memory (L2) per pass.
 #include "norm_common.cuh"
@@ -141,42 +141,17 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_stream_kernel(const 
   }
 }
 
-// Blocks of `kernel` resident on one multiprocessor at `threads` threads a block (asked
-// once per device and block size).
-template <auto kernel>
-int resident_per_sm(int32_t device, int threads) {
-  static std::atomic<int> cache[64][kMaxThreads / 32 + 1];
-  const int slot = threads / 32;
-  const bool cached = device >= 0 && device < 64 && slot <= kMaxThreads / 32;
-  if (cached) {
-    const int hit = cache[device][slot].load(std::memory_order_relaxed);
-    if (hit > 0) return hit;
-  }
-  int per_sm = 0;
-  FUSEDOPS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  per_sm = per_sm > 1 ? per_sm : 1;
-  if (cached) cache[device][slot].store(per_sm, std::memory_order_relaxed);
-  return per_sm;
-}
-
-// A persistent grid: as many blocks as are resident at once, each looping over rows (no
-// block launched per row).
-template <auto kernel>
-void launch_rows(const FwdParams& p, int threads, int32_t device, cudaStream_t stream) {
-  const int64_t resident = static_cast<int64_t>(resident_per_sm<kernel>(device, threads)) * sm_count(device);
-  kernel<<<static_cast<unsigned>(std::min<int64_t>(p.m, resident)), threads, 0, stream>>>(p);
-}
-
 template <typename T, typename W, typename Y, int V>
-void launch_fwd(const FwdParams& p, int32_t device, cudaStream_t stream) {
+void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   const Shape sh = pick_shape(p.n, V, kMaxPacks);
+  const dim3 grid(grid_rows(p.m));
   switch (sh.packs) {
-    case 1: launch_rows<norm_act_fwd_kernel<T, W, Y, V, 1>>(p, sh.threads, device, stream); break;
-    case 2: launch_rows<norm_act_fwd_kernel<T, W, Y, V, 2>>(p, sh.threads, device, stream); break;
-    case 4: launch_rows<norm_act_fwd_kernel<T, W, Y, V, 4>>(p, sh.threads, device, stream); break;
-    case 8: launch_rows<norm_act_fwd_kernel<T, W, Y, V, 8>>(p, sh.threads, device, stream); break;
-    case 16: launch_rows<norm_act_fwd_kernel<T, W, Y, V, 16>>(p, sh.threads, device, stream); break;
-    default: launch_rows<norm_act_fwd_stream_kernel<T, W, Y, V>>(p, kMaxThreads, device, stream); break;
+    case 1: norm_act_fwd_kernel<T, W, Y, V, 1><<<grid, sh.threads, 0, stream>>>(p); break;
+    case 2: norm_act_fwd_kernel<T, W, Y, V, 2><<<grid, sh.threads, 0, stream>>>(p); break;
+    case 4: norm_act_fwd_kernel<T, W, Y, V, 4><<<grid, sh.threads, 0, stream>>>(p); break;
+    case 8: norm_act_fwd_kernel<T, W, Y, V, 8><<<grid, sh.threads, 0, stream>>>(p); break;
+    case 16: norm_act_fwd_kernel<T, W, Y, V, 16><<<grid, sh.threads, 0, stream>>>(p); break;
+    default: norm_act_fwd_stream_kernel<T, W, Y, V><<<grid, kMaxThreads, 0, stream>>>(p); break;
   }
   FUSEDOPS_CHECK_LAUNCH();
 }
@@ -210,9 +185,9 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
     const bool packed = can_pack<V>(p.n, {{p.x, p.sx}, {p.r, p.sr}, {p.s, p.ss}}, sizeof(T)) &&
                         can_pack<V>(p.n, {{p.y, p.sy}}, sizeof(Y)) && can_pack<V>(p.n, {{p.w, 0}, {p.b, 0}}, sizeof(W));
     if (packed) {
-      launch_fwd<T, W, Y, V>(p, x.get_device_index(), stream);
+      launch_fwd<T, W, Y, V>(p, stream);
     } else {  // odd N or unaligned rows: element accesses, streaming path
-      launch_rows<norm_act_fwd_stream_kernel<T, W, Y, 1>>(p, kMaxThreads, x.get_device_index(), stream);
+      norm_act_fwd_stream_kernel<T, W, Y, 1><<<dim3(grid_rows(p.m)), kMaxThreads, 0, stream>>>(p);
       FUSEDOPS_CHECK_LAUNCH();
     }
   });

@@ -151,6 +151,7 @@ void dispatch_norm(ScalarType xt, ScalarType wt, bool y_float, Fn&& fn) {
   });
 }
 
+int grid_rows(int64_t m) { return static_cast<int>(std::min<int64_t>(m, 1 << 20)); }
 
 }  // namespace
 }  // namespace fusedops
