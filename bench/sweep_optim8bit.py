@@ -60,8 +60,12 @@ def _exact_set(device, dtype):
 
 
 def _digest(t):
+    """sha256 of the bytes, NaNs made one NaN first (payloads differ between CPU and GPU)."""
     import torch
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    t = t.detach().cpu().contiguous()
+    if t.is_floating_point():
+        t = torch.where(t.isnan(), torch.full_like(t, float("nan")), t)
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 def exact_digests(device, dtype):
