@@ -36,10 +36,11 @@ struct StepTable {
   int count;
 };
 
-// Variants of the two-state (Adam) kernels, chosen at run time for a sweep by the environment
-// variable FUSEDOPS_OPTIM8BIT_VARIANT (read once per process; default "default"). Every
-// variant gives the same bits (the same operations on the same values; only where the data
-// come from, the register budget and the per-element bookkeeping differ):
+// Variants of the two-state (Adam) kernels for fp32 and bf16 params, chosen at run time for a
+// sweep by the environment variable FUSEDOPS_OPTIM8BIT_VARIANT (read once per process;
+// default "default"). Every variant gives the same bits (the same operations on the same
+// values; only where the data come from, the register budget and the per-element
+// bookkeeping differ):
 // - half:     the unsigned (second-state) bucket table's x < 0 half stays out of shared
 //             memory (49 KB -> 37 KB per CTA): for the unsigned map that half is all code 0
 //             (no midpoint is negative; bucket_table), so x < 0 gives 0 without a lookup.
@@ -673,12 +674,23 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
       }
       if (table.count > 0) launch();
     };
+    // The variants are built for fp32 and bf16 params (what the sweep times); fp16 params
+    // always take the default kernel (a third less to compile).
+    constexpr bool kVariantsBuilt = !std::is_same_v<T, c10::Half>;
     switch (kind) {
       case kAdamW:
-        with_variant(variant, [&]<int V>() { launch_all.template operator()<kAdamW, V>(); });
+        if constexpr (kVariantsBuilt) {
+          with_variant(variant, [&]<int V>() { launch_all.template operator()<kAdamW, V>(); });
+        } else {
+          launch_all.template operator()<kAdamW, 0>();
+        }
         break;
       case kAdam:
-        with_variant(variant, [&]<int V>() { launch_all.template operator()<kAdam, V>(); });
+        if constexpr (kVariantsBuilt) {
+          with_variant(variant, [&]<int V>() { launch_all.template operator()<kAdam, V>(); });
+        } else {
+          launch_all.template operator()<kAdam, 0>();
+        }
         break;
       case kLion: launch_all.template operator()<kLion, 0>(); break;
       default: launch_all.template operator()<kSGD, 0>(); break;
