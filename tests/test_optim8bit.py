@@ -756,7 +756,8 @@ def test_state_dict_moves_between_cpu_and_cuda():
 # ---- CUDA kernel variants (FUSEDOPS_OPTIM8BIT_VARIANT, csrc/cuda/optim8bit.cu kVariants) ----
 
 CUDA_VARIANTS = ["default", "half_table", "ctas5", "ctas6", "lean", "lean5", "prefetch", "prefetch3", "prefetch_l2",
-                 "lean_prefetch", "lean_prefetch3", "lean_math", "lean_math5", "lean_math_prefetch3"]
+                 "lean_prefetch", "lean_prefetch3", "lean_math", "lean_math5", "lean_math_prefetch3", "lean_mq",
+                 "lean_mq5", "lean_mq_prefetch3"]
 
 
 def test_unsigned_table_negative_half_is_code_zero():
@@ -770,6 +771,50 @@ def test_unsigned_table_negative_half_is_code_zero():
     x = torch.cat([x, torch.tensor([-1e-45, -float("inf"), -1.0, -0.5])])
     with fusedops.use_backend("cpp"):
         assert int(O.kernel_codes(x, False, "cpp").max()) == 0
+
+
+def _table_points():
+    """float32 bit patterns: every midpoint of both maps and its neighbours, bucket edges,
+    random floats, zeros, infinities and NaNs of both signs (with payloads)."""
+    rng = np.random.default_rng(3)
+    pts = [rng.integers(0, 2 ** 32, 200000, dtype=np.uint64).astype(np.uint32)]
+    for code in (O.signed_map(), O.unsigned_map()):
+        mids = R.code_midpoints(code).numpy().astype(np.float32).view(np.uint32).astype(np.int64)
+        for d in (-1, 0, 1):
+            pts += [(mids + d).astype(np.uint32), ((mids + d) ^ 0x80000000).astype(np.uint32)]
+    edges = (np.arange(O.BUCKETS + 2, dtype=np.int64) + O.BUCKET_BASE - 1) << O.BUCKET_SHIFT
+    for d in (-1, 0, 1):
+        pts += [(edges + d).astype(np.uint32), ((edges + d) ^ 0x80000000).astype(np.uint32)]
+    pts.append(np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF, 0xFFFFFFFF,
+                         0x7F800001, 0x3F800000, 0xBF800000, 1, 0x80000001], dtype=np.uint32))
+    return np.concatenate(pts)
+
+
+def test_cuda_quantizer_forms_with_complemented_table():
+    """The CUDA variants' quantizer forms (csrc/cuda/optim8bit.cu quantize_c and
+    quantize_unsigned_half_c, on the table with thr complemented in shared memory) give
+    quantize's codes for every kind of float: numpy models of the three, bit for bit."""
+    bits = _table_points()
+    x = bits.view(np.float32)
+    neg = x < 0
+    a = bits & np.uint32(0x7FFFFFFF)
+    mant_n = np.where(neg, (a & O.MANT) ^ O.MANT, a & O.MANT).astype(np.uint32)
+    for code, signed in ((O.signed_map(), True), (O.unsigned_map(), False)):
+        tab = O.bucket_table(code, signed).numpy().view(np.uint32)
+        # quantize (csrc/optim8bit.h), the form every backend uses
+        k = np.clip((a >> O.BUCKET_SHIFT).astype(np.int64) - O.BUCKET_BASE, 0, O.BUCKETS - 1)
+        e = tab[np.where(neg, k + O.BUCKETS, k)]
+        want = (e >> 23).astype(np.int64) + (mant_n > (e & O.MANT))
+        # quantize_c: complemented thr, key clamped to [base, base + buckets - 1]
+        tc = tab ^ np.uint32(O.MANT)
+        key = np.clip((a >> O.BUCKET_SHIFT).astype(np.int64), O.BUCKET_BASE, O.BUCKET_BASE + O.BUCKETS - 1)
+        ec = tc[np.where(neg, key + O.BUCKETS, key) - O.BUCKET_BASE].astype(np.uint64)
+        got = ((ec + mant_n) >> 23).astype(np.int64)
+        assert np.array_equal(got, want), f"quantize_c differs ({'signed' if signed else 'unsigned'})"
+        if not signed:  # quantize_unsigned_half_c: the x >= 0 half only, code 0 for x < 0
+            eh = tc[key - O.BUCKET_BASE].astype(np.uint64)
+            got = np.where(neg, 0, ((eh + (a & O.MANT)) >> 23).astype(np.int64))
+            assert np.array_equal(got, want), "quantize_unsigned_half_c differs"
 
 
 _VARIANT_SCRIPT = r"""

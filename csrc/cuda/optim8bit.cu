@@ -53,6 +53,7 @@ struct StepTable {
 // - prefetch: 1 = the warp's loads of its next block are issued into registers before it
 //             computes the current one (hot blocks); 2 = L2 prefetch of the next block.
 // - math:     hot blocks update their 8 elements with no branch per element (adam8 below).
+// - quant:    the bucket tables in shared memory hold thr complemented (quantize_c below).
 struct VariantSpec {
   const char* name;
   bool half;
@@ -61,6 +62,7 @@ struct VariantSpec {
   bool norm;
   int prefetch;
   bool math;
+  bool quant = false;
 };
 constexpr VariantSpec kVariants[] = {
     {"default", false, 4, false, false, 0, false},      {"half_table", true, 4, false, false, 0, false},
@@ -70,6 +72,8 @@ constexpr VariantSpec kVariants[] = {
     {"prefetch_l2", true, 4, false, false, 2, false},   {"lean_prefetch", true, 4, true, true, 1, false},
     {"lean_prefetch3", true, 3, true, true, 1, false},  {"lean_math", true, 4, true, true, 0, true},
     {"lean_math5", true, 5, true, true, 0, true},       {"lean_math_prefetch3", true, 3, true, true, 1, true},
+    {"lean_mq", true, 4, true, true, 0, true, true},    {"lean_mq5", true, 5, true, true, 0, true, true},
+    {"lean_mq_prefetch3", true, 3, true, true, 1, true, true},
 };
 constexpr int kNumVariants = static_cast<int>(sizeof(kVariants) / sizeof(kVariants[0]));
 constexpr int64_t kHot = 1 << 8;  // StepTensor.flags bit set by this file (see "hot" above)
@@ -253,8 +257,36 @@ __device__ __forceinline__ int quantize_unsigned_half(float x, const uint32_t* t
   return x < 0.f ? 0 : c;
 }
 
+// quantize / quantize_unsigned_half on a table whose entries hold thr complemented,
+// e' = e ^ 0x7FFFFF = (base << 23) | (0x7FFFFF - thr) (made when the table is copied to
+// shared memory): base + (mant' > thr) = (e' + mant') >> 23, as e' + mant' carries into bit
+// 23 exactly when mant' - thr >= 1 (both < 2^23, so at most one carry), and base + 1 <= 256.
+// The lookup index as in quantize; the key is clamped to [kBucketBase, kBucketBase +
+// kBuckets - 1] and the table addressed from kBucketBase (one add less).
+__device__ __forceinline__ int quantize_c(float x, const uint32_t* table) {
+  const uint32_t a = float_bits(x) & 0x7FFFFFFFu;
+  const bool neg = x < 0.f;
+  int key = static_cast<int>(a >> kBucketShift);
+  key = key < kBucketBase ? kBucketBase : (key > kBucketBase + kBuckets - 1 ? kBucketBase + kBuckets - 1 : key);
+  const uint32_t e = table[(neg ? key + kBuckets : key) - kBucketBase];
+  const uint32_t mant = (a ^ (neg ? 0x7FFFFFu : 0u)) & 0x7FFFFFu;
+  return static_cast<int>((e + mant) >> 23);
+}
+// Unsigned map, x >= 0 half (quantize_unsigned_half) on the complemented table. (|x| is
+// still needed for the key: -0.0 takes bucket 0.)
+__device__ __forceinline__ int quantize_unsigned_half_c(float x, const uint32_t* table) {
+  const uint32_t a = float_bits(x) & 0x7FFFFFFFu;
+  const uint32_t k = a >> kBucketShift;
+  const int key = k < static_cast<uint32_t>(kBucketBase)
+                      ? kBucketBase
+                      : (k > static_cast<uint32_t>(kBucketBase + kBuckets - 1) ? kBucketBase + kBuckets - 1
+                                                                               : static_cast<int>(k));
+  const uint32_t e = table[key - kBucketBase];
+  return x < 0.f ? 0 : static_cast<int>((e + (a & 0x7FFFFFu)) >> 23);
+}
+
 // known_aligned: the caller knows s + e0 is 8-byte aligned (a hot tensor).
-template <bool kHalfU, bool kNorm>
+template <bool kHalfU, bool kNorm, bool kQuant = false>
 __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t b, int64_t e0, int len, bool vec,
                                             bool known_aligned, const uint32_t* buckets, int lane,
                                             const float (&x)[kPer]) {
@@ -270,7 +302,13 @@ __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t
   normalise8<kNorm>(x, mx, q);
   int c[kPer];
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) c[i] = kHalfU ? quantize_unsigned_half(q[i], buckets) : quantize(q[i], buckets);
+  for (int i = 0; i < kPer; ++i) {
+    if constexpr (kQuant) {
+      c[i] = kHalfU ? quantize_unsigned_half_c(q[i], buckets) : quantize_c(q[i], buckets);
+    } else {
+      c[i] = kHalfU ? quantize_unsigned_half(q[i], buckets) : quantize(q[i], buckets);
+    }
+  }
   store_codes(static_cast<uint8_t*>(s) + e0, c, len,
               vec && (known_aligned || aligned_to(static_cast<uint8_t*>(s) + e0, 8)));
   if (lane == 0) a[b] = mx;
@@ -292,7 +330,7 @@ constexpr bool two_states() {
 // The spec of variant V for kind K: one-state kinds have only the default.
 template <int64_t K, int V>
 constexpr VariantSpec spec() {
-  return two_states<K>() ? kVariants[V] : VariantSpec{"default", false, 5, false, false, 0, false};
+  return two_states<K>() ? kVariants[V] : VariantSpec{"default", false, 5, false, false, 0, false, false};
 }
 
 // A hot block: a full block of a tensor marked kHot (aligned pointers, 8-bit states).
@@ -449,8 +487,10 @@ __device__ __forceinline__ void step_finish(const StepTensor& t, int64_t b, int 
   }
   T* pp = static_cast<T*>(t.p) + e0;
   store8(pp, p, len, full && (kHotBlock || aligned_to(pp, 16)));
-  store_state<false, S.norm>(f1, t.s1, t.a1, b, e0, len, full, kHotBlock, tab1, lane, m);
-  if constexpr (kTwo) store_state<S.half, S.norm>(f2, t.s2, t.a2, b, e0, len, full, kHotBlock, tab2, lane, v);
+  store_state<false, S.norm, S.quant>(f1, t.s1, t.a1, b, e0, len, full, kHotBlock, tab1, lane, m);
+  if constexpr (kTwo) {
+    store_state<S.half, S.norm, S.quant>(f2, t.s2, t.a2, b, e0, len, full, kHotBlock, tab2, lane, v);
+  }
 }
 
 // One quantization block `b` of tensor `t` by one warp.
@@ -513,7 +553,14 @@ optim8bit_kernel(const __grid_constant__ StepTable table, const float* __restric
     constexpr int kCodes = kTwo ? 512 : 256;
     constexpr int kCode4 = kCodes / 4, kTab4 = (smem_floats<kTwo, S.half>() - kCodes) / 4;
     for (int i = threadIdx.x; i < kCode4; i += kThreads) sm4[i] = q4[i < 64 ? i : i + 64];
-    for (int i = threadIdx.x; i < kTab4; i += kThreads) sm4[kCode4 + i] = q4[kSignedTable / 4 + i];
+    for (int i = threadIdx.x; i < kTab4; i += kThreads) {
+      float4 e = q4[kSignedTable / 4 + i];
+      if constexpr (S.quant) {  // thr complemented (quantize_c)
+        auto c = [](float w) { return __uint_as_float(__float_as_uint(w) ^ 0x7FFFFFu); };
+        e = make_float4(c(e.x), c(e.y), c(e.z), c(e.w));
+      }
+      sm4[kCode4 + i] = e;
+    }
   }
   __syncthreads();
   const int lane = threadIdx.x % 32;
