@@ -7,7 +7,22 @@
 // Per block: dequantize both states (code[c] * absmax), fp32 update (csrc/optim8bit.h:
 // the same operation order as the C++ CPU kernel and the reference, every op separately
 // rounded), block absmax by warp shuffles, requantize with one bucket-table lookup per
-// element (csrc/optim8bit.h quantize).
+// element (the codes of csrc/optim8bit.h quantize).
+//
+// The AdamW / Adam kernel (two 8-bit states; every param dtype) is built for
+// __launch_bounds__(256, 4) (64 registers) and gives the same bits as the general forms:
+// - the unsigned (second-state) bucket table's x < 0 half stays out of shared memory
+//   (37 KB per CTA instead of 49 KB): for the unsigned map that half is all code 0;
+// - the tables in shared memory hold the thresholds complemented, so a lookup's code is
+//   (entry + mantissa) >> 23 (quantize_c);
+// - a tensor whose pointers are all aligned and whose states are 8-bit is marked once on the
+//   host (kHot); a full block of it (a hot block) is loaded with no per-lane length or
+//   alignment checks and updated with no branch per element (adam8);
+// - normalisation checks the block absmax's range once per block and each element with one
+//   integer min per lane (normalise8).
+// Everything else (tails, misaligned tensors, 32-bit states, blocks whose absmax is 0,
+// subnormal or infinite, NaN / Inf) takes the general per-element path of the same kernel.
+// Lion and SGD (one state) use the general forms throughout, __launch_bounds__(256, 5).
 //
 // The table of tensors travels as a __grid_constant__ kernel parameter (CUDA >= 12.1,
 // sm_70+): no host-to-device copy, nothing to synchronise, capturable in a CUDA graph.
@@ -15,9 +30,6 @@
 #include "cuda_utils.cuh"
 #include "../optim8bit_tensors.h"
 
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -36,47 +48,7 @@ struct StepTable {
   int count;
 };
 
-// Variants of the two-state (Adam) kernels for fp32 and bf16 params, chosen at run time for a
-// sweep by the environment variable FUSEDOPS_OPTIM8BIT_VARIANT (read once per process;
-// default "default"). Every variant gives the same bits (the same operations on the same
-// values; only where the data come from, the register budget and the per-element
-// bookkeeping differ):
-// - half:     the unsigned (second-state) bucket table's x < 0 half stays out of shared
-//             memory (49 KB -> 37 KB per CTA): for the unsigned map that half is all code 0
-//             (no midpoint is negative; bucket_table), so x < 0 gives 0 without a lookup.
-// - ctas:     __launch_bounds__(256, ctas): resident CTAs per SM the registers are budgeted for.
-// - hot:      a tensor whose pointers are all aligned and whose states are 8-bit is marked
-//             once on the host (kHot); a full block of it takes a path with no per-lane
-//             length or alignment checks (e0 is a multiple of 8 elements, so p + e0 is as
-//             aligned as p).
-// - norm:     normalisation's per-element range checks as one integer min per lane (normalise8).
-// - prefetch: 1 = the warp's loads of its next block are issued into registers before it
-//             computes the current one (hot blocks); 2 = L2 prefetch of the next block.
-// - math:     hot blocks update their 8 elements with no branch per element (adam8 below).
-// - quant:    the bucket tables in shared memory hold thr complemented (quantize_c below).
-struct VariantSpec {
-  const char* name;
-  bool half;
-  int ctas;
-  bool hot;
-  bool norm;
-  int prefetch;
-  bool math;
-  bool quant = false;
-};
-constexpr VariantSpec kVariants[] = {
-    {"default", false, 4, false, false, 0, false},      {"half_table", true, 4, false, false, 0, false},
-    {"ctas5", true, 5, false, false, 0, false},         {"ctas6", true, 6, false, false, 0, false},
-    {"lean", true, 4, true, true, 0, false},            {"lean5", true, 5, true, true, 0, false},
-    {"prefetch", true, 4, true, false, 1, false},       {"prefetch3", true, 3, true, false, 1, false},
-    {"prefetch_l2", true, 4, false, false, 2, false},   {"lean_prefetch", true, 4, true, true, 1, false},
-    {"lean_prefetch3", true, 3, true, true, 1, false},  {"lean_math", true, 4, true, true, 0, true},
-    {"lean_math5", true, 5, true, true, 0, true},       {"lean_math_prefetch3", true, 3, true, true, 1, true},
-    {"lean_mq", true, 4, true, true, 0, true, true},    {"lean_mq5", true, 5, true, true, 0, true, true},
-    {"lean_mq_prefetch3", true, 3, true, true, 1, true, true},
-};
-constexpr int kNumVariants = static_cast<int>(sizeof(kVariants) / sizeof(kVariants[0]));
-constexpr int64_t kHot = 1 << 8;  // StepTensor.flags bit set by this file (see "hot" above)
+constexpr int64_t kHot = 1 << 8;  // StepTensor.flags bit set by this file: a hot tensor (hot_tensor)
 
 template <typename T>
 __device__ __forceinline__ void load8(const T* src, float (&out)[kPer], int len, bool vec) {
@@ -195,9 +167,9 @@ struct BlockDiv {
 };
 
 // Normalises a lane's 8 elements by the block absmax (normalise() of csrc/optim8bit.h).
-// kNorm: the same quotients with cheaper checks. |x| <= mx for every element that is not
-// NaN (mx is the block's max of |x|), so BlockDiv's upper bound never fails when mx is in
-// range: the range of mx is checked once per block (warp-uniform; out of range: every
+// kNorm (AdamW / Adam): the same quotients with cheaper checks. |x| <= mx for every element
+// that is not NaN (mx is the block's max of |x|), so BlockDiv's upper bound never fails when
+// mx is in range: the range of mx is checked once per block (warp-uniform; out of range: every
 // element by __fdiv_rn), and per element only "x == 0 or |x| >= lo", as one unsigned
 // compare of 2 * bits(x) - 2 (mod 2^32: drops the sign, maps +-0 to 0xFFFFFFFE and orders
 // every other |x| as its value) against 2 * bits(lo) - 2, through one min per lane. A NaN x
@@ -245,19 +217,7 @@ __device__ __forceinline__ void normalise8(const float (&x)[kPer], float mx, flo
   }
 }
 
-// quantize(x, table) of the unsigned map from the x >= 0 half of its table only: the x < 0
-// half of the unsigned map's table is all (0 << 23) | 0x7FFFFF (no midpoint is negative),
-// i.e. code 0 for every x < 0. -0.0 and NaN (x < 0 false) take the x >= 0 half as in quantize.
-__device__ __forceinline__ int quantize_unsigned_half(float x, const uint32_t* table) {
-  const uint32_t a = float_bits(x) & 0x7FFFFFFFu;
-  int k = static_cast<int>(a >> kBucketShift) - kBucketBase;
-  k = k < 0 ? 0 : (k > kBuckets - 1 ? kBuckets - 1 : k);
-  const uint32_t e = table[k];
-  const int c = static_cast<int>(e >> 23) + ((a & 0x7FFFFFu) > (e & 0x7FFFFFu) ? 1 : 0);
-  return x < 0.f ? 0 : c;
-}
-
-// quantize / quantize_unsigned_half on a table whose entries hold thr complemented,
+// quantize (csrc/optim8bit.h) on a table whose entries hold thr complemented,
 // e' = e ^ 0x7FFFFF = (base << 23) | (0x7FFFFF - thr) (made when the table is copied to
 // shared memory): base + (mant' > thr) = (e' + mant') >> 23, as e' + mant' carries into bit
 // 23 exactly when mant' - thr >= 1 (both < 2^23, so at most one carry), and base + 1 <= 256.
@@ -272,8 +232,10 @@ __device__ __forceinline__ int quantize_c(float x, const uint32_t* table) {
   const uint32_t mant = (a ^ (neg ? 0x7FFFFFu : 0u)) & 0x7FFFFFu;
   return static_cast<int>((e + mant) >> 23);
 }
-// Unsigned map, x >= 0 half (quantize_unsigned_half) on the complemented table. (|x| is
-// still needed for the key: -0.0 takes bucket 0.)
+// quantize of the unsigned map from the x >= 0 half of its complemented table only: the
+// x < 0 half of the unsigned map's table is all (0 << 23) | 0x7FFFFF (no midpoint is
+// negative), i.e. code 0 for every x < 0. -0.0 and NaN (x < 0 false) take the x >= 0 half as
+// in quantize. (|x| is still needed for the key: -0.0 takes bucket 0.)
 __device__ __forceinline__ int quantize_unsigned_half_c(float x, const uint32_t* table) {
   const uint32_t a = float_bits(x) & 0x7FFFFFFFu;
   const uint32_t k = a >> kBucketShift;
@@ -285,8 +247,10 @@ __device__ __forceinline__ int quantize_unsigned_half_c(float x, const uint32_t*
   return x < 0.f ? 0 : static_cast<int>((e + (a & 0x7FFFFFu)) >> 23);
 }
 
-// known_aligned: the caller knows s + e0 is 8-byte aligned (a hot tensor).
-template <bool kHalfU, bool kNorm, bool kQuant = false>
+// kLean: the AdamW / Adam forms (normalise8<true>, quantize_c; kHalfU: the unsigned map on
+// the x >= 0 half of its table). known_aligned: the caller knows s + e0 is 8-byte aligned (a
+// hot tensor).
+template <bool kLean, bool kHalfU>
 __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t b, int64_t e0, int len, bool vec,
                                             bool known_aligned, const uint32_t* buckets, int lane,
                                             const float (&x)[kPer]) {
@@ -299,14 +263,14 @@ __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t
   for (int i = 0; i < kPer; ++i) mx = fmaxf(mx, fabsf(x[i]));  // padding lanes hold 0
   mx = warp_max(mx);
   float q[kPer];
-  normalise8<kNorm>(x, mx, q);
+  normalise8<kLean>(x, mx, q);
   int c[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
-    if constexpr (kQuant) {
+    if constexpr (kLean) {
       c[i] = kHalfU ? quantize_unsigned_half_c(q[i], buckets) : quantize_c(q[i], buckets);
     } else {
-      c[i] = kHalfU ? quantize_unsigned_half(q[i], buckets) : quantize(q[i], buckets);
+      c[i] = quantize(q[i], buckets);
     }
   }
   store_codes(static_cast<uint8_t*>(s) + e0, c, len,
@@ -315,22 +279,16 @@ __device__ __forceinline__ void store_state(bool f32, void* s, float* a, int64_t
 }
 
 // Shared memory: the code maps (signed, then unsigned for two-state kinds) and the bucket
-// tables (signed, then unsigned: whole, or its x >= 0 half rounded up to 4 entries), copied
-// from qmaps once per CTA.
-template <bool kTwo, bool kHalf>
+// tables (signed, then for two-state kinds the x >= 0 half of the unsigned one, rounded up
+// to 4 entries), copied from qmaps once per CTA.
+template <bool kTwo>
 constexpr int smem_floats() {
-  return kTwo ? 512 + (kHalf ? (3 * kBuckets + 3) / 4 * 4 : 4 * kBuckets) : 256 + 2 * kBuckets;
+  return kTwo ? 512 + (3 * kBuckets + 3) / 4 * 4 : 256 + 2 * kBuckets;
 }
 
 template <int64_t K>
 constexpr bool two_states() {
   return K == kAdamW || K == kAdam;
-}
-
-// The spec of variant V for kind K: one-state kinds have only the default.
-template <int64_t K, int V>
-constexpr VariantSpec spec() {
-  return two_states<K>() ? kVariants[V] : VariantSpec{"default", false, 5, false, false, 0, false, false};
 }
 
 // A hot block: a full block of a tensor marked kHot (aligned pointers, 8-bit states).
@@ -347,7 +305,7 @@ struct Raw {
   float a1, a2;
 };
 
-template <bool kTwo, typename T>
+template <typename T>
 __device__ __forceinline__ void fetch(const StepTensor& t, int64_t b, int lane, Raw<T>& r) {
   const int64_t e0 = b * kQBlock + lane * kPer;
   const uint4* p4 = reinterpret_cast<const uint4*>(static_cast<const T*>(t.p) + e0);
@@ -359,10 +317,8 @@ __device__ __forceinline__ void fetch(const StepTensor& t, int64_t b, int lane, 
   }
   r.c1 = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(t.s1) + e0);
   r.a1 = t.a1[b];
-  if constexpr (kTwo) {
-    r.c2 = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(t.s2) + e0);
-    r.a2 = t.a2[b];
-  }
+  r.c2 = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(t.s2) + e0);
+  r.a2 = t.a2[b];
 }
 
 template <typename T>
@@ -387,13 +343,13 @@ __device__ __forceinline__ void dequant(uint2 w, float am, const float* code, fl
 }
 
 // The values of a hot block from its raw data (the same operations as load8 / load_state).
-template <bool kTwo, typename T>
+template <typename T>
 __device__ __forceinline__ void unpack(const Raw<T>& r, const float* sm, float (&p)[kPer], float (&g)[kPer],
                                        float (&m)[kPer], float (&v)[kPer]) {
   unpack_words<T>(r.p, p);
   unpack_words<T>(r.g, g);
   dequant(r.c1, r.a1, sm, m);
-  if constexpr (kTwo) dequant(r.c2, r.a2, sm + 256, v);
+  dequant(r.c2, r.a2, sm + 256, v);
 }
 
 // sqrt(v) correctly rounded (= __fsqrt_rn), for v in the range where nvcc's own sqrt.rn
@@ -452,24 +408,24 @@ __device__ __forceinline__ void adam8(float (&p)[kPer], const float (&g)[kPer], 
 
 // The update and the stores of one block, its values loaded. kHotBlock: a hot block (len = 8,
 // every access vectorised, 8-bit states).
-template <int64_t K, typename T, int V, bool kHotBlock>
+template <int64_t K, typename T, bool kHotBlock>
 __device__ __forceinline__ void step_finish(const StepTensor& t, int64_t b, int lane, const float* sm,
                                             const Hyper& h, int len, float (&p)[kPer], float (&g)[kPer],
                                             float (&m)[kPer], float (&v)[kPer]) {
   constexpr bool kTwo = two_states<K>();
-  constexpr VariantSpec S = spec<K, V>();
+  static_assert(!kHotBlock || kTwo, "hot blocks are AdamW / Adam only");
   const uint32_t* tab1 = reinterpret_cast<const uint32_t*>(sm + (kTwo ? 512 : 256));
   const uint32_t* tab2 = tab1 + 2 * kBuckets;
   const int64_t e0 = b * kQBlock + lane * kPer;
   const bool full = kHotBlock || len == kPer;
   const bool f1 = !kHotBlock && (t.flags & kState1F32), f2 = !kHotBlock && (t.flags & kState2F32);
-  if constexpr (kHotBlock && kTwo && S.math) {
+  if constexpr (kHotBlock) {
     adam8<K>(p, g, m, v, h);
   } else {
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       float vi = kTwo ? v[i] : 0.f;
-      if (kHotBlock || i < len) {
+      if (i < len) {
         update<K>(p[i], g[i], m[i], vi, h);
       } else {
         m[i] = 0.f;
@@ -487,23 +443,24 @@ __device__ __forceinline__ void step_finish(const StepTensor& t, int64_t b, int 
   }
   T* pp = static_cast<T*>(t.p) + e0;
   store8(pp, p, len, full && (kHotBlock || aligned_to(pp, 16)));
-  store_state<false, S.norm, S.quant>(f1, t.s1, t.a1, b, e0, len, full, kHotBlock, tab1, lane, m);
+  store_state<kTwo, false>(f1, t.s1, t.a1, b, e0, len, full, kHotBlock, tab1, lane, m);
   if constexpr (kTwo) {
-    store_state<S.half, S.norm, S.quant>(f2, t.s2, t.a2, b, e0, len, full, kHotBlock, tab2, lane, v);
+    store_state<true, true>(f2, t.s2, t.a2, b, e0, len, full, kHotBlock, tab2, lane, v);
   }
 }
 
-// One quantization block `b` of tensor `t` by one warp.
-template <int64_t K, typename T, int V>
+// One quantization block `b` of tensor `t` by one warp: a hot block of AdamW / Adam by the
+// hot path, any other by the general one.
+template <int64_t K, typename T>
 __device__ __forceinline__ void step_block(const StepTensor& t, int64_t b, int lane, const float* sm, const Hyper& h) {
   constexpr bool kTwo = two_states<K>();
   float p[kPer], g[kPer], m[kPer], v[kPer];
-  if constexpr (spec<K, V>().hot) {
+  if constexpr (kTwo) {
     if (hot_block(t, b)) {  // warp-uniform
       Raw<T> r;
-      fetch<kTwo, T>(t, b, lane, r);
-      unpack<kTwo, T>(r, sm, p, g, m, v);
-      step_finish<K, T, V, true>(t, b, lane, sm, h, kPer, p, g, m, v);
+      fetch<T>(t, b, lane, r);
+      unpack<T>(r, sm, p, g, m, v);
+      step_finish<K, T, true>(t, b, lane, sm, h, kPer, p, g, m, v);
       return;
     }
   }
@@ -520,42 +477,31 @@ __device__ __forceinline__ void step_block(const StepTensor& t, int64_t b, int l
   load8(gp, g, len, full && aligned_to(gp, 16));
   load_state(t, f1, t.s1, t.a1, b, e0, len, full, code1, kSignedZero, m);
   if constexpr (kTwo) load_state(t, f2, t.s2, t.a2, b, e0, len, full, code2, 0, v);
-  step_finish<K, T, V, false>(t, b, lane, sm, h, len, p, g, m, v);
+  step_finish<K, T, false>(t, b, lane, sm, h, len, p, g, m, v);
 }
 
-// L2 prefetch of a lane's part of block b (prefetch = 2): p, g and the states.
-template <bool kTwo, typename T>
-__device__ __forceinline__ void prefetch_l2(const StepTensor& t, int64_t b, int lane) {
-  const int64_t e0 = b * kQBlock + lane * kPer;
-  if (e0 >= t.n) return;
-  auto pf = [](const void* ptr) { asm volatile("prefetch.L2 [%0];" ::"l"(ptr)); };
-  pf(static_cast<const T*>(t.p) + e0);
-  pf(static_cast<const T*>(t.g) + e0);
-  pf(static_cast<const uint8_t*>(t.s1) + e0 * ((t.flags & kState1F32) ? 4 : 1));
-  if constexpr (kTwo) pf(static_cast<const uint8_t*>(t.s2) + e0 * ((t.flags & kState2F32) ? 4 : 1));
-}
-
-template <int64_t K, int V>
+// Resident CTAs per SM the registers are budgeted for: AdamW / Adam 4 (64 registers; 37 KB
+// of shared memory per CTA), Lion / SGD 5.
+template <int64_t K>
 constexpr int min_ctas() {
-  return spec<K, V>().ctas;
+  return two_states<K>() ? 4 : 5;
 }
 
-template <int64_t K, typename T, int V>
-__global__ void __launch_bounds__(kThreads, min_ctas<K, V>())
+template <int64_t K, typename T>
+__global__ void __launch_bounds__(kThreads, min_ctas<K>())
 optim8bit_kernel(const __grid_constant__ StepTable table, const float* __restrict__ qmaps, const Hyper h) {
   constexpr bool kTwo = two_states<K>();
-  constexpr VariantSpec S = spec<K, V>();
   extern __shared__ float4 sm4[];
   float* sm = reinterpret_cast<float*>(sm4);
   {
     // codes: qmaps[0, 256) (+ [512, 768)); tables: qmaps[1024, 1024 + the tables' floats)
     const float4* q4 = reinterpret_cast<const float4*>(qmaps);
     constexpr int kCodes = kTwo ? 512 : 256;
-    constexpr int kCode4 = kCodes / 4, kTab4 = (smem_floats<kTwo, S.half>() - kCodes) / 4;
+    constexpr int kCode4 = kCodes / 4, kTab4 = (smem_floats<kTwo>() - kCodes) / 4;
     for (int i = threadIdx.x; i < kCode4; i += kThreads) sm4[i] = q4[i < 64 ? i : i + 64];
     for (int i = threadIdx.x; i < kTab4; i += kThreads) {
       float4 e = q4[kSignedTable / 4 + i];
-      if constexpr (S.quant) {  // thr complemented (quantize_c)
+      if constexpr (kTwo) {  // thr complemented (quantize_c)
         auto c = [](float w) { return __uint_as_float(__float_as_uint(w) ^ 0x7FFFFFu); };
         e = make_float4(c(e.x), c(e.y), c(e.z), c(e.w));
       }
@@ -566,71 +512,25 @@ optim8bit_kernel(const __grid_constant__ StepTable table, const float* __restric
   const int lane = threadIdx.x % 32;
   const int64_t total = table.first[table.count];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  int64_t u = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   int t = 0;
-  if constexpr (S.prefetch == 1) {
-    // Software pipeline: the raw loads of the warp's next block are issued before the
-    // current block is computed (hot blocks; others load as they go).
-    if (u >= total) return;
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; u < total; u += stride) {
     while (u >= table.first[t + 1]) ++t;
-    int64_t b = u - table.first[t];
-    bool hot = hot_block(table.t[t], b);
-    Raw<T> r;
-    if (hot) fetch<kTwo, T>(table.t[t], b, lane, r);
-    for (;;) {
-      const int tc = t;
-      const int64_t bc = b;
-      const bool hc = hot;
-      u += stride;
-      const bool more = u < total;
-      if (more) {
-        while (u >= table.first[t + 1]) ++t;
-        b = u - table.first[t];
-        hot = hot_block(table.t[t], b);
-      }
-      if (hc) {  // warp-uniform
-        float p[kPer], g[kPer], m[kPer], v[kPer];
-        unpack<kTwo, T>(r, sm, p, g, m, v);
-        if (more && hot) fetch<kTwo, T>(table.t[t], b, lane, r);
-        step_finish<K, T, V, true>(table.t[tc], bc, lane, sm, h, kPer, p, g, m, v);
-      } else {
-        step_block<K, T, V>(table.t[tc], bc, lane, sm, h);
-        if (more && hot) fetch<kTwo, T>(table.t[t], b, lane, r);
-      }
-      if (!more) break;
-    }
-  } else {
-    for (; u < total; u += stride) {
-      while (u >= table.first[t + 1]) ++t;
-      if constexpr (S.prefetch == 2) {
-        const int64_t un = u + stride;
-        if (un < total) {
-          int tn = t;
-          while (un >= table.first[tn + 1]) ++tn;
-          prefetch_l2<kTwo, T>(table.t[tn], un - table.first[tn], lane);
-        }
-      }
-      step_block<K, T, V>(table.t[t], u - table.first[t], lane, sm, h);
-    }
+    step_block<K, T>(table.t[t], u - table.first[t], lane, sm, h);
   }
 }
 
 // Grid of a launch: at most the CTAs that are resident at once (queried once per device
 // and kernel), fewer when the work is smaller.
-template <int64_t K, typename T, int V>
+template <int64_t K, typename T>
 int64_t persistent_ctas(int32_t device, int64_t blocks) {
   constexpr int kMaxDevices = 64;
   static int cached[kMaxDevices] = {};
-  const size_t smem = sizeof(float) * smem_floats<two_states<K>(), spec<K, V>().half>();
+  const size_t smem = sizeof(float) * smem_floats<two_states<K>()>();
   int& resident = cached[device < kMaxDevices ? device : 0];
   if (resident == 0 || device >= kMaxDevices) {
-    auto kernel = optim8bit_kernel<K, T, V>;
+    auto kernel = optim8bit_kernel<K, T>;
     FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
-    if constexpr (spec<K, V>().half && spec<K, V>().ctas >= 5) {  // 5-6 x 37 KB: all of the shared memory
-      FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                               cudaSharedmemCarveoutMaxShared));
-    }
     int per_sm = 0, sms = 0;
     FUSEDOPS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
     FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -640,40 +540,12 @@ int64_t persistent_ctas(int32_t device, int64_t blocks) {
   return needed < resident ? needed : resident;
 }
 
-// The variant of the two-state kernels, from FUSEDOPS_OPTIM8BIT_VARIANT (read once).
-int variant_index() {
-  static const int v = [] {
-    const char* s = std::getenv("FUSEDOPS_OPTIM8BIT_VARIANT");
-    if (s == nullptr || *s == '\0') return 0;
-    for (int i = 0; i < kNumVariants; ++i)
-      if (std::strcmp(s, kVariants[i].name) == 0) return i;
-    return -1;
-  }();
-  if (v < 0) {
-    std::string names;
-    for (int i = 0; i < kNumVariants; ++i) names += std::string(i ? ", " : "") + kVariants[i].name;
-    STD_TORCH_CHECK(false, "fusedops_C::optim8bit_step_: unknown FUSEDOPS_OPTIM8BIT_VARIANT (one of: ", names, ")");
-  }
-  return v;
-}
-
-template <int V = 0, typename F>
-void with_variant(int v, F&& f) {
-  if constexpr (V < kNumVariants) {
-    if (v == V) {
-      f.template operator()<V>();
-    } else {
-      with_variant<V + 1>(v, f);
-    }
-  }
-}
-
-// A tensor whose every access of a full block can be vectorised: 8-bit states, p and g
-// 16-byte aligned, codes 8-byte aligned (e0 is a multiple of 8 elements).
-template <typename T>
-bool hot_tensor(const StepTensor& st, bool two) {
+// A tensor of AdamW / Adam whose every access of a full block can be vectorised: 8-bit
+// states, p and g 16-byte aligned, codes 8-byte aligned (e0 is a multiple of 8 elements, so
+// p + e0 is as aligned as p).
+bool hot_tensor(const StepTensor& st) {
   if (st.flags & (kState1F32 | kState2F32)) return false;
-  return aligned_to(st.p, 16) && aligned_to(st.g, 16) && aligned_to(st.s1, 8) && (!two || aligned_to(st.s2, 8));
+  return aligned_to(st.p, 16) && aligned_to(st.g, 16) && aligned_to(st.s1, 8) && aligned_to(st.s2, 8);
 }
 
 void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std::vector<Tensor> state1,
@@ -683,7 +555,6 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
                      bool nesterov, int64_t sr_key) {
   STD_TORCH_CHECK(kind >= kAdamW && kind <= kSGD, "fusedops_C::optim8bit_step_: unknown kind ", kind);
   const bool two = kind == kAdamW || kind == kAdam;
-  const int variant = two ? variant_index() : 0;
   const auto ts = collect(params, grads, state1, absmax1, state2, absmax2, two);
   if (ts.empty()) return;
   STD_TORCH_CHECK(params[0].is_cuda(), "fusedops_C::optim8bit_step_ (CUDA): params must be CUDA tensors");
@@ -698,15 +569,14 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
   const Hyper h = make_hyper(lr, beta1, omb1, beta2, omb2, eps, wd, decay, step_size, inv_bc2_sqrt, first, nesterov, sr_key);
   const float* qm = qmaps.const_data_ptr<float>();
   dispatch_float(params[0].scalar_type(), "params", [&]<typename T>() {
-    auto launch_all = [&]<int64_t K, int V>() {
+    auto launch_all = [&]<int64_t K>() {
       StepTable table{};
       auto launch = [&]() {
         const int64_t blocks = table.first[table.count];
         if (blocks == 0) return;
-        const int64_t ctas = persistent_ctas<K, T, V>(device, blocks);
-        optim8bit_kernel<K, T, V><<<static_cast<unsigned>(ctas), kThreads,
-                                    sizeof(float) * smem_floats<two_states<K>(), spec<K, V>().half>(), stream>>>(
-            table, qm, h);
+        const int64_t ctas = persistent_ctas<K, T>(device, blocks);
+        optim8bit_kernel<K, T><<<static_cast<unsigned>(ctas), kThreads, sizeof(float) * smem_floats<two_states<K>()>(),
+                                 stream>>>(table, qm, h);
         FUSEDOPS_CHECK_LAUNCH();
       };
       for (const StepTensor& st : ts) {
@@ -715,32 +585,17 @@ void optim8bit_step_(std::vector<Tensor> params, std::vector<Tensor> grads, std:
           table.count = 0;
         }
         table.t[table.count] = st;
-        if (hot_tensor<T>(st, two)) table.t[table.count].flags |= kHot;
+        if (two && hot_tensor(st)) table.t[table.count].flags |= kHot;
         table.first[table.count + 1] = table.first[table.count] + blocks_of(st.n);
         ++table.count;
       }
       if (table.count > 0) launch();
     };
-    // The variants are built for fp32 and bf16 params (what the sweep times); fp16 params
-    // always take the default kernel (a third less to compile).
-    constexpr bool kVariantsBuilt = !std::is_same_v<T, c10::Half>;
     switch (kind) {
-      case kAdamW:
-        if constexpr (kVariantsBuilt) {
-          with_variant(variant, [&]<int V>() { launch_all.template operator()<kAdamW, V>(); });
-        } else {
-          launch_all.template operator()<kAdamW, 0>();
-        }
-        break;
-      case kAdam:
-        if constexpr (kVariantsBuilt) {
-          with_variant(variant, [&]<int V>() { launch_all.template operator()<kAdam, V>(); });
-        } else {
-          launch_all.template operator()<kAdam, 0>();
-        }
-        break;
-      case kLion: launch_all.template operator()<kLion, 0>(); break;
-      default: launch_all.template operator()<kSGD, 0>(); break;
+      case kAdamW: launch_all.template operator()<kAdamW>(); break;
+      case kAdam: launch_all.template operator()<kAdam>(); break;
+      case kLion: launch_all.template operator()<kLion>(); break;
+      default: launch_all.template operator()<kSGD>(); break;
     }
   });
 }
