@@ -1,17 +1,18 @@
 // Schemas of the native LayerNorm / RMSNorm + activation kernels (csrc/cpu/norm.cpp,
-// csrc/cuda/norm.cu). Absent optional tensors are passed as empty tensors with their
-// has_* flag false. Layout: x, r, s, y, xs, dx are (M, N) with unit column stride and any
-// row stride; dy and ds any strides; weight/bias (N,); mean/rstd fp32 (M,).
+// csrc/cuda/norm.cu, csrc/cuda/norm_bwd.cu; host side: csrc/norm_ops.h). The ops allocate
+// their outputs; tensors of any leading shape (rows over the last dim).
 // act: 0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu.
 #include "common.h"
 
 STABLE_TORCH_LIBRARY_FRAGMENT(fusedops_C, m) {
-  // s = x + r (has_r), y = act(norm(s) * w + b); writes y, mean (LayerNorm), rstd, s.
-  m.def("norm_act_fwd(Tensor x, Tensor r, Tensor(a!) s, Tensor(b!) y, Tensor w, Tensor b, Tensor(c!) mean, "
-        "Tensor(d!) rstd, float eps, int act, bool rms, bool has_r, bool has_w, bool has_b) -> ()");
-  // dx (+ ds) of one pass over (xs, dy); fp32 dW/dB partials, one row per chunk of rows
-  // (P = dwp.size(0) chunks, fixed by the caller), summed by the caller in order.
-  m.def("norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor rstd, Tensor ds, "
-        "Tensor(a!) dx, Tensor(b!) dwp, Tensor(c!) dbp, int act, bool rms, bool has_w, bool has_b, "
-        "bool has_ds) -> ()");
+  // y = act(norm(s) * w + b), s = x (mode 0), x + r returned (mode 1) or x + r written into r
+  // (mode 2). Returns (y, s, mean, rstd): y of x's dtype (fp32 when y_float), s empty unless
+  // mode 1, mean (fp32, x.shape[:-1]) empty for RMSNorm (rms), rstd fp32.
+  m.def("norm_act_fwd(Tensor x, Tensor(a!)? r, Tensor? w, Tensor? b, float eps, int act, bool rms, int mode, "
+        "bool y_float) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One pass over (s, dy): (dx (+ ds), dW, dB), dW / dB of the parameters' dtypes (empty when
+  // absent) from fp32 partial rows summed per column in a fixed order; RMSNorm when mean is
+  // absent.
+  m.def("norm_act_bwd(Tensor dy, Tensor s, Tensor? w, Tensor? b, Tensor? mean, Tensor rstd, Tensor? ds, int act) "
+        "-> (Tensor, Tensor, Tensor)");
 }

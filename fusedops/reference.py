@@ -467,6 +467,7 @@ def norm_act_backward(dy, s, weight, bias, mean, rstd, activation_name, ds=None)
     if ds is not None:
         dx = dx + ds.to(ct)
     lead = tuple(range(s.dim() - 1))
-    dw = None if weight is None else (dz * xhat).sum(lead).to(weight.dtype)
-    db = None if bias is None else dz.sum(lead).to(bias.dtype)
+    rowsum = (lambda t: t.sum(lead)) if lead else (lambda t: t)  # (sum over () would sum all: 1-D s)
+    dw = None if weight is None else rowsum(dz * xhat).to(weight.dtype)
+    db = None if bias is None else rowsum(dz).to(bias.dtype)
     return dx.to(s.dtype), dw, db

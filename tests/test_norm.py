@@ -524,3 +524,20 @@ def test_bench_family_tiny(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["impl"] for r in rows} >= {"eager", "fusedops:cpp"}
     assert all(r["gbps"] and r["gbps"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("backend", backend_params() + [pytest.param(("cpu", "reference"), id="cpu-reference")])
+def test_one_dim_input_grads(backend):
+    """A 1-D x (one row): dweight/dbias per element, as eager (not summed over the row)."""
+    device, name = backend
+    require(device, name)
+    x = torch.randn(77, device=device, requires_grad=True)
+    w = (torch.rand(77, device=device) + 0.5).requires_grad_()
+    b = torch.randn(77, device=device, requires_grad=True)
+    dy = torch.randn(77, device=device)
+    with fusedops.use_backend(name):
+        ours = torch.autograd.grad(fusedops.layer_norm_act(x, w, b, 1e-5, "gelu"), (x, w, b), dy)
+    eager = torch.autograd.grad(F.gelu(F.layer_norm(x, (77,), w, b, 1e-5)), (x, w, b), dy)
+    for o, e in zip(ours, eager):
+        assert o.shape == (77,)
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)

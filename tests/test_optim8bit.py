@@ -751,3 +751,129 @@ def test_state_dict_moves_between_cpu_and_cuda():
     oc2 = AdamW8bit([pc])
     oc2.load_state_dict(og.state_dict())
     assert oc2.state[pc]["absmax1"].device.type == "cpu" and oc2.state[pc]["absmax1"].dtype == torch.float32
+
+
+# ---- the CUDA AdamW / Adam kernel's forms (csrc/cuda/optim8bit.cu) ----
+
+
+def test_unsigned_table_negative_half_is_code_zero():
+    """The CUDA AdamW / Adam kernel keeps only the x >= 0 half of the unsigned map's table
+    and gives code 0 for x < 0: that half must be all (0 << 23) | 0x7FFFFF."""
+    tab = O.bucket_table(O.unsigned_map(), False)
+    neg = tab[O.BUCKETS:]
+    assert neg.numel() == O.BUCKETS and bool((neg == 0x7FFFFF).all())
+    assert not bool((O.bucket_table(O.signed_map(), True)[O.BUCKETS:] == 0x7FFFFF).all())
+    x = -torch.rand(10000).mul_(2.0).exp2_().mul_(torch.logspace(-40, 30, 10000))
+    x = torch.cat([x, torch.tensor([-1e-45, -float("inf"), -1.0, -0.5])])
+    with fusedops.use_backend("cpp"):
+        assert int(O.kernel_codes(x, False, "cpp").max()) == 0
+
+
+def _table_points():
+    """float32 bit patterns: every midpoint of both maps and its neighbours, bucket edges,
+    random floats, zeros, infinities and NaNs of both signs (with payloads)."""
+    rng = np.random.default_rng(3)
+    pts = [rng.integers(0, 2 ** 32, 200000, dtype=np.uint64).astype(np.uint32)]
+    for code in (O.signed_map(), O.unsigned_map()):
+        mids = R.code_midpoints(code).numpy().astype(np.float32).view(np.uint32).astype(np.int64)
+        for d in (-1, 0, 1):
+            pts += [(mids + d).astype(np.uint32), ((mids + d) ^ 0x80000000).astype(np.uint32)]
+    edges = (np.arange(O.BUCKETS + 2, dtype=np.int64) + O.BUCKET_BASE - 1) << O.BUCKET_SHIFT
+    for d in (-1, 0, 1):
+        pts += [(edges + d).astype(np.uint32), ((edges + d) ^ 0x80000000).astype(np.uint32)]
+    pts.append(np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF, 0xFFFFFFFF,
+                         0x7F800001, 0x3F800000, 0xBF800000, 1, 0x80000001], dtype=np.uint32))
+    return np.concatenate(pts)
+
+
+def test_cuda_quantizer_forms_with_complemented_table():
+    """The CUDA AdamW / Adam kernel's quantizer forms (csrc/cuda/optim8bit.cu quantize_c and
+    quantize_unsigned_half_c, on the table with thr complemented in shared memory) give
+    quantize's codes for every kind of float: numpy models of the three, bit for bit."""
+    bits = _table_points()
+    x = bits.view(np.float32)
+    neg = x < 0
+    a = bits & np.uint32(0x7FFFFFFF)
+    mant_n = np.where(neg, (a & O.MANT) ^ O.MANT, a & O.MANT).astype(np.uint32)
+    for code, signed in ((O.signed_map(), True), (O.unsigned_map(), False)):
+        tab = O.bucket_table(code, signed).numpy().view(np.uint32)
+        # quantize (csrc/optim8bit.h), the form every backend uses
+        k = np.clip((a >> O.BUCKET_SHIFT).astype(np.int64) - O.BUCKET_BASE, 0, O.BUCKETS - 1)
+        e = tab[np.where(neg, k + O.BUCKETS, k)]
+        want = (e >> 23).astype(np.int64) + (mant_n > (e & O.MANT))
+        # quantize_c: complemented thr, key clamped to [base, base + buckets - 1]
+        tc = tab ^ np.uint32(O.MANT)
+        key = np.clip((a >> O.BUCKET_SHIFT).astype(np.int64), O.BUCKET_BASE, O.BUCKET_BASE + O.BUCKETS - 1)
+        ec = tc[np.where(neg, key + O.BUCKETS, key) - O.BUCKET_BASE].astype(np.uint64)
+        got = ((ec + mant_n) >> 23).astype(np.int64)
+        assert np.array_equal(got, want), f"quantize_c differs ({'signed' if signed else 'unsigned'})"
+        if not signed:  # quantize_unsigned_half_c: the x >= 0 half only, code 0 for x < 0
+            eh = tc[key - O.BUCKET_BASE].astype(np.uint64)
+            got = np.where(neg, 0, ((eh + (a & O.MANT)) >> 23).astype(np.int64))
+            assert np.array_equal(got, want), "quantize_unsigned_half_c differs"
+
+
+def _edge_states(ps):
+    s1, a1, s2, a2 = [], [], [], []
+    for i, p in enumerate(ps):
+        blocks = -(-p.numel() // 256)
+        if i == 2:  # 32-bit states
+            s1.append(torch.randn(p.shape) * 1e-3); a1.append(torch.zeros(0))
+            s2.append(torch.rand(p.shape) * 1e-5); a2.append(torch.zeros(0))
+        else:
+            s1.append(torch.randint(0, 256, p.shape, dtype=torch.uint8)); a1.append(torch.rand(blocks) * 1e-2)
+            s2.append(torch.randint(0, 256, p.shape, dtype=torch.uint8)); a2.append(torch.rand(blocks) * 1e-4)
+    return s1, a1, s2, a2
+
+
+def _same_bits(a, b):  # equal bits, NaNs at the same places (CPU and GPU NaN payloads differ)
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    na, nb = a.isnan(), b.isnan()
+    it = torch.int16 if a.element_size() == 2 else torch.int32
+    return torch.equal(na, nb) and torch.equal(a[~na].view(it), b[~nb].view(it))
+
+
+def _misaligned(t):  # the same values at element offset 1 of a buffer
+    buf = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+    buf[1:] = t.reshape(-1)
+    return buf[1:].view(t.shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_gpu_cuda_adam_edge_blocks_give_the_cpu_bits(kind, dtype):
+    """The CUDA AdamW / Adam kernel gives the C++ CPU kernel's bits on every path: aligned
+    full blocks (the hot path), tails, a misaligned param and grad, 32-bit states, and
+    blocks whose absmax is subnormal, infinite or 0, with NaN / Inf grads; two steps."""
+    require("cuda", "cuda")
+    torch.manual_seed(5)
+    sizes = [(65536,), (4097,), (3000,), (300, 257), (8192,)]
+    ps = [(torch.randn(s) * 0.1).to(dtype) for s in sizes]
+    gs = [(torch.randn(s) * torch.logspace(-30, 2, s[-1])[torch.randperm(s[-1])]).to(dtype) for s in sizes]
+    g = gs[0]
+    g[0:256] = 0.0
+    g[0:256:7] = 1e-20           # block 0: v's absmax subnormal, with zeros
+    g[256:512] = 1e20            # block 1: v overflows to inf
+    g[512] = float("nan")
+    g[513] = float("inf")
+    g[1024:1280] = 0.0           # block 4: all zero (with its states zeroed below)
+    s1, a1, s2, a2 = _edge_states(ps)
+    for a in (a1[0], a2[0]):
+        a[0:2] = 0.0
+        a[4] = 0.0
+    lists = [ps, gs, s1, a1, s2, a2]
+    cpu = [[t.clone() for t in lst] for lst in lists]
+    gpu = [[t.cuda() for t in lst] for lst in lists]
+    for li in (0, 1):  # tensor 4: misaligned param and grad (the general path)
+        gpu[li][4] = _misaligned(gpu[li][4])
+    args = (kind, 1e-3, 0.9, 0.999, 1e-8, 0.05, 3)
+    for _ in range(2):
+        with fusedops.use_backend("cpp"):
+            fusedops.optimizer_step_8bit_(*cpu, *args)
+        with fusedops.use_backend("cuda"):
+            fusedops.optimizer_step_8bit_(*gpu, *args)
+    for li, name in enumerate(["params", "grads", "state1", "absmax1", "state2", "absmax2"]):
+        for i, (a, b) in enumerate(zip(cpu[li], gpu[li])):
+            assert _same_bits(a, b.cpu().contiguous()), f"{name}[{i}] differs from the CPU kernel"

@@ -2,6 +2,7 @@
 // Rows in parallel; statistics in double, math in fp32; dW/dB from fp32 partials of fixed
 // row chunks (independent of the thread count), summed by the caller in chunk order.
 #include "../common.h"
+#include "../norm_ops.h"
 
 #include <cmath>
 #include <type_traits>
@@ -207,7 +208,59 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
 }  // namespace
 }  // namespace fusedops
 
+// The ops: outputs allocated here, any leading shape (csrc/norm_ops.h).
+namespace fusedops {
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_act_forward(Tensor x, std::optional<Tensor> r,
+                                                            std::optional<Tensor> w, std::optional<Tensor> b,
+                                                            double eps, int64_t act, bool rms, int64_t mode,
+                                                            bool y_float) {
+  STD_TORCH_CHECK(x.is_cpu(), "fusedops_C::norm_act_fwd (CPU): x must be on the CPU");
+  return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_float);
+}
+
+// Fixed row chunks, independent of the thread count (as the partial rows on CUDA).
+int64_t partial_rows(int64_t m, int64_t /*n*/, const Tensor& /*s*/) {
+  return std::max<int64_t>(1, std::min<int64_t>(m, 64));
+}
+
+template <typename W>
+void sum_rows(const float* part, W* out, int64_t p, int64_t n) {
+  torch::stable::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < p; ++i) acc += part[i * n + j];
+      out[j] = static_cast<W>(acc);
+    }
+  });
+}
+
+// dW / dB: the (P, N) fp32 partial rows summed per column in row order, in fp32, rounded
+// once to the parameter's dtype.
+void sum_partials(const Tensor& dwp, Tensor& dw, bool sum_w, const Tensor& dbp, Tensor& db, bool sum_b, int64_t p,
+                  int64_t n) {
+  for (int k = 0; k < 2; ++k) {
+    if (!(k == 0 ? sum_w : sum_b)) continue;
+    const Tensor& part = k == 0 ? dwp : dbp;
+    Tensor& out = k == 0 ? dw : db;
+    dispatch_float(out.scalar_type(), k == 0 ? "weight" : "bias", [&]<typename W>() {
+      sum_rows<W>(static_cast<const float*>(part.data_ptr()), static_cast<W*>(out.data_ptr()), p, n);
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_act_backward(Tensor dy, Tensor s, std::optional<Tensor> w,
+                                                     std::optional<Tensor> b, std::optional<Tensor> mean, Tensor rstd,
+                                                     std::optional<Tensor> ds, int64_t act) {
+  STD_TORCH_CHECK(s.is_cpu(), "fusedops_C::norm_act_bwd (CPU): s must be on the CPU");
+  return norm::backward(partial_rows, norm_act_bwd, sum_partials, dy, s, w, b, mean, rstd, ds, act);
+}
+
+}  // namespace
+}  // namespace fusedops
+
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CPU, m) {
-  m.impl("norm_act_fwd", TORCH_BOX(&fusedops::norm_act_fwd));
-  m.impl("norm_act_bwd", TORCH_BOX(&fusedops::norm_act_bwd));
+  m.impl("norm_act_fwd", TORCH_BOX(&fusedops::norm_act_forward));
+  m.impl("norm_act_bwd", TORCH_BOX(&fusedops::norm_act_backward));
 }

@@ -515,19 +515,6 @@ dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, 
 
 // ---- host ---------------------------------------------------------------------------------
 
-int sm_count(int32_t device) {
-  static std::atomic<int> cache[64];
-  if (device >= 0 && device < 64) {
-    const int hit = cache[device].load(std::memory_order_relaxed);
-    if (hit > 0) return hit;
-  }
-  int sms = 0;
-  FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sms = std::max(sms, 1);
-  if (device >= 0 && device < 64) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
-}
-
 // Elements per 16-byte access of T where y's layout (and every other tensor's: same
 // strides, 16-byte aligned) allows it, else 1.
 template <typename T>

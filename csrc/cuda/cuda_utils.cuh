@@ -3,6 +3,8 @@
 
 #include "../common.h"
 
+#include <atomic>
+
 #include <cuda_runtime.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -24,6 +26,21 @@ inline cudaStream_t current_stream(int32_t device) {
   void* stream = nullptr;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
   return static_cast<cudaStream_t>(stream);
+}
+
+// Multiprocessors of `device`, asked once per device (cudaDeviceGetAttribute: cheap, unlike
+// cudaGetDeviceProperties).
+inline int sm_count(int32_t device) {
+  static std::atomic<int> cache[64];
+  if (device >= 0 && device < 64) {
+    const int hit = cache[device].load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
+  int sms = 0;
+  FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  sms = sms > 1 ? sms : 1;
+  if (device >= 0 && device < 64) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
 }
 
 // N elements of T packed for one 16-byte (or wider) memory access.

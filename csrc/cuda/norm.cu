@@ -4,10 +4,12 @@
 // One block per row (grid-stride over rows). Each thread owns the same columns of every
 // row: packets of V elements (16-byte accesses when the rows are aligned and N % V == 0,
 // else V = 1), P packets per thread held in registers (fp32). Statistics by warp shuffles
-// + a shared-memory combine, fp32, two-pass (mean, then sum of squared deviations).
+// + a shared-memory combine (one barrier a reduction), fp32, two-pass (mean, then sum of
+// squared deviations).
 // Rows too long for registers (more than 512 threads x 16 packets) take a streaming path
 // that re-reads the row from global memory (L2) per pass.
 #include "norm_common.cuh"
+#include "../norm_ops.h"
 
 namespace fusedops {
 namespace {
@@ -51,8 +53,10 @@ __device__ __forceinline__ void store_y(const FwdParams& p, int64_t row, int64_t
 // Row in registers: P packets of V elements per thread.
 template <typename T, typename W, typename Y, int V, int P>
 __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdParams p) {
-  __shared__ float red[33];
+  __shared__ float red[2][32];  // alternated between reductions (block_sum1)
+  int par = 0;
   const int64_t n = p.n;
+  const float inv_n = 1.f / static_cast<float>(n);
   for (int64_t row = blockIdx.x; row < p.m; row += gridDim.x) {
     float v[P][V];
     float sum = 0.f;
@@ -67,7 +71,10 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdPara
       }
     }
     float mean = 0.f;
-    if (!p.rms) mean = block_sum(sum, red) / static_cast<float>(n);
+    if (!p.rms) {
+      mean = block_sum1(sum, red[par]) * inv_n;
+      par ^= 1;
+    }
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < P; ++k) {
@@ -80,7 +87,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdPara
         }
       }
     }
-    const float rstd = rsqrtf(block_sum(sq, red) / static_cast<float>(n) + p.eps);
+    const float rstd = rsqrtf(block_sum1(sq, red[par]) * inv_n + p.eps);
+    par ^= 1;
     if (threadIdx.x == 0) {
       if (!p.rms) p.mean[row] = mean;
       p.rstd[row] = rstd;
@@ -188,6 +196,21 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
 }  // namespace
 }  // namespace fusedops
 
+// The op: outputs allocated here, any leading shape (csrc/norm_ops.h).
+namespace fusedops {
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_act_forward(Tensor x, std::optional<Tensor> r,
+                                                            std::optional<Tensor> w, std::optional<Tensor> b,
+                                                            double eps, int64_t act, bool rms, int64_t mode,
+                                                            bool y_float) {
+  STD_TORCH_CHECK(x.is_cuda(), "fusedops_C::norm_act_fwd (CUDA): x must be a CUDA tensor");
+  return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_float);
+}
+
+}  // namespace
+}  // namespace fusedops
+
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
-  m.impl("norm_act_fwd", TORCH_BOX(&fusedops::norm_act_fwd));
+  m.impl("norm_act_fwd", TORCH_BOX(&fusedops::norm_act_forward));
 }

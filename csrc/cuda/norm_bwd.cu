@@ -2,13 +2,16 @@
 // (the forward: norm.cu; shared helpers: norm_common.cuh).
 //
 // Rows held on chip (norm_act_bwd_rows_kernel): a fixed grid of P blocks (the caller's
-// partial count), each owning a contiguous range of rows, ty rows a step; dx written once;
+// partial count), each owning a contiguous range of rows, ty rows a step, the next steps'
+// rows already in flight as asynchronous copies into a shared-memory ring; dx written once;
 // dW/dB as one fp32 partial row per block, summed by the caller in a fixed order
 // (deterministic, no atomics). Strided dy (e.g. stride 0 from .sum()), odd N, unaligned
 // rows and rows longer than 16384 (bf16) take the streaming kernel: two passes per row,
 // the block's partial row read-modified-written in global memory by its owner thread.
 #include "norm_common.cuh"
+#include "../norm_ops.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -115,6 +118,19 @@ __device__ __forceinline__ Packed<T, V> load_raw(const T* p) {
   return *reinterpret_cast<const Packed<T, V>*>(p);
 }
 
+// Asynchronous 16-byte global -> shared copies (sm_80+): a thread stages its own packets of
+// the rows ahead and later reads back only what it copied, so a wait on its own copy groups
+// is all the synchronisation the ring needs.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // The backward for rows held on chip: a persistent grid (one block per dW/dB partial row,
 // the caller's count), each block owning a contiguous range of rows, ty rows a step
 // (blockDim = (tx, ty): tx threads per row, PK packets of V elements a thread, 16-byte
@@ -124,16 +140,23 @@ __device__ __forceinline__ Packed<T, V> load_raw(const T* p) {
 // accumulate in fp32 registers (a thread owns its columns), or for the longest rows
 // (kSmemAcc) in shared-memory slots private to the thread; at the end the ty row groups
 // are summed in a fixed order into the block's partial row (deterministic).
-template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct>
+template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kStages>
 __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
-  constexpr bool kPrefetch = !kSmemAcc && kMinBlocks == 1;  // 2 blocks an SM: 64 registers, no room
+  static_assert(kStages == 0 || (kStages >= 2 && !kSmemAcc), "the ring and the shared dW/dB slots exclude each other");
+  constexpr bool kRing = kStages >= 2;
+  // kRing: the rows of the next kStages - 1 steps are in flight as asynchronous copies into
+  // a shared-memory ring (no registers held); else with one block an SM the next row's
+  // packets are prefetched into registers (2 blocks an SM: 64 registers, no room)
+  constexpr bool kPrefetch = !kRing && !kSmemAcc && kMinBlocks == 1;
   constexpr bool kHoldParams = false;  // w/b re-read per row (L1 hits): registers for the prefetch
-  extern __shared__ float dyn[];   // kSmemAcc: dW, dB [2][n]; else the row-group combine buffer [ty][n]
+  extern __shared__ float dyn[];   // kSmemAcc: dW, dB [2][n]; kRing: the ring, then the combine
+                                   // buffer [ty][n]; else the combine buffer
   __shared__ float red[2][16][2];  // [step parity][warp][c1, c2]
   const int tx = blockDim.x, ty = blockDim.y, tix = threadIdx.x, tiy = threadIdx.y;
   const int lane = tix & 31, warps_x = tx >> 5;
   const int wid = tiy * warps_x + (tix >> 5);
   const int64_t n = p.n;
+  const float inv_n = 1.f / static_cast<float>(n);
   int64_t col[PK];
   bool ok[PK];
 #pragma unroll
@@ -184,7 +207,44 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     mo = p.rms ? 0.f : p.mean[r];
     ro = p.rstd[r];
   };
-  if (row < end) load_row(row, xr, dr, mean, rstd);
+  // ring slot of (stage, this thread's row group, packet k): x at [stage][tiy][col], dy after
+  // the x half of the stage; each thread touches only its own slots
+  const int64_t ring_x = static_cast<int64_t>(ty) * n;  // elements of one stage's x (or dy) half
+  T* ring = reinterpret_cast<T*>(dyn);
+  auto ring_x_at = [&](int64_t st, int k) {
+    return ring + st * ring_x * (1 + static_cast<int64_t>(sizeof(Y)) / static_cast<int64_t>(sizeof(T))) +
+           static_cast<int64_t>(tiy) * n + col[k];
+  };
+  auto ring_dy_at = [&](int64_t st, int k) {
+    return reinterpret_cast<Y*>(ring + st * ring_x * (1 + static_cast<int64_t>(sizeof(Y)) / static_cast<int64_t>(sizeof(T))) +
+                                ring_x) + static_cast<int64_t>(tiy) * n + col[k];
+  };
+  constexpr int kDyChunks = static_cast<int>(sizeof(Y)) * V / 16;
+  auto issue_row = [&](int64_t st, int64_t r) {  // copies of row r into stage st (nothing past the end)
+    if (r < end) {
+#pragma unroll
+      for (int k = 0; k < PK; ++k) {
+        if (ok[k]) {
+          cp_async16(ring_x_at(st, k), xs + r * p.sxs + col[k]);
+#pragma unroll
+          for (int c = 0; c < kDyChunks; ++c)  // fp32 dy with 16-bit x: two 16-byte chunks
+            cp_async16(reinterpret_cast<char*>(ring_dy_at(st, k)) + 16 * c,
+                       reinterpret_cast<const char*>(dyp + r * p.sdy0 + col[k]) + 16 * c);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (kRing) {
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) issue_row(st, row + static_cast<int64_t>(st) * ty);
+    if (row < end) {
+      mean = p.rms ? 0.f : p.mean[row];
+      rstd = p.rstd[row];
+    }
+  } else if (row < end) {
+    load_row(row, xr, dr, mean, rstd);
+  }
   for (int64_t step = 0; step < steps; ++step) {
     const bool valid = row < end;
     const int64_t next = row + ty;
@@ -193,6 +253,26 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     float mean_n = 0.f, rstd_n = 0.f;
     if constexpr (kPrefetch) {
       if (next < end) load_row(next, xn, dn, mean_n, rstd_n);
+    }
+    if constexpr (kRing) {
+      // refill the slot read in the previous step (its values are consumed: no hazard), then
+      // wait for this step's copies
+      issue_row((step + kStages - 1) % kStages, row + static_cast<int64_t>(kStages - 1) * ty);
+      if (next < end) {
+        mean_n = p.rms ? 0.f : p.mean[next];
+        rstd_n = p.rstd[next];
+      }
+      cp_async_wait<kStages - 1>();
+      if (valid) {
+        const int64_t st = step % kStages;
+#pragma unroll
+        for (int k = 0; k < PK; ++k) {
+          if (ok[k]) {
+            xr[k] = *reinterpret_cast<const Packed<T, V>*>(ring_x_at(st, k));
+            dr[k] = *reinterpret_cast<const Packed<Y, V>*>(ring_dy_at(st, k));
+          }
+        }
+      }
     }
     float g[PK][V];  // xhat is recomputed from the raw packet after the row sums (fewer registers)
     float c1 = 0.f, c2 = 0.f;
@@ -244,13 +324,17 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
       red[par][wid][1] = c2;
     }
     __syncthreads();  // red[par] is next written two steps later, after another barrier
-    float s1 = 0.f, s2 = 0.f;
-    for (int i = 0; i < warps_x; ++i) {
-      s1 += red[par][tiy * warps_x + i][0];
-      s2 += red[par][tiy * warps_x + i][1];
+    // the group's warp sums: lane i takes warp i's, then a butterfly (every lane gets the
+    // same bits; 2 loads and 10 shuffles instead of a loop of 2 * warps_x loads)
+    float s1 = lane < warps_x ? red[par][tiy * warps_x + lane][0] : 0.f;
+    float s2 = lane < warps_x ? red[par][tiy * warps_x + lane][1] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+      s2 += __shfl_xor_sync(0xffffffffu, s2, o);
     }
-    const float m1 = p.rms ? 0.f : s1 / static_cast<float>(n);
-    const float m2 = s2 / static_cast<float>(n);
+    const float m1 = p.rms ? 0.f : s1 * inv_n;
+    const float m2 = s2 * inv_n;
     if (valid) {
 #pragma unroll
       for (int k = 0; k < PK; ++k) {
@@ -281,6 +365,9 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
       for (int k = 0; k < PK; ++k) xr[k] = xn[k], dr[k] = dn[k];
       mean = mean_n;
       rstd = rstd_n;
+    } else if constexpr (kRing) {
+      mean = mean_n;
+      rstd = rstd_n;
     } else if (next < end) {
       load_row(next, xr, dr, mean, rstd);
     }
@@ -304,6 +391,10 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
       if (dbp) store_pack<float, V>(dbp + col[k], db[k]);
     }
   } else {
+    if constexpr (kRing) {
+      cp_async_wait<0>();  // (only empty groups are left) the ring becomes the combine buffer
+      __syncthreads();
+    }
     for (int which = 0; which < 2; ++which) {
       float* out = which == 0 ? dwp : dbp;
       if (out == nullptr) continue;  // uniform over the block
@@ -331,35 +422,72 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   }
 }
 
-bool force_stream() {
-  static const bool forced = [] {
-    const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
-    return v != nullptr && std::string(v) == "stream";
-  }();
-  return forced;
-}
-
-int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
-
 // Block shape of the on-chip backward for rows of n elements in packets of V, at most 512
 // threads: 8 elements a thread over ty = 512 / tx rows a step (n <= 4096, 2 blocks an SM),
 // 16 a thread (n <= 8192, one row a step, 1 block an SM), 32 a thread with shared-memory
 // dW/dB accumulators (n <= 16384); false: the streaming kernel. Mirrored by
-// fusedops/ops/norm.py (_native_programs: the number of blocks = partial rows).
+// partial_rows below (the number of blocks = partial rows). The first
+// two stream their rows through a kRingStages-deep shared-memory ring of asynchronous copies
+// (FUSEDOPS_NORM_CUDA_BWD=regs: through registers, to compare).
+constexpr int kRingStages = 3;
+
+enum class BwdPath { kRing, kRegs, kStream };
+
+BwdPath bwd_path() {
+  static const BwdPath path = [] {
+    const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
+    const std::string s = v == nullptr ? "" : v;
+    return s == "stream" ? BwdPath::kStream : (s == "regs" ? BwdPath::kRegs : BwdPath::kRing);
+  }();
+  return path;
+}
+
+// Lets `kernel` use all the dynamic shared memory a block may opt in to (the device's
+// opt-in limit less the kernel's static shared memory), once per device and kernel.
+template <auto kernel>
+void allow_max_smem() {
+  static std::atomic<uint64_t> done{0};  // one per kernel: a template argument
+  int dev = 0;
+  FUSEDOPS_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return;
+  int optin = 0;
+  FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  cudaFuncAttributes attr{};
+  FUSEDOPS_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           optin - static_cast<int>(attr.sharedSizeBytes)));
+  done.fetch_or(bit, std::memory_order_relaxed);
+}
+
+int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
+
+template <typename T, typename W, typename Y, int V, int PK, int kMinBlocks, int kAct>
+void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStream_t stream) {
+  const size_t combine = ty > 1 ? static_cast<size_t>(ty) * p.n * sizeof(float) : 0;
+  if (bwd_path() == BwdPath::kRegs) {
+    norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, 0><<<blocks, dim3(tx, ty), combine, stream>>>(p);
+    return;
+  }
+  const size_t ring = kRingStages * static_cast<size_t>(ty) * p.n * (sizeof(T) + sizeof(Y));
+  const size_t smem = std::max(ring, combine);
+  constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, kRingStages>;
+  allow_max_smem<kernel>();
+  kernel<<<blocks, dim3(tx, ty), smem, stream>>>(p);
+}
+
 template <typename T, typename W, typename Y, int V, int kAct>
 bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
   constexpr int PK8 = V >= 8 ? 1 : 8 / V;
   const auto threads = [&](int pk) { return round_warp((p.n + V * pk - 1) / (V * pk)); };
   if (threads(PK8) <= 512) {
-    const int tx = threads(PK8), ty = 512 / tx;
-    const size_t smem = ty > 1 ? static_cast<size_t>(ty) * p.n * sizeof(float) : 0;
-    norm_act_bwd_rows_kernel<T, W, Y, V, PK8, false, 2, kAct><<<blocks, dim3(tx, ty), smem, stream>>>(p);
+    const int tx = threads(PK8);
+    launch_rows_plain<T, W, Y, V, PK8, 2, kAct>(p, blocks, tx, 512 / tx, stream);
   } else if (threads(2 * PK8) <= 512) {
-    norm_act_bwd_rows_kernel<T, W, Y, V, 2 * PK8, false, 1, kAct>
-        <<<blocks, dim3(threads(2 * PK8), 1), 0, stream>>>(p);
+    launch_rows_plain<T, W, Y, V, 2 * PK8, 1, kAct>(p, blocks, threads(2 * PK8), 1, stream);
   } else if (threads(4 * PK8) <= 512) {
     const size_t smem = 2 * static_cast<size_t>(p.n) * sizeof(float);
-    auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct>;
+    auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct, 0>;
     FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
     kernel<<<blocks, dim3(threads(4 * PK8), 1), smem, stream>>>(p);
@@ -419,7 +547,7 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
     q.ds_packed = p.has_ds && p.sds1 == 1 && can_pack<V>(n, {{p.ds, p.sds0}}, sizeof(T));
     // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
     // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
-    if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), stream))) {
+    if (!(packed && bwd_path() != BwdPath::kStream && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), stream))) {
       norm_act_bwd_stream_kernel<T, W, Y, 1, false><<<static_cast<int>(blocks), kMaxThreads, 0, stream>>>(p);
       FUSEDOPS_CHECK_LAUNCH();
     }
@@ -429,6 +557,101 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
 }  // namespace
 }  // namespace fusedops
 
+// The op: outputs allocated here, any leading shape (csrc/norm_ops.h); dW / dB summed from
+// the partial rows and cast by a second small kernel.
+namespace fusedops {
+namespace {
+
+// dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small
+// inputs (launch-bound); else as many as are resident at once (launch_bwd_rows: rows of
+// n <= 4096 run in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
+// rows 1 block an SM).
+int64_t partial_rows(int64_t m, int64_t n, const Tensor& s) {
+  if (m * n <= (int64_t{1} << 17)) return 1;
+  const int64_t sms = sm_count(s.get_device_index());
+  const int64_t tx = ((n + 7) / 8 + 31) / 32 * 32;
+  if (tx <= 512) {
+    const int64_t per_step = 512 / tx;
+    return std::max<int64_t>(1, std::min<int64_t>((m + per_step - 1) / per_step, 2 * sms));
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(m, sms));
+}
+
+struct SumParams {
+  const float* part[2];
+  void* out[2];
+  int dtype[2];  // 0 float32, 1 float16, 2 bfloat16
+  int64_t p, n;
+};
+
+int dtype_code(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return 0;
+    case ScalarType::Half: return 1;
+    case ScalarType::BFloat16: return 2;
+    default: STD_TORCH_CHECK(false, "fusedops_C norm (CUDA): parameters must be float32, float16 or bfloat16");
+  }
+  return 0;
+}
+
+// out[j] = sum over i of part[i, j] in fp32, cast to the output dtype; blockIdx.y the output
+// (dW, dB). A block (32, kSumGroups) owns 32 columns: thread row g sums the partial rows
+// g, g + kSumGroups, ... in order, then thread row 0 adds the groups' sums in order.
+// Deterministic: no atomics, a fixed order per column.
+constexpr int kSumGroups = 8;
+
+__global__ void __launch_bounds__(32 * kSumGroups) norm_partials_sum_kernel(const SumParams q) {
+  __shared__ float part_sum[kSumGroups][33];
+  const int which = blockIdx.y;
+  const float* part = q.part[which];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (j < q.n)
+    for (int64_t i = threadIdx.y; i < q.p; i += kSumGroups) acc += part[i * q.n + j];
+  part_sum[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y != 0 || j >= q.n) return;
+  acc = 0.f;
+#pragma unroll
+  for (int g = 0; g < kSumGroups; ++g) acc += part_sum[g][threadIdx.x];
+  switch (q.dtype[which]) {
+    case 0: static_cast<float*>(q.out[which])[j] = acc; break;
+    case 1: static_cast<c10::Half*>(q.out[which])[j] = static_cast<c10::Half>(acc); break;
+    default: static_cast<c10::BFloat16*>(q.out[which])[j] = static_cast<c10::BFloat16>(acc); break;
+  }
+}
+
+void sum_partials(const Tensor& dwp, Tensor& dw, bool sum_w, const Tensor& dbp, Tensor& db, bool sum_b, int64_t p,
+                  int64_t n) {
+  SumParams q{};
+  int k = 0;
+  const auto add = [&](const Tensor& part, const Tensor& out) {
+    q.part[k] = static_cast<const float*>(part.data_ptr());
+    q.out[k] = out.data_ptr();
+    q.dtype[k++] = dtype_code(out.scalar_type());
+  };
+  if (sum_w) add(dwp, dw);
+  if (sum_b) add(dbp, db);
+  q.p = p;
+  q.n = n;
+  const int device = (sum_w ? dw : db).get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  STD_TORCH_CHECK((n + 31) / 32 < (int64_t{1} << 31), "fusedops_C::norm_act_bwd (CUDA): hidden size too large");
+  const dim3 grid(static_cast<unsigned>((n + 31) / 32), k);
+  norm_partials_sum_kernel<<<grid, dim3(32, kSumGroups), 0, current_stream(device)>>>(q);
+  FUSEDOPS_CHECK_LAUNCH();
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_act_backward(Tensor dy, Tensor s, std::optional<Tensor> w,
+                                                     std::optional<Tensor> b, std::optional<Tensor> mean, Tensor rstd,
+                                                     std::optional<Tensor> ds, int64_t act) {
+  STD_TORCH_CHECK(s.is_cuda(), "fusedops_C::norm_act_bwd (CUDA): s must be a CUDA tensor");
+  return norm::backward(partial_rows, norm_act_bwd, sum_partials, dy, s, w, b, mean, rstd, ds, act);
+}
+
+}  // namespace
+}  // namespace fusedops
+
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
-  m.impl("norm_act_bwd", TORCH_BOX(&fusedops::norm_act_bwd));
+  m.impl("norm_act_bwd", TORCH_BOX(&fusedops::norm_act_backward));
 }

@@ -13,12 +13,23 @@ namespace {
 constexpr int kMaxThreads = 512;  // forward and streaming kernels: __launch_bounds__(512)
 constexpr int kMaxPacks = 16;
 
+// 1 / x through the hardware reciprocal (relative error < 2^-22; 1 / inf = 0).
+__device__ __forceinline__ float fast_rcp(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// Activations in fp32. gelu_tanh as z * sigmoid(2u) (0.5 (1 + tanh u) = sigmoid(2u)) and
+// silu through __expf and the hardware reciprocal: a few instructions instead of tanhf /
+// expf / IEEE division, which made the kernels compute-bound (the Triton kernels use the
+// same forms); erf stays erff.
 __device__ __forceinline__ float act_fwd(float z, int act) {
   switch (act) {
     case 1: return z > 0.f ? z : 0.f;
     case 2: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-    case 3: return 0.5f * z * (1.f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
-    case 4: return z / (1.f + expf(-z));
+    case 3: return z * fast_rcp(1.f + __expf(-1.5957691216057308f * (z + 0.044715f * z * z * z)));
+    case 4: return z * fast_rcp(1.f + __expf(-z));
     default: return z;
   }
 }
@@ -26,13 +37,17 @@ __device__ __forceinline__ float act_fwd(float z, int act) {
 __device__ __forceinline__ float act_grad(float z, int act) {
   switch (act) {
     case 1: return z > 0.f ? 1.f : 0.f;
-    case 2: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * expf(-0.5f * z * z) * 0.39894228040143268f;
+    case 2: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * __expf(-0.5f * z * z) * 0.39894228040143268f;
     case 3: {
-      const float t = tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z));
-      return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * 0.79788456080286536f * (1.f + 0.134145f * z * z);
+      // sg = sigmoid(2u): 1 - tanh^2 u = 4 sg (1 - sg), with 1 - sg = e sg (e = exp(-2u))
+      // where that avoids the cancellation
+      const float e = __expf(-1.5957691216057308f * (z + 0.044715f * z * z * z));
+      const float sg = fast_rcp(1.f + e);
+      const float one_minus = e > 1.f ? 1.f - sg : e * sg;
+      return sg + 1.5957691216057308f * z * sg * one_minus * (1.f + 0.134145f * z * z);
     }
     case 4: {
-      const float sg = 1.f / (1.f + expf(-z));
+      const float sg = fast_rcp(1.f + __expf(-z));
       return sg * (1.f + z * (1.f - sg));
     }
     default: return 1.f;
@@ -56,6 +71,23 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   }
   __syncthreads();
   return red[32];
+}
+
+// Sum over the block with one barrier; every thread gets the same bits (a butterfly:
+// each step adds two equal-order partial sums, commutative). `red` holds 32 floats and must
+// not be written again before every thread has passed another barrier: callers alternate
+// two buffers.
+__device__ __forceinline__ float block_sum1(float v, float* red) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warps = (blockDim.x + 31) >> 5;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < warps ? red[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+  return t;
 }
 
 template <typename T, int V>

@@ -6,7 +6,8 @@ GPU: bf16 (or the fp16/bf16 asked for), rows 32768, N in {768, ..., 16384} (or -
 plus 16x4096 where launch overhead dominates (timed on the device and, as "... host", by
 host wall clock per call). CPU: two small shapes, fp32.
 Short sweeps: --sizes 1024,4096 --cases LN+GELU --impls eager,fusedops:triton --no-compile
-(labels: eager, torch.compile, liger+eager act, fusedops:triton, fusedops:cuda).
+(labels: eager, torch.compile, liger+eager act, fusedops (the defaults, on CUDA), fusedops:triton,
+fusedops:cuda).
 Baselines: eager (F.layer_norm / F.rms_norm + activation), torch.compile of the same,
 Liger-Kernel's LigerLayerNorm / LigerRMSNorm + eager activation when importable.
 
@@ -156,6 +157,8 @@ def norm_cases(ctx) -> list:
                         except Exception:  # a peer that cannot run this case is left out
                             pass
                     fused = _fused_fn(norm, act, residual, eps)
+                    if cuda:  # the defaults: by hidden size, forward and backward chosen separately
+                        impls["fusedops"] = Impl(_runner(fused, x, r, w, b, backward, grads))
                     for be in backends:
                         impls[f"fusedops:{be}"] = Impl(_runner(fused, x, r, w, b, backward, grads), backend=be)
                     mode = "fwd+bwd" if backward else "fwd"

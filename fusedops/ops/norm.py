@@ -43,15 +43,17 @@ from ._library import LIB, define
 ACTIVATIONS = reference.ACTIVATIONS
 _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 
-# Defaults on CUDA tensors, by hidden size N (H100, LN+GELU(tanh) bf16, 32768 rows, fwd+bwd
-# µs, CUDA C++ vs Triton; bench/NOTES.md): N <= 2048 the CUDA C++ kernels (768: 651 vs 1018,
-# 1024: 769 vs 1128, 2048: 651 vs 1266 — the host time of the launches decides there), above
-# it Triton (4096: 840 vs 828 and fwd 307 vs 187; 8192: 1822 vs 1234; 16384: 5441 vs 4285).
+# Defaults on CUDA tensors, by hidden size N, for the forward and the backward separately
+# (either backward takes either forward's saved statistics). H100, LN+GELU(tanh) bf16, 32768
+# rows, device µs (bench/NOTES.md): forward CUDA C++ vs Triton 88 vs 76 at 1024 (host time
+# decides there: CUDA C++ fwd+bwd 291 µs wall vs Triton 420), 262 vs 186 at 4096, 545 vs
+# 386 at 8192 — CUDA C++ up to N = 2048, Triton above; backward CUDA C++ vs Triton 380 vs
+# 394 at 4096, 696 vs ~850 at 8192, Triton at 16384 — CUDA C++ up to N = 8192.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 SMALL_N = ("cuda", 2048)
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=SMALL_N) for op in FWD_OPS}
-_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=SMALL_N)
+_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("cuda", 8192))
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
@@ -111,18 +113,30 @@ def _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms, mod
     Returns (y, s or None, mean or None, rstd)."""
     _check(op, x, residual, weight, bias, activation, out_dtype, inplace=mode == "inplace")
     out_dtype = out_dtype or x.dtype
-    lead, n = x.shape[:-1], x.shape[-1]
+    n = x.shape[-1]
     kernels = _kernels[op]
     if not _kernel_ok(x, weight, bias, out_dtype):
         run_ref = kernels.reference(f"no kernel for x {x.dtype} / weight {getattr(weight, 'dtype', None)} / "
                                     f"out {out_dtype}")
         return run_ref(x, residual, weight, bias, eps, activation, out_dtype, rms, mode)
-    backend = kernels.backend_for(x.device.type, n)
-    if backend == "reference":
-        return _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rms, mode)
+    return kernels.get(kernels.backend_for(x.device.type, n))(x, residual, weight, bias, eps, activation, out_dtype,
+                                                           rms, mode)
+
+
+def _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
+    s = x if mode is None else reference.residual_sum(x, residual)
+    y, mean, rstd = reference.norm_act(s, weight, bias, eps, activation, rms, out_dtype)
+    if mode == "inplace":
+        residual.copy_(s)
+        s = None
+    return y, s, mean, rstd
+
+
+def _fwd_triton(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
+    n = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    mean = None if rms else torch.empty(lead, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(lead, dtype=torch.float32, device=x.device)
+    mean = None if rms else torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         if mode == "out":
             return y, torch.empty_like(x, memory_format=torch.contiguous_format), mean, rstd
@@ -139,43 +153,23 @@ def _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms, mod
             s2 = r2
             copied = r2.untyped_storage().data_ptr() != residual.untyped_storage().data_ptr()
     if x.dim() == 2:  # no views (host time)
-        kernels.get(backend)(x2, r2, s2, y, weight, bias, mean, rstd, eps, activation, rms)
+        _triton.kernels("norm").fwd(x2, r2, s2, y, weight, bias, mean, rstd, eps, activation, rms)
     else:
-        kernels.get(backend)(x2, r2, s2, y.view(-1, n), weight, bias,
-                             None if mean is None else mean.view(-1), rstd.view(-1), eps, activation, rms)
+        _triton.kernels("norm").fwd(x2, r2, s2, y.view(-1, n), weight, bias,
+                                    None if mean is None else mean.view(-1), rstd.view(-1), eps, activation, rms)
     if copied:
         residual.copy_(s2.view(residual.shape))
     return y, s, mean, rstd
 
 
-def _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
-    s = x if mode is None else reference.residual_sum(x, residual)
-    y, mean, rstd = reference.norm_act(s, weight, bias, eps, activation, rms, out_dtype)
-    if mode == "inplace":
-        residual.copy_(s)
-        s = None
-    return y, s, mean, rstd
+_MODE = {None: 0, "out": 1, "inplace": 2}
 
 
-def _fwd_triton(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms):
-    _triton.kernels("norm").fwd(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms)
-
-
-def _same_param_dtype(w, b, x_dtype):
-    """The native kernels take weight and bias of one dtype, x's or fp32: fp32 otherwise
-    (exact for fp16/bf16 parameters; N elements, cheap)."""
-    dts = {t.dtype for t in (w, b) if t is not None}
-    if len(dts) > 1 or (dts and dts.pop() not in (x_dtype, torch.float32)):
-        return (None if w is None else w.float()), (None if b is None else b.float())
-    return w, b
-
-
-def _fwd_native(x2, r2, s2, y2, w, b, mean, rstd, eps, activation, rms):
-    e = rstd.new_empty(0)
-    w, b = _same_param_dtype(w, b, x2.dtype)
-    _native.op("norm_act_fwd")(x2, e if r2 is None else r2, e if s2 is None else s2, y2, e if w is None else w,
-                               e if b is None else b, e if mean is None else mean, rstd, eps, _ACT_CODE[activation],
-                               rms, r2 is not None, w is not None, b is not None)
+def _fwd_native(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
+    """One native call: the extension allocates (y, s, mean, rstd) (csrc/norm_ops.h)."""
+    y, s, mean, rstd = _native.op("norm_act_fwd")(x, residual, weight, bias, eps, _ACT_CODE[activation], rms,
+                                                  _MODE[mode], out_dtype != x.dtype)
+    return y, (s if mode == "out" else None), (None if rms else mean), rstd
 
 
 for _k in _kernels.values():
@@ -189,47 +183,13 @@ for _k in _kernels.values():
 
 def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
     _check_backward(dy, s, weight, bias, mean, rstd, activation, ds)
-    n = s.shape[-1]
-    rms = mean is None
-    empty = s.new_empty(0)
     if not _kernel_ok(s, weight, bias, dy.dtype) or (ds is not None and ds.dtype not in _validate.KERNEL_DTYPES):
-        dx, dw, db = _bwd.reference(f"no kernel for s {s.dtype} / dy {dy.dtype}")(
-            dy, s, weight, bias, mean, rstd, activation, ds)
+        run = _bwd.reference(f"no kernel for s {s.dtype} / dy {dy.dtype}")
     else:
-        backend = _bwd.backend_for(s.device.type, n)
-        if backend == "reference":
-            dx, dw, db = reference.norm_act_backward(dy, s, weight, bias, mean, rstd, activation, ds)
-        else:
-            dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-            dw, db = _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
-                                       None if rms else mean.reshape(-1), rstd.reshape(-1),
-                                       None if ds is None else ds.reshape(-1, n), dx.view(-1, n), activation, rms)
-    if dw is None:
-        dw = empty
-    if db is None:
-        db = empty
-    return dx, dw, db
-
-
-_SM_COUNT: dict = {}
-_SMALL_BWD_ELEMS = 1 << 17
-
-
-def _native_programs(m, n, device):
-    """dW/dB partial rows of the native backward. CUDA: one block per partial row, as many
-    as are resident at once (csrc/cuda/norm_bwd.cu launch_bwd_rows: rows of n <= 4096 run
-    in 512-thread blocks over 512 // tx rows a step, 2 blocks an SM; longer rows 1 block)."""
-    if device.type == "cuda":
-        if m * n <= _SMALL_BWD_ELEMS:  # launch-bound: one block, dW/dB need no sum
-            return 1
-        sms = _SM_COUNT.get(device.index)
-        if sms is None:
-            sms = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        tx = (-(-n // 8) + 31) // 32 * 32
-        if tx <= 512:
-            return max(1, min(-(-m // (512 // tx)), 2 * sms))
-        return max(1, min(m, sms))
-    return max(1, min(m, 64))  # CPU: fixed chunks, independent of the thread count
+        run = _bwd.get(_bwd.backend_for(s.device.type, s.shape[-1]))
+    dx, dw, db = run(dy, s, weight, bias, mean, rstd, activation, ds)
+    empty = None if dw is not None and db is not None else s.new_empty(0)
+    return dx, (empty if dw is None else dw), (empty if db is None else db)
 
 
 def _check_backward(dy, s, weight, bias, mean, rstd, activation, ds):
@@ -259,30 +219,24 @@ norm_act_backward_op = define(
     "str activation, Tensor? ds=None) -> (Tensor, Tensor, Tensor)", _backward_impl, _backward_fake)
 
 
-def _bwd_triton(dy2, s2, w, b, mean, rstd, ds2, dx2, activation, rms):
-    return _triton.kernels("norm").bwd(dy2, s2, w, b, mean, rstd, ds2, dx2, activation, rms)
-
-
-def _bwd_native(dy2, s2, w, b, mean, rstd, ds2, dx2, activation, rms):
-    """Writes dx2; returns (dW, dB): fp32 per-block partials summed in a fixed order."""
-    m, n = s2.shape
-    p = _native_programs(m, n, s2.device)
-    dwp = torch.empty((p, n), dtype=torch.float32, device=s2.device) if w is not None else None
-    dbp = torch.empty((p, n), dtype=torch.float32, device=s2.device) if b is not None else None
-    if m and n:
-        e = rstd.new_empty(0)
-        wk, bk = _same_param_dtype(w, b, s2.dtype)
-        _native.op("norm_act_bwd")(dy2, s2, e if wk is None else wk, e if bk is None else bk,
-                                   e if mean is None else mean, rstd, e if ds2 is None else ds2, dx2,
-                                   e if dwp is None else dwp, e if dbp is None else dbp, _ACT_CODE[activation], rms,
-                                   w is not None, b is not None, ds2 is not None)
+def _bwd_triton(dy, s, weight, bias, mean, rstd, activation, ds=None):
+    n = s.shape[-1]
+    dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    if s.dim() == 2:  # no reshapes (host time)
+        dw, db = _triton.kernels("norm").bwd(dy, _rows(s, n), weight, bias, mean, rstd, ds, dx, activation,
+                                             mean is None)
     else:
-        for t in (dwp, dbp):
-            if t is not None:
-                t.zero_()
-    if p == 1:
-        return (None if dwp is None else dwp[0].to(w.dtype)), (None if dbp is None else dbp[0].to(b.dtype))
-    return (None if dwp is None else dwp.sum(0).to(w.dtype)), (None if dbp is None else dbp.sum(0).to(b.dtype))
+        dw, db = _triton.kernels("norm").bwd(dy.reshape(-1, n), _rows(s, n), weight, bias,
+                                             None if mean is None else mean.reshape(-1), rstd.reshape(-1),
+                                             None if ds is None else ds.reshape(-1, n), dx.view(-1, n), activation,
+                                             mean is None)
+    return dx, dw, db
+
+
+def _bwd_native(dy, s, weight, bias, mean, rstd, activation, ds=None):
+    """One native call: (dx, dW, dB) allocated by the extension, dW/dB summed from fp32
+    partial rows in a fixed order and cast to the parameters' dtypes (empty when absent)."""
+    return _native.op("norm_act_bwd")(dy, s, weight, bias, mean, rstd, ds, _ACT_CODE[activation])
 
 
 _bwd.register("triton")(_bwd_triton)
@@ -523,19 +477,10 @@ def _fast_backend(op, x, weight, bias, out_dtype):
 def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds):
     if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and _kernel_ok(s, weight, bias, dy.dtype)
             and (ds is None or (type(ds) is torch.Tensor and ds.dtype == s.dtype and ds.shape == s.shape))):
-        n = s.shape[-1]
-        backend = _bwd.backend_for(s.device.type, n)
+        backend = _bwd.backend_for(s.device.type, s.shape[-1])
         if backend != "reference":
-            dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-            if s.dim() == 2:  # no reshapes (host time)
-                dw, db = _bwd.get(backend)(dy, _rows(s, n), weight, bias, mean, rstd, ds, dx, activation,
-                                           mean is None)
-            else:
-                dw, db = _bwd.get(backend)(dy.reshape(-1, n), _rows(s, n), weight, bias,
-                                           None if mean is None else mean.reshape(-1), rstd.reshape(-1),
-                                           None if ds is None else ds.reshape(-1, n), dx.view(-1, n), activation,
-                                           mean is None)
-            return dx, dw, db
+            dx, dw, db = _bwd.get(backend)(dy, s, weight, bias, mean, rstd, activation, ds)
+            return dx, (dw if weight is not None else None), (db if bias is not None else None)
     return _grads(dy, s, weight, bias, mean, rstd, activation, ds)
 
 
