@@ -1,11 +1,11 @@
 // LayerNorm / RMSNorm + activation (+ residual add) on CUDA tensors: the backward
 // (the forward: norm.cu; shared helpers: norm_common.cuh).
 //
-// Rows held on chip (norm_act_bwd_rows_kernel): a fixed grid of P blocks (the caller's
-// partial count), each owning a contiguous range of rows, ty rows a step, the next steps'
-// rows already in flight as asynchronous copies into a shared-memory ring; dx written once;
-// dW/dB as one fp32 partial row per block, summed by the caller in a fixed order
-// (deterministic, no atomics). Strided dy (e.g. stride 0 from .sum()), odd N, unaligned
+// Rows held on chip (norm_act_bwd_rows_kernel): a fixed grid of P blocks (partial_rows),
+// each owning a contiguous range of rows, ty rows a step (up to N = 8192 the next steps'
+// rows already in flight as asynchronous copies into a shared-memory ring); dx written
+// once; dW/dB as one fp32 partial row per block, summed in a fixed order by a second small
+// kernel of the same op (deterministic, no atomics). Strided dy (e.g. stride 0 from .sum()), odd N, unaligned
 // rows and rows longer than 16384 (bf16) take the streaming kernel: two passes per row,
 // the block's partial row read-modified-written in global memory by its owner thread.
 #include "norm_common.cuh"
@@ -425,10 +425,10 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 // Block shape of the on-chip backward for rows of n elements in packets of V, at most 512
 // threads: 8 elements a thread over ty = 512 / tx rows a step (n <= 4096, 2 blocks an SM),
 // 16 a thread (n <= 8192, one row a step, 1 block an SM), 32 a thread with shared-memory
-// dW/dB accumulators (n <= 16384); false: the streaming kernel. Mirrored by
-// partial_rows below (the number of blocks = partial rows). The first
-// two stream their rows through a kRingStages-deep shared-memory ring of asynchronous copies
-// (FUSEDOPS_NORM_CUDA_BWD=regs: through registers, to compare).
+// dW/dB accumulators (n <= 16384); false: the streaming kernel. Mirrored by partial_rows
+// below (the number of blocks = partial rows). The first two stream their rows through a
+// kRingStages-deep shared-memory ring of asynchronous copies (FUSEDOPS_NORM_CUDA_BWD=regs:
+// through registers, to compare).
 constexpr int kRingStages = 3;
 
 enum class BwdPath { kRing, kRegs, kStream };
