@@ -135,19 +135,18 @@ __device__ __forceinline__ void cp_async_wait() {
 // the caller's count), each block owning a contiguous range of rows, ty rows a step
 // (blockDim = (tx, ty): tx threads per row, PK packets of V elements a thread, 16-byte
 // accesses). One read of s and dy, one write of dx; xhat, z and act' recomputed from the
-// fp32 mean/rstd. With one block an SM the next row's packets are loaded before this
-// row's reductions (kPrefetch); with two, the other block's loads overlap them. dW/dB
-// accumulate in fp32 registers (a thread owns its columns), or for the longest rows
-// (kSmemAcc) in shared-memory slots private to the thread; at the end the ty row groups
-// are summed in a fixed order into the block's partial row (deterministic).
-template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kStages>
+// fp32 mean/rstd. dW/dB accumulate in fp32 registers (a thread owns its columns), the
+// rows of the next kRingStages - 1 steps in flight as asynchronous copies into a
+// shared-memory ring (no registers held); or, for the longest rows (kSmemAcc), dW/dB in
+// shared-memory slots private to the thread and each row loaded into registers after the
+// previous one. At the end the ty row groups are summed in a fixed order into the block's
+// partial row (deterministic).
+constexpr int kRingStages = 3;
+
+template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct>
 __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
-  static_assert(kStages == 0 || (kStages >= 2 && !kSmemAcc), "the ring and the shared dW/dB slots exclude each other");
-  constexpr bool kRing = kStages >= 2;
-  // kRing: the rows of the next kStages - 1 steps are in flight as asynchronous copies into
-  // a shared-memory ring (no registers held); else with one block an SM the next row's
-  // packets are prefetched into registers (2 blocks an SM: 64 registers, no room)
-  constexpr bool kPrefetch = !kRing && !kSmemAcc && kMinBlocks == 1;
+  constexpr bool kRing = !kSmemAcc;  // the ring and the shared dW/dB slots exclude each other
+  constexpr int kStages = kRingStages;
   constexpr bool kHoldParams = false;  // w/b re-read per row (L1 hits): registers for the prefetch
   extern __shared__ float dyn[];   // kSmemAcc: dW, dB [2][n]; kRing: the ring, then the combine
                                    // buffer [ty][n]; else the combine buffer
@@ -248,12 +247,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   for (int64_t step = 0; step < steps; ++step) {
     const bool valid = row < end;
     const int64_t next = row + ty;
-    Packed<T, V> xn[PK];
-    Packed<Y, V> dn[PK];
     float mean_n = 0.f, rstd_n = 0.f;
-    if constexpr (kPrefetch) {
-      if (next < end) load_row(next, xn, dn, mean_n, rstd_n);
-    }
     if constexpr (kRing) {
       // refill the slot read in the previous step (its values are consumed: no hazard), then
       // wait for this step's copies
@@ -360,12 +354,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
         store_pack<T, V>(static_cast<T*>(p.dx) + row * p.sdx + col[k], dx);
       }
     }
-    if constexpr (kPrefetch) {
-#pragma unroll
-      for (int k = 0; k < PK; ++k) xr[k] = xn[k], dr[k] = dn[k];
-      mean = mean_n;
-      rstd = rstd_n;
-    } else if constexpr (kRing) {
+    if constexpr (kRing) {
       mean = mean_n;
       rstd = rstd_n;
     } else if (next < end) {
@@ -426,20 +415,14 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 // threads: 8 elements a thread over ty = 512 / tx rows a step (n <= 4096, 2 blocks an SM),
 // 16 a thread (n <= 8192, one row a step, 1 block an SM), 32 a thread with shared-memory
 // dW/dB accumulators (n <= 16384); false: the streaming kernel. Mirrored by partial_rows
-// below (the number of blocks = partial rows). The first two stream their rows through a
-// kRingStages-deep shared-memory ring of asynchronous copies (FUSEDOPS_NORM_CUDA_BWD=regs:
-// through registers, to compare).
-constexpr int kRingStages = 3;
-
-enum class BwdPath { kRing, kRegs, kStream };
-
-BwdPath bwd_path() {
-  static const BwdPath path = [] {
+// below (the number of blocks = partial rows). The first two stream their rows through the
+// shared-memory ring of asynchronous copies.
+bool force_stream() {
+  static const bool forced = [] {
     const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
-    const std::string s = v == nullptr ? "" : v;
-    return s == "stream" ? BwdPath::kStream : (s == "regs" ? BwdPath::kRegs : BwdPath::kRing);
+    return v != nullptr && std::string(v) == "stream";
   }();
-  return path;
+  return forced;
 }
 
 // Lets `kernel` use all the dynamic shared memory a block may opt in to (the device's
@@ -465,13 +448,9 @@ int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
 template <typename T, typename W, typename Y, int V, int PK, int kMinBlocks, int kAct>
 void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStream_t stream) {
   const size_t combine = ty > 1 ? static_cast<size_t>(ty) * p.n * sizeof(float) : 0;
-  if (bwd_path() == BwdPath::kRegs) {
-    norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, 0><<<blocks, dim3(tx, ty), combine, stream>>>(p);
-    return;
-  }
   const size_t ring = kRingStages * static_cast<size_t>(ty) * p.n * (sizeof(T) + sizeof(Y));
   const size_t smem = std::max(ring, combine);
-  constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, kRingStages>;
+  constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct>;
   allow_max_smem<kernel>();
   kernel<<<blocks, dim3(tx, ty), smem, stream>>>(p);
 }
@@ -487,7 +466,7 @@ bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
     launch_rows_plain<T, W, Y, V, 2 * PK8, 1, kAct>(p, blocks, threads(2 * PK8), 1, stream);
   } else if (threads(4 * PK8) <= 512) {
     const size_t smem = 2 * static_cast<size_t>(p.n) * sizeof(float);
-    auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct, 0>;
+    auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct>;
     FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
     kernel<<<blocks, dim3(threads(4 * PK8), 1), smem, stream>>>(p);
@@ -547,7 +526,7 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
     q.ds_packed = p.has_ds && p.sds1 == 1 && can_pack<V>(n, {{p.ds, p.sds0}}, sizeof(T));
     // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
     // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
-    if (!(packed && bwd_path() != BwdPath::kStream && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), stream))) {
+    if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), stream))) {
       norm_act_bwd_stream_kernel<T, W, Y, 1, false><<<static_cast<int>(blocks), kMaxThreads, 0, stream>>>(p);
       FUSEDOPS_CHECK_LAUNCH();
     }
