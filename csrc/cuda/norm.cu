@@ -34,24 +34,30 @@ __device__ __forceinline__ void load_s(const FwdParams& p, int64_t row, int64_t 
   }
 }
 
-template <typename T, typename W, typename Y, int V>
+// y of one packet; kAct < 0: the activation read from p.act (streaming kernel). A missing
+// weight / bias is 1 / 0 (z = xhat * w + b without a branch per element).
+template <typename T, typename W, typename Y, int V, int kAct>
 __device__ __forceinline__ void store_y(const FwdParams& p, int64_t row, int64_t col, const float* v, float mean,
                                         float rstd) {
   float w[V], b[V], out[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) w[k] = 1.f, b[k] = 0.f;
   if (p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col, w);
   if (p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col, b);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    float z = (v[k] - mean) * rstd;
-    if (p.has_w) z *= w[k];
-    if (p.has_b) z += b[k];
-    out[k] = act_fwd(z, p.act);
+    const float z = fmaf((v[k] - mean) * rstd, w[k], b[k]);
+    if constexpr (kAct >= 0) {
+      out[k] = act_fwd<kAct>(z);
+    } else {
+      out[k] = act_fwd(z, p.act);
+    }
   }
   store_pack<Y, V>(static_cast<Y*>(p.y) + row * p.sy + col, out);
 }
 
-// Row in registers: P packets of V elements per thread.
-template <typename T, typename W, typename Y, int V, int P>
+// Row in registers: P packets of V elements per thread; the activation a template argument.
+template <typename T, typename W, typename Y, int V, int P, int kAct>
 __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdParams p) {
   __shared__ float red[2][32];  // alternated between reductions (block_sum1)
   int par = 0;
@@ -96,7 +102,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdPara
 #pragma unroll
     for (int k = 0; k < P; ++k) {
       const int64_t col = (static_cast<int64_t>(threadIdx.x) + static_cast<int64_t>(k) * blockDim.x) * V;
-      if (col < n) store_y<T, W, Y, V>(p, row, col, v[k], mean, rstd);
+      if (col < n) store_y<T, W, Y, V, kAct>(p, row, col, v[k], mean, rstd);
     }
   }
 }
@@ -136,7 +142,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_stream_kernel(const 
     for (int64_t col = static_cast<int64_t>(threadIdx.x) * V; col < n; col += step) {
       load_s<T, V>(p, row, col, v);
       if (p.has_r) store_pack<T, V>(static_cast<T*>(p.s) + row * p.ss + col, v);
-      store_y<T, W, Y, V>(p, row, col, v, mean, rstd);
+      store_y<T, W, Y, V, -1>(p, row, col, v, mean, rstd);
     }
   }
 }
@@ -145,14 +151,16 @@ template <typename T, typename W, typename Y, int V>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   const Shape sh = pick_shape(p.n, V, kMaxPacks);
   const dim3 grid(grid_rows(p.m));
-  switch (sh.packs) {
-    case 1: norm_act_fwd_kernel<T, W, Y, V, 1><<<grid, sh.threads, 0, stream>>>(p); break;
-    case 2: norm_act_fwd_kernel<T, W, Y, V, 2><<<grid, sh.threads, 0, stream>>>(p); break;
-    case 4: norm_act_fwd_kernel<T, W, Y, V, 4><<<grid, sh.threads, 0, stream>>>(p); break;
-    case 8: norm_act_fwd_kernel<T, W, Y, V, 8><<<grid, sh.threads, 0, stream>>>(p); break;
-    case 16: norm_act_fwd_kernel<T, W, Y, V, 16><<<grid, sh.threads, 0, stream>>>(p); break;
-    default: norm_act_fwd_stream_kernel<T, W, Y, V><<<grid, kMaxThreads, 0, stream>>>(p); break;
-  }
+  dispatch_act(p.act, [&]<int kAct>() {
+    switch (sh.packs) {
+      case 1: norm_act_fwd_kernel<T, W, Y, V, 1, kAct><<<grid, sh.threads, 0, stream>>>(p); break;
+      case 2: norm_act_fwd_kernel<T, W, Y, V, 2, kAct><<<grid, sh.threads, 0, stream>>>(p); break;
+      case 4: norm_act_fwd_kernel<T, W, Y, V, 4, kAct><<<grid, sh.threads, 0, stream>>>(p); break;
+      case 8: norm_act_fwd_kernel<T, W, Y, V, 8, kAct><<<grid, sh.threads, 0, stream>>>(p); break;
+      case 16: norm_act_fwd_kernel<T, W, Y, V, 16, kAct><<<grid, sh.threads, 0, stream>>>(p); break;
+      default: norm_act_fwd_stream_kernel<T, W, Y, V><<<grid, kMaxThreads, 0, stream>>>(p); break;
+    }
+  });
   FUSEDOPS_CHECK_LAUNCH();
 }
 

@@ -20,37 +20,97 @@ __device__ __forceinline__ float fast_rcp(float x) {
   return r;
 }
 
-// Activations in fp32. gelu_tanh as z * sigmoid(2u) (0.5 (1 + tanh u) = sigmoid(2u)) and
-// silu through __expf and the hardware reciprocal: a few instructions instead of tanhf /
-// expf / IEEE division, which made the kernels compute-bound (the Triton kernels use the
-// same forms); erf stays erff.
+// 2^x through the hardware (ex2.approx.ftz: relative error < 2^-22; results below 2^-126
+// flush to 0, 2^inf = inf, 2^-inf = 0). __expf adds a range fix for subnormal results (3
+// instructions) that the activations below do not need: their e only enters 1 + e.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// Activations in fp32, the activation a compile-time constant of every kernel (no branch
+// per element). gelu_tanh as z * sigmoid(2u) (0.5 (1 + tanh u) = sigmoid(2u), 2u = c (z +
+// a z^3), c = 2 sqrt(2 / pi), a = 0.044715) and silu as z * sigmoid(z), with e = exp(-2u)
+// or exp(-z) as one 2^x of constants folded in double precision, and the hardware
+// reciprocal: a few instructions instead of tanhf / expf / IEEE division, which made the
+// kernels compute-bound (the Triton kernels use the same forms); erf stays erff.
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kGeluC = 1.5957691216057308;  // 2 sqrt(2 / pi)
+constexpr double kGeluA = 0.044715;
+constexpr float kGeluE1 = static_cast<float>(-kGeluC * kLog2e);           // exp(-2u) = 2^(z (E1 + E3 z^2))
+constexpr float kGeluE3 = static_cast<float>(-kGeluC * kGeluA * kLog2e);
+constexpr float kGeluD1 = static_cast<float>(kGeluC);                     // d(2u)/dz = D1 + D3 z^2
+constexpr float kGeluD3 = static_cast<float>(3.0 * kGeluC * kGeluA);
+
+template <int kAct>
+__device__ __forceinline__ float act_fwd(float z) {
+  if constexpr (kAct == 1) {
+    return z > 0.f ? z : 0.f;
+  } else if constexpr (kAct == 2) {
+    return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+  } else if constexpr (kAct == 3) {
+    return z * fast_rcp(1.f + fast_exp2(z * fmaf(kGeluE3, z * z, kGeluE1)));
+  } else if constexpr (kAct == 4) {
+    return z * fast_rcp(1.f + fast_exp2(z * static_cast<float>(-kLog2e)));
+  } else {
+    return z;
+  }
+}
+
+template <int kAct>
+__device__ __forceinline__ float act_grad(float z) {
+  if constexpr (kAct == 1) {
+    return z > 0.f ? 1.f : 0.f;
+  } else if constexpr (kAct == 2) {
+    return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
+           z * fast_exp2(z * z * static_cast<float>(-0.5 * kLog2e)) * 0.39894228040143268f;
+  } else if constexpr (kAct == 3) {
+    // d/dz z sg = sg + z sg (1 - sg) d(2u)/dz, sg = sigmoid(2u) = 1 / (1 + e); 1 - sg as
+    // e sg (no cancellation where sg ~ 1), e clamped so that e = inf (sg = 0) gives 0
+    const float z2 = z * z;
+    const float e = fast_exp2(z * fmaf(kGeluE3, z2, kGeluE1));
+    const float sg = fast_rcp(1.f + e);
+    const float one_minus = fminf(e, 1e30f) * sg;
+    return fmaf(z * sg * one_minus, fmaf(kGeluD3, z2, kGeluD1), sg);
+  } else if constexpr (kAct == 4) {
+    const float sg = fast_rcp(1.f + fast_exp2(z * static_cast<float>(-kLog2e)));
+    return sg * fmaf(z, 1.f - sg, 1.f);
+  } else {
+    return 1.f;
+  }
+}
+
+// The same with the activation known only at run time (the streaming kernels).
 __device__ __forceinline__ float act_fwd(float z, int act) {
   switch (act) {
-    case 1: return z > 0.f ? z : 0.f;
-    case 2: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
-    case 3: return z * fast_rcp(1.f + __expf(-1.5957691216057308f * (z + 0.044715f * z * z * z)));
-    case 4: return z * fast_rcp(1.f + __expf(-z));
+    case 1: return act_fwd<1>(z);
+    case 2: return act_fwd<2>(z);
+    case 3: return act_fwd<3>(z);
+    case 4: return act_fwd<4>(z);
     default: return z;
   }
 }
 
 __device__ __forceinline__ float act_grad(float z, int act) {
   switch (act) {
-    case 1: return z > 0.f ? 1.f : 0.f;
-    case 2: return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * __expf(-0.5f * z * z) * 0.39894228040143268f;
-    case 3: {
-      // sg = sigmoid(2u): 1 - tanh^2 u = 4 sg (1 - sg), with 1 - sg = e sg (e = exp(-2u))
-      // where that avoids the cancellation
-      const float e = __expf(-1.5957691216057308f * (z + 0.044715f * z * z * z));
-      const float sg = fast_rcp(1.f + e);
-      const float one_minus = e > 1.f ? 1.f - sg : e * sg;
-      return sg + 1.5957691216057308f * z * sg * one_minus * (1.f + 0.134145f * z * z);
-    }
-    case 4: {
-      const float sg = fast_rcp(1.f + __expf(-z));
-      return sg * (1.f + z * (1.f - sg));
-    }
+    case 1: return act_grad<1>(z);
+    case 2: return act_grad<2>(z);
+    case 3: return act_grad<3>(z);
+    case 4: return act_grad<4>(z);
     default: return 1.f;
+  }
+}
+
+// Calls fn.template operator()<kAct>() with the activation code as a constant.
+template <typename Fn>
+void dispatch_act(int act, Fn&& fn) {
+  switch (act) {
+    case 1: fn.template operator()<1>(); break;
+    case 2: fn.template operator()<2>(); break;
+    case 3: fn.template operator()<3>(); break;
+    case 4: fn.template operator()<4>(); break;
+    default: fn.template operator()<0>(); break;
   }
 }
 
