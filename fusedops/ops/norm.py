@@ -34,7 +34,10 @@ an fp32 y (out_dtype) instead of copying x to fp32 (same values: the cast is exa
 """
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from .. import _native, _triton, _validate, reference
 from .._backend import Kernels
@@ -522,6 +525,44 @@ def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
     return y, s
 
 
+# ---- under torch.compile --------------------------------------------------------------------
+# FUSEDOPS_NORM_COMPILE=op (default): compiled graphs call the fusedops ops, as eager does.
+# FUSEDOPS_NORM_COMPILE=inductor: while torch.compile traces, the functional (not in-place)
+# forms are written in torch ops instead, so that the compiler can fuse the norm with its
+# neighbours (the residual add before it, the dtype cast after it, the residual-gradient
+# sum in the backward) — an opaque op cannot be fused, and around it those become passes
+# of their own. Same values as eager torch (F.layer_norm / F.rms_norm + the activation,
+# the reference's fp32 math when weight/bias dtypes differ from x's), same output dtype as
+# the op. Read when fusedops is imported; `COMPILE_POLICY` changes it at run time.
+COMPILE_POLICIES = ("op", "inductor")
+
+
+def _parse_compile_policy(value: str | None) -> str:
+    value = value or "op"
+    if value not in COMPILE_POLICIES:
+        raise ValueError(f"FUSEDOPS_NORM_COMPILE: unknown value {value!r}; choose one of {', '.join(COMPILE_POLICIES)}")
+    return value
+
+
+COMPILE_POLICY = _parse_compile_policy(os.environ.get("FUSEDOPS_NORM_COMPILE"))
+
+
+def _traced_in_torch_ops(op, x, residual, weight, bias, eps, activation, od, rms):
+    """(y, s) written in torch ops when torch.compile traces with COMPILE_POLICY
+    "inductor"; None otherwise (the op runs)."""
+    if COMPILE_POLICY != "inductor" or not torch.compiler.is_compiling():
+        return None
+    _check(op, x, residual, weight, bias, activation, od, memory=False)
+    s = x if residual is None else reference.residual_sum(x, residual)
+    n = s.shape[-1]
+    if all(p is None or p.dtype == s.dtype for p in (weight, bias)):
+        z = F.rms_norm(s, (n,), weight, eps) if rms else F.layer_norm(s, (n,), weight, bias, eps)
+        y = reference.activation(z, activation)
+    else:
+        y = reference.norm_act(s, weight, bias, eps, activation, rms, od)[0]
+    return y.to(od or x.dtype), (None if residual is None else s)
+
+
 # ---- public API --------------------------------------------------------------------------
 
 _AUTOCAST_FP32: dict = {}
@@ -558,7 +599,8 @@ def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str
     as eager). Differentiable in x, weight and bias."""
     _validate.tensor(x, "x", "layer_norm_act")
     od = _autocast_dtype(x)
-    out = _direct("layer_norm_act", x, None, weight, bias, float(eps), activation, od, False)
+    out = (_traced_in_torch_ops("layer_norm_act", x, None, weight, bias, float(eps), activation, od, False)
+           or _direct("layer_norm_act", x, None, weight, bias, float(eps), activation, od, False))
     if out is not None:
         return out[0]
     y, _, _ = layer_norm_act_op(x, weight, bias, float(eps), activation, od)
@@ -572,7 +614,8 @@ def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "id
     _validate.floating(x, "x", "rms_norm_act")
     od = _autocast_dtype(x, "rms_norm")
     eps = _rms_eps(eps, x, od)
-    out = _direct("rms_norm_act", x, None, weight, None, eps, activation, od, True)
+    out = (_traced_in_torch_ops("rms_norm_act", x, None, weight, None, eps, activation, od, True)
+           or _direct("rms_norm_act", x, None, weight, None, eps, activation, od, True))
     if out is not None:
         return out[0]
     y, _ = rms_norm_act_op(x, weight, eps, activation, od)
@@ -592,7 +635,8 @@ def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, a
             return _AddNormActInplace.apply(x, residual, weight, bias, float(eps), activation, od, False)
         y, _, _ = add_layer_norm_act_inplace_op(x, residual, weight, bias, float(eps), activation, od)
         return y, residual
-    out = _direct("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
+    out = (_traced_in_torch_ops("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
+           or _direct("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False))
     if out is not None:
         return out
     y, s, _, _ = add_layer_norm_act_op(x, residual, weight, bias, float(eps), activation, od)
@@ -612,7 +656,8 @@ def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activat
             return _AddNormActInplace.apply(x, residual, weight, None, eps, activation, od, True)
         y, _ = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, od)
         return y, residual
-    out = _direct("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True)
+    out = (_traced_in_torch_ops("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True)
+           or _direct("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True))
     if out is not None:
         return out
     y, s, _ = add_rms_norm_act_op(x, residual, weight, eps, activation, od)

@@ -51,6 +51,8 @@ def environment(device: torch.device) -> dict:
         meta["triton"] = None
     import fusedops
     meta["fusedops"] = fusedops.__version__
+    from ..ops import norm
+    meta["FUSEDOPS_NORM_COMPILE"] = norm.COMPILE_POLICY   # how converted norms trace under torch.compile
     if device.type == "cpu":
         meta["threads"] = torch.get_num_threads()
     else:
