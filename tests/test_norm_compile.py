@@ -1,5 +1,6 @@
-"""FUSEDOPS_NORM_COMPILE: under torch.compile the norm ops are either called as ops (default)
-or written in torch ops so that the compiler can fuse them with their neighbours."""
+"""FUSEDOPS_NORM_COMPILE: under torch.compile the norm ops are either called as ops or
+written in torch ops so that the compiler can fuse them with their neighbours (default
+"auto": torch ops up to a hidden size, the op above)."""
 from __future__ import annotations
 
 import pytest
@@ -44,8 +45,9 @@ def _randomized(m):
 
 
 def test_parse_compile_policy():
-    assert norm_mod._parse_compile_policy(None) == "op"
-    assert norm_mod._parse_compile_policy("") == "op"
+    assert norm_mod._parse_compile_policy(None) == "auto"
+    assert norm_mod._parse_compile_policy("") == "auto"
+    assert norm_mod._parse_compile_policy("op") == "op"
     assert norm_mod._parse_compile_policy("inductor") == "inductor"
     with pytest.raises(ValueError, match="FUSEDOPS_NORM_COMPILE"):
         norm_mod._parse_compile_policy("triton")
@@ -62,7 +64,7 @@ MODULES = {
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODULES))
-@pytest.mark.parametrize("value", ["op", "inductor"])
+@pytest.mark.parametrize("value", ["op", "inductor", "auto"])
 def test_policy_graph_and_values(policy, device, name, value):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -88,7 +90,8 @@ def test_policy_graph_and_values(policy, device, name, value):
         val.backward()
         results.append([y.detach(), xs.grad] + ([rs.grad] if is_add else []) + [p.grad.clone() for p in m.parameters()])
     assert len(graphs) == 1
-    # "op": the fusedops op is in the graph; "inductor": the norm is written in torch ops
+    # "op": the fusedops op is in the graph; "inductor" and "auto" (N = 40): the norm is
+    # written in torch ops
     assert _has_fusedops(graphs[0]) == (value == "op"), sorted(graphs[0])
     for a, b in zip(*results):
         assert b.dtype == a.dtype
@@ -148,3 +151,18 @@ def test_inductor_policy_keeps_inplace_op(policy):
     y, s = torch.compile(lambda x, r: m(x, r), backend=_capture(graphs), fullgraph=True)(x, r.clone())
     assert _has_fusedops(graphs[0])
     torch.testing.assert_close(y, F.layer_norm(x + r, (16,), m.weight, m.bias))
+
+
+@pytest.mark.parametrize("n", [norm_mod.COMPILE_TORCH_UPTO, norm_mod.COMPILE_TORCH_UPTO + 8])
+def test_auto_policy_by_hidden_size(policy, n):
+    """"auto": torch ops up to COMPILE_TORCH_UPTO, the fusedops op above; same values."""
+    policy("auto")
+    torch.manual_seed(0)
+    m = _randomized(AddRMSNorm(n, activation="silu"))
+    x, r = torch.randn(2, n), torch.randn(2, n)
+    graphs = []
+    y, s = torch.compile(lambda x, r: m(x, r), backend=_capture(graphs), fullgraph=True)(x, r)
+    assert _has_fusedops(graphs[0]) == (n > norm_mod.COMPILE_TORCH_UPTO), sorted(graphs[0])
+    want = F.silu(F.rms_norm(x + r, (n,), m.weight, torch.finfo(torch.float32).eps))
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

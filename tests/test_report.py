@@ -93,7 +93,7 @@ def test_report_cli_tiny_cpu(tmp_path, capsys):
     assert rc == 0      # on CPU the default variants are eager and fusedops
     data = json.loads((out / "report.json").read_text())
     assert data["meta"]["torch"] == torch.__version__
-    assert data["meta"]["FUSEDOPS_NORM_COMPILE"] in ("op", "inductor")
+    assert data["meta"]["FUSEDOPS_NORM_COMPILE"] in ("auto", "op", "inductor")
     assert [m["model"] for m in data["models"]] == ["mlp-tiny", "gpt2-tiny"]
     for m in data["models"]:
         assert m["flops_per_step"] > 0 and m["peak_flops"] is None

@@ -48,15 +48,15 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 
 # Defaults on CUDA tensors, by hidden size N, for the forward and the backward separately
 # (either backward takes either forward's saved statistics). H100, LN+GELU(tanh) bf16, 32768
-# rows, device µs (bench/NOTES.md): forward CUDA C++ vs Triton 88 vs 76 at 1024 (host time
-# decides there: CUDA C++ fwd+bwd 291 µs wall vs Triton 420), 262 vs 186 at 4096, 545 vs
-# 386 at 8192 — CUDA C++ up to N = 2048, Triton above; backward CUDA C++ vs Triton 380 vs
-# 394 at 4096, 696 vs ~850 at 8192, Triton at 16384 — CUDA C++ up to N = 8192.
+# rows, device µs (bench/NOTES.md, round 4): forward CUDA C++ vs Triton 62 vs 71 at 1024,
+# 120 vs 96 at 2048, 191 vs 187 at 4096, 390 vs 387 at 8192, 756 vs 728 at 16384, and on a
+# launch-bound call (16x4096) 35 vs 115 µs of host wall; backward CUDA C++ vs Triton 309 vs
+# 393 at 4096, 595 vs 840 at 8192, 3221 vs 2932 at 16384 — CUDA C++ up to N = 8192 both ways.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
-SMALL_N = ("cuda", 2048)
+SMALL_N = ("cuda", 8192)
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=SMALL_N) for op in FWD_OPS}
-_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("cuda", 8192))
+_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=SMALL_N)
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
@@ -526,19 +526,25 @@ def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
 
 
 # ---- under torch.compile --------------------------------------------------------------------
-# FUSEDOPS_NORM_COMPILE=op (default): compiled graphs call the fusedops ops, as eager does.
-# FUSEDOPS_NORM_COMPILE=inductor: while torch.compile traces, the functional (not in-place)
-# forms are written in torch ops instead, so that the compiler can fuse the norm with its
-# neighbours (the residual add before it, the dtype cast after it, the residual-gradient
-# sum in the backward) — an opaque op cannot be fused, and around it those become passes
-# of their own. Same values as eager torch (F.layer_norm / F.rms_norm + the activation,
-# the reference's fp32 math when weight/bias dtypes differ from x's), same output dtype as
-# the op. Read when fusedops is imported; `COMPILE_POLICY` changes it at run time.
-COMPILE_POLICIES = ("op", "inductor")
+# The compiler cannot fuse an opaque op with its neighbours (the residual add before the
+# norm, the dtype cast after it, the residual-gradient sum in the backward): around it those
+# become passes of their own. FUSEDOPS_NORM_COMPILE chooses what a compiled graph runs for
+# the functional (not in-place) forms:
+#   auto (default): torch ops for hidden sizes N <= COMPILE_TORCH_UPTO, the fusedops op above;
+#   inductor: torch ops at every N;  op: the fusedops op at every N (as eager).
+# Torch ops = the same values as eager torch (F.layer_norm / F.rms_norm + the activation; the
+# reference's fp32 math when weight/bias dtypes differ from x's), the op's output dtype.
+# H100 (bench/NOTES.md, round 4): GPT-2-small-like (N = 768) fusedops + torch.compile step
+# 1.23x compile's with the op, 0.98x with torch ops; Add+RMS+SiLU bf16 32768 rows fwd+bwd,
+# compiled alone: 817 vs 822 µs (op) at N = 4096, but 3839 vs 1635 at 8192 and 7760 vs 3229 at
+# 16384 (inductor's backward at eager's speed there). Read when fusedops is imported;
+# `COMPILE_POLICY` changes it at run time.
+COMPILE_POLICIES = ("auto", "op", "inductor")
+COMPILE_TORCH_UPTO = 4096
 
 
 def _parse_compile_policy(value: str | None) -> str:
-    value = value or "op"
+    value = value or "auto"
     if value not in COMPILE_POLICIES:
         raise ValueError(f"FUSEDOPS_NORM_COMPILE: unknown value {value!r}; choose one of {', '.join(COMPILE_POLICIES)}")
     return value
@@ -548,9 +554,11 @@ COMPILE_POLICY = _parse_compile_policy(os.environ.get("FUSEDOPS_NORM_COMPILE"))
 
 
 def _traced_in_torch_ops(op, x, residual, weight, bias, eps, activation, od, rms):
-    """(y, s) written in torch ops when torch.compile traces with COMPILE_POLICY
-    "inductor"; None otherwise (the op runs)."""
-    if COMPILE_POLICY != "inductor" or not torch.compiler.is_compiling():
+    """(y, s) written in torch ops when torch.compile traces and COMPILE_POLICY says so for
+    this hidden size; None otherwise (the op runs)."""
+    if COMPILE_POLICY == "op" or not torch.compiler.is_compiling():
+        return None
+    if COMPILE_POLICY == "auto" and (x.dim() == 0 or x.shape[-1] > COMPILE_TORCH_UPTO):
         return None
     _check(op, x, residual, weight, bias, activation, od, memory=False)
     s = x if residual is None else reference.residual_sum(x, residual)
