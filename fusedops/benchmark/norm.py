@@ -151,9 +151,11 @@ def norm_cases(ctx) -> list:
                         impls["torch.compile"] = Impl(_runner(comp, x, r, w, b, backward, grads))
                     if liger is not None:
                         try:
-                            lf, _ = _liger_fn(liger, norm, act, residual, n, eps, ctx.device, dtype, w.detach(),
-                                              None if b is None else b.detach())
-                            impls["liger+eager act"] = Impl(_runner(lf, x, r, w, b, backward, grads))
+                            lf, lp = _liger_fn(liger, norm, act, residual, n, eps, ctx.device, dtype, w.detach(),
+                                               None if b is None else b.detach())
+                            # its own parameters (copies of w, b) are what it differentiates
+                            impls["liger+eager act"] = Impl(_runner(lf, x, r, lp[0], lp[1] if len(lp) > 1 else None,
+                                                                    backward, grads))
                         except Exception:  # a peer that cannot run this case is left out
                             pass
                     fused = _fused_fn(norm, act, residual, eps)
