@@ -138,8 +138,9 @@ __device__ __forceinline__ void cp_async_wait() {
 // fp32 mean/rstd. dW/dB accumulate in fp32 registers (a thread owns its columns), the
 // rows of the next kRingStages - 1 steps in flight as asynchronous copies into a
 // shared-memory ring (no registers held); or, for the longest rows (kSmemAcc), dW/dB in
-// shared-memory slots private to the thread and each row loaded into registers after the
-// previous one. At the end the ty row groups are summed in a fixed order into the block's
+// shared-memory float4 slots private to the thread (laid out lane after lane: no bank
+// conflicts) and each row loaded into registers after the previous one (loading the next
+// row during this one's sums and second pass spills: 32 more registers). At the end the ty row groups are summed in a fixed order into the block's
 // partial row (deterministic).
 constexpr int kRingStages = 3;
 
@@ -148,8 +149,8 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   constexpr bool kRing = !kSmemAcc;  // the ring and the shared dW/dB slots exclude each other
   constexpr int kStages = kRingStages;
   constexpr bool kHoldParams = false;  // w/b re-read per row (L1 hits): registers for the prefetch
-  extern __shared__ float dyn[];   // kSmemAcc: dW, dB [2][n]; kRing: the ring, then the combine
-                                   // buffer [ty][n]; else the combine buffer
+  extern __shared__ float dyn[];   // kSmemAcc: dW, dB float4 slots [2][PK][V / 4][tx]; kRing: the
+                                   // ring, then the combine buffer [ty][n]; else the combine buffer
   __shared__ float red[2][16][2];  // [step parity][warp][c1, c2]
   const int tx = blockDim.x, ty = blockDim.y, tix = threadIdx.x, tiy = threadIdx.y;
   const int lane = tix & 31, warps_x = tx >> 5;
@@ -165,12 +166,16 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   }
   float w[kHoldParams ? PK : 1][V], b[kHoldParams ? PK : 1][V];
   float dw[kSmemAcc ? 1 : PK][V], db[kSmemAcc ? 1 : PK][V];
+  static_assert(!kSmemAcc || V % 4 == 0, "shared dW/dB slots hold float4s");
+  float4* const acc4 = reinterpret_cast<float4*>(dyn);
+  auto slot = [&](int which, int k, int q) -> float4& {  // which: 0 dW, 1 dB
+    return acc4[((which * PK + k) * (V / 4) + q) * tx + tix];
+  };
   if constexpr (kSmemAcc) {  // each thread zeroes (and later updates) only its own slots
 #pragma unroll
     for (int k = 0; k < PK; ++k)
-      if (ok[k])
 #pragma unroll
-        for (int e = 0; e < V; ++e) dyn[col[k] + e] = 0.f, dyn[n + col[k] + e] = 0.f;
+      for (int q = 0; q < V / 4; ++q) slot(0, k, q) = slot(1, k, q) = make_float4(0.f, 0.f, 0.f, 0.f);
   } else {
 #pragma unroll
     for (int k = 0; k < PK; ++k)
@@ -285,14 +290,15 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
           if (p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col[k], wk);
           if (p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col[k], bk);
         }
+        float dzs[V], dxh[V];  // dz and dz * xhat (kSmemAcc: added to the slots below)
 #pragma unroll
         for (int e = 0; e < V; ++e) {  // (a missing weight / bias is 1 / 0: no branch per element)
           const float xhat = (static_cast<float>(xr[k].v[e]) - mean) * rstd;
           const float z = fmaf(xhat, wk[e], bk[e]);
           const float dz = static_cast<float>(dr[k].v[e]) * act_grad<kAct>(z);
           if constexpr (kSmemAcc) {
-            dyn[col[k] + e] += dz * xhat;
-            dyn[n + col[k] + e] += dz;
+            dzs[e] = dz;
+            dxh[e] = dz * xhat;
           } else {
             dw[k][e] += dz * xhat;
             db[k][e] += dz;
@@ -302,8 +308,18 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
           c1 += gv;
           c2 += gv * xhat;
         }
+        if constexpr (kSmemAcc) {
+#pragma unroll
+          for (int q = 0; q < V / 4; ++q) {
+            float4& a = slot(0, k, q);
+            float4& c = slot(1, k, q);
+            a.x += dxh[4 * q], a.y += dxh[4 * q + 1], a.z += dxh[4 * q + 2], a.w += dxh[4 * q + 3];
+            c.x += dzs[4 * q], c.y += dzs[4 * q + 1], c.z += dzs[4 * q + 2], c.w += dzs[4 * q + 3];
+          }
+        }
       }
     }
+
     // row sums of the row group: warp shuffles, then the group's warps in a fixed order
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -367,8 +383,17 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 #pragma unroll
     for (int k = 0; k < PK; ++k) {
       if (!ok[k]) continue;
-      if (dwp) store_pack<float, V>(dwp + col[k], dyn + col[k]);
-      if (dbp) store_pack<float, V>(dbp + col[k], dyn + n + col[k]);
+      for (int which = 0; which < 2; ++which) {
+        float* out = which == 0 ? dwp : dbp;
+        if (out == nullptr) continue;
+        float v[V];
+#pragma unroll
+        for (int q = 0; q < V / 4; ++q) {
+          const float4 a = slot(which, k, q);
+          v[4 * q] = a.x, v[4 * q + 1] = a.y, v[4 * q + 2] = a.z, v[4 * q + 3] = a.w;
+        }
+        store_pack<float, V>(out + col[k], v);
+      }
     }
   } else if (ty == 1) {
 #pragma unroll
@@ -469,7 +494,7 @@ bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
   } else if (threads(2 * PK8) <= 512) {
     launch_rows_plain<T, W, Y, V, 2 * PK8, 1, kAct>(p, blocks, threads(2 * PK8), 1, stream);
   } else if (threads(4 * PK8) <= 512) {
-    const size_t smem = 2 * static_cast<size_t>(p.n) * sizeof(float);
+    const size_t smem = 2 * static_cast<size_t>(4 * PK8) * V * threads(4 * PK8) * sizeof(float);
     auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct>;
     FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
