@@ -52,7 +52,7 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 # 120 vs 96 at 2048, 191 vs 187 at 4096, 390 vs 387 at 8192, 756 vs 728 at 16384, and on a
 # launch-bound call (16x4096) 35 vs 115 µs of host wall — CUDA C++ up to N = 8192; backward
 # CUDA C++ vs Triton 309 vs 393 at 4096, 595 vs 840 at 8192, 2163 vs 2932 at 16384 — CUDA C++
-# up to N = 16384 (longer rows: its streaming kernel, Triton's looped one; Triton).
+# up to N = 16384, Triton above.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=("cuda", 8192)) for op in FWD_OPS}
