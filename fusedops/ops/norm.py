@@ -51,12 +51,21 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 # rows, device µs (bench/NOTES.md, round 4): forward CUDA C++ vs Triton 62 vs 71 at 1024,
 # 120 vs 96 at 2048, 191 vs 187 at 4096, 390 vs 387 at 8192, 756 vs 728 at 16384, and on a
 # launch-bound call (16x4096) 35 vs 115 µs of host wall — CUDA C++ up to N = 8192; backward
-# CUDA C++ vs Triton 309 vs 393 at 4096, 595 vs 840 at 8192, 2163 vs 2932 at 16384 — CUDA C++
-# up to N = 16384, Triton above.
+# CUDA C++ vs Triton 309 vs 393 at 4096, 595 vs 840 at 8192 — CUDA C++ up to N = 8192, and up
+# to 16384 for norms with a bias (_bwd_size).
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=("cuda", 8192)) for op in FWD_OPS}
 _bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("cuda", 16384))
+
+
+def _bwd_size(n: int, bias) -> int:
+    """The size the backward's default is chosen by: the hidden size, doubled without a bias.
+    Above N = 8192 the CUDA C++ backward keeps the dW and dB partial rows in shared memory,
+    Triton's in registers: with one accumulator row (no bias, e.g. RMSNorm) Triton's is the
+    faster (H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 vs 2787 µs), with two the CUDA C++
+    one (LN+GELU(tanh) 2934 vs 3655)."""
+    return n if bias is not None else 2 * n
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
@@ -189,7 +198,7 @@ def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
     if not _kernel_ok(s, weight, bias, dy.dtype) or (ds is not None and ds.dtype not in _validate.KERNEL_DTYPES):
         run = _bwd.reference(f"no kernel for s {s.dtype} / dy {dy.dtype}")
     else:
-        run = _bwd.get(_bwd.backend_for(s.device.type, s.shape[-1]))
+        run = _bwd.get(_bwd.backend_for(s.device.type, _bwd_size(s.shape[-1], bias)))
     dx, dw, db = run(dy, s, weight, bias, mean, rstd, activation, ds)
     empty = None if dw is not None and db is not None else s.new_empty(0)
     return dx, (empty if dw is None else dw), (empty if db is None else db)
@@ -472,7 +481,7 @@ def _fast_backend(op, x, weight, bias, out_dtype):
         return None
     n = x.shape[-1]
     backend = _kernels[op].backend_for(x.device.type, n)
-    if backend == "reference" or _bwd.backend_for(x.device.type, n) == "reference":
+    if backend == "reference" or _bwd.backend_for(x.device.type, _bwd_size(n, bias)) == "reference":
         return None
     return backend
 
@@ -480,7 +489,7 @@ def _fast_backend(op, x, weight, bias, out_dtype):
 def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds):
     if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and _kernel_ok(s, weight, bias, dy.dtype)
             and (ds is None or (type(ds) is torch.Tensor and ds.dtype == s.dtype and ds.shape == s.shape))):
-        backend = _bwd.backend_for(s.device.type, s.shape[-1])
+        backend = _bwd.backend_for(s.device.type, _bwd_size(s.shape[-1], bias))
         if backend != "reference":
             dx, dw, db = _bwd.get(backend)(dy, s, weight, bias, mean, rstd, activation, ds)
             return dx, (dw if weight is not None else None), (db if bias is not None else None)
