@@ -11,6 +11,9 @@
 #include "norm_common.cuh"
 #include "../norm_ops.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace fusedops {
 namespace {
 
@@ -147,9 +150,20 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_stream_kernel(const 
   }
 }
 
+// At least 16 elements a thread (fewer threads a row: cheaper block reductions, more rows
+// resident an SM); FUSEDOPS_NORM_CUDA_FWD=pk8 (read once) keeps the former rule (8 a thread
+// where 256 threads hold the row), to compare.
+int fwd_min_elems() {
+  static const int elems = [] {
+    const char* v = std::getenv("FUSEDOPS_NORM_CUDA_FWD");
+    return v != nullptr && std::string(v) == "pk8" ? 1 : 16;
+  }();
+  return elems;
+}
+
 template <typename T, typename W, typename Y, int V>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  const Shape sh = pick_shape(p.n, V, kMaxPacks);
+  const Shape sh = pick_shape(p.n, V, kMaxPacks, fwd_min_elems());
   const dim3 grid(grid_rows(p.m));
   dispatch_act(p.act, [&]<int kAct>() {
     switch (sh.packs) {
