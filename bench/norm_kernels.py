@@ -5,7 +5,7 @@
     ncu --profile-from-start off ... python bench/norm_kernels.py ncu --backend cuda --n 4096
         one fwd+bwd between cudaProfilerStart/Stop (after a warm-up), for Nsight Compute
 
-LayerNorm (weight + bias) + activation on bf16 rows, or RMSNorm with --rms."""
+LayerNorm (weight + bias) + activation on bf16 rows (--dtype), or RMSNorm with --rms."""
 from __future__ import annotations
 
 import argparse
@@ -24,13 +24,15 @@ def main():
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--act", default="gelu_tanh")
     ap.add_argument("--rms", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     m, n = args.rows, args.n
-    x = torch.randn(m, n, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.rand(n, device=dev) + 0.5).to(torch.bfloat16).requires_grad_()
-    b = None if args.rms else torch.randn(n, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    dt = getattr(torch, args.dtype)
+    x = torch.randn(m, n, device=dev, dtype=dt, requires_grad=True)
+    w = (torch.rand(n, device=dev) + 0.5).to(dt).requires_grad_()
+    b = None if args.rms else torch.randn(n, device=dev, dtype=dt, requires_grad=True)
+    g = torch.randn(m, n, device=dev, dtype=dt)
     params = [x, w] if args.rms else [x, w, b]
 
     def step():
@@ -59,7 +61,7 @@ def main():
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             total[e.name] += e.device_time
-    label = f"{args.backend} {'rms' if args.rms else 'ln'}+{args.act} {m}x{n}"
+    label = f"{args.backend} {'rms' if args.rms else 'ln'}+{args.act} {args.dtype} {m}x{n}"
     for name, us in sorted(total.items(), key=lambda kv: -kv[1]):
         print(f"{label}: {us / iters:8.1f} us  {name[:110]}")
     print(f"{label}: {sum(total.values()) / iters:8.1f} us  total device per fwd+bwd")
