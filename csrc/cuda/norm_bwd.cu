@@ -148,7 +148,6 @@ template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int 
 __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
   constexpr bool kRing = !kSmemAcc;  // the ring and the shared dW/dB slots exclude each other
   constexpr int kStages = kRingStages;
-  constexpr bool kHoldParams = false;  // w/b re-read per row (L1 hits): registers for the prefetch
   extern __shared__ float dyn[];   // kSmemAcc: dW, dB float4 slots [2][PK][V / 4][tx]; kRing: the
                                    // ring, then the combine buffer [ty][n]; else the combine buffer
   __shared__ float red[2][16][2];  // [step parity][warp][c1, c2]
@@ -164,7 +163,6 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     col[k] = (static_cast<int64_t>(k) * tx + tix) * V;
     ok[k] = col[k] < n;
   }
-  float w[kHoldParams ? PK : 1][V], b[kHoldParams ? PK : 1][V];
   float dw[kSmemAcc ? 1 : PK][V], db[kSmemAcc ? 1 : PK][V];
   static_assert(!kSmemAcc || V % 4 == 0, "shared dW/dB slots hold float4s");
   float4* const acc4 = reinterpret_cast<float4*>(dyn);
@@ -181,15 +179,6 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     for (int k = 0; k < PK; ++k)
 #pragma unroll
       for (int e = 0; e < V; ++e) dw[k][e] = 0.f, db[k][e] = 0.f;
-  }
-  if constexpr (kHoldParams) {
-#pragma unroll
-    for (int k = 0; k < PK; ++k) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) w[k][e] = 1.f, b[k][e] = 0.f;
-      if (ok[k] && p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col[k], w[k]);
-      if (ok[k] && p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col[k], b[k]);
-    }
   }
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
   const int64_t end = min(p.m, begin + p.rows_per_block);
@@ -280,16 +269,11 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 #pragma unroll
       for (int e = 0; e < V; ++e) g[k][e] = 0.f;
       if (valid && ok[k]) {
-        float wk[V], bk[V];
+        float wk[V], bk[V];  // re-read per row (L1 hits): no registers held across rows
 #pragma unroll
         for (int e = 0; e < V; ++e) wk[e] = 1.f, bk[e] = 0.f;
-        if constexpr (kHoldParams) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) wk[e] = w[k][e], bk[e] = b[k][e];
-        } else {
-          if (p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col[k], wk);
-          if (p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col[k], bk);
-        }
+        if (p.has_w) load_pack<W, V>(static_cast<const W*>(p.w) + col[k], wk);
+        if (p.has_b) load_pack<W, V>(static_cast<const W*>(p.b) + col[k], bk);
         float dzs[V], dxh[V];  // dz and dz * xhat (kSmemAcc: added to the slots below)
 #pragma unroll
         for (int e = 0; e < V; ++e) {  // (a missing weight / bias is 1 / 0: no branch per element)

@@ -166,15 +166,15 @@ __device__ __forceinline__ void store_pack(T* p, const float* in) {
 }
 
 // Launch shape for rows of n elements in packets of V: threads (a multiple of 32, at most
-// kMaxThreads) and packets per thread P (powers of two up to max_packs, at least
-// min_elems / V); P = 0 means the streaming path (the row does not fit the registers).
+// kMaxThreads) and packets per thread P (powers of two from min_packs up to max_packs);
+// P = 0 means the streaming path (the row does not fit the registers).
 struct Shape {
   int threads, packs;
 };
 
-Shape pick_shape(int64_t n, int v, int max_packs, int min_elems = 1) {
+Shape pick_shape(int64_t n, int v, int min_packs, int max_packs) {
   const int64_t np = (n + v - 1) / v;
-  for (int pk = std::max(1, min_elems / v); pk <= max_packs; pk *= 2) {
+  for (int pk = min_packs; pk <= max_packs; pk *= 2) {
     const int64_t t = ((np + pk - 1) / pk + 31) / 32 * 32;
     if (t <= 256 || (pk >= 2 && t <= kMaxThreads)) return {static_cast<int>(t), pk};
   }
