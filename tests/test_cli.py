@@ -42,3 +42,33 @@ def test_bench_cli_rejects_unknown_family(capsys):
 def test_info(capsys):
     assert main(["info"]) == 0
     assert "add_:" in capsys.readouterr().out
+
+
+def test_convbn_cases_each_run_on_their_own_input(monkeypatch):
+    """Every case of the conv+BN family times its own workload: two shapes whose inputs
+    differ in channels both run (a closure over the case loop's input ran each eval case on
+    the last case's input: a channel mismatch, or a larger map timed under a smaller label)."""
+    from fusedops.benchmark import convbn, harness
+
+    monkeypatch.setattr(convbn, "CPU_SHAPES", [("3->4 6^2 k3", 2, 3, 4, 6, 3, 1), ("5->4 5^2 k1", 2, 5, 4, 5, 1, 1)])
+    ctx = harness.Context(device=torch.device("cpu"), dtypes=[torch.float32], sizes=None, compile=False)
+    cases = convbn.convbn_cases(ctx)
+    assert [c.name for c in cases] == ["train 3->4 6^2 k3", "eval 3->4 6^2 k3", "train 5->4 5^2 k1",
+                                       "eval 5->4 5^2 k1"]
+    seen = []
+    real_forward = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        seen.append(tuple(x.shape))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    for case in cases:
+        if case.name.startswith("eval"):
+            seen.clear()
+            case.impls["eager"].fn()
+            hw = int(case.name.split()[2].split("^")[0])
+            cin = int(case.name.split()[1].split("->")[0])
+            assert seen and seen[0] == (2, cin, hw, hw), (case.name, seen)
+        for impl in case.impls.values():
+            impl.fn()

@@ -73,6 +73,15 @@ def _step(model, x, gout, autocast):
     return run
 
 
+def _eval_step(model, x, autocast):
+    """One forward under no_grad. x is bound here, per case: a closure over the loop's
+    variable would run every case on the last case's input."""
+    def run():
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            model(x)
+    return run
+
+
 def extra_peak_mib(fn, device) -> float:
     """Peak memory of one call above what was allocated before it (MiB)."""
     fn()  # grads allocated, caches warm
@@ -148,16 +157,10 @@ def convbn_cases(ctx) -> list:
         folded = fusedops.fold_conv_bn(copy.deepcopy(eager))
         xe = x.detach()
 
-        def fwd(model):
-            def run():
-                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                    model(xe)
-            return run
-
-        eimpls = {"eager": Impl(fwd(eval_eager))}
+        eimpls = {"eager": Impl(_eval_step(eval_eager, xe, autocast))}
         if ctx.compile:
-            eimpls["torch.compile"] = Impl(fwd(torch.compile(copy.deepcopy(eval_eager))))
+            eimpls["torch.compile"] = Impl(_eval_step(torch.compile(copy.deepcopy(eval_eager)), xe, autocast))
         for b in _backends(dev):
-            eimpls[f"fusedops:{b}:folded"] = Impl(fwd(folded), backend=b)
+            eimpls[f"fusedops:{b}:folded"] = Impl(_eval_step(folded, xe, autocast), backend=b)
         cases.append(Case("convbn", f"eval {label}", {"shape": label}, 2 * act_elems * elem, eimpls))
     return cases
