@@ -207,6 +207,34 @@ def test_gpu_bwd_shapes(backend, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(700, 16384), (131, 12008), (9, 8200)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_cuda_bwd_cluster(shape):
+    """The CUDA C++ backward of rows of 8192 < N <= 16384 (on sm_90+ a cluster of two blocks
+    a row, the row sums exchanged through distributed shared memory): fp32 and bf16, with
+    and without a bias, blocks of unequal column counts (12008, 8200), several rows a
+    cluster; and the same bits on a second run (a missing barrier in the exchange would
+    show as a result that moves)."""
+    require("cuda", "cuda")
+    with fusedops.use_backend("cuda"):
+        check("ln", "gelu_tanh", shape, torch.bfloat16, torch.float32, "cuda")
+        check("rms", "silu", shape, torch.float32, torch.float32, "cuda")
+        check("add_ln", "relu", shape, torch.bfloat16, torch.bfloat16, "cuda")
+        n = shape[-1]
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.rand(n, device="cuda") + 0.5).requires_grad_()
+        b = torch.randn(n, device="cuda", requires_grad=True)
+        dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        runs = []
+        for _ in range(3):
+            x.grad = w.grad = b.grad = None
+            fusedops.layer_norm_act(x, w, b, 1e-5, "silu").backward(dy)
+            runs.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
+        for later in runs[1:]:
+            for a, c in zip(runs[0], later):
+                assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("long_rows", ["reload", "split"])
 def test_gpu_triton_long_rows(monkeypatch, long_rows):
     """Both Triton long-row backwards at N = 16384 (and 12000), several programs."""

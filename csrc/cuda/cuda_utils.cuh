@@ -28,20 +28,27 @@ inline cudaStream_t current_stream(int32_t device) {
   return static_cast<cudaStream_t>(stream);
 }
 
-// Multiprocessors of `device`, asked once per device (cudaDeviceGetAttribute: cheap, unlike
-// cudaGetDeviceProperties).
-inline int sm_count(int32_t device) {
+// A device attribute of `device`, asked once per device (cudaDeviceGetAttribute: cheap,
+// unlike cudaGetDeviceProperties); at least 1.
+template <cudaDeviceAttr kAttr>
+inline int device_attr(int32_t device) {
   static std::atomic<int> cache[64];
   if (device >= 0 && device < 64) {
     const int hit = cache[device].load(std::memory_order_relaxed);
     if (hit > 0) return hit;
   }
-  int sms = 0;
-  FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sms = sms > 1 ? sms : 1;
-  if (device >= 0 && device < 64) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
+  int v = 0;
+  FUSEDOPS_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
+  v = v > 1 ? v : 1;
+  if (device >= 0 && device < 64) cache[device].store(v, std::memory_order_relaxed);
+  return v;
 }
+
+// Multiprocessors of `device`.
+inline int sm_count(int32_t device) { return device_attr<cudaDevAttrMultiProcessorCount>(device); }
+
+// Thread-block clusters (and distributed shared memory): compute capability 9.0 and up.
+inline bool has_clusters(int32_t device) { return device_attr<cudaDevAttrComputeCapabilityMajor>(device) >= 9; }
 
 // N elements of T packed for one 16-byte (or wider) memory access.
 template <typename T, int N>

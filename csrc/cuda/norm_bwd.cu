@@ -4,7 +4,8 @@
 // Rows held on chip (norm_act_bwd_rows_kernel): a fixed grid of P blocks (partial_rows),
 // each owning a contiguous range of rows, ty rows a step (up to N = 8192 the next steps'
 // rows already in flight as asynchronous copies into a shared-memory ring); dx written
-// once; dW/dB as one fp32 partial row per block, summed in a fixed order by a second small
+// once (rows of 8192 < N <= 16384 on sm_90+: a cluster of two blocks a row, each half the
+// columns); dW/dB as one fp32 partial row per block (or cluster), summed in a fixed order by a second small
 // kernel of the same op (deterministic, no atomics). Strided dy (e.g. stride 0 from .sum()), odd N, unaligned
 // rows and rows longer than 16384 (bf16) take the streaming kernel: two passes per row,
 // the block's partial row read-modified-written in global memory by its owner thread.
@@ -25,6 +26,7 @@ struct BwdParams {
   int act;
   bool rms, has_w, has_b, has_ds;
   bool ds_packed;  // ds read in 16-byte packets (unit column stride, aligned rows)
+  int64_t ncols;   // the cluster kernel: columns per block (block r of a cluster: [r * ncols, ...))
 };
 
 // dz and xhat of one packet (dy and ds read element by element through their strides
@@ -131,6 +133,37 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Thread-block clusters (sm_90+; the host launches the cluster kernel only there): the
+// block's rank in its cluster, a float pair stored into another block's shared memory
+// (distributed shared memory), and the cluster-wide barrier (release / acquire: the
+// stores before it are seen by every block of the cluster after it).
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return static_cast<int>(r);
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ void cluster_store2(float* local, int rank, float v0, float v1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(local));
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(remote), "f"(v0), "f"(v1) : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
 // The backward for rows held on chip: a persistent grid (one block per dW/dB partial row,
 // the caller's count), each block owning a contiguous range of rows, ty rows a step
 // (blockDim = (tx, ty): tx threads per row, PK packets of V elements a thread, 16-byte
@@ -142,26 +175,36 @@ __device__ __forceinline__ void cp_async_wait() {
 // conflicts) and each row loaded into registers after the previous one (loading the next
 // row during this one's sums and second pass spills: 32 more registers). At the end the
 // ty row groups are summed in a fixed order into the block's partial row (deterministic).
+// kCl = 2 (sm_90+, rows of 8192 < n <= 16384): a cluster of two blocks shares each row, a
+// block p.ncols of its columns (the ring and register dW/dB of the rows of n <= 8192),
+// the row sums exchanged through distributed shared memory: every warp stores its sums into
+// both blocks, one cluster barrier, and both blocks add the same values in the same order.
 constexpr int kRingStages = 3;
 
-template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct>
+template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kCl = 1>
 __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
   constexpr bool kRing = !kSmemAcc;  // the ring and the shared dW/dB slots exclude each other
   constexpr int kStages = kRingStages;
+  static_assert(kCl == 1 || kRing, "the cluster kernel keeps dW/dB in registers");
   extern __shared__ float dyn[];   // kSmemAcc: dW, dB float4 slots [2][PK][V / 4][tx]; kRing: the
                                    // ring, then the combine buffer [ty][n]; else the combine buffer
-  __shared__ float red[2][16][2];  // [step parity][warp][c1, c2]
+  __shared__ __align__(8) float red[2][16 * kCl][2];  // [step parity][warp of the row's blocks][c1, c2]
   const int tx = blockDim.x, ty = blockDim.y, tix = threadIdx.x, tiy = threadIdx.y;
   const int lane = tix & 31, warps_x = tx >> 5;
-  const int wid = tiy * warps_x + (tix >> 5);
+  const int rank = kCl > 1 ? cluster_rank() : 0;
+  const int row_warps = warps_x * kCl;  // the warps that share a row (<= 32)
+  const int wid = tiy * row_warps + rank * warps_x + (tix >> 5);
   const int64_t n = p.n;
+  const int64_t nloc = kCl > 1 ? p.ncols : n;  // this block's share of a row (a ring row)
+  const int64_t c0 = rank * nloc;               // its first column
   const float inv_n = 1.f / static_cast<float>(n);
   int64_t col[PK];
   bool ok[PK];
 #pragma unroll
   for (int k = 0; k < PK; ++k) {
-    col[k] = (static_cast<int64_t>(k) * tx + tix) * V;
-    ok[k] = col[k] < n;
+    const int64_t lc = (static_cast<int64_t>(k) * tx + tix) * V;
+    col[k] = c0 + lc;
+    ok[k] = lc < nloc && col[k] < n;
   }
   float dw[kSmemAcc ? 1 : PK][V], db[kSmemAcc ? 1 : PK][V];
   static_assert(!kSmemAcc || V % 4 == 0, "shared dW/dB slots hold float4s");
@@ -180,7 +223,8 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 #pragma unroll
       for (int e = 0; e < V; ++e) dw[k][e] = 0.f, db[k][e] = 0.f;
   }
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.rows_per_block;
+  const int64_t part = blockIdx.x / kCl;  // the partial row (one per cluster)
+  const int64_t begin = part * p.rows_per_block;
   const int64_t end = min(p.m, begin + p.rows_per_block);
   const int64_t steps = end > begin ? (end - begin + ty - 1) / ty : 0;
   const T* xs = static_cast<const T*>(p.xs);
@@ -202,15 +246,15 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   };
   // ring slot of (stage, this thread's row group, packet k): x at [stage][tiy][col], dy after
   // the x half of the stage; each thread touches only its own slots
-  const int64_t ring_x = static_cast<int64_t>(ty) * n;  // elements of one stage's x (or dy) half
+  const int64_t ring_x = static_cast<int64_t>(ty) * nloc;  // elements of one stage's x (or dy) half
   T* ring = reinterpret_cast<T*>(dyn);
   auto ring_x_at = [&](int64_t st, int k) {
     return ring + st * ring_x * (1 + static_cast<int64_t>(sizeof(Y)) / static_cast<int64_t>(sizeof(T))) +
-           static_cast<int64_t>(tiy) * n + col[k];
+           static_cast<int64_t>(tiy) * nloc + (col[k] - c0);
   };
   auto ring_dy_at = [&](int64_t st, int k) {
     return reinterpret_cast<Y*>(ring + st * ring_x * (1 + static_cast<int64_t>(sizeof(Y)) / static_cast<int64_t>(sizeof(T))) +
-                                ring_x) + static_cast<int64_t>(tiy) * n + col[k];
+                                ring_x) + static_cast<int64_t>(tiy) * nloc + (col[k] - c0);
   };
   constexpr int kDyChunks = static_cast<int>(sizeof(Y)) * V / 16;
   auto issue_row = [&](int64_t st, int64_t r) {  // copies of row r into stage st (nothing past the end)
@@ -310,15 +354,22 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
       c2 += __shfl_xor_sync(0xffffffffu, c2, o);
     }
     const int par = static_cast<int>(step & 1);
-    if (lane == 0) {
-      red[par][wid][0] = c1;
-      red[par][wid][1] = c2;
+    if constexpr (kCl > 1) {
+      if (lane == 0)
+#pragma unroll
+        for (int r = 0; r < kCl; ++r) cluster_store2(&red[par][wid][0], r, c1, c2);
+      cluster_sync();  // red[par] is next written two steps later, after another barrier
+    } else {
+      if (lane == 0) {
+        red[par][wid][0] = c1;
+        red[par][wid][1] = c2;
+      }
+      __syncthreads();  // red[par] is next written two steps later, after another barrier
     }
-    __syncthreads();  // red[par] is next written two steps later, after another barrier
-    // the group's warp sums: lane i takes warp i's, then a butterfly (every lane gets the
-    // same bits; 2 loads and 10 shuffles instead of a loop of 2 * warps_x loads)
-    float s1 = lane < warps_x ? red[par][tiy * warps_x + lane][0] : 0.f;
-    float s2 = lane < warps_x ? red[par][tiy * warps_x + lane][1] : 0.f;
+    // the row's warp sums: lane i takes warp i's, then a butterfly (every lane, and each
+    // block of a cluster, gets the same bits; 2 loads and 10 shuffles instead of a loop)
+    float s1 = lane < row_warps ? red[par][tiy * row_warps + lane][0] : 0.f;
+    float s2 = lane < row_warps ? red[par][tiy * row_warps + lane][1] : 0.f;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       s1 += __shfl_xor_sync(0xffffffffu, s1, o);
@@ -360,8 +411,8 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     row = next;
   }
   // the block's partial rows
-  float* dwp = p.has_w ? p.dwp + static_cast<int64_t>(blockIdx.x) * n : nullptr;
-  float* dbp = p.has_b ? p.dbp + static_cast<int64_t>(blockIdx.x) * n : nullptr;
+  float* dwp = p.has_w ? p.dwp + part * n : nullptr;
+  float* dbp = p.has_b ? p.dbp + part * n : nullptr;
   if constexpr (kSmemAcc) {
 #pragma unroll
     for (int k = 0; k < PK; ++k) {
@@ -420,8 +471,10 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 // Block shape of the on-chip backward for rows of n elements in packets of V, at most 512
 // threads: 8 elements a thread over ty = 512 / tx rows a step (n <= 2048, 2 blocks an SM),
 // 16 a thread (n <= 8192, one row a step; 2 blocks an SM up to n = 4096, else 1: fewer
-// instructions a row than 8 a thread from n = 4096), 32 a thread with shared-memory
-// dW/dB accumulators (n <= 16384); false: the streaming kernel. Mirrored by partial_rows
+// instructions a row than 8 a thread from n = 4096); n <= 16384: on sm_90+ a cluster of
+// two such blocks a row (H200, LN+GELU(tanh) bf16 32768 x 16384 fwd+bwd: 2476 vs 2716 µs
+// with the shared-memory accumulators), before sm_90 32 a thread with shared-memory dW/dB
+// accumulators; false: the streaming kernel. Mirrored by partial_rows
 // below (the number of blocks = partial rows). The first two stream their rows through the
 // shared-memory ring of asynchronous copies.
 // FUSEDOPS_NORM_CUDA_BWD (read once) picks a path for experiments: "stream" forces the
@@ -467,8 +520,33 @@ void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStrea
   kernel<<<blocks, dim3(tx, ty), smem, stream>>>(p);
 }
 
+// Rows of 8192 < n <= 16384 on sm_90+: `parts` clusters of two blocks, each block half the
+// columns (rounded up to a packet) at 16 elements a thread.
+template <typename T, typename W, typename Y, int V, int PK, int kAct>
+void launch_rows_cluster(const BwdParams& p, int parts, cudaStream_t stream) {
+  BwdParams q = p;
+  q.ncols = (p.n + 2 * V - 1) / (2 * V) * V;
+  const int tx = round_warp((q.ncols + V * PK - 1) / (V * PK));
+  const size_t smem = kRingStages * static_cast<size_t>(q.ncols) * (sizeof(T) + sizeof(Y));
+  constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, 1, kAct, 2>;
+  allow_max_smem<kernel>();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(2 * static_cast<unsigned>(parts));
+  cfg.blockDim = dim3(tx, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  FUSEDOPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, q));
+}
+
 template <typename T, typename W, typename Y, int V, int kAct>
-bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
+bool launch_bwd_rows(const BwdParams& p, int blocks, int device, cudaStream_t stream) {
   constexpr int PK8 = V >= 8 ? 1 : 8 / V;
   const auto threads = [&](int pk) { return round_warp((p.n + V * pk - 1) / (V * pk)); };
   const bool pk16 = threads(2 * PK8) <= 256 && bwd_mode() != "pk8" && (p.n > 2048 || bwd_mode() == "pk16");
@@ -477,7 +555,9 @@ bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
     launch_rows_plain<T, W, Y, V, PK8, 2, kAct>(p, blocks, tx, 512 / tx, stream);
   } else if (threads(2 * PK8) <= 512) {
     launch_rows_plain<T, W, Y, V, 2 * PK8, 1, kAct>(p, blocks, threads(2 * PK8), 1, stream);
-  } else if (threads(4 * PK8) <= 512) {
+  } else if (threads(4 * PK8) <= 512 && has_clusters(device)) {
+    launch_rows_cluster<T, W, Y, V, 2 * PK8, kAct>(p, blocks, stream);
+  } else if (threads(4 * PK8) <= 512) {  // before sm_90: dW/dB in shared memory
     const size_t smem = 2 * static_cast<size_t>(4 * PK8) * V * threads(4 * PK8) * sizeof(float);
     auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct>;
     FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -492,13 +572,13 @@ bool launch_bwd_rows(const BwdParams& p, int blocks, cudaStream_t stream) {
 
 // The activation as a template argument (its derivative inlined alone: fewer registers).
 template <typename T, typename W, typename Y, int V>
-bool launch_bwd_rows_act(const BwdParams& p, int blocks, cudaStream_t stream) {
+bool launch_bwd_rows_act(const BwdParams& p, int blocks, int device, cudaStream_t stream) {
   switch (p.act) {
-    case 0: return launch_bwd_rows<T, W, Y, V, 0>(p, blocks, stream);
-    case 1: return launch_bwd_rows<T, W, Y, V, 1>(p, blocks, stream);
-    case 2: return launch_bwd_rows<T, W, Y, V, 2>(p, blocks, stream);
-    case 3: return launch_bwd_rows<T, W, Y, V, 3>(p, blocks, stream);
-    default: return launch_bwd_rows<T, W, Y, V, 4>(p, blocks, stream);
+    case 0: return launch_bwd_rows<T, W, Y, V, 0>(p, blocks, device, stream);
+    case 1: return launch_bwd_rows<T, W, Y, V, 1>(p, blocks, device, stream);
+    case 2: return launch_bwd_rows<T, W, Y, V, 2>(p, blocks, device, stream);
+    case 3: return launch_bwd_rows<T, W, Y, V, 3>(p, blocks, device, stream);
+    default: return launch_bwd_rows<T, W, Y, V, 4>(p, blocks, device, stream);
   }
 }
 
@@ -539,7 +619,7 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
     q.ds_packed = p.has_ds && p.sds1 == 1 && can_pack<V>(n, {{p.ds, p.sds0}}, sizeof(T));
     // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
     // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
-    if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), stream))) {
+    if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), xs.get_device_index(), stream))) {
       norm_act_bwd_stream_kernel<T, W, Y, 1, false><<<static_cast<int>(blocks), kMaxThreads, 0, stream>>>(p);
       FUSEDOPS_CHECK_LAUNCH();
     }
@@ -557,16 +637,18 @@ namespace {
 // dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small
 // inputs (launch-bound); else as many as are resident at once (launch_bwd_rows: rows of
 // n <= 4096 run in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
-// rows 1 block an SM).
+// rows 1 block an SM; rows of 8192 < n <= 16384 on sm_90+ a cluster of two blocks a row).
 int64_t partial_rows(int64_t m, int64_t n, const Tensor& s) {
   if (m * n <= (int64_t{1} << 17)) return 1;
-  const int64_t sms = sm_count(s.get_device_index());
+  const int32_t device = s.get_device_index();
+  const int64_t sms = sm_count(device);
   const int64_t tx = ((n + 7) / 8 + 31) / 32 * 32;
   if (tx <= 512) {
     const int64_t per_step = 512 / tx;
     return std::max<int64_t>(1, std::min<int64_t>((m + per_step - 1) / per_step, 2 * sms));
   }
-  return std::max<int64_t>(1, std::min<int64_t>(m, sms));
+  const int64_t per_part = n > 8192 && n <= 16384 && has_clusters(device) ? 2 : 1;
+  return std::max<int64_t>(1, std::min<int64_t>(m, sms / per_part));
 }
 
 struct SumParams {
