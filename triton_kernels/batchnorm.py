@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._activations import gelu_tanh, gelu_tanh_grad
 from ._config import INTERPRET
 
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5, "leaky_relu": 6}
@@ -75,8 +76,7 @@ def _act(z, ACT: tl.constexpr, slope):
     elif ACT == 4:
         z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 5:
-        # 0.5 * (1 + tanh(u)) = sigmoid(2u): no cancellation where tanh(u) is near -1
-        z = z / (1.0 + tl.exp(-2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        z = gelu_tanh(z)
     elif ACT == 6:
         z = tl.where(z > 0, z, z * slope)
     return z
@@ -97,13 +97,7 @@ def _act_grad(z, ACT: tl.constexpr, slope):
         cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
         d = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     elif ACT == 5:
-        # with sg = sigmoid(2u) = 0.5 (1 + tanh u): 1 - tanh^2 u = 4 sg (1 - sg), and
-        # 1 - sg = e sg (e = exp(-2u)) where that avoids cancellation (1 - t * t from
-        # t = tanh u lost the digits of tanh near +-1)
-        e = tl.exp(-2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z))
-        sg = 1.0 / (1.0 + e)
-        one_minus = tl.where(e > 1.0, 1.0 - sg, e * sg)
-        d = sg + 2.0 * z * sg * one_minus * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        d = gelu_tanh_grad(z)
     else:
         d = tl.where(z > 0, 1.0, slope)
     return d
