@@ -12,7 +12,10 @@ bn_stats op; z = act(γ(y−μ)r + β) by bn_act_apply. For backward the default
 `memory="recompute"` keeps only the conv input, the weight and the per-channel stats and
 recomputes y = conv(x) in backward (+1 conv forward); `memory="fast"` keeps y as well.
 Neither keeps the activation output or the BN output (eager keeps y and, for
-silu/gelu, z). Running statistics are updated as eager does.
+silu/gelu, z). Running statistics are updated as eager does. With the native BN kernels
+(the C++ / CUDA C++ backends) each direction is one native call (csrc/convbn.cpp: the
+convs through the dispatcher, then the kernels), which keeps the host time of a step near
+eager's; the Triton backend and traced code run the same steps op by op.
 
 Eval with running statistics: BN is folded into the conv weight and bias in fp32 (cast
 back to the weight's dtype), then the activation (one conv + one fused epilogue, or a
@@ -110,13 +113,26 @@ class _ConvBNActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None):
         stride, padding, dilation, groups, eps, act, slope, memory = conf
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        n, c, h, w = y.shape
-        if n * h * w <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{list(y.shape)}")
         # running: [running_mean, running_var, momentum, done] or None
-        z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
+        ctx.native = bnops.train_native_ready(x, weight, gamma, beta)
+        if ctx.native:  # conv, stats (+ running update) and apply in one native call
+            if x.shape[0] == 1:
+                _check_batch_values(x, weight, stride, padding, dilation)
+            g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)
+            rm = rv = None
+            momentum = 0.0
+            if running is not None and bnops.running_ok(x, running):
+                rm, rv, momentum = running[0], running[1], running[2]
+                running[3] = True
+            z, mean, invstd, var, y = bnops.op_train_fwd()(x, weight, stride, padding, dilation, groups, eps, g32, b32,
+                                                           bnops.ACT_CODES[act], slope, momentum, rm, rv)
+        else:
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+            n, c, h, w = y.shape
+            if n * h * w <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                                 f"{list(y.shape)}")
+            z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
         ctx.x = None
         if memory == "fast":
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
@@ -148,34 +164,49 @@ class _ConvBNActTrain(torch.autograd.Function):
         else:
             saved = ctx.saved_tensors
             x, weight, mean, invstd, gamma, beta = saved[:6]
-        if memory == "fast":
-            y = saved[6]
-        elif torch.is_autocast_enabled(x.device.type):
-            with _no_autocast(x.device.type):
-                y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        else:
-            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope,
-                                                  dy_into_y=memory != "fast")
-        del y
-        if not early:
-            del saved
         dx = dw = None
-        if early:  # dW while x lives, then x goes before dX is allocated
-            if needs[1]:
+        if ctx.native and type(dz) is torch.Tensor and dz.dtype in bnops.KERNEL_DTYPES:
+            # conv recompute, BN backward, dW and (unless x goes first) dX: one native call
+            mask = (1 if needs[0] else 0) | (2 if needs[1] else 0) | (4 if early else 0)
+            g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)
+            args = (dz, x, weight, saved[6] if memory == "fast" else None, stride, padding, dilation, groups, mean,
+                    invstd, g32, b32, bnops.ACT_CODES[act], slope, mask)
+            if torch.is_autocast_enabled(x.device.type):  # the recompute conv runs in the saved dtypes
+                with _no_autocast(x.device.type):
+                    dy, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(*args)
+            else:
+                dy, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(*args)
+            del args
+        else:
+            if memory == "fast":
+                y = saved[6]
+            elif torch.is_autocast_enabled(x.device.type):
+                with _no_autocast(x.device.type):
+                    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+            else:
+                y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+            dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope,
+                                                      dy_into_y=memory != "fast")
+            del y
+            if early and needs[1]:  # dW while x lives
                 dw = torch.ops.aten.convolution_backward(
                     dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
                     [False, True, False])[1]
+            elif not early and (needs[0] or needs[1]):
+                dx, dw, _ = torch.ops.aten.convolution_backward(
+                    dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
+                    [needs[0], needs[1], False])
+        if not early:
+            del saved
+        if early:  # x goes before dX is allocated
             in_hw = x.shape[2:]
             del x
             if needs[0]:
                 out_pad = _output_padding(in_hw, dy.shape, weight.shape, stride, padding, dilation)
                 dx = F.conv_transpose2d(dy, weight, None, stride, padding, out_pad, groups, dilation)
-        elif needs[0] or needs[1]:
-            dx, dw, _ = torch.ops.aten.convolution_backward(
-                dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
-                [needs[0], needs[1], False])
         del dy
+        dx = dx if needs[0] else None
+        dw = dw if needs[1] else None
         dg = db = dcb = None
         if gamma is not None and needs[2]:
             dg = dgamma if dgamma.dtype == gamma.dtype else dgamma.to(gamma.dtype)
@@ -193,6 +224,16 @@ def _output_padding(in_hw, out_shape, w_shape, stride, padding, dilation) -> lis
     """conv_transpose2d's output_padding that gives back the conv input's H, W."""
     return [in_hw[i] - ((out_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w_shape[2 + i] - 1) + 1)
             for i in range(2)]
+
+
+def _check_batch_values(x, weight, stride, padding, dilation) -> None:
+    """Eager BatchNorm's error for one value per channel (batch 1, 1×1 output), raised
+    before the conv runs."""
+    hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+          for i in range(2)]
+    if x.shape[0] * hw[0] * hw[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{[x.shape[0], weight.shape[0], *hw]}")
 
 
 class ConvBNAct2d(nn.Module):

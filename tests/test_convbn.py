@@ -486,6 +486,28 @@ def test_train_early_release_geometry(dev_backend, early_release, conv_kw):
     _train_compare(eager, _fused_from(eager), torch.randn(3, 4, 9, 8, device=device), channels_last=True)
 
 
+@pytest.mark.parametrize("memory,early", [("recompute", False), ("recompute", True), ("fast", False)])
+def test_train_native_step_one_call_per_direction(dev_backend, monkeypatch, memory, early):
+    """With the native BN kernels the training step runs one native call per direction
+    (conv_bn_act_fwd / _bwd); the Triton backend keeps the op-by-op path. Both match eager."""
+    from fusedops import nn_convbn
+    from fusedops.ops import batchnorm as bnops
+    device, backend = dev_backend
+    if early:
+        monkeypatch.setattr(nn_convbn, "EARLY_RELEASE_DEVICES", ("cuda", "cpu"))
+    elif device == "cuda":
+        monkeypatch.setattr(nn_convbn, "EARLY_RELEASE_DEVICES", ())
+    calls = []
+    for name in ("op_train_fwd", "op_train_bwd"):
+        real = getattr(bnops, name)
+        monkeypatch.setattr(bnops, name, lambda real=real, name=name: calls.append(name) or real())
+    eager = _pair(4, 6, 3, "silu", device, conv_kw=dict(stride=2, padding=1))
+    _train_compare(eager, _fused_from(eager, memory), torch.randn(3, 4, 9, 8, device=device), steps=2,
+                   channels_last=True)
+    native = backend in ("cpp", "cuda")
+    assert calls == (["op_train_fwd", "op_train_bwd"] * 2 if native else []), calls
+
+
 def test_input_modified_in_place_after_forward_raises(dev_backend, early_release):
     """The recompute mode holds the conv input itself (released early in backward): an
     in-place change of it must fail in backward as autograd's saved-tensor check does."""

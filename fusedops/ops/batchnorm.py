@@ -255,6 +255,8 @@ def _native_ready(op: str, device_type: str) -> bool:
     ready = _READY.get(key)
     if ready is None:  # the dispatcher lookup costs ~10 µs: once per (op, device type)
         dk = "CUDA" if device_type == "cuda" else "CPU"
+        if op in _COMPOSITE:
+            dk = "CompositeExplicitAutograd"
         ready = _READY[key] = _native.ops is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
             f"fusedops_C::{op}", dk)
     return ready
@@ -468,6 +470,44 @@ def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, d
     if dy_into_y and not _overlaps(dz, y):
         return fn(dz, y, mean, invstd, weight, bias, act, slope, out=y)
     return fn(dz, y, mean, invstd, weight, bias, act, slope)
+
+
+# ---- the whole training step of ConvBNAct2d in one native call per direction -------------
+# (csrc/convbn.cpp: the conv through the dispatcher, then the kernels of this file's ops)
+
+TRAIN_FWD, TRAIN_BWD = "conv_bn_act_fwd", "conv_bn_act_bwd"
+_COMPOSITE = (TRAIN_FWD, TRAIN_BWD)  # device-generic host code: registered once for every device
+KERNEL_DTYPES = _validate.KERNEL_DTYPES
+ACT_CODES = _ACT_CODES
+affine32 = _affine32
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bool:
+    """conv_bn_act_fwd / _bwd can run this step: plain tensors of a kernel dtype, the native
+    BN kernels selected and built for x's device, not under tracing."""
+    dt = x.device.type
+    return (type(x) is torch.Tensor and x.dtype in KERNEL_DTYPES and x.numel() > 0 and weight.numel() > 0
+            and type(weight) in _PLAIN_TYPES and _kernel_dtype(gamma, beta) and not torch.compiler.is_compiling()
+            and _stats.backend_for(dt) in _NATIVE and _apply.backend_for(dt) in _NATIVE
+            and _backward.backend_for(dt) in _NATIVE and _native_ready(TRAIN_FWD, dt) and _native_ready(TRAIN_BWD, dt)
+            and _native_ready(RUNNING, dt) and _native_ready(STATS, dt) and _native_ready(APPLY, dt)
+            and _native_ready(BACKWARD, dt))
+
+
+def running_ok(x: torch.Tensor, running: list) -> bool:
+    """The native kernels can update these running statistics in place."""
+    return _running_ok(x, running)
+
+
+def op_train_fwd():
+    return _native.op(TRAIN_FWD)
+
+
+def op_train_bwd():
+    return _native.op(TRAIN_BWD)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,0 +1,140 @@
+// The training step of fused Conv2d + BatchNorm2d(+act) as one native call per direction
+// (fusedops/nn_convbn.py, `_ConvBNActTrain`): the convolutions go through the dispatcher
+// (aten::convolution / aten::convolution_backward, i.e. cuDNN on CUDA), the BatchNorm
+// kernels through fusedops_C::bn_stats(_running) / bn_act_apply / bn_act_backward of the
+// tensors' device. One call replaces the Python glue between those ops (host time: the
+// step of a small conv block is bound by it).
+//
+// weight and bias are fp32 contiguous [C] (the caller passes ones / zeros for a missing
+// affine); running_mean / running_var fp32 contiguous [C] or absent. The conv output y is
+// read as [N, C, H·W] with one stride for H·W (dense NCHW and channels_last qualify; any
+// other layout is copied to contiguous NCHW first).
+#include "common.h"
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+STABLE_TORCH_LIBRARY_FRAGMENT(fusedops_C, m) {
+  // y = conv2d(x, w) (no bias); batch statistics of y (and the running statistics updated
+  // as eager BatchNorm does when running_mean / running_var are given); z = act(BN(y)).
+  // Returns (z, mean, invstd, var, y).
+  m.def("conv_bn_act_fwd(Tensor x, Tensor w, int[] stride, int[] padding, int[] dilation, int groups, float eps, "
+        "Tensor weight, Tensor bias, int act, float slope, float momentum, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backward of conv_bn_act_fwd with batch statistics. y: the forward's conv output, or
+  // absent: recomputed from x and w (dy is then written over it). mask: 1 dX, 2 dW, 4 split
+  // (dX left to the caller, who releases x first: dy is returned for it). Returns
+  // (dy or empty, dx or empty, dw or empty, dgamma = sum(g·ŷ), dbeta = sum(g)), the last
+  // two fp32 [C].
+  m.def("conv_bn_act_bwd(Tensor dz, Tensor x, Tensor w, Tensor? y, int[] stride, int[] padding, int[] dilation, "
+        "int groups, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int act, float slope, int mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace fusedops {
+namespace {
+
+using torch::stable::detail::from;
+using torch::stable::detail::to;
+using IntList = std::vector<int64_t>;
+
+template <size_t N>
+void call(const char* op, std::array<StableIValue, N>& stack) {
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, "", stack.data(), TORCH_ABI_VERSION));
+}
+
+// y can be read as [N, C, H·W]: stride(3) is the stride of the merged H·W dimension.
+bool hw_mergeable(const Tensor& t) {
+  const int64_t h = t.size(2), w = t.size(3);
+  if (h == 1) return true;
+  if (w == 1) return t.stride(2) == t.stride(3);
+  return t.stride(2) == w * t.stride(3);
+}
+
+Tensor hw_ready(Tensor t) { return hw_mergeable(t) ? t : torch::stable::contiguous(t); }
+
+Tensor conv(const Tensor& x, const Tensor& w, const IntList& stride, const IntList& padding, const IntList& dilation,
+            int64_t groups) {
+  std::array<StableIValue, 9> s{from(x),       from(w),     from(std::nullopt), from(stride),
+                                from(padding), from(dilation), from(false),     from(IntList{0, 0}),
+                                from(groups)};
+  call("aten::convolution", s);
+  return to<Tensor>(s[0]);
+}
+
+Tensor channels(const Tensor& like, int64_t c) { return torch::stable::new_empty(like, {c}, ScalarType::Float); }
+
+Tensor nothing(const Tensor& like) { return torch::stable::new_empty(like, {0}); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_fwd(
+    Tensor x, Tensor w, IntList stride, IntList padding, IntList dilation, int64_t groups, double eps, Tensor weight,
+    Tensor bias, int64_t act, double slope, double momentum, std::optional<Tensor> running_mean,
+    std::optional<Tensor> running_var) {
+  STD_TORCH_CHECK(x.dim() == 4, "fusedops_C::conv_bn_act_fwd: x must be 4-D [N, C, H, W]");
+  STD_TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+                  "fusedops_C::conv_bn_act_fwd: running_mean and running_var come together");
+  Tensor y = hw_ready(conv(x, w, stride, padding, dilation, groups));
+  const int64_t c = y.size(1);
+  STD_TORCH_CHECK(y.size(0) * y.size(2) * y.size(3) > 1,
+                  "fusedops_C::conv_bn_act_fwd: expected more than 1 value per channel when training");
+  Tensor mean = channels(y, c), invstd = channels(y, c), var = channels(y, c);
+  if (running_mean.has_value()) {
+    std::array<StableIValue, 8> s{from(y),    from(eps),    from(momentum),        from(mean),
+                                  from(invstd), from(var), from(*running_mean), from(*running_var)};
+    call("fusedops_C::bn_stats_running", s);
+  } else {
+    std::array<StableIValue, 5> s{from(y), from(eps), from(mean), from(invstd), from(var)};
+    call("fusedops_C::bn_stats", s);
+  }
+  Tensor z = torch::stable::empty_like(y);  // y is dense: z gets its strides
+  std::array<StableIValue, 8> s{from(y),    from(mean), from(invstd), from(weight),
+                                from(bias), from(act),  from(slope),  from(z)};
+  call("fusedops_C::bn_act_apply", s);
+  return {z, mean, invstd, var, y};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_bwd(
+    Tensor dz, Tensor x, Tensor w, std::optional<Tensor> y_saved, IntList stride, IntList padding, IntList dilation,
+    int64_t groups, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int64_t act, double slope, int64_t mask) {
+  STD_TORCH_CHECK(x.dim() == 4 && dz.dim() == 4, "fusedops_C::conv_bn_act_bwd: x and dz must be 4-D");
+  const bool need_dx = mask & 1, need_dw = mask & 2, split = mask & 4;
+  const bool recompute = !y_saved.has_value();
+  Tensor y = recompute ? hw_ready(conv(x, w, stride, padding, dilation, groups)) : hw_ready(*y_saved);
+  const int64_t c = y.size(1);
+  STD_TORCH_CHECK(dz.size(0) == y.size(0) && dz.size(1) == c && dz.size(2) == y.size(2) && dz.size(3) == y.size(3),
+                  "fusedops_C::conv_bn_act_bwd: dz must have the conv output's shape");
+  // the recomputed y is this call's own: the kernels read each element of y before they
+  // write dy there
+  Tensor dy = recompute ? y : torch::stable::empty_like(y);
+  Tensor sum_gx = channels(y, c), sum_g = channels(y, c);
+  {
+    std::array<StableIValue, 11> s{from(hw_ready(dz)), from(y),   from(mean),  from(invstd), from(weight), from(bias),
+                                   from(act),          from(slope), from(dy),  from(sum_gx), from(sum_g)};
+    call("fusedops_C::bn_act_backward", s);
+  }
+  Tensor dx = nothing(x), dw = nothing(x);
+  if (need_dx || need_dw) {
+    const std::array<bool, 3> out{need_dx && !split, need_dw, false};
+    if (out[0] || out[1]) {
+      std::array<StableIValue, 11> s{
+          from(dy),      from(x),        from(w),     from(std::nullopt), from(stride),
+          from(padding), from(dilation), from(false), from(IntList{0, 0}), from(groups),
+          from(torch::headeronly::HeaderOnlyArrayRef<bool>(out.data(), out.size()))};
+      call("aten::convolution_backward", s);
+      Tensor grads[3] = {to<Tensor>(s[0]), to<Tensor>(s[1]), to<Tensor>(s[2])};  // owns all three
+      if (out[0]) dx = grads[0];
+      if (out[1]) dw = grads[1];
+    }
+  }
+  return {split ? dy : nothing(x), dx, dw, sum_gx, sum_g};
+}
+
+}  // namespace
+}  // namespace fusedops
+
+STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CompositeExplicitAutograd, m) {
+  m.impl("conv_bn_act_fwd", TORCH_BOX(&fusedops::conv_bn_act_fwd));
+  m.impl("conv_bn_act_bwd", TORCH_BOX(&fusedops::conv_bn_act_bwd));
+}
