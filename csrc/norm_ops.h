@@ -109,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(Fwd&& fwd, const Tensor& x, c
 
 // (dx, dw, db): dx of s's shape and dtype (= dresidual when ds is given), dw / db of the
 // parameters' dtypes (empty when absent), from fp32 partial rows summed in a fixed order.
-// programs(m, n, x): the number of partial rows; bwd(dy2, s2, w, b, mean1, rstd1, ds2, dx2,
+// programs(m, n, s, dy): the number of partial rows; bwd(dy2, s2, w, b, mean1, rstd1, ds2, dx2,
 // dwp, dbp, act, rms, has_w, has_b, has_ds): the 2-D kernel; finish(dwp, dw, sum_w, dbp, db,
 // sum_b, p, n): sums the (P, N) fp32 partial rows column by column in row order into dW
 // (sum_w) and dB (sum_b), (N,) of the parameters' dtypes.
@@ -137,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(Programs&& programs, Bwd&& bwd, Fini
   }
   std::optional<Tensor> w = weight, b = bias;
   same_param_dtype(w, b, s.scalar_type());
-  const int64_t p = (has_w || has_b) ? programs(m, n, s) : 1;
+  const int64_t p = (has_w || has_b) ? programs(m, n, s, dy) : 1;
   // One partial row of fp32 parameters: the kernel writes dW / dB directly.
   const auto partials = [&](bool has, Tensor& out) -> Tensor {
     if (!has) return s;  // placeholder (has_* false)

@@ -221,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_act_forward(Tensor x, std::optio
 }
 
 // Fixed row chunks, independent of the thread count (as the partial rows on CUDA).
-int64_t partial_rows(int64_t m, int64_t /*n*/, const Tensor& /*s*/) {
+int64_t partial_rows(int64_t m, int64_t /*n*/, const Tensor& /*s*/, const Tensor& /*dy*/) {
   return std::max<int64_t>(1, std::min<int64_t>(m, 64));
 }
 

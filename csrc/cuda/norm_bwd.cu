@@ -634,11 +634,26 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
 namespace fusedops {
 namespace {
 
+// Whether the rows of s and dy meet the on-chip backward's packing rules on the two inputs
+// (16-byte packets: N a multiple of the packet, aligned rows, dy unit-strided along N), as
+// launch_bwd_rows_act's caller checks them; where they fail the streaming kernel runs, one
+// block an SM, and must not get the cluster path's one partial row per two SMs.
+bool rows_packable(int64_t n, const Tensor& s, const Tensor& dy) {
+  const int64_t v = 16 / static_cast<int64_t>(s.element_size());
+  const auto rows_ok = [&](const Tensor& t) {
+    const int64_t bytes = static_cast<int64_t>(t.element_size()) * v;
+    const int64_t d = t.dim();
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 && (d < 2 || t.stride(d - 2) % v == 0) &&
+           (t.stride(d - 1) == 1 || n == 1);
+  };
+  return !force_stream() && n % v == 0 && rows_ok(s) && rows_ok(dy);
+}
+
 // dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small
 // inputs (launch-bound); else as many as are resident at once (launch_bwd_rows: rows of
 // n <= 4096 run in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
 // rows 1 block an SM; rows of 8192 < n <= 16384 on sm_90+ a cluster of two blocks a row).
-int64_t partial_rows(int64_t m, int64_t n, const Tensor& s) {
+int64_t partial_rows(int64_t m, int64_t n, const Tensor& s, const Tensor& dy) {
   if (m * n <= (int64_t{1} << 17)) return 1;
   const int32_t device = s.get_device_index();
   const int64_t sms = sm_count(device);
@@ -647,8 +662,8 @@ int64_t partial_rows(int64_t m, int64_t n, const Tensor& s) {
     const int64_t per_step = 512 / tx;
     return std::max<int64_t>(1, std::min<int64_t>((m + per_step - 1) / per_step, 2 * sms));
   }
-  const int64_t per_part = n > 8192 && n <= 16384 && has_clusters(device) ? 2 : 1;
-  return std::max<int64_t>(1, std::min<int64_t>(m, sms / per_part));
+  const bool cluster = n > 8192 && n <= 16384 && has_clusters(device) && rows_packable(n, s, dy);
+  return std::max<int64_t>(1, std::min<int64_t>(m, cluster ? sms / 2 : sms));
 }
 
 struct SumParams {
