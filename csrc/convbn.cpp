@@ -42,7 +42,7 @@ using IntList = std::vector<int64_t>;
 
 template <size_t N>
 void call(const char* op, std::array<StableIValue, N>& stack) {
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, "", stack.data(), TORCH_ABI_VERSION));
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, "", stack.data(), TORCH_ABI_VERSION));
 }
 
 // y can be read as [N, C, H·W]: stride(3) is the stride of the merged H·W dimension.
