@@ -56,6 +56,7 @@ def main():
         us = best_us(fn)
         base = us if base is None else base
         print(f"{name:18s} {us:8.1f} us/step  (+{us - base:.1f} over eager)")
+    breakdown(dev, autocast)
     from torch.profiler import ProfilerActivity, profile
     for name in ("eager", "fused recompute"):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -67,6 +68,42 @@ def main():
                           "aten::convolution", "aten::contiguous", "aten::clone"):
                 counts[e.name] += 1
         print(name, dict(sorted(counts.items())))
+
+
+def breakdown(dev, autocast: bool) -> None:
+    """Host µs of the pieces of one block's step: forward alone (module, autograd Function,
+    native op) and the single calls it is made of, against eager's."""
+    import torch.nn.functional as F
+    from fusedops.nn_convbn import ConvBNAct2d
+    from fusedops.ops import batchnorm as bnops
+    dt = torch.bfloat16 if autocast else torch.float32
+    x = torch.randn(2, 4, 4, 4, device=dev, dtype=dt).to(memory_format=torch.channels_last).requires_grad_()
+    eager = eager_blocks(4, 4, 3, 1, dev)[:3].to(dt)
+    fused = ConvBNAct2d.from_modules(eager[0], eager[1], torch.nn.ReLU()).to(dt)
+    w = eager[0].weight.detach()
+    g32, b32 = bnops.affine32(None, None, 4, x)
+    c = [1, 1]
+    op = bnops.op_train_fwd()
+    xd = x.detach()
+    rm, rv = torch.zeros(4, device=dev), torch.ones(4, device=dev)
+    bwd = bnops.op_train_bwd()
+    _, mean, invstd, _, y = op(xd, w, c, c, c, 1, 1e-5, g32, b32, 1, 0.01, 0.0, None, None)
+    gz = torch.randn_like(y)
+    rows = {
+        "eager fwd (conv, bn, relu modules)": lambda: eager(x),
+        "fused fwd (module)": lambda: fused(x),
+        "F.conv2d": lambda: F.conv2d(xd, w, None, 1, 1),
+        "F.batch_norm (train)": lambda: F.batch_norm(xd, None, None, None, None, True),
+        "torch.relu": lambda: torch.relu(xd),
+        "conv_bn_act_fwd op": lambda: op(xd, w, c, c, c, 1, 1e-5, g32, b32, 1, 0.01, 0.0, None, None),
+        "conv_bn_act_fwd op + running update": lambda: op(xd, w, c, c, c, 1, 1e-5, g32, b32, 1, 0.01, 0.1, rm, rv),
+        "conv_bn_act_bwd op (recompute)": lambda: bwd(gz, xd, w, None, c, c, c, 1, mean, invstd, g32, b32, 1, 0.01, 3),
+        "aten.convolution_backward": lambda: torch.ops.aten.convolution_backward(
+            gz, xd, w, None, c, c, c, False, [0, 0], 1, [True, True, False]),
+        "torch.empty(4)": lambda: torch.empty(4, device=dev),
+    }
+    for name, fn in rows.items():
+        print(f"  {name:36s} {best_us(fn, reps=10, steps=200):8.1f} us")
 
 
 if __name__ == "__main__":
