@@ -2,13 +2,14 @@
 // (fusedops/nn_convbn.py, `_ConvBNActTrain`): the convolutions go through the dispatcher
 // (aten::convolution / aten::convolution_backward, i.e. cuDNN on CUDA), the BatchNorm
 // kernels through fusedops_C::bn_stats(_running) / bn_act_apply / bn_act_backward of the
-// tensors' device. One call replaces the Python glue between those ops (host time: the
+// tensors' device, called directly (csrc/batchnorm_kernels.h). One call replaces the Python glue between those ops (host time: the
 // step of a small conv block is bound by it).
 //
 // weight and bias are fp32 contiguous [C] (the caller passes ones / zeros for a missing
 // affine); running_mean / running_var fp32 contiguous [C] or absent. The conv output y is
 // read as [N, C, H·W] with one stride for H·W (dense NCHW and channels_last qualify; any
 // other layout is copied to contiguous NCHW first).
+#include "batchnorm_kernels.h"
 #include "common.h"
 
 #include <array>
@@ -64,6 +65,25 @@ Tensor conv(const Tensor& x, const Tensor& w, const IntList& stride, const IntLi
   return to<Tensor>(s[0]);
 }
 
+// The BN kernels of t's device.
+struct BnKernels {
+  decltype(&bn_cpu::stats) stats;
+  decltype(&bn_cpu::stats_running) stats_running;
+  decltype(&bn_cpu::apply) apply;
+  decltype(&bn_cpu::backward) backward;
+};
+
+const BnKernels& bn_kernels(const Tensor& t) {
+  static const BnKernels cpu{&bn_cpu::stats, &bn_cpu::stats_running, &bn_cpu::apply, &bn_cpu::backward};
+  if (t.is_cpu()) return cpu;
+#ifdef USE_CUDA
+  static const BnKernels cuda{&bn_cuda::stats, &bn_cuda::stats_running, &bn_cuda::apply, &bn_cuda::backward};
+  if (t.is_cuda()) return cuda;
+#endif
+  STD_TORCH_CHECK(false, "fusedops_C conv + BN: no BatchNorm kernels for this device in this build");
+  return cpu;
+}
+
 Tensor channels(const Tensor& like, int64_t c) { return torch::stable::new_empty(like, {c}, ScalarType::Float); }
 
 Tensor nothing(const Tensor& like) { return torch::stable::new_empty(like, {0}); }
@@ -79,19 +99,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_fwd(
   const int64_t c = y.size(1);
   STD_TORCH_CHECK(y.size(0) * y.size(2) * y.size(3) > 1,
                   "fusedops_C::conv_bn_act_fwd: expected more than 1 value per channel when training");
+  const BnKernels& k = bn_kernels(y);
   Tensor mean = channels(y, c), invstd = channels(y, c), var = channels(y, c);
   if (running_mean.has_value()) {
-    std::array<StableIValue, 8> s{from(y),    from(eps),    from(momentum),        from(mean),
-                                  from(invstd), from(var), from(*running_mean), from(*running_var)};
-    call("fusedops_C::bn_stats_running", s);
+    k.stats_running(y, eps, momentum, mean, invstd, var, *running_mean, *running_var);
   } else {
-    std::array<StableIValue, 5> s{from(y), from(eps), from(mean), from(invstd), from(var)};
-    call("fusedops_C::bn_stats", s);
+    k.stats(y, eps, mean, invstd, var);
   }
   Tensor z = torch::stable::empty_like(y);  // y is dense: z gets its strides
-  std::array<StableIValue, 8> s{from(y),    from(mean), from(invstd), from(weight),
-                                from(bias), from(act),  from(slope),  from(z)};
-  call("fusedops_C::bn_act_apply", s);
+  k.apply(y, mean, invstd, weight, bias, act, slope, z);
   return {z, mean, invstd, var, y};
 }
 
@@ -109,11 +125,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_bwd(
   // write dy there
   Tensor dy = recompute ? y : torch::stable::empty_like(y);
   Tensor sum_gx = channels(y, c), sum_g = channels(y, c);
-  {
-    std::array<StableIValue, 11> s{from(hw_ready(dz)), from(y),   from(mean),  from(invstd), from(weight), from(bias),
-                                   from(act),          from(slope), from(dy),  from(sum_gx), from(sum_g)};
-    call("fusedops_C::bn_act_backward", s);
-  }
+  bn_kernels(y).backward(hw_ready(dz), y, mean, invstd, weight, bias, act, slope, dy, sum_gx, sum_g);
   Tensor dx = nothing(x), dw = nothing(x);
   if (need_dx || need_dw) {
     const std::array<bool, 3> out{need_dx && !split, need_dw, false};

@@ -4,6 +4,7 @@
 // fp64 accumulators and an exact two-pass variance. Channels_last reads blocks of 16
 // neighbouring channels per position; contiguous NCHW reads each channel's H·W run.
 #include "../batchnorm_act.h"
+#include "../batchnorm_kernels.h"
 #include "../common.h"
 
 #include <algorithm>
@@ -188,6 +189,21 @@ void bn_stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor
 
 }  // namespace
 }  // namespace fusedops
+
+namespace fusedops::bn_cpu {
+void stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) { bn_stats(y, eps, mean, invstd, var); }
+void stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor invstd, Tensor var, Tensor running_mean,
+                   Tensor running_var) {
+  bn_stats_running(y, eps, momentum, mean, invstd, var, running_mean, running_var);
+}
+void apply(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int64_t act, double slope, Tensor z) {
+  bn_act_apply(y, mean, invstd, weight, bias, act, slope, z);
+}
+void backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int64_t act, double slope,
+              Tensor dy, Tensor sum_gx, Tensor sum_g) {
+  bn_act_backward(dz, y, mean, invstd, weight, bias, act, slope, dy, sum_gx, sum_g);
+}
+}  // namespace fusedops::bn_cpu
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CPU, m) {
   m.impl("bn_stats", TORCH_BOX(&fusedops::bn_stats));
