@@ -776,20 +776,7 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
 }  // namespace
 }  // namespace fusedops
 
-namespace fusedops::bn_cuda {
-void stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) { bn_stats(y, eps, mean, invstd, var); }
-void stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor invstd, Tensor var, Tensor running_mean,
-                   Tensor running_var) {
-  bn_stats_running(y, eps, momentum, mean, invstd, var, running_mean, running_var);
-}
-void apply(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int64_t act, double slope, Tensor z) {
-  bn_act_apply(y, mean, invstd, weight, bias, act, slope, z);
-}
-void backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int64_t act, double slope,
-              Tensor dy, Tensor sum_gx, Tensor sum_g) {
-  bn_act_backward(dz, y, mean, invstd, weight, bias, act, slope, dy, sum_gx, sum_g);
-}
-}  // namespace fusedops::bn_cuda
+FUSEDOPS_BN_DEFINE_ENTRY_POINTS(bn_cuda)
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
   m.impl("bn_stats", TORCH_BOX(&fusedops::bn_stats));
