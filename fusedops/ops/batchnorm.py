@@ -23,6 +23,7 @@ import torch
 
 from .. import _native, _triton, _validate, reference
 from .._backend import Kernels, warn_once
+from .._backend import _forced as _backend_forced
 from ._library import LIB, define
 
 STATS, APPLY, BACKWARD = "bn_stats", "bn_act_apply", "bn_act_backward"
@@ -487,14 +488,25 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bool:
     """conv_bn_act_fwd / _bwd can run this step: plain tensors of a kernel dtype, the native
-    BN kernels selected and built for x's device, not under tracing."""
-    dt = x.device.type
-    return (type(x) is torch.Tensor and x.dtype in KERNEL_DTYPES and x.numel() > 0 and weight.numel() > 0
-            and type(weight) in _PLAIN_TYPES and _kernel_dtype(gamma, beta) and not torch.compiler.is_compiling()
+    BN kernels selected and built for x's device, not under tracing. The backend and dtype
+    part is decided once per (device type, dtypes, forced backend): host time."""
+    if type(x) is not torch.Tensor or type(weight) not in _PLAIN_TYPES or torch.compiler.is_compiling():
+        return False
+    key = (x.device.type, x.dtype, None if gamma is None else gamma.dtype, None if beta is None else beta.dtype,
+           _backend_forced())
+    ready = _TRAIN_READY.get(key)
+    if ready is None:
+        dt = key[0]
+        ready = _TRAIN_READY[key] = bool(
+            x.dtype in KERNEL_DTYPES and _kernel_dtype(gamma, beta)
             and _stats.backend_for(dt) in _NATIVE and _apply.backend_for(dt) in _NATIVE
             and _backward.backend_for(dt) in _NATIVE and _native_ready(TRAIN_FWD, dt) and _native_ready(TRAIN_BWD, dt)
             and _native_ready(RUNNING, dt) and _native_ready(STATS, dt) and _native_ready(APPLY, dt)
             and _native_ready(BACKWARD, dt))
+    return ready and x.numel() > 0 and weight.numel() > 0
+
+
+_TRAIN_READY: dict = {}
 
 
 def running_ok(x: torch.Tensor, running: list) -> bool:
