@@ -14,8 +14,8 @@ recomputes y = conv(x) in backward (+1 conv forward); `memory="fast"` keeps y as
 Neither keeps the activation output or the BN output (eager keeps y and, for
 silu/gelu, z). Running statistics are updated as eager does. With the native BN kernels
 (the C++ / CUDA C++ backends) each direction is one native call (csrc/convbn.cpp: the
-convs through the dispatcher, then the kernels), which keeps the host time of a step near
-eager's; the Triton backend and traced code run the same steps op by op.
+convs through the dispatcher, then the kernels): less host time between the ops; the
+Triton backend and traced code run the same steps op by op.
 
 Eval with running statistics: BN is folded into the conv weight and bias in fp32 (cast
 back to the weight's dtype), then the activation (one conv + one fused epilogue, or a
