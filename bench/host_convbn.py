@@ -98,12 +98,17 @@ def breakdown(dev, autocast: bool) -> None:
         "conv_bn_act_fwd op": lambda: op(xd, w, c, c, c, 1, 1e-5, g32, b32, 1, 0.01, 0.0, None, None),
         "conv_bn_act_fwd op + running update": lambda: op(xd, w, c, c, c, 1, 1e-5, g32, b32, 1, 0.01, 0.1, rm, rv),
         "conv_bn_act_bwd op (recompute)": lambda: bwd(gz, xd, w, None, c, c, c, 1, mean, invstd, g32, b32, 1, 0.01, 3),
+        "conv_bn_act_bwd op (recompute, dW, split)": lambda: bwd(gz, xd, w, None, c, c, c, 1, mean, invstd, g32, b32,
+                                                                 1, 0.01, 6),
+        "F.conv_transpose2d (the split's dX)": lambda: F.conv_transpose2d(gz, w, None, 1, 1),
         "aten.convolution_backward": lambda: torch.ops.aten.convolution_backward(
             gz, xd, w, None, c, c, c, False, [0, 0], 1, [True, True, False]),
+        "aten.convolution_backward (dW only)": lambda: torch.ops.aten.convolution_backward(
+            gz, xd, w, None, c, c, c, False, [0, 0], 1, [False, True, False]),
         "torch.empty(4)": lambda: torch.empty(4, device=dev),
     }
     for name, fn in rows.items():
-        print(f"  {name:36s} {best_us(fn, reps=10, steps=200):8.1f} us")
+        print(f"  {name:44s} {best_us(fn, reps=10, steps=200):8.1f} us")
 
 
 if __name__ == "__main__":
