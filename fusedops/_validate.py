@@ -7,6 +7,10 @@ import bisect
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Tensors the fast host paths hand to the kernels as they are: plain tensors and module
+# parameters (an nn.Parameter is a plain tensor for dispatch); other subclasses (DTensor,
+# tensors under a dispatch mode, ...) go through the ops.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def tensor(t, name: str, op: str) -> torch.Tensor:

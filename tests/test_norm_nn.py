@@ -88,6 +88,35 @@ def test_add_modules_match_eager(dev_backend, cls, inplace):
     assert (s is rb) == inplace
 
 
+@pytest.mark.parametrize("cls", [LayerNormAct, RMSNormAct, AddLayerNorm, AddRMSNorm])
+def test_modules_take_the_direct_path(dev_backend, cls):
+    """Modules hold nn.Parameters: their calls take the one-Function direct path (host
+    time), as the functions do with plain tensors, and give the ops' bits."""
+    device, _ = dev_backend
+    m = _randomize(cls(48, activation="silu", device=device))
+    x = torch.randn(5, 48, device=device, requires_grad=True)
+    args = (x,) if cls in (LayerNormAct, RMSNormAct) else (x, torch.randn(5, 48, device=device))
+    out = m(*args)
+    y = out[0] if isinstance(out, tuple) else out
+    assert type(y.grad_fn).__name__ == "_NormActFastBackward"
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *m.parameters()], dy)
+    ws = [p.detach().clone().requires_grad_() for p in m.parameters()]  # plain tensors
+    x2 = x.detach().clone().requires_grad_()
+    if cls is LayerNormAct:
+        y2 = fusedops.layer_norm_act(x2, ws[0], ws[1], m.eps, "silu")
+    elif cls is RMSNormAct:
+        y2 = fusedops.rms_norm_act(x2, ws[0], m.eps, "silu")
+    elif cls is AddLayerNorm:
+        y2 = fusedops.add_layer_norm_act(x2, args[1], ws[0], ws[1], m.eps, "silu")[0]
+    else:
+        y2 = fusedops.add_rms_norm_act(x2, args[1], ws[0], m.eps, "silu")[0]
+    grads2 = torch.autograd.grad(y2, [x2, *ws], dy)
+    assert torch.equal(y, y2)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("make", [lambda d: LayerNormAct(32, activation="gelu_tanh", device=d),
                                   lambda d: RMSNormAct(32, activation="silu", device=d),
                                   lambda d: AddLayerNorm(32, activation="relu", device=d),

@@ -483,14 +483,13 @@ ACT_CODES = _ACT_CODES
 affine32 = _affine32
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
 def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bool:
     """conv_bn_act_fwd / _bwd can run this step: plain tensors of a kernel dtype, the native
     BN kernels selected and built for x's device, not under tracing. The backend and dtype
     part is decided once per (device type, dtypes, forced backend): host time."""
-    if type(x) is not torch.Tensor or type(weight) not in _PLAIN_TYPES or torch.compiler.is_compiling():
+    plain = _validate.PLAIN_TYPES
+    if (type(x) is not torch.Tensor or type(weight) not in plain or (gamma is not None and type(gamma) not in plain)
+            or (beta is not None and type(beta) not in plain) or torch.compiler.is_compiling()):
         return False
     key = (x.device.type, x.dtype, None if gamma is None else gamma.dtype, None if beta is None else beta.dtype,
            _backend_forced())

@@ -470,7 +470,7 @@ class _AddNormActInplace(torch.autograd.Function):
 def _plain_call(*ts) -> bool:
     if torch.compiler.is_compiling() or _dispatch_mode() is not None:
         return False
-    return all(t is None or type(t) is torch.Tensor for t in ts)
+    return all(t is None or type(t) in _validate.PLAIN_TYPES for t in ts)
 
 
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode  # noqa: E402
