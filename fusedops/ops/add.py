@@ -103,7 +103,7 @@ def _kernel_dtype(t: torch.Tensor) -> bool:
 def _plain_pair(x, y) -> bool:
     """The common call, checked cheaply: x and y contiguous, same shape, device and a kernel
     dtype, and either the same memory or apart. Anything else takes the full checks."""
-    if not (type(x) is torch.Tensor and type(y) is torch.Tensor and x.shape == y.shape
+    if not (type(x) in _validate.PLAIN_TYPES and type(y) in _validate.PLAIN_TYPES and x.shape == y.shape
             and x.device == y.device and x.dtype in _validate.KERNEL_DTYPES
             and y.dtype in _validate.KERNEL_DTYPES and x.is_contiguous() and y.is_contiguous()):
         return False
