@@ -3,7 +3,7 @@
 # REPORT_ARGS, TEST_PROCS pass options on):
 #   bash bench/gpu_run.sh OUT STAGE[:SECONDS] ...
 # Stages: build, tests (GPU-marked tests), tests-all, bench-<families> (e.g. bench-norm,
-# bench-add_,foreach_add_), report-<model>, profile-convbn,
+# bench-add_,foreach_add_), report-<model>, host-convbn, profile-convbn,
 # profile-report_<model> (variants from PROFILE_VARIANTS).
 set -uo pipefail
 out="${1:?output folder}"; shift
@@ -28,6 +28,8 @@ for spec in "$@"; do
       timeout "$limit" python3 -m fusedops bench --ops "$fams" --out "$out/bench-${fams//,/_}" "${extra[@]}" \
         >"$out/bench-${fams//,/_}.txt" 2>"$out/bench-${fams//,/_}.err"; rc=$?
       tail -n +2 "$out/bench-${fams//,/_}.txt" | grep -v "^wrote" ;;
+    host-convbn) timeout "$limit" python3 bench/host_convbn.py --device cuda >"$out/host_convbn.txt" 2>&1; rc=$?
+      grep -v -e USDT -e Warning -e _warn_once "$out/host_convbn.txt" | head -20 ;;
     profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
       tail -25 "$out/profile_convbn.log" ;;
     profile-report_*) model="${stage#profile-report_}"
