@@ -67,17 +67,19 @@ Tensor conv(const Tensor& x, const Tensor& w, const IntList& stride, const IntLi
 
 // The BN kernels of t's device.
 struct BnKernels {
-  decltype(&bn_cpu::stats) stats;
-  decltype(&bn_cpu::stats_running) stats_running;
-  decltype(&bn_cpu::apply) apply;
-  decltype(&bn_cpu::backward) backward;
+  decltype(&bn_cpu::bn_stats) stats;
+  decltype(&bn_cpu::bn_stats_running) stats_running;
+  decltype(&bn_cpu::bn_act_apply) apply;
+  decltype(&bn_cpu::bn_act_backward) backward;
 };
 
 const BnKernels& bn_kernels(const Tensor& t) {
-  static const BnKernels cpu{&bn_cpu::stats, &bn_cpu::stats_running, &bn_cpu::apply, &bn_cpu::backward};
+  static const BnKernels cpu{&bn_cpu::bn_stats, &bn_cpu::bn_stats_running, &bn_cpu::bn_act_apply,
+                            &bn_cpu::bn_act_backward};
   if (t.is_cpu()) return cpu;
 #ifdef USE_CUDA
-  static const BnKernels cuda{&bn_cuda::stats, &bn_cuda::stats_running, &bn_cuda::apply, &bn_cuda::backward};
+  static const BnKernels cuda{&bn_cuda::bn_stats, &bn_cuda::bn_stats_running, &bn_cuda::bn_act_apply,
+                             &bn_cuda::bn_act_backward};
   if (t.is_cuda()) return cuda;
 #endif
   STD_TORCH_CHECK(false, "fusedops_C conv + BN: no BatchNorm kernels for this device in this build");

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import _validate, reference
 from .ops import batchnorm as bnops
 
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
@@ -114,10 +114,10 @@ class _ConvBNActTrain(torch.autograd.Function):
     def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None):
         stride, padding, dilation, groups, eps, act, slope, memory = conf
         # running: [running_mean, running_var, momentum, done] or None
+        if x.shape[0] == 1:  # (a batch of one: the only way to one value per channel)
+            _check_batch_values(x, weight, stride, padding, dilation)
         ctx.native = bnops.train_native_ready(x, weight, gamma, beta)
         if ctx.native:  # conv, stats (+ running update) and apply in one native call
-            if x.shape[0] == 1:
-                _check_batch_values(x, weight, stride, padding, dilation)
             g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)
             rm = rv = None
             momentum = 0.0
@@ -128,10 +128,6 @@ class _ConvBNActTrain(torch.autograd.Function):
                                                            bnops.ACT_CODES[act], slope, momentum, rm, rv)
         else:
             y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-            n, c, h, w = y.shape
-            if n * h * w <= 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                                 f"{list(y.shape)}")
             z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
         ctx.x = None
         if memory == "fast":
@@ -165,7 +161,7 @@ class _ConvBNActTrain(torch.autograd.Function):
             saved = ctx.saved_tensors
             x, weight, mean, invstd, gamma, beta = saved[:6]
         dx = dw = None
-        if ctx.native and type(dz) is torch.Tensor and dz.dtype in bnops.KERNEL_DTYPES:
+        if ctx.native and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES:
             # conv recompute, BN backward, dW and (unless x goes first) dX: one native call
             mask = (1 if needs[0] else 0) | (2 if needs[1] else 0) | (4 if early else 0)
             g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)

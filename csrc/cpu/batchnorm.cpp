@@ -45,6 +45,11 @@ inline void for_block(const Geo& g, int64_t c0, int64_t c1, Fn&& fn) {
     }
 }
 
+}  // namespace
+
+// The entry points (csrc/batchnorm_kernels.h), registered below and called by csrc/convbn.cpp.
+namespace bn_cpu {
+
 void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
   check(y, "y");
   const Geo g = geometry(y);
@@ -187,14 +192,13 @@ void bn_stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor
   }
 }
 
-}  // namespace
+}  // namespace bn_cpu
 }  // namespace fusedops
 
-FUSEDOPS_BN_DEFINE_ENTRY_POINTS(bn_cpu)
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CPU, m) {
-  m.impl("bn_stats", TORCH_BOX(&fusedops::bn_stats));
-  m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_stats_running));
-  m.impl("bn_act_apply", TORCH_BOX(&fusedops::bn_act_apply));
-  m.impl("bn_act_backward", TORCH_BOX(&fusedops::bn_act_backward));
+  m.impl("bn_stats", TORCH_BOX(&fusedops::bn_cpu::bn_stats));
+  m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_cpu::bn_stats_running));
+  m.impl("bn_act_apply", TORCH_BOX(&fusedops::bn_cpu::bn_act_apply));
+  m.impl("bn_act_backward", TORCH_BOX(&fusedops::bn_cpu::bn_act_backward));
 }

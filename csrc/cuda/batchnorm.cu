@@ -641,6 +641,16 @@ void stats_impl(Tensor& y, double eps, Tensor& mean, Tensor& invstd, Tensor& var
   });
 }
 
+Affine affine_of(const Tensor& mean, const Tensor& invstd, const Tensor& w, const Tensor& b) {
+  return {mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(), w.const_data_ptr<float>(),
+          b.const_data_ptr<float>()};
+}
+
+}  // namespace
+
+// The entry points (csrc/batchnorm_kernels.h), registered below and called by csrc/convbn.cpp.
+namespace bn_cuda {
+
 void bn_stats(Tensor y, double eps, Tensor mean, Tensor invstd, Tensor var) {
   stats_impl(y, eps, mean, invstd, var, nullptr, nullptr, 0.0);
 }
@@ -654,11 +664,6 @@ void bn_stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor
   check_channel(running_var, y.size(1), "running_var", dev);
   stats_impl(y, eps, mean, invstd, var, running_mean.mutable_data_ptr<float>(), running_var.mutable_data_ptr<float>(),
              momentum);
-}
-
-Affine affine_of(const Tensor& mean, const Tensor& invstd, const Tensor& w, const Tensor& b) {
-  return {mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(), w.const_data_ptr<float>(),
-          b.const_data_ptr<float>()};
 }
 
 void bn_act_apply(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int64_t act, double slope,
@@ -773,14 +778,13 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
   });
 }
 
-}  // namespace
+}  // namespace bn_cuda
 }  // namespace fusedops
 
-FUSEDOPS_BN_DEFINE_ENTRY_POINTS(bn_cuda)
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
-  m.impl("bn_stats", TORCH_BOX(&fusedops::bn_stats));
-  m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_stats_running));
-  m.impl("bn_act_apply", TORCH_BOX(&fusedops::bn_act_apply));
-  m.impl("bn_act_backward", TORCH_BOX(&fusedops::bn_act_backward));
+  m.impl("bn_stats", TORCH_BOX(&fusedops::bn_cuda::bn_stats));
+  m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_cuda::bn_stats_running));
+  m.impl("bn_act_apply", TORCH_BOX(&fusedops::bn_cuda::bn_act_apply));
+  m.impl("bn_act_backward", TORCH_BOX(&fusedops::bn_cuda::bn_act_backward));
 }

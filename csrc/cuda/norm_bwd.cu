@@ -639,14 +639,14 @@ namespace {
 // launch_bwd_rows_act's caller checks them; where they fail the streaming kernel runs, one
 // block an SM, and must not get the cluster path's one partial row per two SMs.
 bool rows_packable(int64_t n, const Tensor& s, const Tensor& dy) {
-  const int64_t v = 16 / static_cast<int64_t>(s.element_size());
-  const auto rows_ok = [&](const Tensor& t) {
-    const int64_t bytes = static_cast<int64_t>(t.element_size()) * v;
-    const int64_t d = t.dim();
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 && (d < 2 || t.stride(d - 2) % v == 0) &&
-           (t.stride(d - 1) == 1 || n == 1);
+  const auto row_stride = [](const Tensor& t) { return t.dim() < 2 ? int64_t{0} : t.stride(t.dim() - 2); };
+  const auto packs = [&]<int V>() {
+    return can_pack<V>(n, {{s.data_ptr(), row_stride(s)}}, s.element_size()) &&
+           can_pack<V>(n, {{dy.data_ptr(), row_stride(dy)}}, dy.element_size());
   };
-  return !force_stream() && n % v == 0 && rows_ok(s) && rows_ok(dy);
+  const bool unit_dy = dy.stride(dy.dim() - 1) == 1 || n == 1;
+  return !force_stream() && unit_dy && (s.element_size() == 4 ? packs.template operator()<4>()
+                                                               : packs.template operator()<8>());
 }
 
 // dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small

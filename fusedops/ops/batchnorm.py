@@ -256,8 +256,6 @@ def _native_ready(op: str, device_type: str) -> bool:
     ready = _READY.get(key)
     if ready is None:  # the dispatcher lookup costs ~10 µs: once per (op, device type)
         dk = "CUDA" if device_type == "cuda" else "CPU"
-        if op in _COMPOSITE:
-            dk = "CompositeExplicitAutograd"
         ready = _READY[key] = _native.ops is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
             f"fusedops_C::{op}", dk)
     return ready
@@ -283,7 +281,7 @@ def _constant(value: float, c: int, like) -> torch.Tensor:
     return t
 
 
-def _affine32(weight, bias, c, like):
+def affine32(weight, bias, c, like):
     w = _f32(weight) if weight is not None else _constant(1.0, c, like)
     b = _f32(bias) if bias is not None else _constant(0.0, c, like)
     return w, b
@@ -312,8 +310,8 @@ def _apply_native(y, mean, invstd, weight, bias, act, slope):
     yk = _prepare(y)
     z = _out_like(y)
     zk = z if (z.stride() == y.stride() and _mergeable(z)) else _out_like(yk)
-    w, b = _affine32(weight, bias, y.shape[1], y)
-    _native.op(APPLY)(yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope), _normalize_hw(zk))
+    w, b = affine32(weight, bias, y.shape[1], y)
+    _native.op(APPLY)(yk, _f32(mean), _f32(invstd), w, b, ACT_CODES[act], float(slope), _normalize_hw(zk))
     if zk is not z:
         z.copy_(zk)
     return z
@@ -323,18 +321,18 @@ def _backward_native(dz, y, mean, invstd, weight, bias, act, slope, out=None):
     yk, dzk = _prepare(y), _prepare(dz)
     dy = _out_like(y) if out is None else out
     dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
-    w, b = _affine32(weight, bias, y.shape[1], y)
+    w, b = affine32(weight, bias, y.shape[1], y)
     c = y.shape[1]
     dw = _out_channels(c, y)
     db = _out_channels(c, y)
-    _native.op(BACKWARD)(dzk, yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope),
+    _native.op(BACKWARD)(dzk, yk, _f32(mean), _f32(invstd), w, b, ACT_CODES[act], float(slope),
                          _normalize_hw(dyk), dw, db)
     if dyk is not dy:
         dy.copy_(dyk)
     return dy, dw, db
 
 
-_ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 
 for _k, _op, _nat, _ref in ((_stats, STATS, _stats_native, reference.bn_stats),
                             (_apply, APPLY, _apply_native, reference.bn_act_apply),
@@ -390,25 +388,9 @@ _NATIVE = ("cuda", "cpp")
 
 
 def forward_direct(y: torch.Tensor, eps: float, weight, bias, act: str, slope: float, running=None):
-    """(z, mean, invstd, var) of the training forward: stats (and the running-statistics
-    update where `running` is given, see stats_running_direct), then apply. With the native
-    kernels and a plain y, one set of checks and no wrapper layers for both (host time);
-    else stats_direct / stats_running_direct + apply_direct."""
-    dt = y.device.type
-    if (_plain(y) and _stats.backend_for(dt) in _NATIVE and _apply.backend_for(dt) in _NATIVE
-            and _native_ready(STATS, dt) and _native_ready(APPLY, dt) and _kernel_dtype(weight, bias)):
-        c = y.shape[1]
-        yk = _normalize_hw(y)
-        mean, invstd, var = _out_channels(c, y), _out_channels(c, y), _out_channels(c, y)
-        if running is not None and _running_ok(y, running):
-            _native.op(RUNNING)(yk, eps, running[2], mean, invstd, var, running[0], running[1])
-            running[3] = True
-        else:
-            _native.op(STATS)(yk, eps, mean, invstd, var)
-        z = _out_like(y)  # y is dense: z gets its strides
-        w, b = _affine32(weight, bias, c, y)
-        _native.op(APPLY)(yk, mean, invstd, w, b, _ACT_CODES[act], float(slope), _normalize_hw(z))
-        return z, mean, invstd, var
+    """(z, mean, invstd, var) of the training forward, op by op: stats (and the
+    running-statistics update where `running` is given, see stats_running_direct), then
+    apply. (With the native kernels ConvBNAct2d runs conv_bn_act_fwd instead.)"""
     if running is not None:
         mean, invstd, var = stats_running_direct(y, eps, running)
     else:
@@ -416,7 +398,9 @@ def forward_direct(y: torch.Tensor, eps: float, weight, bias, act: str, slope: f
     return apply_direct(y, mean, invstd, weight, bias, act, slope), mean, invstd, var
 
 
-def _running_ok(y, running) -> bool:
+def running_ok(y, running) -> bool:
+    """The native kernels can update these running statistics (fp32, dense, y's device)
+    in place."""
     rm, rv = running[0], running[1]
     return (_native_ready(RUNNING, y.device.type) and rm.dtype is torch.float32 and rv.dtype is torch.float32
             and rm.is_contiguous() and rv.is_contiguous() and rm.device == y.device and rv.device == y.device)
@@ -426,7 +410,7 @@ def stats_running_direct(y: torch.Tensor, eps: float, running: list):
     """stats_direct, and where a native kernel takes it, eager's running-statistics update
     in the same launch: running = [running_mean, running_var, momentum, done]; done is
     set True when the buffers were updated here (else the caller updates them)."""
-    if _plain(y) and _stats.backend_for(y.device.type) in _NATIVE and _running_ok(y, running):
+    if _plain(y) and _stats.backend_for(y.device.type) in _NATIVE and running_ok(y, running):
         c = y.shape[1]
         mean, invstd, var = _out_channels(c, y), _out_channels(c, y), _out_channels(c, y)
         _native.op(RUNNING)(_normalize_hw(y), eps, running[2], mean, invstd, var, running[0], running[1])
@@ -450,21 +434,6 @@ def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, d
     kernels read each element of y before writing dy there) — one activation less."""
     plain = (_plain(y) and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES and dz.shape == y.shape
              and _kernel_dtype(weight, bias))
-    dt = y.device.type
-    if plain and _backward.backend_for(dt) in _NATIVE and _native_ready(BACKWARD, dt):
-        # native kernels: no wrapper layers (host time); as _backward_native for a dense y
-        c = y.shape[1]
-        yk = _normalize_hw(y)
-        if dy_into_y and not _overlaps(dz, y):
-            dy, dyk = y, yk
-        else:
-            dy = _out_like(y)  # y is dense: dy gets its strides
-            dyk = _normalize_hw(dy)
-        w, b = _affine32(weight, bias, c, y)
-        dw, db = _out_channels(c, y), _out_channels(c, y)
-        _native.op(BACKWARD)(_prepare(dz), yk, _f32(mean), _f32(invstd), w, b, _ACT_CODES[act], float(slope), dyk,
-                             dw, db)
-        return dy, dw, db
     fn = _direct(_backward, y) if plain else None
     if fn is None:
         return bn_act_backward_op(dz, y, mean, invstd, weight, bias, act, slope)
@@ -477,10 +446,6 @@ def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, d
 # (csrc/convbn.cpp: the conv through the dispatcher, then the kernels of this file's ops)
 
 TRAIN_FWD, TRAIN_BWD = "conv_bn_act_fwd", "conv_bn_act_bwd"
-_COMPOSITE = (TRAIN_FWD, TRAIN_BWD)  # device-generic host code: registered once for every device
-KERNEL_DTYPES = _validate.KERNEL_DTYPES
-ACT_CODES = _ACT_CODES
-affine32 = _affine32
 
 
 def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bool:
@@ -488,7 +453,7 @@ def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bo
     BN kernels selected and built for x's device, not under tracing. The backend and dtype
     part is decided once per (device type, dtypes, forced backend): host time."""
     plain = _validate.PLAIN_TYPES
-    if (type(x) is not torch.Tensor or type(weight) not in plain or (gamma is not None and type(gamma) not in plain)
+    if (type(x) not in plain or type(weight) not in plain or (gamma is not None and type(gamma) not in plain)
             or (beta is not None and type(beta) not in plain) or torch.compiler.is_compiling()):
         return False
     key = (x.device.type, x.dtype, None if gamma is None else gamma.dtype, None if beta is None else beta.dtype,
@@ -497,20 +462,14 @@ def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bo
     if ready is None:
         dt = key[0]
         ready = _TRAIN_READY[key] = bool(
-            x.dtype in KERNEL_DTYPES and _kernel_dtype(gamma, beta)
+            _kernel_dtype(x, gamma, beta)
             and _stats.backend_for(dt) in _NATIVE and _apply.backend_for(dt) in _NATIVE
-            and _backward.backend_for(dt) in _NATIVE and _native_ready(TRAIN_FWD, dt) and _native_ready(TRAIN_BWD, dt)
-            and _native_ready(RUNNING, dt) and _native_ready(STATS, dt) and _native_ready(APPLY, dt)
-            and _native_ready(BACKWARD, dt))
+            and _backward.backend_for(dt) in _NATIVE and _native_ready(RUNNING, dt) and _native_ready(STATS, dt)
+            and _native_ready(APPLY, dt) and _native_ready(BACKWARD, dt) and hasattr(_native.ops, TRAIN_FWD))
     return ready and x.numel() > 0 and weight.numel() > 0
 
 
 _TRAIN_READY: dict = {}
-
-
-def running_ok(x: torch.Tensor, running: list) -> bool:
-    """The native kernels can update these running statistics in place."""
-    return _running_ok(x, running)
 
 
 def op_train_fwd():
@@ -539,7 +498,7 @@ def bias_act_(y: torch.Tensor, bias32: torch.Tensor, act: str, slope: float) -> 
         _triton.kernels("batchnorm").bn_act_apply(yk, yk, zeros, ones, None, bias32, act, float(slope),
                                                   _channels_last(yk))
     elif backend in ("cuda", "cpp") and _native_ready(APPLY, y.device.type):
-        _native.op(APPLY)(yk, zeros, ones, ones, bias32, _ACT_CODES[act], float(slope), yk)
+        _native.op(APPLY)(yk, zeros, ones, ones, bias32, ACT_CODES[act], float(slope), yk)
     else:
         return False
     return True
