@@ -141,6 +141,8 @@ class _ConvBNActTrain(torch.autograd.Function):
         ctx.conf = conf
         ctx.has_bias = conv_bias is not None
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero tensors for mean and var (dz: never None, z is the
+        # only differentiable output)
         return z, mean, var
 
     @staticmethod
