@@ -13,6 +13,19 @@
 namespace fusedops {
 namespace norm {
 
+// Calls fn.template operator()<kAct>() with the activation code as a constant (0 identity,
+// 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu).
+template <typename Fn>
+void dispatch_act(int64_t act, Fn&& fn) {
+  switch (act) {
+    case 1: fn.template operator()<1>(); break;
+    case 2: fn.template operator()<2>(); break;
+    case 3: fn.template operator()<3>(); break;
+    case 4: fn.template operator()<4>(); break;
+    default: fn.template operator()<0>(); break;
+  }
+}
+
 // t as (M, N) rows with unit column stride: t itself when 2-D, a view when the leading dims
 // collapse, else one copy (t non-empty).
 inline Tensor rows(const Tensor& t, int64_t n) {

@@ -1,9 +1,14 @@
 // LayerNorm / RMSNorm + activation (+ residual add) on the CPU, forward and backward.
 // Rows in parallel; statistics in double, math in fp32; dW/dB from fp32 partials of fixed
 // row chunks (independent of the thread count), summed by the caller in chunk order.
+// On x86-64 CPUs with AVX2 + FMA + F16C, rows with unit column strides run 8 lanes at a
+// time (vec_avx2.h: exp, erf, loads and stores of fp16 / bf16), the activation chosen at
+// compile time; the scalar loops are the portable path and take every other case.
 #include "../common.h"
 #include "../norm_ops.h"
+#include "vec_avx2.h"
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -13,7 +18,7 @@ namespace {
 
 inline float act_fwd(float z, int64_t act) {
   switch (act) {
-    case 1: return z > 0.f ? z : 0.f;
+    case 1: return z > 0.f || z != z ? z : 0.f;  // (NaN stays NaN, as eager's relu)
     case 2: return 0.5f * z * (1.f + std::erf(z * 0.70710678118654752f));
     case 3: return 0.5f * z * (1.f + std::tanh(0.79788456080286536f * (z + 0.044715f * z * z * z)));
     case 4: return z / (1.f + std::exp(-z));
@@ -91,6 +96,113 @@ void fwd_rows(const FwdArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+// ---- AVX2 path ---------------------------------------------------------------------------
+// Activation codes as act_fwd: 0 identity, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu.
+template <int A>
+FUSEDOPS_AVX2 inline __m256 act8(__m256 z) {
+  if constexpr (A == 1) return avx2::relu8(z);
+  else if constexpr (A == 2) return avx2::gelu8(z);
+  else if constexpr (A == 3) return avx2::gelu_tanh8(z);
+  else if constexpr (A == 4) return avx2::silu8(z);
+  else return z;
+}
+
+template <int A>
+FUSEDOPS_AVX2 inline __m256 act_grad8(__m256 z) {
+  if constexpr (A == 1) return avx2::relu_grad8(z);
+  else if constexpr (A == 2) return avx2::gelu_grad8(z);
+  else if constexpr (A == 3) return avx2::gelu_tanh_grad8(z);
+  else if constexpr (A == 4) return avx2::silu_grad8(z);
+  else return _mm256_set1_ps(1.f);
+}
+
+// weight / bias as fp32 [n] (ones / zeros when absent: z·1 + 0 is z exactly).
+std::vector<float> as_f32(const void* p, ScalarType t, int64_t n, float fill) {
+  std::vector<float> out(n, fill);
+  if (p != nullptr) {
+    dispatch_float(t, "weight", [&]<typename W>() {
+      const W* w = static_cast<const W*>(p);
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(w[j]);
+    });
+  }
+  return out;
+}
+
+template <typename T, typename Y, int A>
+FUSEDOPS_AVX2 void fwd_rows_avx2(const FwdArgs& a, const float* w, const float* b, int64_t begin, int64_t end) {
+  std::vector<float> row(a.n);
+  const int64_t n = a.n, n8 = n & ~int64_t{7};
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xr = static_cast<const T*>(a.x) + i * a.sx;
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    double sum = 0.0;
+    if (a.has_r) {
+      const T* rr = static_cast<const T*>(a.r) + i * a.sr;
+      T* sr = static_cast<T*>(a.s) + i * a.ss;
+      int64_t j = 0;
+      for (; j < n8; j += 8) {
+        avx2::store8(sr + j, _mm256_add_ps(avx2::load8(xr + j), avx2::load8(rr + j)));
+        const __m256 v = avx2::load8(sr + j);  // s as stored (rounded to T)
+        _mm256_storeu_ps(row.data() + j, v);
+        avx2::add_pd(s0, s1, v);
+      }
+      for (; j < n; ++j) {
+        const T sv = static_cast<T>(static_cast<float>(xr[j]) + static_cast<float>(rr[j]));
+        sr[j] = sv;
+        row[j] = static_cast<float>(sv);
+        sum += row[j];
+      }
+    } else {
+      int64_t j = 0;
+      for (; j < n8; j += 8) {
+        const __m256 v = avx2::load8(xr + j);
+        _mm256_storeu_ps(row.data() + j, v);
+        avx2::add_pd(s0, s1, v);
+      }
+      for (; j < n; ++j) {
+        row[j] = static_cast<float>(xr[j]);
+        sum += row[j];
+      }
+    }
+    sum += avx2::hsum_pd(_mm256_add_pd(s0, s1));
+    double mean = 0.0;
+    if (!a.rms) {
+      mean = sum / static_cast<double>(n);
+      a.mean[i] = static_cast<float>(mean);
+    }
+    const __m256d mv = _mm256_set1_pd(mean);
+    __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd();
+    double sq = 0.0;
+    int64_t j = 0;
+    for (; j < n8; j += 8) {
+      const __m256 v = _mm256_loadu_ps(row.data() + j);
+      const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
+      const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mv);
+      q0 = _mm256_fmadd_pd(d0, d0, q0);
+      q1 = _mm256_fmadd_pd(d1, d1, q1);
+    }
+    for (; j < n; ++j) {
+      const double d = row[j] - mean;
+      sq += d * d;
+    }
+    sq += avx2::hsum_pd(_mm256_add_pd(q0, q1));
+    const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + a.eps));
+    a.rstd[i] = rstd;
+    const float meanf = static_cast<float>(mean);
+    const __m256 mf = _mm256_set1_ps(meanf), rs = _mm256_set1_ps(rstd);
+    Y* yr = static_cast<Y*>(a.y) + i * a.sy;
+    for (j = 0; j < n8; j += 8) {
+      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row.data() + j), mf), rs);
+      const __m256 z = _mm256_fmadd_ps(xh, _mm256_loadu_ps(w + j), _mm256_loadu_ps(b + j));
+      avx2::store8(yr + j, act8<A>(z));
+    }
+    for (; j < n; ++j) yr[j] = static_cast<Y>(act_fwd(std::fma((row[j] - meanf) * rstd, w[j], b[j]), A));
+  }
+}
+#endif
+
 void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Tensor mean, Tensor rstd, double eps,
                   int64_t act, bool rms, bool has_r, bool has_w, bool has_b) {
   STD_TORCH_CHECK(x.is_cpu() && y.is_cpu(), "fusedops_C::norm_act_fwd (CPU): tensors must be on the CPU");
@@ -109,6 +221,20 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
   const ScalarType wt = has_w ? w.scalar_type() : (has_b ? b.scalar_type() : x.scalar_type());
   const bool y_float = y.scalar_type() != x.scalar_type();
   const int64_t grain = std::max<int64_t>(1, 16384 / a.n);
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+  if (avx2::available()) {
+    const std::vector<float> wf = as_f32(a.w, wt, a.n, 1.f), bf = as_f32(a.b, wt, a.n, 0.f);
+    dispatch_float(x.scalar_type(), "x", [&]<typename T>() {
+      norm::dispatch_act(act, [&]<int A>() {
+        torch::stable::parallel_for(0, a.m, grain, [&](int64_t lo, int64_t hi) {
+          if (y_float) fwd_rows_avx2<T, float, A>(a, wf.data(), bf.data(), lo, hi);
+          else fwd_rows_avx2<T, T, A>(a, wf.data(), bf.data(), lo, hi);
+        });
+      });
+    });
+    return;
+  }
+#endif
   dispatch_float2(x.scalar_type(), "x", wt, "weight", [&]<typename T, typename W>() {
     if (y_float) {
       torch::stable::parallel_for(0, a.m, grain, [&](int64_t lo, int64_t hi) { fwd_rows<T, W, float>(a, lo, hi); });
@@ -126,18 +252,22 @@ struct BwdArgs {
   bool rms, has_w, has_b, has_ds;
 };
 
+// Chunk c's dW / dB partial rows (null where there is no weight / bias), zeroed.
+void zeroed_partials(const BwdArgs& a, int64_t c, float*& dwp, float*& dbp) {
+  dwp = a.has_w ? a.dwp + c * a.n : nullptr;
+  dbp = a.has_b ? a.dbp + c * a.n : nullptr;
+  if (dwp) std::fill(dwp, dwp + a.n, 0.f);
+  if (dbp) std::fill(dbp, dbp + a.n, 0.f);
+}
+
 // One chunk of rows: dx for each, and the chunk's dW/dB partial row.
 template <typename T, typename W, typename Y>
 void bwd_chunk(const BwdArgs& a, int64_t c) {
   std::vector<float> xhat(a.n), dz(a.n);
   const W* w = static_cast<const W*>(a.w);
   const W* b = static_cast<const W*>(a.b);
-  float* dwp = a.has_w ? a.dwp + c * a.n : nullptr;
-  float* dbp = a.has_b ? a.dbp + c * a.n : nullptr;
-  for (int64_t j = 0; j < a.n; ++j) {
-    if (dwp) dwp[j] = 0.f;
-    if (dbp) dbp[j] = 0.f;
-  }
+  float *dwp, *dbp;
+  zeroed_partials(a, c, dwp, dbp);
   const int64_t begin = c * a.rows_per_chunk, end = std::min(a.m, begin + a.rows_per_chunk);
   for (int64_t i = begin; i < end; ++i) {
     const T* xr = static_cast<const T*>(a.xs) + i * a.sxs;
@@ -171,6 +301,72 @@ void bwd_chunk(const BwdArgs& a, int64_t c) {
   }
 }
 
+
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+// bwd_chunk on 8 lanes: dy and ds with unit column stride.
+template <typename T, typename Y, int A>
+FUSEDOPS_AVX2 void bwd_chunk_avx2(const BwdArgs& a, const float* w, const float* b, int64_t c) {
+  const int64_t n = a.n, n8 = n & ~int64_t{7};
+  std::vector<float> xhat(n), gbuf(n);
+  float *dwp, *dbp;
+  zeroed_partials(a, c, dwp, dbp);
+  const int64_t begin = c * a.rows_per_chunk, end = std::min(a.m, begin + a.rows_per_chunk);
+  for (int64_t i = begin; i < end; ++i) {
+    const T* xr = static_cast<const T*>(a.xs) + i * a.sxs;
+    const Y* dyr = static_cast<const Y*>(a.dy) + i * a.sdy0;
+    const float mean = a.rms ? 0.f : a.mean[i], rstd = a.rstd[i];
+    const __m256 mv = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd);
+    __m256d c1a = _mm256_setzero_pd(), c1b = _mm256_setzero_pd(), c2a = _mm256_setzero_pd(),
+            c2b = _mm256_setzero_pd();
+    double c1 = 0.0, c2 = 0.0;
+    int64_t j = 0;
+    for (; j < n8; j += 8) {
+      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(avx2::load8(xr + j), mv), rs);
+      const __m256 wv = _mm256_loadu_ps(w + j);
+      const __m256 z = _mm256_fmadd_ps(xh, wv, _mm256_loadu_ps(b + j));
+      const __m256 d = _mm256_mul_ps(avx2::load8(dyr + j), act_grad8<A>(z));
+      if (dwp) _mm256_storeu_ps(dwp + j, _mm256_fmadd_ps(d, xh, _mm256_loadu_ps(dwp + j)));
+      if (dbp) _mm256_storeu_ps(dbp + j, _mm256_add_ps(d, _mm256_loadu_ps(dbp + j)));
+      const __m256 g = _mm256_mul_ps(d, wv);
+      _mm256_storeu_ps(xhat.data() + j, xh);
+      _mm256_storeu_ps(gbuf.data() + j, g);
+      avx2::add_pd(c1a, c1b, g);
+      avx2::fma_pd(c2a, c2b, g, xh);
+    }
+    for (; j < n; ++j) {
+      const float xh = (static_cast<float>(xr[j]) - mean) * rstd;
+      const float d = static_cast<float>(dyr[j]) * act_grad(std::fma(xh, w[j], b[j]), A);
+      if (dwp) dwp[j] = std::fma(d, xh, dwp[j]);
+      if (dbp) dbp[j] += d;
+      const float g = d * w[j];
+      xhat[j] = xh;
+      gbuf[j] = g;
+      c1 += g;
+      c2 += static_cast<double>(g) * xh;
+    }
+    c1 += avx2::hsum_pd(_mm256_add_pd(c1a, c1b));
+    c2 += avx2::hsum_pd(_mm256_add_pd(c2a, c2b));
+    const float m1 = a.rms ? 0.f : static_cast<float>(c1 / static_cast<double>(n));
+    const float m2 = static_cast<float>(c2 / static_cast<double>(n));
+    const __m256 m1v = _mm256_set1_ps(m1), m2v = _mm256_set1_ps(m2);
+    T* dxr = static_cast<T*>(a.dx) + i * a.sdx;
+    const T* dsr = a.has_ds ? static_cast<const T*>(a.ds) + i * a.sds0 : nullptr;
+    for (j = 0; j < n8; j += 8) {
+      const __m256 t = _mm256_fnmadd_ps(_mm256_loadu_ps(xhat.data() + j), m2v,
+                                        _mm256_sub_ps(_mm256_loadu_ps(gbuf.data() + j), m1v));
+      __m256 v = _mm256_mul_ps(t, rs);
+      if (dsr) v = _mm256_add_ps(v, avx2::load8(dsr + j));
+      avx2::store8(dxr + j, v);
+    }
+    for (; j < n; ++j) {
+      float v = std::fma(-xhat[j], m2, gbuf[j] - m1) * rstd;
+      if (dsr) v += static_cast<float>(dsr[j]);
+      dxr[j] = static_cast<T>(v);
+    }
+  }
+}
+#endif
+
 void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor rstd, Tensor ds, Tensor dx,
                   Tensor dwp, Tensor dbp, int64_t act, bool rms, bool has_w, bool has_b, bool has_ds) {
   STD_TORCH_CHECK(xs.is_cpu() && dy.is_cpu(), "fusedops_C::norm_act_bwd (CPU): tensors must be on the CPU");
@@ -195,6 +391,22 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
   a.rows_per_chunk = (a.m + nchunks - 1) / nchunks;
   const ScalarType wt = has_w ? w.scalar_type() : (has_b ? b.scalar_type() : xs.scalar_type());
   const bool dy_float = dy.scalar_type() != xs.scalar_type();
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+  if (avx2::available() && a.sdy1 == 1 && (!has_ds || a.sds1 == 1)) {
+    const std::vector<float> wf = as_f32(a.w, wt, a.n, 1.f), bf = as_f32(a.b, wt, a.n, 0.f);
+    dispatch_float(xs.scalar_type(), "s", [&]<typename T>() {
+      norm::dispatch_act(act, [&]<int A>() {
+        torch::stable::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t c = lo; c < hi; ++c) {
+            if (dy_float) bwd_chunk_avx2<T, float, A>(a, wf.data(), bf.data(), c);
+            else bwd_chunk_avx2<T, T, A>(a, wf.data(), bf.data(), c);
+          }
+        });
+      });
+    });
+    return;
+  }
+#endif
   dispatch_float2(xs.scalar_type(), "s", wt, "weight", [&]<typename T, typename W>() {
     torch::stable::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
@@ -228,11 +440,13 @@ int64_t partial_rows(int64_t m, int64_t /*n*/, const Tensor& /*s*/, const Tensor
 template <typename W>
 void sum_rows(const float* part, W* out, int64_t p, int64_t n) {
   torch::stable::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < p; ++i) acc += part[i * n + j];
-      out[j] = static_cast<W>(acc);
+    // row by row (contiguous, vectorisable), each column still summed in row order
+    std::vector<float> acc(hi - lo, 0.f);
+    for (int64_t i = 0; i < p; ++i) {
+      const float* row = part + i * n + lo;
+      for (int64_t j = 0; j < hi - lo; ++j) acc[j] += row[j];
     }
+    for (int64_t j = lo; j < hi; ++j) out[j] = static_cast<W>(acc[j - lo]);
   });
 }
 

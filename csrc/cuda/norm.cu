@@ -155,7 +155,7 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   constexpr int kMinPacks = V >= 16 ? 1 : 16 / V;
   const Shape sh = pick_shape(p.n, V, kMinPacks, kMaxPacks);
   const dim3 grid(grid_rows(p.m));
-  dispatch_act(p.act, [&]<int kAct>() {
+  norm::dispatch_act(p.act, [&]<int kAct>() {
     const auto rows = [&]<int P>() {
       if constexpr (P >= kMinPacks) norm_act_fwd_kernel<T, W, Y, V, P, kAct><<<grid, sh.threads, 0, stream>>>(p);
     };

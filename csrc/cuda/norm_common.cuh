@@ -102,18 +102,6 @@ __device__ __forceinline__ float act_grad(float z, int act) {
   }
 }
 
-// Calls fn.template operator()<kAct>() with the activation code as a constant.
-template <typename Fn>
-void dispatch_act(int act, Fn&& fn) {
-  switch (act) {
-    case 1: fn.template operator()<1>(); break;
-    case 2: fn.template operator()<2>(); break;
-    case 3: fn.template operator()<3>(); break;
-    case 4: fn.template operator()<4>(); break;
-    default: fn.template operator()<0>(); break;
-  }
-}
-
 // Sum over the block; every thread gets the result. `red` holds 33 floats.
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
