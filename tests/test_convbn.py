@@ -210,7 +210,7 @@ def test_bn_ops_kernel_tilings(dev_backend, dtype, layout, case):
     assert_close_rule(mean, me, m64, atol=1e-6 * m64.abs().max().item(), name="mean")
     assert_close_rule(var, ve, v64, atol=1e-6 * v64.abs().max().item(), name="var")
     w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
-    for act in ["relu", "gelu_tanh"]:
+    for act in reference.CONV_BN_ACTIVATIONS:
         z = bnops.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
         assert z.stride() == y.stride()
         z64 = _apply64(y, mean, invstd, w, b, act, 0.1)
