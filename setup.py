@@ -35,7 +35,10 @@ def want_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", LIMITED_API, *STABLE]
+    # -ffp-contract=off: no multiply-add fused behind the code's back (GCC's default for C++
+    # is to fuse where FMA is enabled, as in the AVX2 functions): the 8-bit optimizer step
+    # must give the reference's bits; fused operations are written out where wanted.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", LIMITED_API, *STABLE]
     if not want_cuda():
         return CppExtension("fusedops._C", sources, py_limited_api=True,
                             extra_compile_args={"cxx": cxx})

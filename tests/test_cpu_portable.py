@@ -20,6 +20,7 @@ SUBSETS = {
     "add": ["test_add.py", "-k", "cpu-cpp"],
     "norm": ["test_norm.py", "-k", "cpu-cpp and (test_activations_dtypes or test_shapes or test_optional_params)"],
     "batchnorm": ["test_convbn.py", "-k", "cpu-cpp and (test_bn_ops_kernel_tilings or test_bn_stats_large)"],
+    "optim8bit": ["test_optim8bit.py", "-k", "cpu-cpp"],
 }
 
 
