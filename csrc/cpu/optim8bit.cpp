@@ -93,32 +93,44 @@ FUSEDOPS_AVX2 inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b)
 FUSEDOPS_AVX2 inline __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
 FUSEDOPS_AVX2 inline __m256 splat(float x) { return _mm256_set1_ps(x); }
 
+// The hyperparameters broadcast to 8 lanes once per block (not reloaded per vector: the
+// stores through p could alias them as far as the compiler knows).
+struct Hyper8 {
+  __m256 lr_neg, beta1, omb1, beta2, omb2, eps, wd, decay, step_neg, inv_bc2_sqrt;
+  bool first, nesterov;
+};
+
+FUSEDOPS_AVX2 inline Hyper8 hyper8(const Hyper& h) {
+  return {splat(-h.lr), splat(h.beta1), splat(h.omb1), splat(h.beta2), splat(h.omb2), splat(h.eps), splat(h.wd),
+          splat(h.decay), splat(-h.step_size), splat(h.inv_bc2_sqrt), h.first, h.nesterov};
+}
+
 // update<K> of csrc/optim8bit.h on 8 lanes; lanes with a non-finite g: m = v = 0, p kept.
 template <int64_t K>
-FUSEDOPS_AVX2 inline void update8(__m256& p, __m256 g, __m256& m, __m256& v, const Hyper& h) {
+FUSEDOPS_AVX2 inline void update8(__m256& p, __m256 g, __m256& m, __m256& v, const Hyper8& h) {
   const __m256i expo = _mm256_set1_epi32(0x7F800000);
   const __m256 bad = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(g), expo), expo));
   __m256 p1 = p, m1, v1 = v;
   if constexpr (K == kAdamW || K == kAdam) {
-    if constexpr (K == kAdamW) p1 = mul(p, splat(h.decay));
-    else g = add(g, mul(splat(h.wd), p));
-    m1 = add(mul(splat(h.beta1), m), mul(splat(h.omb1), g));
-    v1 = add(mul(splat(h.beta2), v), mul(splat(h.omb2), mul(g, g)));
-    const __m256 denom = add(mul(_mm256_sqrt_ps(v1), splat(h.inv_bc2_sqrt)), splat(h.eps));
-    p1 = add(p1, mul(splat(-h.step_size), _mm256_div_ps(m1, denom)));
+    if constexpr (K == kAdamW) p1 = mul(p, h.decay);
+    else g = add(g, mul(h.wd, p));
+    m1 = add(mul(h.beta1, m), mul(h.omb1, g));
+    v1 = add(mul(h.beta2, v), mul(h.omb2, mul(g, g)));
+    const __m256 denom = add(mul(_mm256_sqrt_ps(v1), h.inv_bc2_sqrt), h.eps);
+    p1 = add(p1, mul(h.step_neg, _mm256_div_ps(m1, denom)));
   } else if constexpr (K == kLion) {
-    p1 = mul(p, splat(h.decay));
-    const __m256 c = add(mul(splat(h.beta1), m), mul(splat(h.omb1), g));
+    p1 = mul(p, h.decay);
+    const __m256 c = add(mul(h.beta1, m), mul(h.omb1, g));
     const __m256 zero = _mm256_setzero_ps();
     const __m256 u = _mm256_or_ps(_mm256_and_ps(_mm256_cmp_ps(c, zero, _CMP_GT_OQ), splat(1.f)),
                                   _mm256_and_ps(_mm256_cmp_ps(c, zero, _CMP_LT_OQ), splat(-1.f)));
-    p1 = add(p1, mul(splat(-h.lr), u));
-    m1 = add(mul(splat(h.beta2), m), mul(splat(h.omb2), g));
+    p1 = add(p1, mul(h.lr_neg, u));
+    m1 = add(mul(h.beta2, m), mul(h.omb2, g));
   } else {
-    g = add(g, mul(splat(h.wd), p));
-    m1 = h.first ? g : add(mul(splat(h.beta1), m), mul(splat(h.omb2), g));
-    const __m256 d = h.nesterov ? add(g, mul(splat(h.beta1), m1)) : m1;
-    p1 = add(p, mul(splat(-h.lr), d));
+    g = add(g, mul(h.wd, p));
+    m1 = h.first ? g : add(mul(h.beta1, m), mul(h.omb2, g));
+    const __m256 d = h.nesterov ? add(g, mul(h.beta1, m1)) : m1;
+    p1 = add(p, mul(h.lr_neg, d));
   }
   p = _mm256_blendv_ps(p1, p, bad);
   m = _mm256_andnot_ps(bad, m1);
@@ -183,12 +195,12 @@ FUSEDOPS_AVX2 inline void store_state(void* s, bool f32, int64_t begin, const fl
     return;
   }
   uint8_t* out = static_cast<uint8_t*>(s) + begin;
-  alignas(32) int32_t codes[8];
   const __m256 am = splat(absmax);
   for (int i = 0; i < kQBlock; i += 8) {
     const __m256 xn = absmax == 0.f ? _mm256_setzero_ps() : _mm256_div_ps(_mm256_loadu_ps(x + i), am);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(codes), quantize8(xn, table));
-    for (int k = 0; k < 8; ++k) out[i + k] = static_cast<uint8_t>(codes[k]);
+    const __m256i codes = quantize8(xn, table);  // 0..255: packing keeps them exactly
+    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(w16, w16));
   }
 }
 
@@ -203,12 +215,13 @@ FUSEDOPS_AVX2 void step_block_avx2(const StepTensor& t, int64_t b, const float* 
   const float a1 = f1 ? 0.f : t.a1[b], a2 = (kTwo && !f2) ? t.a2[b] : 0.f;
   const uint32_t key = kBf16 && h.sr ? sr_tensor_key(h.sr_key, t.index) : 0u;
   alignas(32) float m[kQBlock], v[kQBlock];
+  const Hyper8 h8 = hyper8(h);
   const __m256 sign = splat(-0.f);
   __m256 max1 = _mm256_setzero_ps(), max2 = _mm256_setzero_ps();
   for (int i = 0; i < kQBlock; i += 8) {
     __m256 pi = avx2::load8(p + i), mi = load_state8(t.s1, f1, begin + i, qm + kSignedCode, a1);
     __m256 vi = kTwo ? load_state8(t.s2, f2, begin + i, qm + kUnsignedCode, a2) : _mm256_setzero_ps();
-    update8<K>(pi, avx2::load8(g + i), mi, vi, h);
+    update8<K>(pi, avx2::load8(g + i), mi, vi, h8);
     if (kBf16 && h.sr) pi = round_bf16_stochastic8(pi, key, begin + i);
     avx2::store8(p + i, pi);
     _mm256_store_ps(m + i, mi);
