@@ -49,7 +49,6 @@ inline void for_block(const Geo& g, int64_t c0, int64_t c1, Fn&& fn) {
     }
 }
 
-
 // How the vector kernels walk the block of channels [c0, c1): channels_last with a multiple
 // of 8 channels in the block (8 neighbouring channels a vector), NCHW runs (one channel a
 // block, 8 positions of a sample's H·W run a vector), or not at all (the scalar loops).
@@ -505,7 +504,6 @@ void bn_stats_running(Tensor y, double eps, double momentum, Tensor mean, Tensor
 
 }  // namespace bn_cpu
 }  // namespace fusedops
-
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CPU, m) {
   m.impl("bn_stats", TORCH_BOX(&fusedops::bn_cpu::bn_stats));

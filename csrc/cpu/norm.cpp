@@ -96,7 +96,6 @@ void fwd_rows(const FwdArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-
 #ifdef FUSEDOPS_HAVE_AVX2_PATH
 // ---- AVX2 path ---------------------------------------------------------------------------
 // Activation codes as act_fwd: 0 identity, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu.
@@ -300,7 +299,6 @@ void bwd_chunk(const BwdArgs& a, int64_t c) {
     }
   }
 }
-
 
 #ifdef FUSEDOPS_HAVE_AVX2_PATH
 // bwd_chunk on 8 lanes: dy and ds with unit column stride.
