@@ -36,7 +36,8 @@ GPU_SHAPES = [
     ("512->256 14^2 k1", 64, 512, 256, 14, 1, 1),
     ("128->128 56^2 k3 s2", 64, 128, 128, 56, 3, 2),
 ]
-CPU_SHAPES = [("8->8 16^2 k3", 2, 8, 8, 16, 3, 1)]
+# CPU: a tiny block (host time: Python and dispatch) and a small real one (the kernels)
+CPU_SHAPES = [("8->8 16^2 k3", 2, 8, 8, 16, 3, 1), ("64->64 28^2 k3", 8, 64, 64, 28, 3, 1)]
 
 
 def eager_blocks(cin, cout, k, stride, device) -> nn.Sequential:
