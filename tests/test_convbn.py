@@ -193,7 +193,7 @@ _VEC_CASES = [((4, 64, 8, 8), 0), ((3, 24, 5, 5), 0), ((2, 512, 4, 4), 0), ((3, 
 
 @pytest.mark.parametrize("case", _VEC_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"+{c[1]}")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_bn_ops_kernel_tilings(dev_backend, dtype, layout, case):
     device, backend = dev_backend
     shape, offset = case
