@@ -62,6 +62,10 @@ def cmd_info(args) -> int:
 
     print(f"fusedops {fusedops.__version__}, torch {torch.__version__}")
     print(f"native extension: {'loaded' if _native.ops is not None else _native.why_missing('cpu')}")
+    if _native.ops is not None and hasattr(_native.ops, "cpu_vector_path"):
+        vector = _native.ops.cpu_vector_path(torch.empty(0))
+        print(f"CPU kernels: {'AVX2 path' if vector else 'portable scalar loops'}"
+              + ("" if vector else " (no AVX2 + FMA + F16C on this CPU, or FUSEDOPS_CPU_AVX2=0)"))
     print(f"triton: {'installed' if _triton.installed() else 'not installed'}; interpreter "
           f"{'on' if _triton.interpreting() else 'off'}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
