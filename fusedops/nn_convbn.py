@@ -116,14 +116,11 @@ class _ConvBNActTrain(torch.autograd.Function):
         # running: [running_mean, running_var, momentum, done] or None
         if x.shape[0] == 1:  # (a batch of one: the only way to one value per channel)
             _check_batch_values(x, weight, stride, padding, dilation)
-        ctx.native = bnops.train_native_ready(x, weight, gamma, beta)
+        dev = x.device
+        native = bnops.train_native_args(x, dev, weight, gamma, beta, running)
+        ctx.native = native is not None
         if ctx.native:  # conv, stats (+ running update) and apply in one native call
-            g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)
-            rm = rv = None
-            momentum = 0.0
-            if running is not None and bnops.running_ok(x, running):
-                rm, rv, momentum = running[0], running[1], running[2]
-                running[3] = True
+            g32, b32, rm, rv, momentum = native
             z, mean, invstd, var, y = bnops.op_train_fwd()(x, weight, stride, padding, dilation, groups, eps, g32, b32,
                                                            bnops.ACT_CODES[act], slope, momentum, rm, rv)
         else:
@@ -132,7 +129,7 @@ class _ConvBNActTrain(torch.autograd.Function):
         ctx.x = None
         if memory == "fast":
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
-        elif (x.device.type in EARLY_RELEASE_DEVICES and type(x) is torch.Tensor
+        elif (dev.type in EARLY_RELEASE_DEVICES and type(x) is torch.Tensor
               and not torch.compiler.is_compiling() and not _hooks_active()):
             ctx.save_for_backward(weight, mean, invstd, gamma, beta)
             ctx.x, ctx.x_version = x, x._version
@@ -299,29 +296,29 @@ class ConvBNAct2d(nn.Module):
     def _act(self, z):
         return reference.activation(z, self.activation, self.negative_slope)
 
-    def _input(self, x):
+    def _input(self, x, conv):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ConvBNAct2d: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"ConvBNAct2d: input must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.conv.in_channels:
-            raise ValueError(f"ConvBNAct2d: input has {x.shape[1]} channels, the conv expects "
-                             f"{self.conv.in_channels}")
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"ConvBNAct2d: input has {x.shape[1]} channels, the conv expects {conv.in_channels}")
         if self._extra_pad is not None:
             x = F.pad(x, self._extra_pad)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._input(x)
-        bn = self.bn
-        use_batch_stats = self.training or (bn.running_mean is None and bn.running_var is None)
-        if use_batch_stats:
-            return self._forward_train(x)
+        # (submodules and their tensors read from the module dicts: nn.Module.__getattr__
+        # costs host time on every call)
+        conv, bn = self._modules["conv"], self._modules["bn"]
+        x = self._input(x, conv)
+        bufs = bn._buffers
+        if self.training or (bufs.get("running_mean") is None and bufs.get("running_var") is None):
+            return self._forward_train(x, conv, bn)
         return self._forward_folded(x)
 
-    def _train_conf(self):
+    def _train_conf(self, conv, bn):
         """The Function's constant arguments, rebuilt only when a setting changed."""
-        conv, bn = self.conv, self.bn
         key = (conv.stride, self._padding, conv.dilation, conv.groups, bn.eps, self.activation,
                self.negative_slope, self.memory)
         cached = self.__dict__.get("_conf_cache")
@@ -331,12 +328,11 @@ class ConvBNAct2d(nn.Module):
             cached = self.__dict__["_conf_cache"] = (key, conf)
         return cached[1]
 
-    def _forward_train(self, x):
-        conv, bn = self.conv, self.bn
+    def _forward_train(self, x, conv, bn):
         cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
         w = cparams["weight"]
         conv_bias = cparams.get("bias")
-        conf = self._train_conf()
+        conf = self._train_conf(conv, bn)
         rm = bbufs.get("running_mean")
         update = self.training and bn.track_running_stats and rm is not None
         # the running statistics updated in the stats launch where a native kernel can

@@ -448,15 +448,20 @@ def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, d
 TRAIN_FWD, TRAIN_BWD = "conv_bn_act_fwd", "conv_bn_act_bwd"
 
 
-def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bool:
-    """conv_bn_act_fwd / _bwd can run this step: plain tensors of a kernel dtype, the native
-    BN kernels selected and built for x's device, not under tracing. The backend and dtype
-    part is decided once per (device type, dtypes, forced backend): host time."""
+def train_native_args(x: torch.Tensor, device: torch.device, weight: torch.Tensor, gamma, beta, running):
+    """The arguments conv_bn_act_fwd takes beyond the conv's, (gamma32, beta32,
+    running_mean, running_var, momentum), when the native step can run this call: plain
+    tensors of a kernel dtype, the native BN kernels selected and built for x's device, not
+    under tracing; else None. running: [running_mean, running_var, momentum, done] or None;
+    done is set when the op will update the buffers (fp32, dense, on x's device). The
+    backend and dtype part is decided once per (device type, dtypes, forced backend): host
+    time."""
     plain = _validate.PLAIN_TYPES
     if (type(x) not in plain or type(weight) not in plain or (gamma is not None and type(gamma) not in plain)
-            or (beta is not None and type(beta) not in plain) or torch.compiler.is_compiling()):
-        return False
-    key = (x.device.type, x.dtype, None if gamma is None else gamma.dtype, None if beta is None else beta.dtype,
+            or (beta is not None and type(beta) not in plain) or torch.compiler.is_compiling()
+            or x.numel() == 0 or weight.numel() == 0):
+        return None
+    key = (device.type, x.dtype, None if gamma is None else gamma.dtype, None if beta is None else beta.dtype,
            _backend_forced())
     ready = _TRAIN_READY.get(key)
     if ready is None:
@@ -466,7 +471,16 @@ def train_native_ready(x: torch.Tensor, weight: torch.Tensor, gamma, beta) -> bo
             and _stats.backend_for(dt) in _NATIVE and _apply.backend_for(dt) in _NATIVE
             and _backward.backend_for(dt) in _NATIVE and _native_ready(RUNNING, dt) and _native_ready(STATS, dt)
             and _native_ready(APPLY, dt) and _native_ready(BACKWARD, dt) and hasattr(_native.ops, TRAIN_FWD))
-    return ready and x.numel() > 0 and weight.numel() > 0
+    if not ready:
+        return None
+    g32, b32 = affine32(gamma, beta, weight.shape[0], x)
+    if running is not None:
+        rm, rv = running[0], running[1]
+        if (rm.dtype is torch.float32 and rv.dtype is torch.float32 and rm.is_contiguous() and rv.is_contiguous()
+                and rm.device == device and rv.device == device):
+            running[3] = True
+            return g32, b32, rm, rv, running[2]
+    return g32, b32, None, None, 0.0
 
 
 _TRAIN_READY: dict = {}
