@@ -131,73 +131,74 @@ std::vector<float> as_f32(const void* p, ScalarType t, int64_t n, float fill) {
 
 template <typename T, typename Y, int A>
 FUSEDOPS_AVX2 void fwd_rows_avx2(const FwdArgs& a, const float* w, const float* b, int64_t begin, int64_t end) {
-  std::vector<float> row(a.n);
+  // Each pass reads the row from its source (x, or s as stored after the residual add; a
+  // row stays in cache between passes). RMSNorm sums the squares in the first pass;
+  // LayerNorm sums there and takes the squares about the mean in a second.
   const int64_t n = a.n, n8 = n & ~int64_t{7};
   for (int64_t i = begin; i < end; ++i) {
-    const T* xr = static_cast<const T*>(a.x) + i * a.sx;
+    const T* src = static_cast<const T*>(a.x) + i * a.sx;
     __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-    double sum = 0.0;
+    double acc = 0.0;
+    int64_t j = 0;
     if (a.has_r) {
       const T* rr = static_cast<const T*>(a.r) + i * a.sr;
       T* sr = static_cast<T*>(a.s) + i * a.ss;
-      int64_t j = 0;
       for (; j < n8; j += 8) {
-        avx2::store8(sr + j, _mm256_add_ps(avx2::load8(xr + j), avx2::load8(rr + j)));
+        avx2::store8(sr + j, _mm256_add_ps(avx2::load8(src + j), avx2::load8(rr + j)));
         const __m256 v = avx2::load8(sr + j);  // s as stored (rounded to T)
-        _mm256_storeu_ps(row.data() + j, v);
-        avx2::add_pd(s0, s1, v);
+        if (a.rms) avx2::fma_pd(s0, s1, v, v);
+        else avx2::add_pd(s0, s1, v);
       }
       for (; j < n; ++j) {
-        const T sv = static_cast<T>(static_cast<float>(xr[j]) + static_cast<float>(rr[j]));
-        sr[j] = sv;
-        row[j] = static_cast<float>(sv);
-        sum += row[j];
+        sr[j] = static_cast<T>(static_cast<float>(src[j]) + static_cast<float>(rr[j]));
+        const double v = static_cast<float>(sr[j]);
+        acc += a.rms ? v * v : v;
       }
+      src = sr;
     } else {
-      int64_t j = 0;
       for (; j < n8; j += 8) {
-        const __m256 v = avx2::load8(xr + j);
-        _mm256_storeu_ps(row.data() + j, v);
-        avx2::add_pd(s0, s1, v);
+        const __m256 v = avx2::load8(src + j);
+        if (a.rms) avx2::fma_pd(s0, s1, v, v);
+        else avx2::add_pd(s0, s1, v);
       }
       for (; j < n; ++j) {
-        row[j] = static_cast<float>(xr[j]);
-        sum += row[j];
+        const double v = static_cast<float>(src[j]);
+        acc += a.rms ? v * v : v;
       }
     }
-    sum += avx2::hsum_pd(_mm256_add_pd(s0, s1));
-    double mean = 0.0;
+    acc += avx2::hsum_pd(_mm256_add_pd(s0, s1));
+    double mean = 0.0, sq = acc;
     if (!a.rms) {
-      mean = sum / static_cast<double>(n);
+      mean = acc / static_cast<double>(n);
       a.mean[i] = static_cast<float>(mean);
+      const __m256d mv = _mm256_set1_pd(mean);
+      __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd();
+      sq = 0.0;
+      for (j = 0; j < n8; j += 8) {
+        const __m256 v = avx2::load8(src + j);
+        const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
+        const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mv);
+        q0 = _mm256_fmadd_pd(d0, d0, q0);
+        q1 = _mm256_fmadd_pd(d1, d1, q1);
+      }
+      for (; j < n; ++j) {
+        const double d = static_cast<float>(src[j]) - mean;
+        sq += d * d;
+      }
+      sq += avx2::hsum_pd(_mm256_add_pd(q0, q1));
     }
-    const __m256d mv = _mm256_set1_pd(mean);
-    __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd();
-    double sq = 0.0;
-    int64_t j = 0;
-    for (; j < n8; j += 8) {
-      const __m256 v = _mm256_loadu_ps(row.data() + j);
-      const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
-      const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mv);
-      q0 = _mm256_fmadd_pd(d0, d0, q0);
-      q1 = _mm256_fmadd_pd(d1, d1, q1);
-    }
-    for (; j < n; ++j) {
-      const double d = row[j] - mean;
-      sq += d * d;
-    }
-    sq += avx2::hsum_pd(_mm256_add_pd(q0, q1));
     const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + a.eps));
     a.rstd[i] = rstd;
     const float meanf = static_cast<float>(mean);
     const __m256 mf = _mm256_set1_ps(meanf), rs = _mm256_set1_ps(rstd);
     Y* yr = static_cast<Y*>(a.y) + i * a.sy;
     for (j = 0; j < n8; j += 8) {
-      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row.data() + j), mf), rs);
+      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(avx2::load8(src + j), mf), rs);
       const __m256 z = _mm256_fmadd_ps(xh, _mm256_loadu_ps(w + j), _mm256_loadu_ps(b + j));
       avx2::store8(yr + j, act8<A>(z));
     }
-    for (; j < n; ++j) yr[j] = static_cast<Y>(act_fwd(std::fma((row[j] - meanf) * rstd, w[j], b[j]), A));
+    for (; j < n; ++j)
+      yr[j] = static_cast<Y>(act_fwd(std::fma((static_cast<float>(src[j]) - meanf) * rstd, w[j], b[j]), A));
   }
 }
 #endif
