@@ -431,9 +431,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_act_forward(Tensor x, std::optio
   return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_float);
 }
 
-// Fixed row chunks, independent of the thread count (as the partial rows on CUDA).
-int64_t partial_rows(int64_t m, int64_t /*n*/, const Tensor& /*s*/, const Tensor& /*dy*/) {
-  return std::max<int64_t>(1, std::min<int64_t>(m, 64));
+// Fixed row chunks, independent of the thread count (as the partial rows on CUDA): at
+// most 64, each of at least 16K elements, as the forward's tasks (a chunk's partial rows
+// are zeroed, written and summed whatever its size: one row a chunk cost LN 64x4096 a third
+// of its backward).
+int64_t partial_rows(int64_t m, int64_t n, const Tensor& /*s*/, const Tensor& /*dy*/) {
+  return std::max<int64_t>(1, std::min<int64_t>({m, int64_t{64}, m * n / 16384}));
 }
 
 template <typename W>
