@@ -9,7 +9,8 @@
 #include <cstdlib>
 #include <string>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// (FUSEDOPS_NO_AVX2 builds without it, as on other architectures: CI compiles that way too)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FUSEDOPS_NO_AVX2)
 #define FUSEDOPS_HAVE_AVX2_PATH 1
 #include <immintrin.h>
 
