@@ -49,6 +49,8 @@ inline void for_block(const Geo& g, int64_t c0, int64_t c1, Fn&& fn) {
     }
 }
 
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+// ---- AVX2 path -----------------------------------------------------------------------------
 // How the vector kernels walk the block of channels [c0, c1): channels_last with a multiple
 // of 8 channels in the block (8 neighbouring channels a vector), NCHW runs (one channel a
 // block, 8 positions of a sample's H·W run a vector), or not at all (the scalar loops).
@@ -59,8 +61,6 @@ Walk walk_of(const Geo& g, int64_t c0, int64_t c1) {
   return g.shw == 1 ? Walk::kRuns : Walk::kNone;
 }
 
-#ifdef FUSEDOPS_HAVE_AVX2_PATH
-// ---- AVX2 path -----------------------------------------------------------------------------
 FUSEDOPS_AVX2 inline __m256 bn_act8(__m256 z, int act, __m256 slope) {
   switch (act) {
     case kRelu: return avx2::relu8(z);
@@ -308,19 +308,31 @@ FUSEDOPS_AVX2 void backward_block_avx2(const T* yp, const TD* dzp, T* dyp, const
     }
   }
 }
+
+// The walk of the vector kernels for this block: kNone without AVX2 or for other layouts.
+Walk vector_walk(const Geo& g, int64_t c0, int64_t c1) { return avx2::available() ? walk_of(g, c0, c1) : Walk::kNone; }
+#endif
+
 // The block through the vector kernels: false, writing nothing, where they do not take it
-// (no AVX2, or a layout of Walk::kNone); the scalar loops then run.
+// (no AVX2 path in this build or on this CPU, or a layout of Walk::kNone); the scalar loops
+// then run.
 template <typename T>
 bool stats_block(const T* yp, const Geo& g, int64_t c0, int64_t c1, double* mean, double* sq) {
-  const Walk walk = avx2::available() ? walk_of(g, c0, c1) : Walk::kNone;
-  if (walk != Walk::kNone) stats_block_avx2(yp, g, c0, c1, walk, mean, sq);
-  return walk != Walk::kNone;
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+  const Walk walk = vector_walk(g, c0, c1);
+  if (walk == Walk::kNone) return false;
+  stats_block_avx2(yp, g, c0, c1, walk, mean, sq);
+  return true;
+#else
+  return false;
+#endif
 }
 
 template <typename T>
 bool apply_block(const T* yp, T* zp, const Geo& g, int64_t c0, int64_t c1, const float* mp, const float* rp,
                  const float* wp, const float* bp, int act, float slope) {
-  const Walk walk = avx2::available() ? walk_of(g, c0, c1) : Walk::kNone;
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+  const Walk walk = vector_walk(g, c0, c1);
   if (walk == Walk::kNone) return false;
   float scale[16], shift[16];
   for (int64_t c = c0; c < c1; ++c) {
@@ -329,27 +341,24 @@ bool apply_block(const T* yp, T* zp, const Geo& g, int64_t c0, int64_t c1, const
   }
   apply_block_avx2(yp, zp, g, c0, c1, walk, scale, shift, act, slope);
   return true;
+#else
+  return false;
+#endif
 }
 
 template <typename T, typename TD>
 bool backward_block(const T* yp, const TD* dzp, T* dyp, const Geo& g, const Geo& gd, int64_t c0, int64_t c1,
                     const float* mp, const float* rp, const float* wp, const float* bp, int act, float slope,
                     float* sum_g, float* sum_gx) {
-  const Walk walk = avx2::available() ? walk_of(g, c0, c1) : Walk::kNone;
+#ifdef FUSEDOPS_HAVE_AVX2_PATH
+  const Walk walk = vector_walk(g, c0, c1);
   if (walk == Walk::kNone || walk != walk_of(gd, c0, c1)) return false;
   backward_block_avx2(yp, dzp, dyp, g, gd, c0, c1, walk, mp, rp, wp, bp, act, slope, sum_g, sum_gx);
   return true;
-}
 #else
-template <typename T>
-bool stats_block(const T*, const Geo&, int64_t, int64_t, double*, double*) { return false; }
-template <typename T>
-bool apply_block(const T*, T*, const Geo&, int64_t, int64_t, const float*, const float*, const float*, const float*,
-                 int, float) { return false; }
-template <typename T, typename TD>
-bool backward_block(const T*, const TD*, T*, const Geo&, const Geo&, int64_t, int64_t, const float*, const float*,
-                    const float*, const float*, int, float, float*, float*) { return false; }
+  return false;
 #endif
+}
 
 }  // namespace
 

@@ -117,16 +117,18 @@ FUSEDOPS_AVX2 inline __m256 act_grad8(__m256 z) {
   else return _mm256_set1_ps(1.f);
 }
 
-// weight / bias as fp32 [n] (ones / zeros when absent: z·1 + 0 is z exactly).
-std::vector<float> as_f32(const void* p, ScalarType t, int64_t n, float fill) {
-  std::vector<float> out(n, fill);
+// weight / bias as fp32 [n]: the parameter's own data when it is fp32, else a converted copy
+// in `store` (ones / zeros when absent: z·1 + 0 is z exactly).
+const float* as_f32(const void* p, ScalarType t, int64_t n, float fill, std::vector<float>& store) {
+  if (p != nullptr && t == ScalarType::Float) return static_cast<const float*>(p);
+  store.assign(n, fill);
   if (p != nullptr) {
     dispatch_float(t, "weight", [&]<typename W>() {
       const W* w = static_cast<const W*>(p);
-      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(w[j]);
+      for (int64_t j = 0; j < n; ++j) store[j] = static_cast<float>(w[j]);
     });
   }
-  return out;
+  return store.data();
 }
 
 template <typename T, typename Y, int A>
@@ -223,12 +225,14 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
   const int64_t grain = std::max<int64_t>(1, 16384 / a.n);
 #ifdef FUSEDOPS_HAVE_AVX2_PATH
   if (avx2::available()) {
-    const std::vector<float> wf = as_f32(a.w, wt, a.n, 1.f), bf = as_f32(a.b, wt, a.n, 0.f);
+    std::vector<float> wstore, bstore;
+    const float* wf = as_f32(a.w, wt, a.n, 1.f, wstore);
+    const float* bf = as_f32(a.b, wt, a.n, 0.f, bstore);
     dispatch_float(x.scalar_type(), "x", [&]<typename T>() {
       norm::dispatch_act(act, [&]<int A>() {
         torch::stable::parallel_for(0, a.m, grain, [&](int64_t lo, int64_t hi) {
-          if (y_float) fwd_rows_avx2<T, float, A>(a, wf.data(), bf.data(), lo, hi);
-          else fwd_rows_avx2<T, T, A>(a, wf.data(), bf.data(), lo, hi);
+          if (y_float) fwd_rows_avx2<T, float, A>(a, wf, bf, lo, hi);
+          else fwd_rows_avx2<T, T, A>(a, wf, bf, lo, hi);
         });
       });
     });
@@ -392,13 +396,15 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
   const bool dy_float = dy.scalar_type() != xs.scalar_type();
 #ifdef FUSEDOPS_HAVE_AVX2_PATH
   if (avx2::available() && a.sdy1 == 1 && (!has_ds || a.sds1 == 1)) {
-    const std::vector<float> wf = as_f32(a.w, wt, a.n, 1.f), bf = as_f32(a.b, wt, a.n, 0.f);
+    std::vector<float> wstore, bstore;
+    const float* wf = as_f32(a.w, wt, a.n, 1.f, wstore);
+    const float* bf = as_f32(a.b, wt, a.n, 0.f, bstore);
     dispatch_float(xs.scalar_type(), "s", [&]<typename T>() {
       norm::dispatch_act(act, [&]<int A>() {
         torch::stable::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
           for (int64_t c = lo; c < hi; ++c) {
-            if (dy_float) bwd_chunk_avx2<T, float, A>(a, wf.data(), bf.data(), c);
-            else bwd_chunk_avx2<T, T, A>(a, wf.data(), bf.data(), c);
+            if (dy_float) bwd_chunk_avx2<T, float, A>(a, wf, bf, c);
+            else bwd_chunk_avx2<T, T, A>(a, wf, bf, c);
           }
         });
       });

@@ -187,13 +187,8 @@ FUSEDOPS_AVX2 inline __m256 load_state8(const void* s, bool f32, int64_t at, con
   return mul(_mm256_i32gather_ps(code, idx, 4), splat(absmax));
 }
 
-// The new state of a block: fp32, or its codes under the block's absmax (normalise, quantize).
-FUSEDOPS_AVX2 inline void store_state(void* s, bool f32, int64_t begin, const float* x, float absmax,
-                                      const uint32_t* table) {
-  if (f32) {
-    std::copy(x, x + kQBlock, static_cast<float*>(s) + begin);
-    return;
-  }
+// The 8-bit state of a block: its codes under the block's absmax (normalise, quantize).
+FUSEDOPS_AVX2 inline void store_codes(void* s, int64_t begin, const float* x, float absmax, const uint32_t* table) {
   uint8_t* out = static_cast<uint8_t*>(s) + begin;
   const __m256 am = splat(absmax);
   for (int i = 0; i < kQBlock; i += 8) {
@@ -214,7 +209,10 @@ FUSEDOPS_AVX2 void step_block_avx2(const StepTensor& t, int64_t b, const float* 
   const bool f1 = t.flags & kState1F32, f2 = t.flags & kState2F32;
   const float a1 = f1 ? 0.f : t.a1[b], a2 = (kTwo && !f2) ? t.a2[b] : 0.f;
   const uint32_t key = kBf16 && h.sr ? sr_tensor_key(h.sr_key, t.index) : 0u;
-  alignas(32) float m[kQBlock], v[kQBlock];
+  alignas(32) float mbuf[kQBlock], vbuf[kQBlock];  // the new 8-bit states before quantization
+  // the new states: fp32 states in place (each lane's load precedes its store), else the buffers
+  float* m = f1 ? static_cast<float*>(t.s1) + begin : mbuf;
+  float* v = !kTwo ? vbuf : (f2 ? static_cast<float*>(t.s2) + begin : vbuf);
   const Hyper8 h8 = hyper8(h);
   const __m256 sign = splat(-0.f);
   __m256 max1 = _mm256_setzero_ps(), max2 = _mm256_setzero_ps();
@@ -224,20 +222,20 @@ FUSEDOPS_AVX2 void step_block_avx2(const StepTensor& t, int64_t b, const float* 
     update8<K>(pi, avx2::load8(g + i), mi, vi, h8);
     if (kBf16 && h.sr) pi = round_bf16_stochastic8(pi, key, begin + i);
     avx2::store8(p + i, pi);
-    _mm256_store_ps(m + i, mi);
+    _mm256_storeu_ps(m + i, mi);
     max1 = _mm256_max_ps(_mm256_andnot_ps(sign, mi), max1);  // (a NaN lane keeps max1, as std::max)
     if constexpr (kTwo) {
-      _mm256_store_ps(v + i, vi);
+      _mm256_storeu_ps(v + i, vi);
       max2 = _mm256_max_ps(_mm256_andnot_ps(sign, vi), max2);
     }
   }
-  const float mx1 = hmax8(max1);
-  store_state(t.s1, f1, begin, m, mx1, tables(qm, true));
-  if (!f1) t.a1[b] = mx1;
-  if constexpr (kTwo) {
-    const float mx2 = hmax8(max2);
-    store_state(t.s2, f2, begin, v, mx2, tables(qm, false));
-    if (!f2) t.a2[b] = mx2;
+  if (!f1) {
+    t.a1[b] = hmax8(max1);
+    store_codes(t.s1, begin, m, t.a1[b], tables(qm, true));
+  }
+  if (kTwo && !f2) {
+    t.a2[b] = hmax8(max2);
+    store_codes(t.s2, begin, v, t.a2[b], tables(qm, false));
   }
 }
 #endif

@@ -781,7 +781,6 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
 }  // namespace bn_cuda
 }  // namespace fusedops
 
-
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CUDA, m) {
   m.impl("bn_stats", TORCH_BOX(&fusedops::bn_cuda::bn_stats));
   m.impl("bn_stats_running", TORCH_BOX(&fusedops::bn_cuda::bn_stats_running));

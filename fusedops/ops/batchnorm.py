@@ -398,19 +398,19 @@ def forward_direct(y: torch.Tensor, eps: float, weight, bias, act: str, slope: f
     return apply_direct(y, mean, invstd, weight, bias, act, slope), mean, invstd, var
 
 
-def running_ok(y, running) -> bool:
-    """The native kernels can update these running statistics (fp32, dense, y's device)
-    in place."""
+def running_ok(device: torch.device, running) -> bool:
+    """The native kernels can update these running statistics (fp32, dense, on `device`,
+    the statistics' input's) in place."""
     rm, rv = running[0], running[1]
-    return (_native_ready(RUNNING, y.device.type) and rm.dtype is torch.float32 and rv.dtype is torch.float32
-            and rm.is_contiguous() and rv.is_contiguous() and rm.device == y.device and rv.device == y.device)
+    return (_native_ready(RUNNING, device.type) and rm.dtype is torch.float32 and rv.dtype is torch.float32
+            and rm.is_contiguous() and rv.is_contiguous() and rm.device == device and rv.device == device)
 
 
 def stats_running_direct(y: torch.Tensor, eps: float, running: list):
     """stats_direct, and where a native kernel takes it, eager's running-statistics update
     in the same launch: running = [running_mean, running_var, momentum, done]; done is
     set True when the buffers were updated here (else the caller updates them)."""
-    if _plain(y) and _stats.backend_for(y.device.type) in _NATIVE and running_ok(y, running):
+    if _plain(y) and _stats.backend_for(y.device.type) in _NATIVE and running_ok(y.device, running):
         c = y.shape[1]
         mean, invstd, var = _out_channels(c, y), _out_channels(c, y), _out_channels(c, y)
         _native.op(RUNNING)(_normalize_hw(y), eps, running[2], mean, invstd, var, running[0], running[1])
@@ -474,12 +474,9 @@ def train_native_args(x: torch.Tensor, device: torch.device, weight: torch.Tenso
     if not ready:
         return None
     g32, b32 = affine32(gamma, beta, weight.shape[0], x)
-    if running is not None:
-        rm, rv = running[0], running[1]
-        if (rm.dtype is torch.float32 and rv.dtype is torch.float32 and rm.is_contiguous() and rv.is_contiguous()
-                and rm.device == device and rv.device == device):
-            running[3] = True
-            return g32, b32, rm, rv, running[2]
+    if running is not None and running_ok(device, running):
+        running[3] = True
+        return g32, b32, running[0], running[1], running[2]
     return g32, b32, None, None, 0.0
 
 
