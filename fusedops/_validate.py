@@ -5,12 +5,31 @@ from __future__ import annotations
 import bisect
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tensors the fast host paths hand to the kernels as they are: plain tensors and module
 # parameters (an nn.Parameter is a plain tensor for dispatch); other subclasses (DTensor,
 # tensors under a dispatch mode, ...) go through the ops.
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_call(*ts) -> bool:
+    """The host-time fast paths may call the kernels directly: eager (not under tracing or
+    a dispatch mode) and every given tensor plain (None allowed)."""
+    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) in PLAIN_TYPES for t in ts)
+
+
+def plain_lists(*lists) -> bool:
+    """plain_call for tensor lists (every element a plain tensor)."""
+    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+        return False
+    return all(set(map(type, ts)) <= _PLAIN_SET for ts in lists)
+
+
+_PLAIN_SET = frozenset(PLAIN_TYPES)
 
 
 def tensor(t, name: str, op: str) -> torch.Tensor:

@@ -206,6 +206,28 @@ def test_inplace_ops_bump_version_counters():
     assert all(t._version > v for t, v in zip(xs, vs))
 
 
+def test_eager_fast_path_and_dispatch_modes():
+    """Plain eager calls run the kernel directly (no dispatcher round trip); under a
+    dispatch mode the call goes through the fusedops op, so the mode sees it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, y = torch.randn(6), torch.randn(6)
+    expected = x + y
+    with Record():
+        fusedops.add_(x, y)
+        fusedops.foreach_add_([x], [y])
+    assert "fusedops.add_.default" in seen and "fusedops.foreach_add_.default" in seen, seen
+    assert not any(name.startswith("fusedops_C.") for name in seen), seen
+    torch.testing.assert_close(x, expected + y)
+
+
 def test_add_rejects_partial_overlap():
     base = torch.randn(10)
     _expect_error(ValueError, "partly overlaps", base[:9], base[1:])

@@ -12,6 +12,8 @@ copy and copied back; a y broadcast along inner dims is expanded once.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _native, _triton, _validate, reference
@@ -113,10 +115,13 @@ def _plain_pair(x, y) -> bool:
     return xp >= yp + y.numel() * y.element_size() or yp >= xp + x.numel() * x.element_size()
 
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def _no_autograd(tensors, op: str) -> None:
     """The in-place adds are not differentiable: rather than record nothing (a silently
     wrong gradient), refuse inputs that require grad while grad mode is on."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors)):
         raise RuntimeError(f"fusedops.{op} is not differentiable and an input requires grad; call it "
                            "under torch.no_grad() (gradient buffers, residual streams without autograd) "
                            "or use the eager op")
@@ -248,6 +253,13 @@ def add_(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> None:
     Same values as eager `x.add_(y, alpha=alpha)`: math in fp32, one rounding to x's dtype.
     y may be x itself. Not differentiable. Returns None (the op mutates x).
     """
+    if _validate.plain_call(x, y) and _plain_pair(x, y) and x.numel():
+        backend = _add.backend_for(x.device.type)
+        if backend != "reference":  # the kernel directly: the op's dispatcher round trip is most of a
+            _no_autograd((x, y), OP)  # small call's host time
+            _add.get(backend)(x, y, float(alpha))
+            torch.autograd.graph.increment_version(x)  # as the op does (see ops/_library.py)
+            return
     _validate.tensor(x, "x", OP)  # before the dispatcher, whose own message is vaguer
     _validate.tensor(y, "y", OP)
     add_op(x, y, float(alpha))
@@ -260,6 +272,13 @@ def foreach_add_(xs, ys, alpha: float = 1.0) -> None:
     another pair's xs[i]. Same values as `torch._foreach_add_(xs, ys, alpha=alpha)`.
     """
     xs, ys = list(xs), list(ys)
+    if xs and len(xs) == len(ys) and _validate.plain_lists(xs, ys):
+        backend = _foreach.backend_for(xs[0].device.type)
+        if backend != "reference":  # the kernel directly: it takes plain lists (checked natively) or
+            _no_autograd(xs + ys, FOREACH_OP)  # refuses them, having written nothing
+            if _foreach.get(backend)(xs, ys, float(alpha)):
+                torch.autograd.graph.increment_version(xs)  # as the op does (see ops/_library.py)
+                return
     for name, ts in (("xs", xs), ("ys", ys)):
         if not all(isinstance(t, torch.Tensor) for t in ts):
             for i, t in enumerate(ts):

@@ -452,14 +452,11 @@ def train_native_args(x: torch.Tensor, device: torch.device, weight: torch.Tenso
     """The arguments conv_bn_act_fwd takes beyond the conv's, (gamma32, beta32,
     running_mean, running_var, momentum), when the native step can run this call: plain
     tensors of a kernel dtype, the native BN kernels selected and built for x's device, not
-    under tracing; else None. running: [running_mean, running_var, momentum, done] or None;
+    under tracing or a dispatch mode; else None. running: [running_mean, running_var, momentum, done] or None;
     done is set when the op will update the buffers (fp32, dense, on x's device). The
     backend and dtype part is decided once per (device type, dtypes, forced backend): host
     time."""
-    plain = _validate.PLAIN_TYPES
-    if (type(x) not in plain or type(weight) not in plain or (gamma is not None and type(gamma) not in plain)
-            or (beta is not None and type(beta) not in plain) or torch.compiler.is_compiling()
-            or x.numel() == 0 or weight.numel() == 0):
+    if not _validate.plain_call(x, weight, gamma, beta) or x.numel() == 0 or weight.numel() == 0:
         return None
     key = (device.type, x.dtype, None if gamma is None else gamma.dtype, None if beta is None else beta.dtype,
            _backend_forced())

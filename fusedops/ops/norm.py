@@ -467,15 +467,6 @@ class _AddNormActInplace(torch.autograd.Function):
 # call is plain: dense torch.Tensor arguments of kernel dtypes, a kernel backend, not under
 # tracing or a dispatch mode. Anything else goes through the ops (same kernels, same math).
 
-def _plain_call(*ts) -> bool:
-    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
-        return False
-    return all(t is None or type(t) in _validate.PLAIN_TYPES for t in ts)
-
-
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode  # noqa: E402
-
-
 def _fast_backend(op, x, weight, bias, out_dtype):
     if not _kernel_ok(x, weight, bias, out_dtype or x.dtype):
         return None
@@ -524,7 +515,7 @@ class _NormActFast(torch.autograd.Function):
 
 def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
     """(y, s) through the fast path, or None when the call is not plain."""
-    if not _plain_call(x, residual, weight, bias) or _fast_backend(op, x, weight, bias, od) is None:
+    if not _validate.plain_call(x, residual, weight, bias) or _fast_backend(op, x, weight, bias, od) is None:
         return None
     if _needs_grad(x, residual, weight, bias):
         out = _NormActFast.apply(x, residual, weight, bias, eps, activation, od, rms, op)
