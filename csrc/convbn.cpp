@@ -27,11 +27,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fusedops_C, m) {
   // Backward of conv_bn_act_fwd with batch statistics. y: the forward's conv output, or
   // absent: recomputed from x and w (dy is then written over it). mask: 1 dX, 2 dW, 4 split
   // (dX left to the caller, who releases x first: dy is returned for it). Returns
-  // (dy or empty, dx or empty, dw or empty, dgamma = sum(g·ŷ), dbeta = sum(g)), the last
-  // two fp32 [C].
+  // (dy if split, dx if asked and not split, dw if asked, dgamma = sum(g·ŷ), dbeta = sum(g)),
+  // the last two fp32 [C]; an output not asked for is None (nothing allocated).
   m.def("conv_bn_act_bwd(Tensor dz, Tensor x, Tensor w, Tensor? y, int[] stride, int[] padding, int[] dilation, "
         "int groups, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int act, float slope, int mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor?, Tensor?, Tensor?, Tensor, Tensor)");
 }
 
 namespace fusedops {
@@ -88,8 +88,6 @@ const BnKernels& bn_kernels(const Tensor& t) {
 
 Tensor channels(const Tensor& like, int64_t c) { return torch::stable::new_empty(like, {c}, ScalarType::Float); }
 
-Tensor nothing(const Tensor& like) { return torch::stable::new_empty(like, {0}); }
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_fwd(
     Tensor x, Tensor w, IntList stride, IntList padding, IntList dilation, int64_t groups, double eps, Tensor weight,
     Tensor bias, int64_t act, double slope, double momentum, std::optional<Tensor> running_mean,
@@ -113,7 +111,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_fwd(
   return {z, mean, invstd, var, y};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_bwd(
+std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>, Tensor, Tensor> conv_bn_act_bwd(
     Tensor dz, Tensor x, Tensor w, std::optional<Tensor> y_saved, IntList stride, IntList padding, IntList dilation,
     int64_t groups, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int64_t act, double slope, int64_t mask) {
   STD_TORCH_CHECK(x.dim() == 4 && dz.dim() == 4, "fusedops_C::conv_bn_act_bwd: x and dz must be 4-D");
@@ -128,21 +126,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_bwd(
   Tensor dy = recompute ? y : torch::stable::empty_like(y);
   Tensor sum_gx = channels(y, c), sum_g = channels(y, c);
   bn_kernels(y).backward(hw_ready(dz), y, mean, invstd, weight, bias, act, slope, dy, sum_gx, sum_g);
-  Tensor dx = nothing(x), dw = nothing(x);
-  if (need_dx || need_dw) {
-    const std::array<bool, 3> out{need_dx && !split, need_dw, false};
-    if (out[0] || out[1]) {
-      std::array<StableIValue, 11> s{
-          from(dy),      from(x),        from(w),     from(std::nullopt), from(stride),
-          from(padding), from(dilation), from(false), from(IntList{0, 0}), from(groups),
-          from(torch::headeronly::HeaderOnlyArrayRef<bool>(out.data(), out.size()))};
-      call("aten::convolution_backward", s);
-      Tensor grads[3] = {to<Tensor>(s[0]), to<Tensor>(s[1]), to<Tensor>(s[2])};  // owns all three
-      if (out[0]) dx = grads[0];
-      if (out[1]) dw = grads[1];
-    }
+  std::optional<Tensor> dx, dw;
+  const std::array<bool, 3> out{need_dx && !split, need_dw, false};
+  if (out[0] || out[1]) {
+    std::array<StableIValue, 11> s{
+        from(dy),      from(x),        from(w),     from(std::nullopt), from(stride),
+        from(padding), from(dilation), from(false), from(IntList{0, 0}), from(groups),
+        from(torch::headeronly::HeaderOnlyArrayRef<bool>(out.data(), out.size()))};
+    call("aten::convolution_backward", s);
+    Tensor grads[3] = {to<Tensor>(s[0]), to<Tensor>(s[1]), to<Tensor>(s[2])};  // owns all three
+    if (out[0]) dx = grads[0];
+    if (out[1]) dw = grads[1];
   }
-  return {split ? dy : nothing(x), dx, dw, sum_gx, sum_g};
+  std::optional<Tensor> dy_out;
+  if (split) dy_out = dy;
+  return {dy_out, dx, dw, sum_gx, sum_g};
 }
 
 }  // namespace

@@ -143,75 +143,82 @@ class _ConvBNActTrain(torch.autograd.Function):
         return z, mean, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dz, _dmean, _dvar):
-        stride, padding, dilation, groups, _eps, act, slope, memory = ctx.conf
-        needs = ctx.needs_input_grad
-        early = ctx.x is not None
-        if early:
-            x = ctx.x
-            ctx.x = None
-            if x._version != ctx.x_version:
-                raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
-                                   f"inplace operation: the input of ConvBNAct2d is at version {x._version}; "
-                                   f"expected version {ctx.x_version} instead.")
-            weight, mean, invstd, gamma, beta = ctx.saved_tensors
-        else:
-            saved = ctx.saved_tensors
-            x, weight, mean, invstd, gamma, beta = saved[:6]
-        dx = dw = None
-        if ctx.native and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES:
-            # conv recompute, BN backward, dW and (unless x goes first) dX: one native call
-            mask = (1 if needs[0] else 0) | (2 if needs[1] else 0) | (4 if early else 0)
-            g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)
-            args = (dz, x, weight, saved[6] if memory == "fast" else None, stride, padding, dilation, groups, mean,
-                    invstd, g32, b32, bnops.ACT_CODES[act], slope, mask)
-            if torch.is_autocast_enabled(x.device.type):  # the recompute conv runs in the saved dtypes
-                with _no_autocast(x.device.type):
-                    dy, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(*args)
-            else:
+        if torch.is_grad_enabled():  # create_graph: gradients whose own backward raises
+            return _train_backward_once(ctx, dz)
+        return _train_backward(ctx, dz)  # (once_differentiable without its wrapper's host time)
+
+
+def _train_backward(ctx, dz):
+    """_ConvBNActTrain.backward without once_differentiable's wrapper."""
+    stride, padding, dilation, groups, _eps, act, slope, memory = ctx.conf
+    needs = ctx.needs_input_grad
+    early = ctx.x is not None
+    if early:
+        x = ctx.x
+        ctx.x = None
+        if x._version != ctx.x_version:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: the input of ConvBNAct2d is at version {x._version}; "
+                               f"expected version {ctx.x_version} instead.")
+        weight, mean, invstd, gamma, beta = ctx.saved_tensors
+    else:
+        saved = ctx.saved_tensors
+        x, weight, mean, invstd, gamma, beta = saved[:6]
+    dx = dw = None
+    if ctx.native and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES:
+        # conv recompute, BN backward, dW and (unless x goes first) dX: one native call
+        mask = (1 if needs[0] else 0) | (2 if needs[1] else 0) | (4 if early else 0)
+        g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)
+        args = (dz, x, weight, saved[6] if memory == "fast" else None, stride, padding, dilation, groups, mean,
+                invstd, g32, b32, bnops.ACT_CODES[act], slope, mask)
+        if torch.is_autocast_enabled(x.device.type):  # the recompute conv runs in the saved dtypes
+            with _no_autocast(x.device.type):
                 dy, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(*args)
-            del args
         else:
-            if memory == "fast":
-                y = saved[6]
-            elif torch.is_autocast_enabled(x.device.type):
-                with _no_autocast(x.device.type):
-                    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-            else:
+            dy, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(*args)
+        del args
+    else:
+        if memory == "fast":
+            y = saved[6]
+        elif torch.is_autocast_enabled(x.device.type):
+            with _no_autocast(x.device.type):
                 y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-            dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope,
-                                                      dy_into_y=memory != "fast")
-            del y
-            if early and needs[1]:  # dW while x lives
-                dw = torch.ops.aten.convolution_backward(
-                    dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
-                    [False, True, False])[1]
-            elif not early and (needs[0] or needs[1]):
-                dx, dw, _ = torch.ops.aten.convolution_backward(
-                    dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
-                    [needs[0], needs[1], False])
-        if not early:
-            del saved
-        if early:  # x goes before dX is allocated
-            in_hw = x.shape[2:]
-            del x
-            if needs[0]:
-                out_pad = _output_padding(in_hw, dy.shape, weight.shape, stride, padding, dilation)
-                dx = F.conv_transpose2d(dy, weight, None, stride, padding, out_pad, groups, dilation)
-        del dy
-        dx = dx if needs[0] else None
-        dw = dw if needs[1] else None
-        dg = db = dcb = None
-        if gamma is not None and needs[2]:
-            dg = dgamma if dgamma.dtype == gamma.dtype else dgamma.to(gamma.dtype)
-        if beta is not None and needs[3]:
-            db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
-        if ctx.has_bias:
-            dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
-        return dx, dw, dg, db, dcb, None, None
+        else:
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope,
+                                                  dy_into_y=memory != "fast")
+        del y
+        if early and needs[1]:  # dW while x lives
+            dw = torch.ops.aten.convolution_backward(
+                dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
+                [False, True, False])[1]
+        elif not early and (needs[0] or needs[1]):
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
+                [needs[0], needs[1], False])
+    if not early:
+        del saved
+    if early:  # x goes before dX is allocated
+        in_hw = x.shape[2:]
+        del x
+        if needs[0]:
+            out_pad = _output_padding(in_hw, dy.shape, weight.shape, stride, padding, dilation)
+            dx = F.conv_transpose2d(dy, weight, None, stride, padding, out_pad, groups, dilation)
+    del dy
+    dx = dx if needs[0] else None
+    dw = dw if needs[1] else None
+    dg = db = dcb = None
+    if gamma is not None and needs[2]:
+        dg = dgamma if dgamma.dtype == gamma.dtype else dgamma.to(gamma.dtype)
+    if beta is not None and needs[3]:
+        db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
+    if ctx.has_bias:
+        dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
+    return dx, dw, dg, db, dcb, None, None
 
 
+_train_backward_once = torch.autograd.function.once_differentiable(_train_backward)
 _NO_OUTPUT_PADDING = [0, 0]
 
 

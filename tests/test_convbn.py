@@ -523,6 +523,24 @@ def test_input_modified_in_place_after_forward_raises(dev_backend, early_release
         out.sum().backward()
 
 
+def test_first_order_gradients_under_create_graph(dev_backend, early_release):
+    """create_graph=True gives the same first-order gradients; differentiating them again
+    raises (the backward is not differentiable) instead of returning a wrong result."""
+    device, _ = dev_backend
+    eager = _pair(4, 4, 3, "silu", device, conv_kw=dict(padding=1))
+    fused = _fused_from(copy.deepcopy(eager))
+    x = torch.randn(2, 4, 6, 6, device=device)
+    grads = []
+    for model, create_graph in ((eager, False), (fused, False), (fused, True)):
+        xx = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xx).square().sum(), xx, create_graph=create_graph)
+        grads.append(gx)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[2], grads[1], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grads[2].sum().backward()
+
+
 def test_compile_fullgraph(triton_dev):
     eager = _pair(4, 6, 3, "relu", triton_dev, conv_kw=dict(padding=1), bn_kw=dict(momentum=None))
     fused = _fused_from(eager)
