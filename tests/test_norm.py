@@ -456,6 +456,11 @@ def test_bad_inputs(dev_backend):
     assert torch.equal(r, r0), "nothing written on bad input"
     with pytest.raises(ValueError, match="residual"):
         fusedops.add_rms_norm_act(x, torch.randn(1, 16, device=device).expand(3, 16), inplace=True)
+    for fn in (fusedops.layer_norm_act, fusedops.rms_norm_act):
+        with pytest.raises(ValueError, match="x must have at least one dimension"):
+            fn(torch.tensor(1.0, device=device))
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        fusedops.add_layer_norm_act(torch.tensor(1.0, device=device), torch.tensor(1.0, device=device))
 
 
 def test_cpu_autocast_matches_eager():

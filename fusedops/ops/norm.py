@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .. import _native, _triton, _validate, reference
 from .._backend import Kernels
+from .._backend import _forced as _forced_backend
 from ._library import LIB, define
 
 ACTIVATIONS = reference.ACTIVATIONS
@@ -467,23 +468,37 @@ class _AddNormActInplace(torch.autograd.Function):
 # call is plain: dense torch.Tensor arguments of kernel dtypes, a kernel backend, not under
 # tracing or a dispatch mode. Anything else goes through the ops (same kernels, same math).
 
-def _fast_backend(op, x, weight, bias, out_dtype):
-    if not _kernel_ok(x, weight, bias, out_dtype or x.dtype):
-        return None
+_FAST: dict = {}
+
+
+def _fast_kernels(op, x, weight, bias, out_dtype):
+    """(forward kernel, backward kernel) for a plain call, or None where the reference would
+    run (a dtype without kernels, the reference backend forced): decided once per (op,
+    device type, dtypes, hidden size, forced backend)."""
+    if x.dim() == 0:
+        return None  # (the op's checks give the error)
     n = x.shape[-1]
-    backend = _kernels[op].backend_for(x.device.type, n)
-    if backend == "reference" or _bwd.backend_for(x.device.type, _bwd_size(n, bias)) == "reference":
-        return None
-    return backend
+    key = (op, x.device.type, x.dtype, None if weight is None else weight.dtype,
+           None if bias is None else bias.dtype, out_dtype, n, _forced_backend())
+    hit = _FAST.get(key, False)
+    if hit is False:
+        hit = None
+        if _kernel_ok(x, weight, bias, out_dtype or x.dtype):
+            fwd = _kernels[op].backend_for(key[1], n)
+            bwd = _bwd.backend_for(key[1], _bwd_size(n, bias))
+            if fwd != "reference" and bwd != "reference":
+                hit = (_kernels[op].get(fwd), _bwd.get(bwd))
+        _FAST[key] = hit
+    return hit
 
 
-def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds):
-    if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and _kernel_ok(s, weight, bias, dy.dtype)
+def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds, run):
+    """Gradients with the backward kernel `run` when dy (and ds) are plain tensors of s's
+    shape and s's dtype or fp32 (the output dtypes the kernels write); else the op."""
+    if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and dy.dtype in (s.dtype, torch.float32)
             and (ds is None or (type(ds) is torch.Tensor and ds.dtype == s.dtype and ds.shape == s.shape))):
-        backend = _bwd.backend_for(s.device.type, _bwd_size(s.shape[-1], bias))
-        if backend != "reference":
-            dx, dw, db = _bwd.get(backend)(dy, s, weight, bias, mean, rstd, activation, ds)
-            return dx, (dw if weight is not None else None), (db if bias is not None else None)
+        dx, dw, db = run(dy, s, weight, bias, mean, rstd, activation, ds)
+        return dx, (dw if weight is not None else None), (db if bias is not None else None)
     return _grads(dy, s, weight, bias, mean, rstd, activation, ds)
 
 
@@ -492,12 +507,14 @@ class _NormActFast(torch.autograd.Function):
     directly (see above); gradients as the ops' register_autograd formulas."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, activation, out_dtype, rms, op):
-        y, s, mean, rstd = _forward(op, x, residual, weight, bias, eps, activation, out_dtype, rms,
-                                    None if residual is None else "out")
+    def forward(ctx, x, residual, weight, bias, conf):
+        eps, activation, out_dtype, rms, kernels = conf  # (one argument: Function.apply's host time grows with each)
+        y, s, mean, rstd = kernels[0](x, residual, weight, bias, eps, activation, out_dtype, rms,
+                                      None if residual is None else "out")
         ctx.save_for_backward(x if s is None else s, weight, bias, mean, rstd)
         ctx.activation = activation
         ctx.has_r = residual is not None
+        ctx.bwd = kernels[1]
         ctx.set_materialize_grads(False)
         return y if s is None else (y, s)
 
@@ -509,19 +526,23 @@ class _NormActFast(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the op, as the ops' own autograd path does
             dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
         else:  # (once_differentiable without its wrapper's host time)
-            dx, dw, db = _backward_direct(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
-        return dx, (dx if ctx.has_r else None), dw, db, None, None, None, None, None
+            dx, dw, db = _backward_direct(dy, s, weight, bias, mean, rstd, ctx.activation, ds, ctx.bwd)
+        return dx, (dx if ctx.has_r else None), dw, db, None
 
 
 def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
     """(y, s) through the fast path, or None when the call is not plain."""
-    if not _validate.plain_call(x, residual, weight, bias) or _fast_backend(op, x, weight, bias, od) is None:
+    if not _validate.plain_call(x, residual, weight, bias):
         return None
+    kernels = _fast_kernels(op, x, weight, bias, od)
+    if kernels is None:
+        return None
+    _check(op, x, residual, weight, bias, activation, od)
+    od = od or x.dtype
     if _needs_grad(x, residual, weight, bias):
-        out = _NormActFast.apply(x, residual, weight, bias, eps, activation, od, rms, op)
+        out = _NormActFast.apply(x, residual, weight, bias, (eps, activation, od, rms, kernels))
         return (out, None) if residual is None else out
-    y, s, _, _ = _forward(op, x, residual, weight, bias, eps, activation, od, rms,
-                          None if residual is None else "out")
+    y, s, _, _ = kernels[0](x, residual, weight, bias, eps, activation, od, rms, None if residual is None else "out")
     return y, s
 
 
