@@ -15,7 +15,9 @@ Neither keeps the activation output or the BN output (eager keeps y and, for
 silu/gelu, z). Running statistics are updated as eager does. With the native BN kernels
 (the C++ / CUDA C++ backends) each direction is one native call (csrc/convbn.cpp: the
 convs through the dispatcher, then the kernels): less host time between the ops; the
-Triton backend and traced code run the same steps op by op.
+Triton backend runs the same steps op by op (fusedops/ops/convbn.py). Traced by
+torch.compile, the step is the op fusedops::conv_bn_act_train, so that the compiled graph
+saves what the memory mode says.
 
 Eval with running statistics: BN is folded into the conv weight and bias in fp32 (cast
 back to the weight's dtype), then the activation (one conv + one fused epilogue, or a
@@ -31,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _validate, reference
+from . import reference
 from .ops import batchnorm as bnops
+from .ops.convbn import check_batch_values, no_autocast, train_backward, train_forward, train_op
 
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
 MEMORY_MODES = ("recompute", "fast")
@@ -82,17 +85,6 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
 EARLY_RELEASE_DEVICES = ("cuda",)
 
 
-def _no_autocast(device_type: str):
-    """autocast off: the C++ guard (~0.6 µs) outside tracing, torch.autocast (~5 µs of
-    Python per enter/exit) where torch.compile must see it."""
-    if _DISABLE_AUTOCAST is None or torch.compiler.is_compiling():
-        return torch.autocast(device_type, enabled=False)
-    return _DISABLE_AUTOCAST()
-
-
-_DISABLE_AUTOCAST = getattr(torch._C, "_DisableAutocast", None)
-
-
 def _hooks_active() -> bool:
     """saved_tensors_hooks (e.g. save_on_cpu) are in force: every saved tensor must go
     through them."""
@@ -114,18 +106,10 @@ class _ConvBNActTrain(torch.autograd.Function):
     def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None):
         stride, padding, dilation, groups, eps, act, slope, memory = conf
         # running: [running_mean, running_var, momentum, done] or None
-        if x.shape[0] == 1:  # (a batch of one: the only way to one value per channel)
-            _check_batch_values(x, weight, stride, padding, dilation)
+        check_batch_values(x, weight, stride, padding, dilation)
+        z, mean, invstd, var, y = train_forward(x, weight, gamma, beta, (stride, padding, dilation, groups), eps, act,
+                                                slope, running)
         dev = x.device
-        native = bnops.train_native_args(x, dev, weight, gamma, beta, running)
-        ctx.native = native is not None
-        if ctx.native:  # conv, stats (+ running update) and apply in one native call
-            g32, b32, rm, rv, momentum = native
-            z, mean, invstd, var, y = bnops.op_train_fwd()(x, weight, stride, padding, dilation, groups, eps, g32, b32,
-                                                           bnops.ACT_CODES[act], slope, momentum, rm, rv)
-        else:
-            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-            z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
         ctx.x = None
         if memory == "fast":
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta, y)
@@ -162,43 +146,15 @@ def _train_backward(ctx, dz):
                                f"inplace operation: the input of ConvBNAct2d is at version {x._version}; "
                                f"expected version {ctx.x_version} instead.")
         weight, mean, invstd, gamma, beta = ctx.saved_tensors
+        y = None
     else:
-        saved = ctx.saved_tensors
-        x, weight, mean, invstd, gamma, beta = saved[:6]
-    dx = dw = None
-    if ctx.native and type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES:
-        # conv recompute, BN backward, dW and (unless x goes first) dX: one native call
-        mask = (1 if needs[0] else 0) | (2 if needs[1] else 0) | (4 if early else 0)
-        g32, b32 = bnops.affine32(gamma, beta, weight.shape[0], x)
-        args = (dz, x, weight, saved[6] if memory == "fast" else None, stride, padding, dilation, groups, mean,
-                invstd, g32, b32, bnops.ACT_CODES[act], slope, mask)
-        if torch.is_autocast_enabled(x.device.type):  # the recompute conv runs in the saved dtypes
-            with _no_autocast(x.device.type):
-                dy, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(*args)
-        else:
-            dy, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(*args)
-        del args
-    else:
-        if memory == "fast":
-            y = saved[6]
-        elif torch.is_autocast_enabled(x.device.type):
-            with _no_autocast(x.device.type):
-                y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        else:
-            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope,
-                                                  dy_into_y=memory != "fast")
-        del y
-        if early and needs[1]:  # dW while x lives
-            dw = torch.ops.aten.convolution_backward(
-                dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
-                [False, True, False])[1]
-        elif not early and (needs[0] or needs[1]):
-            dx, dw, _ = torch.ops.aten.convolution_backward(
-                dy, x, weight, None, stride, padding, dilation, False, _NO_OUTPUT_PADDING, groups,
-                [needs[0], needs[1], False])
-    if not early:
-        del saved
+        x, weight, mean, invstd, gamma, beta, *rest = ctx.saved_tensors
+        y = rest[0] if rest else None
+    # conv recompute (unless y was kept), BN backward, dW and (unless x goes first) dX
+    dy, dx, dw, dgamma, dbeta = train_backward(dz, x, weight, y, mean, invstd, gamma, beta,
+                                               (stride, padding, dilation, groups), act, slope, needs[0], needs[1],
+                                               split=early)
+    del y
     if early:  # x goes before dX is allocated
         in_hw = x.shape[2:]
         del x
@@ -219,23 +175,12 @@ def _train_backward(ctx, dz):
 
 
 _train_backward_once = torch.autograd.function.once_differentiable(_train_backward)
-_NO_OUTPUT_PADDING = [0, 0]
 
 
 def _output_padding(in_hw, out_shape, w_shape, stride, padding, dilation) -> list:
     """conv_transpose2d's output_padding that gives back the conv input's H, W."""
     return [in_hw[i] - ((out_shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w_shape[2 + i] - 1) + 1)
             for i in range(2)]
-
-
-def _check_batch_values(x, weight, stride, padding, dilation) -> None:
-    """Eager BatchNorm's error for one value per channel (batch 1, 1×1 output), raised
-    before the conv runs."""
-    hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-          for i in range(2)]
-    if x.shape[0] * hw[0] * hw[1] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{[x.shape[0], weight.shape[0], *hw]}")
 
 
 class ConvBNAct2d(nn.Module):
@@ -335,6 +280,18 @@ class ConvBNAct2d(nn.Module):
             cached = self.__dict__["_conf_cache"] = (key, conf)
         return cached[1]
 
+    @staticmethod
+    def _train_step(x, w, bparams, conv_bias, conf, running):
+        """(z, mean, var): eager, the autograd.Function (its memory modes, the early release
+        of x); traced by torch.compile, the fusedops::conv_bn_act_train op, whose conv
+        output the compiled graph cannot keep (see fusedops/ops/convbn.py)."""
+        if torch.compiler.is_compiling():
+            stride, padding, dilation, groups, eps, act, slope, memory = conf
+            z, mean, _, var, _ = train_op(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, stride,
+                                          padding, dilation, groups, eps, act, slope, memory == "fast")
+            return z, mean, var
+        return _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf, running)
+
     def _forward_train(self, x, conv, bn):
         cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
         w = cparams["weight"]
@@ -354,12 +311,10 @@ class ConvBNAct2d(nn.Module):
                 x = x.to(cd)
             if w.dtype != cd:
                 w = w.to(cd)
-            with _no_autocast(x.device.type):
-                z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias,
-                                                     conf, running)
+            with no_autocast(x.device.type):
+                z, mean, var = self._train_step(x, w, bparams, conv_bias, conf, running)
         else:
-            z, mean, var = _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf,
-                                                 running)
+            z, mean, var = self._train_step(x, w, bparams, conv_bias, conf, running)
         if running is not None and running[3]:
             bbufs["num_batches_tracked"].add_(1)  # a buffer: no grad mode needed
             torch.autograd.graph.increment_version([rm, bbufs["running_var"]])  # the eval fold cache keys on it

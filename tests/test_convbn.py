@@ -280,6 +280,24 @@ def test_ops_opcheck(dev_backend):
     torch.library.opcheck(bnops.bn_act_backward_op, (torch.randn_like(y), y, mean, invstd, w, b, "gelu", 0.01))
 
 
+def test_train_ops_opcheck(dev_backend):
+    """The training-step ops torch.compile traces (fusedops/ops/convbn.py)."""
+    from fusedops.ops import convbn
+
+    device, _ = dev_backend
+    x = torch.randn(2, 3, 6, 5, device=device)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    g, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+    for xx, keep in ((x, False), (x.contiguous(memory_format=torch.channels_last), True)):
+        torch.library.opcheck(convbn.train_op, (xx, w, g, b, None, *geom, 1e-5, "silu", 0.01, keep))
+        z, mean, invstd, var, y = convbn.train_op(xx, w, g, b, None, *geom, 1e-5, "silu", 0.01, keep)
+        torch.library.opcheck(convbn.train_backward_op, (torch.randn_like(z), xx, w, y if keep else None, mean,
+                                                         invstd, g, b, *geom, "silu", 0.01, [True, True, True, True]))
+    torch.library.opcheck(convbn.train_op, (x, w, None, None, torch.randn(4, device=device), [2, 1], [0, 1], [1, 1],
+                                            1, 1e-5, "relu", 0.01, False))
+
+
 def test_ops_empty(dev_backend):
     device, _ = dev_backend
     y = torch.randn(0, 3, 4, 4, device=device)
@@ -541,20 +559,58 @@ def test_first_order_gradients_under_create_graph(dev_backend, early_release):
         grads[2].sum().backward()
 
 
+def _compare_step(fused, compiled, twin, x):
+    """One fwd+bwd of the eager module and of its compiled twin: same output, input and
+    conv-weight gradients."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fused(x1), compiled(x2)
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(twin.conv.weight.grad, fused.conv.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["recompute", "fast"])
+def test_compiled_graph_keeps_the_memory_mode(memory):
+    """Under torch.compile the step is one op whose conv output stays inside it: with the
+    partitioner inductor uses (min-cut), the compiled forward saves x and the per-channel
+    statistics in memory="recompute" and the conv output only in "fast"; values and
+    gradients (the conv bias's too: zeros) equal eager."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    eager = _pair(4, 6, 3, "relu", conv_kw=dict(padding=1))
+    eager[0].bias = nn.Parameter(torch.randn(6))
+    fused = _fused_from(eager, memory)
+    twin = copy.deepcopy(fused)
+    x = torch.randn(2, 4, 8, 8)
+    outputs = []
+
+    def fw(gm, _example):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        outputs.extend(tuple(a.meta["val"].shape) for a in out.args[0] if a is not None and "val" in a.meta)
+        return torch._functorch.aot_autograd.make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=fw, bw_compiler=lambda gm, _: torch._functorch.aot_autograd.make_boxed_func(
+        gm.forward), partition_fn=min_cut_rematerialization_partition)
+    _compare_step(fused, torch.compile(twin, fullgraph=True, backend=backend), twin, x)
+    for a, b in ((twin.bn.weight, fused.bn.weight), (twin.bn.bias, fused.bn.bias)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    assert torch.equal(twin.conv.bias.grad, torch.zeros(6)) and torch.equal(fused.conv.bias.grad, torch.zeros(6))
+    torch.testing.assert_close(twin.bn.running_mean, fused.bn.running_mean)
+    # forward-graph outputs of the conv output's shape: z itself, plus y where it is kept
+    assert outputs.count((2, 6, 8, 8)) == (2 if memory == "fast" else 1), outputs
+    assert (2, 4, 8, 8) in outputs  # x, for the recompute / for dW
+
+
 def test_compile_fullgraph(triton_dev):
     eager = _pair(4, 6, 3, "relu", triton_dev, conv_kw=dict(padding=1), bn_kw=dict(momentum=None))
     fused = _fused_from(eager)
     twin = copy.deepcopy(fused)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     for _ in range(2):
-        x = torch.randn(2, 4, 6, 6, device=triton_dev)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y1, y2 = fused(x1), compiled(x2)
-        torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
-        y1.square().sum().backward()
-        y2.square().sum().backward()
-        torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(twin.conv.weight.grad, fused.conv.weight.grad, atol=1e-5, rtol=1e-5)
+        _compare_step(fused, compiled, twin, torch.randn(2, 4, 6, 6, device=triton_dev))
     torch.testing.assert_close(twin.bn.running_var, fused.bn.running_var)
     assert int(twin.bn.num_batches_tracked) == 2
     fused.eval(), twin.eval()

@@ -1,0 +1,202 @@
+"""The training step of Conv2d(bias-free) → BatchNorm2d(batch statistics) → activation.
+
+`train_forward` / `train_backward` run it with whatever kernels serve the call: the one
+native call per direction of csrc/convbn.cpp where the native BN kernels are selected
+(C++ / CUDA C++), else the conv through PyTorch and the BN ops one by one. ConvBNAct2d's
+autograd.Function (fusedops/nn_convbn.py) calls them in eager mode.
+
+Under torch.compile the module calls the op `fusedops::conv_bn_act_train` instead, whose
+backward (`fusedops::conv_bn_act_train_backward`, through register_autograd) recomputes
+the conv output from x: the conv output lives only inside the forward op, so the
+compiled graph cannot save it (traced op by op, the partitioner kept it: the memory
+saving was lost). With keep_y=True (memory="fast") the op returns y and the backward
+reads it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validate
+from . import batchnorm as bnops
+from ._library import LIB, define
+
+NO_OUTPUT_PADDING = [0, 0]
+
+
+def no_autocast(device_type: str):
+    """autocast off: the C++ guard (~0.6 µs) outside tracing, torch.autocast (~5 µs of
+    Python per enter/exit) where torch.compile must see it."""
+    if _DISABLE_AUTOCAST is None or torch.compiler.is_compiling():
+        return torch.autocast(device_type, enabled=False)
+    return _DISABLE_AUTOCAST()
+
+
+_DISABLE_AUTOCAST = getattr(torch._C, "_DisableAutocast", None)
+
+
+def check_batch_values(x, weight, stride, padding, dilation) -> None:
+    """Eager BatchNorm's error for one value per channel (batch 1, 1×1 output), raised
+    before the conv runs."""
+    if x.shape[0] != 1:
+        return
+    hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+          for i in range(2)]
+    if hw[0] * hw[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{[x.shape[0], weight.shape[0], *hw]}")
+
+
+def train_forward(x, w, gamma, beta, geometry, eps: float, act: str, slope: float, running=None):
+    """(z, mean, invstd, var, y): y = conv(x, w) (no bias), batch statistics of y (fp32,
+    biased var), z = act(BN(y)). running: [running_mean, running_var, momentum, done] or
+    None; done is set when the buffers were updated here (else the caller updates them)."""
+    stride, padding, dilation, groups = geometry
+    native = bnops.train_native_args(x, x.device, w, gamma, beta, running)
+    if native is not None:  # conv, stats (+ running update) and apply in one native call
+        g32, b32, rm, rv, momentum = native
+        return bnops.op_train_fwd()(x, w, stride, padding, dilation, groups, eps, g32, b32, bnops.ACT_CODES[act],
+                                    slope, momentum, rm, rv)
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
+    return z, mean, invstd, var, y
+
+
+def train_backward(dz, x, w, y, mean, invstd, gamma, beta, geometry, act: str, slope: float, needs_dx: bool,
+                   needs_dw: bool, split: bool = False):
+    """(dy or None, dx or None, dw or None, dgamma, dbeta), dgamma/dbeta fp32 sums. y: the
+    forward's conv output, or None: recomputed from x (in the saved dtypes) and dy written
+    over it. split: dX is left to the caller (who releases x first): dy is returned."""
+    stride, padding, dilation, groups = geometry
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # the recompute conv runs in the saved dtypes
+        with no_autocast(dev):
+            return train_backward(dz, x, w, y, mean, invstd, gamma, beta, geometry, act, slope, needs_dx, needs_dw,
+                                  split)
+    native = None
+    if type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES:
+        native = bnops.train_native_args(x, x.device, w, gamma, beta, None)
+    if native is not None:  # conv recompute, BN backward, dW and (unless split) dX: one native call
+        mask = (1 if needs_dx else 0) | (2 if needs_dw else 0) | (4 if split else 0)
+        return bnops.op_train_bwd()(dz, x, w, y, stride, padding, dilation, groups, mean, invstd, native[0], native[1],
+                                    bnops.ACT_CODES[act], slope, mask)
+    recompute = y is None
+    if recompute:
+        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    dy, dgamma, dbeta = bnops.backward_direct(dz, y, mean, invstd, gamma, beta, act, slope, dy_into_y=recompute)
+    del y
+    dx = dw = None
+    out = [needs_dx and not split, needs_dw, False]
+    if out[0] or out[1]:
+        dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, stride, padding, dilation, False,
+                                                        NO_OUTPUT_PADDING, groups, out)
+    return (dy if split else None), (dx if out[0] else None), dw, dgamma, dbeta
+
+
+# ---- the ops torch.compile traces ----------------------------------------------------------
+
+_SCHEMA_GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
+
+
+def _check(x, w, gamma, beta, act, op):
+    _validate.tensor(x, "x", op)
+    _validate.tensor(w, "w", op)
+    if x.dim() != 4 or w.dim() != 4:
+        raise ValueError(f"fusedops.{op}: x and w must be 4-D, got shapes {tuple(x.shape)} and {tuple(w.shape)}")
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is not None and (p.dim() != 1 or p.shape[0] != w.shape[0]):
+            raise ValueError(f"fusedops.{op}: {name} has shape {tuple(p.shape)}, expected ({w.shape[0]},)")
+    if act not in bnops.ACT_CODES:
+        raise ValueError(f"fusedops.{op}: unknown activation {act!r}; choose one of {', '.join(bnops.ACT_CODES)}")
+
+
+def _train_impl(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope, keep_y):
+    _check(x, w, gamma, beta, act, "conv_bn_act_train")
+    check_batch_values(x, w, stride, padding, dilation)
+    with no_autocast(x.device.type):
+        z, mean, invstd, var, y = train_forward(x, w, gamma, beta, (stride, padding, dilation, groups), eps, act,
+                                                slope)
+    return z, mean, invstd, var, (y if keep_y else x.new_empty(0))
+
+
+def _conv_out_fake(x, w, stride, padding, dilation, groups):
+    with no_autocast(x.device.type):
+        return torch.ops.aten.convolution(x, w, None, stride, padding, dilation, False, NO_OUTPUT_PADDING, groups)
+
+
+def _train_fake(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope, keep_y):
+    _check(x, w, gamma, beta, act, "conv_bn_act_train")
+    check_batch_values(x, w, stride, padding, dilation)
+    y = _conv_out_fake(x, w, stride, padding, dilation, groups)
+    c = y.shape[1]
+    stats = [y.new_empty(c, dtype=torch.float32) for _ in range(3)]
+    return torch.empty_like(y), *stats, (y if keep_y else x.new_empty(0))
+
+
+# conv_bias: the conv's bias (or None); the batch mean absorbs it (its gradient is zero), it
+# is an input so that the gradient is zeros, as in eager mode, rather than absent.
+train_op = define(
+    f"conv_bn_act_train(Tensor x, Tensor w, Tensor? gamma, Tensor? beta, Tensor? conv_bias, {_SCHEMA_GEOMETRY}, "
+    "float eps, str act, float slope, bool keep_y) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _train_impl, _train_fake)
+
+
+def _grads(x, w, gamma, beta, mask, dx, dw, dgamma, dbeta):
+    """The backward op's outputs: each asked-for gradient in its input's dtype, else empty."""
+    return (dx if mask[0] else x.new_empty(0), dw if mask[1] else w.new_empty(0),
+            dgamma.to(gamma.dtype) if mask[2] else x.new_empty(0),
+            dbeta.to(beta.dtype) if mask[3] else x.new_empty(0))
+
+
+def _train_backward_impl(dz, x, w, y, mean, invstd, gamma, beta, stride, padding, dilation, groups, act, slope,
+                         output_mask):
+    _check(x, w, gamma, beta, act, "conv_bn_act_train_backward")
+    mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and gamma is not None,
+            bool(output_mask[3]) and beta is not None]
+    _, dx, dw, dgamma, dbeta = train_backward(dz, x, w, y, mean, invstd, gamma, beta,
+                                              (stride, padding, dilation, groups), act, slope, mask[0], mask[1])
+    return _grads(x, w, gamma, beta, mask, dx, dw, dgamma, dbeta)
+
+
+def _train_backward_fake(dz, x, w, y, mean, invstd, gamma, beta, stride, padding, dilation, groups, act, slope,
+                         output_mask):
+    _check(x, w, gamma, beta, act, "conv_bn_act_train_backward")
+    mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and gamma is not None,
+            bool(output_mask[3]) and beta is not None]
+    dy = torch.empty_like(_conv_out_fake(x, w, stride, padding, dilation, groups))
+    dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, stride, padding, dilation, False,
+                                                    NO_OUTPUT_PADDING, groups, [True, True, False])
+    c = w.shape[0]
+    return _grads(x, w, gamma, beta, mask, dx, dw, mean.new_empty(c), mean.new_empty(c))
+
+
+train_backward_op = define(
+    f"conv_bn_act_train_backward(Tensor dz, Tensor x, Tensor w, Tensor? y, Tensor mean, Tensor invstd, Tensor? gamma, "
+    f"Tensor? beta, {_SCHEMA_GEOMETRY}, str act, float slope, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    _train_backward_impl, _train_backward_fake)
+
+
+def _setup(ctx, inputs, output):
+    x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, _eps, act, slope, keep_y = inputs
+    _z, mean, invstd, _var, y = output
+    ctx.save_for_backward(x, w, y if keep_y else None, mean, invstd, gamma, beta)
+    ctx.conf = (stride, padding, dilation, groups, act, slope)
+    ctx.bias_like = None if conv_bias is None else (conv_bias.shape, conv_bias.dtype, conv_bias.device)
+
+
+def _backward(ctx, dz, _dmean, _dinvstd, _dvar, _dy):
+    x, w, y, mean, invstd, gamma, beta = ctx.saved_tensors
+    stride, padding, dilation, groups, act, slope = ctx.conf
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1], needs[2] and gamma is not None, needs[3] and beta is not None]
+    dx, dw, dgamma, dbeta = train_backward_op(dz, x, w, y, mean, invstd, gamma, beta, stride, padding, dilation,
+                                              groups, act, slope, mask)
+    dcb = None
+    if needs[4] and ctx.bias_like is not None:
+        shape, dtype, device = ctx.bias_like
+        dcb = torch.zeros(shape, dtype=dtype, device=device)
+    return ((dx if mask[0] else None), (dw if mask[1] else None), (dgamma if mask[2] else None),
+            (dbeta if mask[3] else None), dcb) + (None,) * 8
+
+
+torch.library.register_autograd("fusedops::conv_bn_act_train", _backward, setup_context=_setup, lib=LIB)
