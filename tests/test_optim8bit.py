@@ -393,6 +393,38 @@ def test_opcheck_step():
                           ([p.clone() for p in ps], gs, s1, a1, [], [], "lion", 1e-4, 0.9, 0.99, 0.0, 0.0, 1))
 
 
+def test_step_eager_fast_path_matches_the_op():
+    """Plain eager calls run the op's kernel without the dispatcher; the op (what a
+    dispatch mode or torch.compile sees) gives the same bits and bumps the same versions."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ps = [torch.randn(300), torch.randn(5000)]
+    gs = [torch.randn_like(p) * 0.01 for p in ps]
+    states = _states(ps, "adamw")
+    runs = []
+    for mode in (None, Record()):
+        p2 = [p.clone() for p in ps]
+        s1, a1, s2, a2 = ([t.clone() for t in ts] for ts in states)
+        versions = [t._version for t in p2 + s1 + a1]
+        if mode is None:
+            fusedops.optimizer_step_8bit_(p2, gs, s1, a1, s2, a2, "adamw", 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+        else:
+            with mode:
+                fusedops.optimizer_step_8bit_(p2, gs, s1, a1, s2, a2, "adamw", 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+        assert all(t._version > v for t, v in zip(p2 + s1 + a1, versions))
+        runs.append(p2 + s1 + a1 + s2 + a2)
+    assert "fusedops.optimizer_step_8bit_.default" in seen, seen
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_step_bad_inputs_write_nothing():
     ps = [torch.randn(300), torch.randn(5000)]
     gs = [torch.randn_like(p) for p in ps]

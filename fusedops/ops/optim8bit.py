@@ -405,5 +405,13 @@ def optimizer_step_8bit_(params, grads, state1, absmax1, state2, absmax2, kind: 
         if grads or state1 or absmax1 or state2 or absmax2:
             raise ValueError(f"fusedops.{STEP_OP}: params is empty but the other lists are not")
         return
-    step_op(params, grads, state1, absmax1, state2, absmax2, kind, float(lr), float(beta1), float(beta2),
-            float(eps), float(weight_decay), int(step), bool(first), bool(nesterov), int(sr_seed))
+    args = (params, grads, state1, absmax1, state2, absmax2, kind, float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay), int(step), bool(first), bool(nesterov), int(sr_seed))
+    if _validate.plain_lists(params, grads, state1, absmax1, state2, absmax2):
+        # eager, plain tensors: the op's kernel without the dispatcher round trip (six tensor
+        # lists boxed and unboxed: most of a step's host time for ~100 small tensors); the
+        # written tensors' versions bumped as the op does (ops/_library.py)
+        _step_impl(*args)
+        torch.autograd.graph.increment_version(params + state1 + absmax1 + state2 + absmax2)
+        return
+    step_op(*args)
