@@ -110,31 +110,39 @@ class _Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        states = self.state
+        two = self.STATES == 2
         for gi, group in enumerate(self.param_groups):
             buckets: dict = {}
             copies = []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 g = p.grad
+                if g is None:
+                    continue
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
+                state = states[p]
                 if not state:
                     self._init_state(p, group, state)
-                state["step"] += 1
-                if g.dtype != p.dtype:
-                    g = g.to(p.dtype)
+                step = state["step"] = state["step"] + 1
+                dtype = p.dtype
+                if g.dtype != dtype:
+                    g = g.to(dtype)
                 work = p
                 if not p.is_contiguous():  # the kernels take contiguous params: one copy, copied back
                     work = p.contiguous()
                     copies.append((p, work))
-                lists = buckets.setdefault((p.device, p.dtype, state["step"]), ([], [], [], [], [], []))
+                key = (p.device, dtype, step)
+                lists = buckets.get(key)
+                if lists is None:
+                    lists = buckets[key] = ([], [], [], [], [], [])
                 lists[0].append(work)
-                lists[1].append(g.contiguous())
-                for k in range(1, self.STATES + 1):
-                    lists[2 * k].append(state[f"state{k}"])
-                    lists[2 * k + 1].append(state[f"absmax{k}"])
+                lists[1].append(g if g.is_contiguous() else g.contiguous())
+                lists[2].append(state["state1"])
+                lists[3].append(state["absmax1"])
+                if two:
+                    lists[4].append(state["state2"])
+                    lists[5].append(state["absmax2"])
             for (_, _, step), lists in buckets.items():
                 self._launch(group, lists, step, gi)
             for p, work in copies:
