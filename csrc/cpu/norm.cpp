@@ -98,6 +98,27 @@ void fwd_rows(const FwdArgs& a, int64_t begin, int64_t end) {
 
 #ifdef FUSEDOPS_HAVE_AVX2_PATH
 // ---- AVX2 path ---------------------------------------------------------------------------
+// lo, hi += v (squares: v²) in double.
+FUSEDOPS_AVX2 inline void sum8(__m256d& lo, __m256d& hi, __m256 v, bool squares) {
+  if (squares) avx2::fma_pd(lo, hi, v, v);
+  else avx2::add_pd(lo, hi, v);
+}
+
+// lo, hi += (v - mean)² in double.
+FUSEDOPS_AVX2 inline void dev8(__m256d& lo, __m256d& hi, __m256 v, __m256d mean) {
+  const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mean);
+  const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mean);
+  lo = _mm256_fmadd_pd(d0, d0, lo);
+  hi = _mm256_fmadd_pd(d1, d1, hi);
+}
+
+// s = x + r stored as T, and returned as stored (rounded to T).
+template <typename T>
+FUSEDOPS_AVX2 inline __m256 add_store8(T* s, const T* x, const T* r) {
+  avx2::store8(s, _mm256_add_ps(avx2::load8(x), avx2::load8(r)));
+  return avx2::load8(s);
+}
+
 // Activation codes as act_fwd: 0 identity, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu.
 template <int A>
 FUSEDOPS_AVX2 inline __m256 act8(__m256 z) {
@@ -136,20 +157,24 @@ FUSEDOPS_AVX2 void fwd_rows_avx2(const FwdArgs& a, const float* w, const float* 
   // Each pass reads the row from its source (x, or s as stored after the residual add; a
   // row stays in cache between passes). RMSNorm sums the squares in the first pass;
   // LayerNorm sums there and takes the squares about the mean in a second.
-  const int64_t n = a.n, n8 = n & ~int64_t{7};
+  // The sums run on four double chains (two 8-lane loads a step): with two, the adds'
+  // latency, not the loads, set the pace of these light passes.
+  const int64_t n = a.n, n8 = n & ~int64_t{7}, n16 = n & ~int64_t{15};
   for (int64_t i = begin; i < end; ++i) {
     const T* src = static_cast<const T*>(a.x) + i * a.sx;
-    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd(), s2 = _mm256_setzero_pd(), s3 = _mm256_setzero_pd();
     double acc = 0.0;
     int64_t j = 0;
     if (a.has_r) {
       const T* rr = static_cast<const T*>(a.r) + i * a.sr;
       T* sr = static_cast<T*>(a.s) + i * a.ss;
-      for (; j < n8; j += 8) {
-        avx2::store8(sr + j, _mm256_add_ps(avx2::load8(src + j), avx2::load8(rr + j)));
-        const __m256 v = avx2::load8(sr + j);  // s as stored (rounded to T)
-        if (a.rms) avx2::fma_pd(s0, s1, v, v);
-        else avx2::add_pd(s0, s1, v);
+      for (; j < n16; j += 16) {
+        sum8(s0, s1, add_store8(sr + j, src + j, rr + j), a.rms);
+        sum8(s2, s3, add_store8(sr + j + 8, src + j + 8, rr + j + 8), a.rms);
+      }
+      if (j < n8) {
+        sum8(s0, s1, add_store8(sr + j, src + j, rr + j), a.rms);
+        j += 8;
       }
       for (; j < n; ++j) {
         sr[j] = static_cast<T>(static_cast<float>(src[j]) + static_cast<float>(rr[j]));
@@ -158,36 +183,40 @@ FUSEDOPS_AVX2 void fwd_rows_avx2(const FwdArgs& a, const float* w, const float* 
       }
       src = sr;
     } else {
-      for (; j < n8; j += 8) {
-        const __m256 v = avx2::load8(src + j);
-        if (a.rms) avx2::fma_pd(s0, s1, v, v);
-        else avx2::add_pd(s0, s1, v);
+      for (; j < n16; j += 16) {
+        sum8(s0, s1, avx2::load8(src + j), a.rms);
+        sum8(s2, s3, avx2::load8(src + j + 8), a.rms);
+      }
+      if (j < n8) {
+        sum8(s0, s1, avx2::load8(src + j), a.rms);
+        j += 8;
       }
       for (; j < n; ++j) {
         const double v = static_cast<float>(src[j]);
         acc += a.rms ? v * v : v;
       }
     }
-    acc += avx2::hsum_pd(_mm256_add_pd(s0, s1));
+    acc += avx2::hsum_pd(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
     double mean = 0.0, sq = acc;
     if (!a.rms) {
       mean = acc / static_cast<double>(n);
       a.mean[i] = static_cast<float>(mean);
       const __m256d mv = _mm256_set1_pd(mean);
-      __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd();
+      s0 = s1 = s2 = s3 = _mm256_setzero_pd();
       sq = 0.0;
-      for (j = 0; j < n8; j += 8) {
-        const __m256 v = avx2::load8(src + j);
-        const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
-        const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mv);
-        q0 = _mm256_fmadd_pd(d0, d0, q0);
-        q1 = _mm256_fmadd_pd(d1, d1, q1);
+      for (j = 0; j < n16; j += 16) {
+        dev8(s0, s1, avx2::load8(src + j), mv);
+        dev8(s2, s3, avx2::load8(src + j + 8), mv);
+      }
+      if (j < n8) {
+        dev8(s0, s1, avx2::load8(src + j), mv);
+        j += 8;
       }
       for (; j < n; ++j) {
         const double d = static_cast<float>(src[j]) - mean;
         sq += d * d;
       }
-      sq += avx2::hsum_pd(_mm256_add_pd(q0, q1));
+      sq += avx2::hsum_pd(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
     }
     const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + a.eps));
     a.rstd[i] = rstd;
