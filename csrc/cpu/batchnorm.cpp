@@ -114,10 +114,7 @@ FUSEDOPS_AVX2 void stats_block_avx2(const T* yp, const Geo& g, int64_t c0, int64
             if (pass == 0) {
               avx2::add_pd(acc[2 * k], acc[2 * k + 1], v);
             } else {
-              const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv[2 * k]);
-              const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mv[2 * k + 1]);
-              acc[2 * k] = _mm256_fmadd_pd(d0, d0, acc[2 * k]);
-              acc[2 * k + 1] = _mm256_fmadd_pd(d1, d1, acc[2 * k + 1]);
+              avx2::sq_dev_pd(acc[2 * k], acc[2 * k + 1], v, mv[2 * k], mv[2 * k + 1]);
             }
           }
         }
@@ -147,13 +144,7 @@ FUSEDOPS_AVX2 void stats_block_avx2(const T* yp, const Geo& g, int64_t c0, int64
   for (int64_t n = 0; n < g.n; ++n) {
     const T* q = yp + n * g.sn + c0 * g.sc;
     int64_t p = 0;
-    for (; p < hw8; p += 8) {
-      const __m256 v = avx2::load8(q + p);
-      const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
-      const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mv);
-      a0 = _mm256_fmadd_pd(d0, d0, a0);
-      a1 = _mm256_fmadd_pd(d1, d1, a1);
-    }
+    for (; p < hw8; p += 8) avx2::sq_dev_pd(a0, a1, avx2::load8(q + p), mv, mv);
     for (; p < g.hw; ++p) {
       const double d = static_cast<double>(static_cast<float>(q[p])) - s;
       s2 += d * d;

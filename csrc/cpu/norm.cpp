@@ -104,14 +104,6 @@ FUSEDOPS_AVX2 inline void sum8(__m256d& lo, __m256d& hi, __m256 v, bool squares)
   else avx2::add_pd(lo, hi, v);
 }
 
-// lo, hi += (v - mean)² in double.
-FUSEDOPS_AVX2 inline void dev8(__m256d& lo, __m256d& hi, __m256 v, __m256d mean) {
-  const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mean);
-  const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mean);
-  lo = _mm256_fmadd_pd(d0, d0, lo);
-  hi = _mm256_fmadd_pd(d1, d1, hi);
-}
-
 // s = x + r stored as T, and returned as stored (rounded to T).
 template <typename T>
 FUSEDOPS_AVX2 inline __m256 add_store8(T* s, const T* x, const T* r) {
@@ -205,11 +197,11 @@ FUSEDOPS_AVX2 void fwd_rows_avx2(const FwdArgs& a, const float* w, const float* 
       s0 = s1 = s2 = s3 = _mm256_setzero_pd();
       sq = 0.0;
       for (j = 0; j < n16; j += 16) {
-        dev8(s0, s1, avx2::load8(src + j), mv);
-        dev8(s2, s3, avx2::load8(src + j + 8), mv);
+        avx2::sq_dev_pd(s0, s1, avx2::load8(src + j), mv, mv);
+        avx2::sq_dev_pd(s2, s3, avx2::load8(src + j + 8), mv, mv);
       }
       if (j < n8) {
-        dev8(s0, s1, avx2::load8(src + j), mv);
+        avx2::sq_dev_pd(s0, s1, avx2::load8(src + j), mv, mv);
         j += 8;
       }
       for (; j < n; ++j) {

@@ -181,6 +181,15 @@ FUSEDOPS_AVX2 inline void fma_pd(__m256d& lo, __m256d& hi, __m256 a, __m256 b) {
   hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1)), hi);
 }
 
+// lo += (v[0:4] - mean)², hi += (v[4:8] - mean)² in double (mean: 4 equal lanes, or the
+// means of 8 lanes' channels split as lo / hi).
+FUSEDOPS_AVX2 inline void sq_dev_pd(__m256d& lo, __m256d& hi, __m256 v, __m256d mean_lo, __m256d mean_hi) {
+  const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mean_lo);
+  const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), mean_hi);
+  lo = _mm256_fmadd_pd(d0, d0, lo);
+  hi = _mm256_fmadd_pd(d1, d1, hi);
+}
+
 FUSEDOPS_AVX2 inline double hsum_pd(__m256d v) {
   const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
   return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
