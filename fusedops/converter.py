@@ -8,6 +8,8 @@ a lone module anywhere in the tree (e.g. a plain LayerNorm). Model-level passes 
 torch.fx analysis that proves a dataflow outside nn.Sequential) run first.
 
 Weights, dtype, device and training mode are kept; everything else is left untouched.
+Modules with hooks (forward / backward, e.g. the old-style weight_norm or spectral_norm)
+are left in place: a fused module never calls them, so their hooks would stop running.
 The returned report lists what was replaced and what was skipped, and why.
 """
 from __future__ import annotations
@@ -64,6 +66,21 @@ def register_rule(rule: Rule) -> Rule:
     return rule
 
 
+_HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+          "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+
+
+def hooked(*modules: nn.Module) -> str | None:
+    """Why these modules cannot be replaced by a fused module that never calls them: hooks
+    registered on them (e.g. torch.nn.utils.weight_norm / spectral_norm, feature
+    extractors) would stop running. None when there are none."""
+    for m in modules:
+        kinds = [kind for attr, kind in _HOOKS.items() if getattr(m, attr, None)]
+        if kinds:
+            return f"{type(m).__name__} has {' and '.join(kinds)}"
+    return None
+
+
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:
     """Give the fused module the old one's training mode (weights, dtype and device are
     the rule's job: it builds the new module from the old modules' parameters)."""
@@ -94,6 +111,11 @@ def _walk(module: nn.Module, prefix: str, report: ConvertReport) -> None:
             count, fused = claimed
             names = [n for n, _ in children[i:i + count]]
             olds = [m for _, m in children[i:i + count]]
+            reason = hooked(*olds)
+            if reason is not None:
+                report.skipped.append(Skipped(f"{prefix}{names[0]}", _pattern(olds), reason))
+                i += 1
+                continue
             module._modules[names[0]] = _like(fused, olds[0])
             for n in names[1:]:
                 module._modules[n] = nn.Identity()
@@ -110,10 +132,14 @@ def _walk(module: nn.Module, prefix: str, report: ConvertReport) -> None:
                 if replacement is not None:
                     break
         if replacement is not None:
-            module._modules[name] = _like(replacement, child)
-            report.replaced.append(Replaced(path, type(child).__name__, type(replacement).__name__))
-        else:
-            _walk(child, path + ".", report)
+            reason = hooked(child)
+            if reason is None:
+                module._modules[name] = _like(replacement, child)
+                report.replaced.append(Replaced(path, type(child).__name__, type(replacement).__name__))
+                continue
+            if all(s.path != path for s in report.skipped):
+                report.skipped.append(Skipped(path, type(child).__name__, reason))
+        _walk(child, path + ".", report)
 
 
 def convert(model: nn.Module) -> ConvertReport:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .converter import Replaced, Rule, Skipped, register_rule
+from .converter import Replaced, Rule, Skipped, hooked, register_rule
 from .nn_convbn import ConvBNAct2d, StateDictKeyMap, activation_of
 
 PATTERN = "Conv2d → BatchNorm2d"
@@ -28,7 +28,12 @@ def _unsupported(conv, bn) -> str | None:
         return f"{type(bn).__name__} is not a plain BatchNorm2d"
     if bn.num_features != conv.out_channels:
         return "bn.num_features != conv.out_channels"
-    return None
+    return hooked(conv, bn)
+
+
+def _fusable_act(act) -> bool:
+    """An activation module the fused module can take over (a supported one, without hooks)."""
+    return activation_of(act) is not None and not isinstance(act, nn.Identity) and hooked(act) is None
 
 
 def sequential_chains(seq: nn.Sequential):
@@ -39,8 +44,7 @@ def sequential_chains(seq: nn.Sequential):
         (cn, conv), (bn_name, bn) = items[i], items[i + 1]
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
             names, act = [cn, bn_name], None
-            if i + 2 < len(items) and activation_of(items[i + 2][1]) is not None and not isinstance(
-                    items[i + 2][1], nn.Identity):
+            if i + 2 < len(items) and _fusable_act(items[i + 2][1]):
                 act = items[i + 2][1]
                 names.append(items[i + 2][0])
             yield names, conv, bn, act, _unsupported(conv, bn)
@@ -142,8 +146,7 @@ def _convert_fx(model: nn.Module, prefix: str, report) -> None:
         if len(bn_users) == 1 and bn_users[0].op == "call_module":
             cand = mods.get(bn_users[0].target)
             act_parent, act_name = _split(bn_users[0].target)
-            if (activation_of(cand) is not None and not isinstance(cand, nn.Identity)
-                    and calls[bn_users[0].target] == 1 and act_parent == parent_path):
+            if _fusable_act(cand) and calls[bn_users[0].target] == 1 and act_parent == parent_path:
                 act = cand
                 names.append(act_name)
         if reason is not None:

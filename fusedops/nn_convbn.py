@@ -205,6 +205,9 @@ class ConvBNAct2d(nn.Module):
             raise TypeError(f"ConvBNAct2d: conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"ConvBNAct2d: conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        if not isinstance(conv._parameters.get("weight"), nn.Parameter):
+            raise ValueError("ConvBNAct2d: conv.weight is not a parameter of the conv (computed by a hook or a "
+                             "parametrization, e.g. weight_norm / spectral_norm): not supported")
         if not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(f"ConvBNAct2d: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
         if bn.num_features != conv.out_channels:
