@@ -268,7 +268,9 @@ class ConvBNAct2d(nn.Module):
         conv, bn = self._modules["conv"], self._modules["bn"]
         x = self._input(x, conv)
         bufs = bn._buffers
-        if self.training or (bufs.get("running_mean") is None and bufs.get("running_var") is None):
+        # the BN's own mode decides, as in eager: module.train() / .eval() set it, and code
+        # that freezes BatchNorm layers (bn.eval() inside a training model) still does
+        if bn.training or (bufs.get("running_mean") is None and bufs.get("running_var") is None):
             return self._forward_train(x, conv, bn)
         return self._forward_folded(x)
 
@@ -301,7 +303,7 @@ class ConvBNAct2d(nn.Module):
         conv_bias = cparams.get("bias")
         conf = self._train_conf(conv, bn)
         rm = bbufs.get("running_mean")
-        update = self.training and bn.track_running_stats and rm is not None
+        update = bn.training and bn.track_running_stats and rm is not None
         # the running statistics updated in the stats launch where a native kernel can
         # (fp32 buffers, a momentum, no conv bias to add to the mean)
         running = None

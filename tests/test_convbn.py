@@ -629,6 +629,31 @@ def _trained_pair(device, act="relu", conv_kw=None):
     return eager
 
 
+def test_frozen_bn_in_a_training_model(dev_backend):
+    """The BN module's own mode decides, as in eager: a model in training whose BN layers
+    were put in eval (the usual way to freeze them while fine-tuning) uses and keeps the
+    running statistics."""
+    device, _ = dev_backend
+    eager = _pair(3, 4, 3, "relu", device, conv_kw=dict(padding=1))
+    eager(torch.randn(4, 3, 6, 6, device=device))  # running statistics away from their init
+    fused = _fused_from(eager)
+    for m in (eager, fused):
+        m.train()
+        for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+            bn.eval()
+    assert fused.training and not fused.bn.training
+    x = torch.randn(2, 3, 6, 6, device=device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = eager(x1), fused(x2)
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.conv.weight.grad, eager[0].weight.grad, atol=1e-5, rtol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(fused.bn, name), getattr(eager[1], name)), name
+
+
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu", "leaky_relu"])
 def test_eval_and_fold(dev_backend, act):
     device, _ = dev_backend
