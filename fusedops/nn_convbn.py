@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
+from ._backend import warn_once
 from .ops import batchnorm as bnops
 from .ops.convbn import check_batch_values, no_autocast, train_backward, train_forward, train_op
 
@@ -266,6 +267,8 @@ class ConvBNAct2d(nn.Module):
         # (submodules and their tensors read from the module dicts: nn.Module.__getattr__
         # costs host time on every call)
         conv, bn = self._modules["conv"], self._modules["bn"]
+        if bn.training and type(bn) is not nn.BatchNorm2d:
+            return self._forward_modules(x, conv, bn)
         x = self._input(x, conv)
         bufs = bn._buffers
         # the BN's own mode decides, as in eager: module.train() / .eval() set it, and code
@@ -273,6 +276,14 @@ class ConvBNAct2d(nn.Module):
         if bn.training or (bufs.get("running_mean") is None and bufs.get("running_var") is None):
             return self._forward_train(x, conv, bn)
         return self._forward_folded(x)
+
+    def _forward_modules(self, x, conv, bn):
+        """act(bn(conv(x))) with the modules themselves: bn is no longer a BatchNorm2d (e.g.
+        nn.SyncBatchNorm.convert_sync_batchnorm swapped in a SyncBatchNorm, whose statistics
+        span processes): its own forward keeps its semantics."""
+        warn_once(f"ConvBNAct2d: bn is a {type(bn).__name__}, not a BatchNorm2d: training runs the conv, the "
+                  f"{type(bn).__name__} and the activation as separate modules (no fused kernels, no memory saving)")
+        return self._act(bn(conv(x)))
 
     def _train_conf(self, conv, bn):
         """The Function's constant arguments, rebuilt only when a setting changed."""

@@ -647,6 +647,22 @@ def test_frozen_bn_in_a_training_model(dev_backend):
         assert torch.equal(getattr(fused.bn, name), getattr(eager[1], name)), name
 
 
+def test_sync_batchnorm_swapped_in_runs_the_modules():
+    """nn.SyncBatchNorm.convert_sync_batchnorm on a converted model swaps the fused module's
+    inner bn for a SyncBatchNorm (statistics across processes): training then runs the
+    modules themselves, with a warning, not the local-statistics kernels."""
+    eager = _pair(3, 4, 3, "silu", conv_kw=dict(padding="same"))
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(_fused_from(eager))
+    assert type(fused.bn) is nn.SyncBatchNorm
+    ran = []
+    fused.bn.register_forward_hook(lambda *_: ran.append(1))
+    fusedops._backend._warned.clear()  # the warning is issued once per reason
+    with pytest.warns(fusedops.FallbackWarning, match="SyncBatchNorm"):
+        _compare_step(eager, fused, torch.randn(2, 3, 6, 6), eager[0].weight, fused.conv.weight)
+    assert ran == [1]
+    torch.testing.assert_close(fused.bn.running_mean, eager[1].running_mean)
+
+
 @pytest.mark.parametrize("act", ["identity", "relu", "gelu", "leaky_relu"])
 def test_eval_and_fold(dev_backend, act):
     device, _ = dev_backend
