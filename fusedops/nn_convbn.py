@@ -370,7 +370,7 @@ class ConvBNAct2d(nn.Module):
         c = self.conv
         geometry = (c.stride, self._padding, c.dilation, c.groups)
         params = (c.weight, c.bias, self.bn.weight, self.bn.bias)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+        if _traced() or (torch.is_grad_enabled() and (
                 x.requires_grad or any(p is not None and p.requires_grad for p in params))):
             w, b = self.folded_weight_bias()  # differentiable (frozen-BN fine-tuning) / traced
             return folded_conv_act(x, w, b, geometry, self.activation, self.negative_slope)
@@ -395,6 +395,12 @@ class ConvBNAct2d(nn.Module):
             hit = cache[cast] = (key, w, b, b32)
         return hit[1], hit[2], hit[3]
 
+def _traced() -> bool:
+    """Traced: by torch.compile / torch.export (the fusedops ops are fine there), or by
+    torch.jit.trace (ONNX export, TorchScript), where only torch ops may appear."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=None):
     """act(conv(x, w) + b): a single conv with bias for identity; otherwise the conv, then
     bias + activation in one fused pass (bn_act_apply with mean 0, invstd 1) when no
@@ -403,7 +409,7 @@ def folded_conv_act(x, w, b, geometry, act: str, slope: float, zeros=None, ones=
     if act == "identity":
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad)
-    if needs_grad:
+    if needs_grad or torch.jit.is_tracing():  # (a jit trace, e.g. ONNX export, must see torch ops only)
         y = F.conv2d(x, w, b, stride, padding, dilation, groups)
         return reference.activation(y, act, slope)
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
@@ -460,8 +466,7 @@ class FoldedConvAct2d(nn.Module):
         if self._extra_pad is not None:
             x = F.pad(x, self._extra_pad)
         w, b = self.weight, self.bias
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-                x.requires_grad or w.requires_grad or b.requires_grad)):
+        if _traced() or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad)):
             return folded_conv_act(x, w, b, self.geometry, self.activation, self.negative_slope,
                                    self._zeros.float(), self._ones.float())
         cast = _conv_dtype(x)

@@ -74,3 +74,30 @@ def test_modules_with_hooks_are_left_in_place():
         warnings.simplefilter("ignore", FutureWarning)
         with pytest.raises(ValueError, match="conv.weight is not a parameter"):
             ConvBNAct2d.from_modules(torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4))
+
+
+def test_jit_trace_sees_torch_ops_only():
+    """torch.jit.trace (ONNX export, TorchScript deployment) of a converted and folded
+    model records torch ops only (the fused kernels are fusedops_C ops, which those
+    consumers do not know), with the same outputs."""
+    import copy
+    import re
+    import warnings
+
+    import fusedops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(1),
+                          nn.LayerNorm(256), nn.GELU(), nn.Linear(256, 3), nn.RMSNorm(3))
+    model(torch.randn(4, 3, 8, 8))  # running statistics away from their init
+    model.eval()
+    report = fusedops.convert(model)
+    assert len(report.replaced) == 3, str(report)
+    folded = fusedops.fold_conv_bn(copy.deepcopy(model))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        for m in (model, folded):
+            traced = torch.jit.trace(m, x, check_trace=False)
+            assert not re.findall(r"fusedops(?:_C)?::\w+", str(traced.inlined_graph))
+            torch.testing.assert_close(traced(x), m(x), atol=1e-5, rtol=1e-5)

@@ -576,10 +576,14 @@ COMPILE_POLICY = _parse_compile_policy(os.environ.get("FUSEDOPS_NORM_COMPILE"))
 
 def _traced_in_torch_ops(op, x, residual, weight, bias, eps, activation, od, rms):
     """(y, s) written in torch ops when torch.compile traces and COMPILE_POLICY says so for
-    this hidden size; None otherwise (the op runs)."""
-    if COMPILE_POLICY == "op" or not torch.compiler.is_compiling():
+    this hidden size, or under torch.jit.trace (ONNX export, TorchScript: only torch ops
+    may appear there); None otherwise (the op runs)."""
+    if torch.jit.is_tracing():
+        if x.dim() == 0:
+            return None
+    elif COMPILE_POLICY == "op" or not torch.compiler.is_compiling():
         return None
-    if COMPILE_POLICY == "auto" and (x.dim() == 0 or x.shape[-1] > COMPILE_TORCH_UPTO):
+    elif COMPILE_POLICY == "auto" and (x.dim() == 0 or x.shape[-1] > COMPILE_TORCH_UPTO):
         return None
     _check(op, x, residual, weight, bias, activation, od, memory=False)
     s = x if residual is None else reference.residual_sum(x, residual)
