@@ -136,7 +136,7 @@ class _ConvBNActTrain(torch.autograd.Function):
 
 def _train_backward(ctx, dz):
     """_ConvBNActTrain.backward without once_differentiable's wrapper."""
-    stride, padding, dilation, groups, _eps, act, slope, memory = ctx.conf
+    stride, padding, dilation, groups, _eps, act, slope, _memory = ctx.conf
     needs = ctx.needs_input_grad
     early = ctx.x is not None
     if early:

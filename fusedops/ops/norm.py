@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .. import _native, _triton, _validate, reference
 from .._backend import Kernels
-from .._backend import _forced as _forced_backend
+from .._backend import _forced as _backend_forced
 from ._library import LIB, define
 
 ACTIVATIONS = reference.ACTIVATIONS
@@ -479,7 +479,7 @@ def _fast_kernels(op, x, weight, bias, out_dtype):
         return None  # (the op's checks give the error)
     n = x.shape[-1]
     key = (op, x.device.type, x.dtype, None if weight is None else weight.dtype,
-           None if bias is None else bias.dtype, out_dtype, n, _forced_backend())
+           None if bias is None else bias.dtype, out_dtype, n, _backend_forced())
     hit = _FAST.get(key, False)
     if hit is False:
         hit = None
