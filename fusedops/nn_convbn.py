@@ -367,23 +367,23 @@ class ConvBNAct2d(nn.Module):
         return w, b.to(conv.weight.dtype)
 
     def _forward_folded(self, x):
-        c = self.conv
-        geometry = (c.stride, self._padding, c.dilation, c.groups)
-        params = (c.weight, c.bias, self.bn.weight, self.bn.bias)
+        conv, bn = self._modules["conv"], self._modules["bn"]
+        cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
+        params = (cparams["weight"], cparams.get("bias"), bparams.get("weight"), bparams.get("bias"))
+        geometry = (conv.stride, self._padding, conv.dilation, conv.groups)
         if _traced() or (torch.is_grad_enabled() and (
                 x.requires_grad or any(p is not None and p.requires_grad for p in params))):
             w, b = self.folded_weight_bias()  # differentiable (frozen-BN fine-tuning) / traced
             return folded_conv_act(x, w, b, geometry, self.activation, self.negative_slope)
-        w, b, b32 = self._folded_cached(_conv_dtype(x))
+        w, b, b32 = self._folded_cached(_conv_dtype(x), params + (bbufs["running_mean"], bbufs["running_var"]), bn.eps)
         return conv_act_inference(x, w, b, b32, geometry, self.activation, self.negative_slope)
 
-    def _folded_cached(self, cast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _folded_cached(self, cast: torch.dtype | None, tensors: tuple, eps: float):
         """folded_weight_bias() (cast to `cast`, the autocast dtype, if given), recomputed
-        only when a parameter or buffer it reads changed (version counter or storage)."""
-        bn = self.bn
-        tensors = (self.conv.weight, self.conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = (cast, bn.eps) + tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device)
-                                     for t in tensors)
+        only when a tensor it reads (conv weight and bias, BN weight, bias and running
+        statistics) changed: its version counter, or its storage (a new dtype or device
+        is a new storage)."""
+        key = (cast, eps) + tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
         cache = self.__dict__.setdefault("_fold_cache", {})
         hit = cache.get(cast)
         if hit is None or hit[0] != key:
@@ -394,6 +394,7 @@ class ConvBNAct2d(nn.Module):
                     w, b = w.to(cast), b.to(cast)
             hit = cache[cast] = (key, w, b, b32)
         return hit[1], hit[2], hit[3]
+
 
 def _traced() -> bool:
     """Traced: by torch.compile / torch.export (the fusedops ops are fine there), or by

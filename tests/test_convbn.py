@@ -717,6 +717,12 @@ def test_eval_fold_cache_follows_changes(dev_backend):
     check("after a training step")
     fused.load_state_dict(_fused_from(_trained_pair(device, "relu")).state_dict())
     check("after load_state_dict")
+    with torch.no_grad():  # a dtype conversion swaps every tensor's storage: a new fold
+        got = fused.double()(x.double())
+        want = eager.double()(x.double())
+        fused.float(), eager.float()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # (the fold itself runs in fp32)
+    check("back to fp32")
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):  # cached bf16 casts
         for _ in range(2):
             got, want = fused(x), eager(x)
