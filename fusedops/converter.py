@@ -40,6 +40,11 @@ class ConvertReport:
     replaced: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
 
+    def skip(self, path: str, pattern: str, reason: str) -> None:
+        """Record a skipped place, once per path."""
+        if all(s.path != path for s in self.skipped):
+            self.skipped.append(Skipped(path, pattern, reason))
+
     def __str__(self) -> str:
         lines = [f"fusedops.convert: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
         lines += [f"  replaced {r.path or '<root>'}: {r.pattern} -> {r.new}" for r in self.replaced]
@@ -113,7 +118,7 @@ def _walk(module: nn.Module, prefix: str, report: ConvertReport) -> None:
             olds = [m for _, m in children[i:i + count]]
             reason = hooked(*olds)
             if reason is not None:
-                report.skipped.append(Skipped(f"{prefix}{names[0]}", _pattern(olds), reason))
+                report.skip(f"{prefix}{names[0]}", _pattern(olds), reason)
                 i += 1
                 continue
             module._modules[names[0]] = _like(fused, olds[0])
@@ -137,8 +142,7 @@ def _walk(module: nn.Module, prefix: str, report: ConvertReport) -> None:
                 module._modules[name] = _like(replacement, child)
                 report.replaced.append(Replaced(path, type(child).__name__, type(replacement).__name__))
                 continue
-            if all(s.path != path for s in report.skipped):
-                report.skipped.append(Skipped(path, type(child).__name__, reason))
+            report.skip(path, type(child).__name__, reason)
         _walk(child, path + ".", report)
 
 

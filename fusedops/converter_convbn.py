@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .converter import Replaced, Rule, Skipped, hooked, register_rule
+from .converter import Replaced, Rule, hooked, register_rule
 from .nn_convbn import ConvBNAct2d, StateDictKeyMap, activation_of
 
 PATTERN = "Conv2d → BatchNorm2d"
@@ -53,11 +53,6 @@ def sequential_chains(seq: nn.Sequential):
             i += 1
 
 
-def _skip(report, path, pattern, reason) -> None:
-    if all(s.path != path for s in report.skipped):
-        report.skipped.append(Skipped(path, pattern, reason))
-
-
 def _pattern(conv, bn, act) -> str:
     return PATTERN + (f" → {type(act).__name__}" if act is not None else "")
 
@@ -76,7 +71,7 @@ def _convert_sequentials(module: nn.Module, prefix: str, report) -> None:
     if isinstance(module, nn.Sequential):
         for names, conv, bn, act, reason in list(sequential_chains(module)):
             if reason is not None:
-                _skip(report, prefix + names[0], _pattern(conv, bn, act), reason)
+                report.skip(prefix + names[0], _pattern(conv, bn, act), reason)
             else:
                 _install(module, names, conv, bn, act, prefix, report)
     for name, child in list(module._modules.items()):
@@ -116,7 +111,7 @@ def _convert_fx(model: nn.Module, prefix: str, report) -> None:
             if isinstance(child, nn.BatchNorm2d):
                 found = True
         if found:
-            _skip(report, prefix.rstrip(".") or "<root>", PATTERN, reason)
+            report.skip(prefix.rstrip(".") or "<root>", PATTERN, reason)
         return
     mods = dict(model.named_modules())
     calls: dict = {}
@@ -131,7 +126,7 @@ def _convert_fx(model: nn.Module, prefix: str, report) -> None:
         bn_node = users[0] if len(users) == 1 else None
         if bn_node is None or bn_node.op != "call_module" or not isinstance(mods.get(bn_node.target), nn.BatchNorm2d):
             if any(u.op == "call_module" and isinstance(mods.get(u.target), nn.BatchNorm2d) for u in users):
-                _skip(report, prefix + conv_path, PATTERN, "conv output has other users")
+                report.skip(prefix + conv_path, PATTERN, "conv output has other users")
             continue
         conv, bn = mods[conv_path], mods[bn_node.target]
         parent_path, conv_name = _split(conv_path)
@@ -150,7 +145,7 @@ def _convert_fx(model: nn.Module, prefix: str, report) -> None:
                 act = cand
                 names.append(act_name)
         if reason is not None:
-            _skip(report, prefix + conv_path, _pattern(conv, bn, act), reason)
+            report.skip(prefix + conv_path, _pattern(conv, bn, act), reason)
             continue
         parent = mods[parent_path] if parent_path else model
         _install(parent, names, conv, bn, act, prefix + (parent_path + "." if parent_path else ""), report)

@@ -141,6 +141,12 @@ train_op = define(
     _train_impl, _train_fake)
 
 
+def _mask(output_mask, gamma, beta) -> list:
+    """[dx, dw, dgamma, dbeta] asked for (no gradient for an absent gamma / beta)."""
+    return [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and gamma is not None,
+            bool(output_mask[3]) and beta is not None]
+
+
 def _grads(x, w, gamma, beta, mask, dx, dw, dgamma, dbeta):
     """The backward op's outputs: each asked-for gradient in its input's dtype, else empty."""
     return (dx if mask[0] else x.new_empty(0), dw if mask[1] else w.new_empty(0),
@@ -151,8 +157,7 @@ def _grads(x, w, gamma, beta, mask, dx, dw, dgamma, dbeta):
 def _train_backward_impl(dz, x, w, y, mean, invstd, gamma, beta, stride, padding, dilation, groups, act, slope,
                          output_mask):
     _check(x, w, gamma, beta, act, "conv_bn_act_train_backward")
-    mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and gamma is not None,
-            bool(output_mask[3]) and beta is not None]
+    mask = _mask(output_mask, gamma, beta)
     _, dx, dw, dgamma, dbeta = train_backward(dz, x, w, y, mean, invstd, gamma, beta,
                                               (stride, padding, dilation, groups), act, slope, mask[0], mask[1])
     return _grads(x, w, gamma, beta, mask, dx, dw, dgamma, dbeta)
@@ -161,8 +166,7 @@ def _train_backward_impl(dz, x, w, y, mean, invstd, gamma, beta, stride, padding
 def _train_backward_fake(dz, x, w, y, mean, invstd, gamma, beta, stride, padding, dilation, groups, act, slope,
                          output_mask):
     _check(x, w, gamma, beta, act, "conv_bn_act_train_backward")
-    mask = [bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and gamma is not None,
-            bool(output_mask[3]) and beta is not None]
+    mask = _mask(output_mask, gamma, beta)
     dy = torch.empty_like(_conv_out_fake(x, w, stride, padding, dilation, groups))
     dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, stride, padding, dilation, False,
                                                     NO_OUTPUT_PADDING, groups, [True, True, False])
@@ -188,7 +192,7 @@ def _backward(ctx, dz, _dmean, _dinvstd, _dvar, _dy):
     x, w, y, mean, invstd, gamma, beta = ctx.saved_tensors
     stride, padding, dilation, groups, act, slope = ctx.conf
     needs = ctx.needs_input_grad
-    mask = [needs[0], needs[1], needs[2] and gamma is not None, needs[3] and beta is not None]
+    mask = _mask(needs, gamma, beta)
     dx, dw, dgamma, dbeta = train_backward_op(dz, x, w, y, mean, invstd, gamma, beta, stride, padding, dilation,
                                               groups, act, slope, mask)
     dcb = None
