@@ -46,7 +46,7 @@ def add_cases(ctx) -> list:
     y = torch.randn(4096, device=ctx.device)
     cases.append(Case("add_", "n=4096 fp32 wall/call", {"n": 4096, "dtype": "torch.float32"}, 0,
                       {"eager": Impl(lambda: x.add_(y)), "fusedops:default": Impl(lambda: fusedops.add_(x, y))},
-                      wall=True))
+                      timer="wall"))
     return cases
 
 

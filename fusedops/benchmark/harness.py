@@ -4,8 +4,10 @@ A family module (fusedops/benchmark/<family>.py) registers a function that retur
 `Case`s; each case holds several implementations (eager, torch.compile, fusedops per
 backend, peers when importable) of one workload and the unique bytes it must move.
 Times are medians: triton.testing.do_bench (CUDA events, cold L2) on GPU,
-torch.utils.benchmark on CPU. Cases marked `wall=True` time host wall clock per call
-instead (launch-bound small ops: what a Python training loop pays).
+torch.utils.benchmark on CPU. A case's `timer` can ask for host wall clock per call
+instead ("wall": launch-bound small ops, what a Python training loop pays), or for the
+call replayed from a CUDA graph ("graph": the device's work alone, without the host time
+of Python, autograd and launches; what a step captured whole pays).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ class Case:
     nbytes: int                      # unique bytes read + written
     impls: dict                      # label -> Impl
     baseline: str = "eager"
-    wall: bool = False               # time host wall clock per call instead of device time
+    timer: str = "device"            # "device", "wall" or "graph" (see the module docstring)
 
 
 @dataclasses.dataclass
@@ -103,6 +105,26 @@ def time_wall(fn: Callable, device: torch.device, calls: int = 2000) -> float:
         sync(device)
         best = min(best, (time.perf_counter() - t0) / calls)
     return best
+
+
+def time_graph(fn: Callable, device: torch.device) -> float:
+    """Median seconds per replay of one call of fn captured in a CUDA graph (cold L2 as
+    time_device). Warmed up on a side stream first (lazy initialisation, autotuning)."""
+    if device.type != "cuda":
+        raise RuntimeError("the graph timer needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_device(graph.replay, device)
+
+
+TIMERS = {"device": time_device, "wall": time_wall, "graph": time_graph}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -161,7 +183,7 @@ def run_cases(cases: list, ctx: Context, copy_bps: float) -> list:
         times = {}
         for label, impl in case.impls.items():
             progress.step(f"{case.name} · {label}")
-            timer = time_wall if case.wall else time_device
+            timer = TIMERS[case.timer]
             try:
                 if impl.backend is None:
                     times[label] = timer(impl.fn, ctx.device)
@@ -172,10 +194,10 @@ def run_cases(cases: list, ctx: Context, copy_bps: float) -> list:
                 sys.stderr.write(f"\n{case.name} · {label}: failed: {type(exc).__name__}: {exc}\n")
         base = times.get(case.baseline)
         for label, t in times.items():
-            gbps = case.nbytes / t / 1e9 if (case.nbytes and not case.wall) else None
+            gbps = case.nbytes / t / 1e9 if (case.nbytes and case.timer != "wall") else None
             rows.append(Row(case.family, case.name, label, t * 1e6, gbps,
                             100 * gbps * 1e9 / copy_bps if gbps else None,
-                            base / t if base else None, "wall" if case.wall else "device", case.params))
+                            base / t if base else None, case.timer, case.params))
     return rows
 
 

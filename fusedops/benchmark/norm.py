@@ -4,7 +4,9 @@ Patterns: LayerNorm+GELU(tanh), LayerNorm+SiLU, RMSNorm+SiLU and the residual fo
 (s = x + r; RMSNorm(s)+SiLU, gradients into y and s), forward and forward+backward.
 GPU: bf16 (or the fp16/bf16 asked for), rows 32768, N in {768, ..., 16384} (or --sizes),
 plus 16x4096 where launch overhead dominates (timed on the device and, as "... host", by
-host wall clock per call). CPU: two small shapes, fp32.
+host wall clock per call). Forward+backward of the large shapes is also timed replayed
+from a CUDA graph ("... graph"): the kernels' device time alone, where the Python call
+(autograd, launches) is slower than the device. CPU: two small shapes, fp32.
 Short sweeps: --sizes 1024,4096 --cases LN+GELU --impls eager,fusedops:triton --no-compile
 (labels: eager, torch.compile, liger+eager act, fusedops (the defaults, on CUDA), fusedops:triton,
 fusedops:cuda).
@@ -172,5 +174,9 @@ def norm_cases(ctx) -> list:
                     if cuda and m * n <= SMALL:  # launch-bound: what a Python loop pays per call
                         cases.append(Case("norm", f"{name} host", {"pattern": pname, "rows": m, "n": n,
                                                                    "dtype": str(dtype), "mode": mode},
-                                          0, dict(impls), wall=True))
+                                          0, dict(impls), timer="wall"))
+                    elif cuda and backward:  # the device's work alone
+                        cases.append(Case("norm", f"{name} graph", {"pattern": pname, "rows": m, "n": n,
+                                                                    "dtype": str(dtype), "mode": mode},
+                                          cases[-1].nbytes, dict(impls), timer="graph"))
     return cases
