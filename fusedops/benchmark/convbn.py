@@ -5,6 +5,8 @@ rest cout→cout), channels_last, bf16 autocast on GPU (fp32 on CPU):
 - "train": forward + backward (input grad included), time, and the extra peak memory of
   one step above the memory held before it (torch.cuda.max_memory_allocated delta; on
   CPU the bytes autograd saves for backward) in Case.params["extra_peak_MiB"] per impl;
+  on GPU also "train ... graph": the step replayed from a CUDA graph, the device's work
+  without the host time (these steps are host-bound at batch 64);
 - "eval": forward under no_grad; fused = fusedops.fold_conv_bn (conv with the folded
   bias + fused bias/ReLU epilogue).
 Bytes are the activations the fused kernels must move (no floor for the convs).
@@ -152,6 +154,9 @@ def convbn_cases(ctx) -> list:
         cases.append(Case("convbn", f"train {label}", {"shape": label, "extra_peak_MiB": memory,
                                                         "dtype": "bf16 autocast" if autocast else "fp32"},
                           nbytes, impls))
+        if ctx.cuda:  # the device's work alone (the steps are host-bound at these sizes)
+            cases.append(Case("convbn", f"train {label} graph", {"shape": label}, nbytes, dict(impls),
+                              timer="graph"))
 
         # eval: forward only, no grad
         eval_eager = copy.deepcopy(eager).eval()
