@@ -222,7 +222,7 @@ def bn_stats(y: torch.Tensor, eps: float, channels_last: bool, mean: torch.Tenso
     cfg = tile_config(c, channels_last)
     c_blocks = triton.cdiv(c, cfg.block_c)
     splits, rows_per = split_rows(m, c_blocks, cfg.block_m, y.device)
-    part = torch.empty((2, splits, c), device=y.device, dtype=torch.float32)
+    part = y.new_empty((2, splits, c), dtype=torch.float32)
     sn, sc, shw = _view(y)
     bn_stats_partial_kernel[(splits, c_blocks)](y, part, m, c, hw, sn, sc, shw, rows_per,
                                                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
@@ -391,7 +391,7 @@ def bn_act_backward(dz, y, dy, mean, invstd, weight, bias, act: str, slope: floa
     bp = bias if bias is not None else mean
     common = dict(ACT=ACT_CODES[act], HAS_W=weight is not None, HAS_B=bias is not None,
                   BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
-    part = torch.empty((2, splits, c), device=y.device, dtype=torch.float32)
+    part = y.new_empty((2, splits, c), dtype=torch.float32)
     bn_act_bwd_reduce_kernel[(splits, c_blocks)](dz, y, part, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
                                                  dn, dc, dhw, slope, rows_per, **common,
                                                  STATIC_TILES=_static(rows_per // cfg.block_m))

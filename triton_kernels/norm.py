@@ -639,8 +639,8 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
         if p == 1:                              # dW/dB written directly in the parameters' dtypes
             dwp, dbp = dw, db
         else:
-            dwp = torch.empty((p, n), dtype=torch.float32, device=dev) if w is not None else None
-            dbp = torch.empty((p, n), dtype=torch.float32, device=dev) if b is not None else None
+            dwp = xs.new_empty((p, n), dtype=torch.float32) if w is not None else None
+            dbp = xs.new_empty((p, n), dtype=torch.float32) if b is not None else None
         args[8] = dwp if dwp is not None else dummy
         args[9] = dbp if dbp is not None else dummy
         args[12] = bpp
@@ -654,8 +654,8 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
                                      num_warps=_warps(chunk), **flags)
     if params:
         p = bwd_programs(m, n, dev)
-        dwp = torch.empty((p, n), dtype=torch.float32, device=dev) if w is not None else None
-        dbp = torch.empty((p, n), dtype=torch.float32, device=dev) if b is not None else None
+        dwp = xs.new_empty((p, n), dtype=torch.float32) if w is not None else None
+        dbp = xs.new_empty((p, n), dtype=torch.float32) if b is not None else None
         norm_act_dwdb_kernel[(p, triton.cdiv(n, chunk))](
             *ptrs, dwp if dwp is not None else dummy, dbp if dbp is not None else dummy, m, n, triton.cdiv(m, p),
             dy.stride(0), dy.stride(1), xs.stride(0), BLOCK_N=chunk, num_warps=_warps(chunk), **flags)

@@ -77,7 +77,7 @@ def _out_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def _out_channels(c: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(c, device=like.device, dtype=torch.float32)
+    return like.new_empty(c, dtype=torch.float32)
 
 
 # ---- layouts -------------------------------------------------------------------------------

@@ -147,9 +147,10 @@ def _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rm
 
 def _fwd_triton(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
     n = x.shape[-1]
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    mean = None if rms else torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    # (x.new_empty: torch.empty(..., device=...) cost ~20 µs of host a call on the H200 host)
+    y = x.new_empty(x.shape, dtype=out_dtype)
+    mean = None if rms else x.new_empty(x.shape[:-1], dtype=torch.float32)
+    rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
     if x.numel() == 0:
         if mode == "out":
             return y, torch.empty_like(x, memory_format=torch.contiguous_format), mean, rstd
@@ -160,7 +161,7 @@ def _fwd_triton(x, residual, weight, bias, eps, activation, out_dtype, rms, mode
     if mode is not None:
         r2 = _rows(residual, n)
         if mode == "out":
-            s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            s = x.new_empty(x.shape)
             s2 = s.view(-1, n)
         else:  # in place: into the residual's own rows, or into a copy written back once
             s2 = r2
@@ -234,7 +235,7 @@ norm_act_backward_op = define(
 
 def _bwd_triton(dy, s, weight, bias, mean, rstd, activation, ds=None):
     n = s.shape[-1]
-    dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    dx = s.new_empty(s.shape)
     if s.dim() == 2:  # no reshapes (host time)
         dw, db = _triton.kernels("norm").bwd(dy, _rows(s, n), weight, bias, mean, rstd, ds, dx, activation,
                                              mean is None)
