@@ -147,7 +147,6 @@ def _reference_forward(x, residual, weight, bias, eps, activation, out_dtype, rm
 
 def _fwd_triton(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
     n = x.shape[-1]
-    # (x.new_empty: torch.empty(..., device=...) cost ~20 µs of host a call on the H200 host)
     y = x.new_empty(x.shape, dtype=out_dtype)
     mean = None if rms else x.new_empty(x.shape[:-1], dtype=torch.float32)
     rstd = x.new_empty(x.shape[:-1], dtype=torch.float32)
