@@ -1,32 +1,22 @@
 """Host time of the Triton norm path on CUDA (16x4096 bf16, LN+GELU(tanh)): the public
 call per backend, a `kernel[grid](...)` launch against launches of the compiled kernel
 (its runner, and its run() with the stream and metadata decided once), and the
-allocation calls the Python paths use. Best of 5 loops of back-to-back calls.
+allocation calls the Python paths use (harness.time_wall: best of 5 loops of
+back-to-back calls).
     python bench/host_triton.py
 """
 from __future__ import annotations
-
-import time
 
 import torch
 
 import fusedops
 from fusedops import _backend
+from fusedops.benchmark.harness import time_wall
 from fusedops.triton_kernels import norm as tn
 
 
-def wall_us(fn, n=300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best * 1e6
+def wall_us(fn) -> float:
+    return time_wall(fn, torch.device("cuda"), calls=300) * 1e6
 
 
 def main():
