@@ -168,15 +168,11 @@ def norm_cases(ctx) -> list:
                     mode = "fwd+bwd" if backward else "fwd"
                     partials = min(m, sms * 4) if cuda else min(m, 64)
                     name = f"{pname} {m}x{n} {str(dtype).replace('torch.', '')} {mode}"
-                    cases.append(Case("norm", name, {"pattern": pname, "rows": m, "n": n, "dtype": str(dtype),
-                                                     "mode": mode},
-                                      _bytes(m, n, e, norm, residual, backward, partials), impls))
+                    params = {"pattern": pname, "rows": m, "n": n, "dtype": str(dtype), "mode": mode}
+                    nbytes = _bytes(m, n, e, norm, residual, backward, partials)
+                    cases.append(Case("norm", name, params, nbytes, impls))
                     if cuda and m * n <= SMALL:  # launch-bound: what a Python loop pays per call
-                        cases.append(Case("norm", f"{name} host", {"pattern": pname, "rows": m, "n": n,
-                                                                   "dtype": str(dtype), "mode": mode},
-                                          0, dict(impls), timer="wall"))
+                        cases.append(Case("norm", f"{name} host", params, 0, dict(impls), timer="wall"))
                     elif cuda and backward:  # the device's work alone
-                        cases.append(Case("norm", f"{name} graph", {"pattern": pname, "rows": m, "n": n,
-                                                                    "dtype": str(dtype), "mode": mode},
-                                          cases[-1].nbytes, dict(impls), timer="graph"))
+                        cases.append(Case("norm", f"{name} graph", params, nbytes, dict(impls), timer="graph"))
     return cases
