@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, launch
 from ._config import INTERPRET, TL_DTYPE
 from ._multi_tensor import find_tensor, search_steps
 
@@ -45,8 +46,8 @@ def add_(x: torch.Tensor, y: torch.Tensor, alpha: float) -> None:
     if n == 0:
         return
     block = CONFIG.block(x)
-    grid = (triton.cdiv(n, block),)
-    add_kernel[grid](x, y, n, m, alpha, BLOCK=block, PERIODIC=m != n, num_warps=CONFIG.num_warps)
+    grid = (cdiv(n, block),)
+    launch(add_kernel, grid, x, y, n, m, alpha, BLOCK=block, PERIODIC=m != n, num_warps=CONFIG.num_warps)
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def foreach_table_py(xs: list[torch.Tensor], ys: list[torch.Tensor], block: int)
     first, total = [], 0
     for x, _ in pairs:
         first.append(total)
-        total += triton.cdiv(x.numel(), block)
+        total += cdiv(x.numel(), block)
     xa, ya = [x.data_ptr() for x, _ in pairs], [y.data_ptr() for _, y in pairs]
     aligned = int(all(a % 16 == 0 for a in xa + ya))
     return torch.tensor([xa + [aligned], ya + [0], [x.numel() for x, _ in pairs] + [0], first + [total]],
@@ -104,7 +105,7 @@ def foreach_add_(table: torch.Tensor, blocks: int, aligned: bool, x_dtype: torch
     if blocks == 0:
         return
     count = table.shape[1] - 1
-    foreach_add_kernel[(blocks,)](
+    launch(foreach_add_kernel, (blocks,),
         table, count, alpha, X_DTYPE=TL_DTYPE[x_dtype], Y_DTYPE=TL_DTYPE[y_dtype],
         BLOCK=foreach_block(x_dtype), SEARCH_STEPS=search_steps(count), ALIGNED=aligned,
         num_warps=CONFIG.num_warps)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._activations import gelu_tanh, gelu_tanh_grad
+from ._launch import cdiv, launch, next_power_of_2
 from ._config import INTERPRET
 
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5, "leaky_relu": 6}
@@ -38,11 +39,11 @@ class TileConfig:
 
 def tile_config(c: int, channels_last: bool) -> TileConfig:
     if INTERPRET:  # few, large programs: each instance costs ~2 ms of host time
-        return TileConfig(block_m=256, block_c=min(64, triton.next_power_of_2(c)), num_warps=4)
+        return TileConfig(block_m=256, block_c=min(64, next_power_of_2(c)), num_warps=4)
     if channels_last:
-        bc = min(64, triton.next_power_of_2(c))
+        bc = min(64, next_power_of_2(c))
         return TileConfig(block_m=max(16, 4096 // bc) if bc < 64 else 64, block_c=bc, num_warps=4)
-    return TileConfig(block_m=512, block_c=4 if c >= 4 else triton.next_power_of_2(c), num_warps=4)
+    return TileConfig(block_m=512, block_c=4 if c >= 4 else next_power_of_2(c), num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +53,7 @@ def _sm_count(index: int) -> int:
 
 def split_rows(m: int, c_blocks: int, block_m: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows_per_split): enough programs to fill the GPU, each with >= 4 tiles."""
-    tiles = triton.cdiv(m, block_m)
+    tiles = cdiv(m, block_m)
     if INTERPRET:
         target = 2
     else:
@@ -60,8 +61,8 @@ def split_rows(m: int, c_blocks: int, block_m: int, device: torch.device) -> tup
             if device.type == "cuda" else 8
         target = max(1, (sms * 4) // c_blocks)
     splits = max(1, min(target, tiles // 4 if tiles >= 8 else 1))
-    tiles_per = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per)
+    tiles_per = cdiv(tiles, splits)
+    splits = cdiv(tiles, tiles_per)
     return splits, tiles_per * block_m
 
 
@@ -220,18 +221,17 @@ def bn_stats(y: torch.Tensor, eps: float, channels_last: bool, mean: torch.Tenso
     n, c, h, w = y.shape
     m, hw = n * h * w, h * w
     cfg = tile_config(c, channels_last)
-    c_blocks = triton.cdiv(c, cfg.block_c)
+    c_blocks = cdiv(c, cfg.block_c)
     splits, rows_per = split_rows(m, c_blocks, cfg.block_m, y.device)
     part = y.new_empty((2, splits, c), dtype=torch.float32)
     sn, sc, shw = _view(y)
-    bn_stats_partial_kernel[(splits, c_blocks)](y, part, m, c, hw, sn, sc, shw, rows_per,
-                                                BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
-                                                STATIC_TILES=_static(rows_per // cfg.block_m))
-    fb = min(32, triton.next_power_of_2(c))
-    bs = min(64, triton.next_power_of_2(splits))
-    bn_stats_finalize_kernel[(triton.cdiv(c, fb),)](part, mean, invstd, var, m, c, splits, rows_per, eps,
-                                                    BLOCK_S=bs, BLOCK_C=fb, num_warps=4,
-                                                    STATIC_TILES=_static(triton.cdiv(splits, bs)))
+    launch(bn_stats_partial_kernel, (splits, c_blocks), y, part, m, c, hw, sn, sc, shw, rows_per,
+           BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+           STATIC_TILES=_static(rows_per // cfg.block_m))
+    fb = min(32, next_power_of_2(c))
+    bs = min(64, next_power_of_2(splits))
+    launch(bn_stats_finalize_kernel, (cdiv(c, fb),), part, mean, invstd, var, m, c, splits, rows_per, eps,
+           BLOCK_S=bs, BLOCK_C=fb, num_warps=4, STATIC_TILES=_static(cdiv(splits, bs)))
 
 
 @triton.jit
@@ -278,10 +278,10 @@ def _grid(y: torch.Tensor, channels_last: bool, elementwise: bool):
     n, c, h, w = y.shape
     m = n * h * w
     cfg = tile_config(c, channels_last)
-    c_blocks = triton.cdiv(c, cfg.block_c)
+    c_blocks = cdiv(c, cfg.block_c)
     if elementwise and not INTERPRET:  # no reduction: one tile-row group per program
         rows_per = cfg.block_m * 4
-        splits = triton.cdiv(m, rows_per)
+        splits = cdiv(m, rows_per)
     else:
         splits, rows_per = split_rows(m, c_blocks, cfg.block_m, y.device)
     return cfg, c_blocks, splits, rows_per, m, h * w
@@ -291,7 +291,7 @@ def bn_act_apply(y, z, mean, invstd, weight, bias, act: str, slope: float, chann
     """z (same strides as y) = act((y − mean)·invstd·weight + bias)."""
     cfg, c_blocks, splits, rows_per, m, hw = _grid(y, channels_last, True)
     sn, sc, shw = _view(y)
-    bn_act_apply_kernel[(splits, c_blocks)](
+    launch(bn_act_apply_kernel, (splits, c_blocks),
         y, z, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean,
         m, y.shape[1], hw, sn, sc, shw, slope, rows_per, ACT=ACT_CODES[act], HAS_W=weight is not None,
         HAS_B=bias is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
@@ -392,13 +392,11 @@ def bn_act_backward(dz, y, dy, mean, invstd, weight, bias, act: str, slope: floa
     common = dict(ACT=ACT_CODES[act], HAS_W=weight is not None, HAS_B=bias is not None,
                   BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
     part = y.new_empty((2, splits, c), dtype=torch.float32)
-    bn_act_bwd_reduce_kernel[(splits, c_blocks)](dz, y, part, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
-                                                 dn, dc, dhw, slope, rows_per, **common,
-                                                 STATIC_TILES=_static(rows_per // cfg.block_m))
+    launch(bn_act_bwd_reduce_kernel, (splits, c_blocks), dz, y, part, mean, invstd, wp, bp, m, c, hw, sn, sc,
+           shw, dn, dc, dhw, slope, rows_per, **common, STATIC_TILES=_static(rows_per // cfg.block_m))
     # deterministic; two sums, not one part.sum(dim=1): the op's outputs must not alias
     sum_g, sum_gx = part[0].sum(dim=0), part[1].sum(dim=0)
     cfg2, c_blocks2, splits2, rows_per2, _, _ = _grid(y, channels_last, True)
-    bn_act_bwd_dy_kernel[(splits2, c_blocks2)](dz, y, dy, sum_g, sum_gx, mean, invstd, wp, bp, m, c, hw, sn, sc, shw,
-                                               dn, dc, dhw, slope, rows_per2, **common,
-                                               STATIC_TILES=_static(rows_per2 // cfg.block_m))
+    launch(bn_act_bwd_dy_kernel, (splits2, c_blocks2), dz, y, dy, sum_g, sum_gx, mean, invstd, wp, bp, m, c, hw,
+           sn, sc, shw, dn, dc, dhw, slope, rows_per2, **common, STATIC_TILES=_static(rows_per2 // cfg.block_m))
     return sum_gx, sum_g

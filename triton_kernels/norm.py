@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._activations import gelu_tanh, gelu_tanh_grad
+from ._launch import cdiv, launch, next_power_of_2
 from ._config import INTERPRET
 
 if INTERPRET:
@@ -470,13 +471,18 @@ def _warps(elems: int) -> int:
 
 def _rows_per_program(n_block: int, m: int) -> int:
     rows = max(1, min(CONFIG.max_rows, CONFIG.row_elems // n_block))
-    return min(triton.next_power_of_2(max(m, 1)), 1 << (rows.bit_length() - 1))
+    return min(next_power_of_2(max(m, 1)), 1 << (rows.bit_length() - 1))
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# `FUSEDOPS_NORM_FWD` ("rows,warps", e.g. "4,8") overrides the on-chip forward's launch shape
+# for experiments (bench/sweep_norm_bwd.py --fwd).
+_FWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_FWD")
 
 
 def fwd(x, r, s, y, w, b, mean, rstd, eps: float, act: str, rms: bool) -> None:
@@ -490,14 +496,17 @@ def fwd(x, r, s, y, w, b, mean, rstd, eps: float, act: str, rms: bool) -> None:
             b if b is not None else dummy, mean if mean is not None else dummy, rstd, m, n, x.stride(0),
             r.stride(0) if r is not None else 0, s.stride(0) if s is not None else 0, y.stride(0), eps)
     flags = dict(RMS=rms, HAS_W=w is not None, HAS_B=b is not None, HAS_R=r is not None, ACT=ACT_CODES[act])
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     if block <= CONFIG.max_block:
         rows = _rows_per_program(block, m)
-        norm_act_fwd_kernel[(triton.cdiv(m, rows),)](*args, ROWS=rows, BLOCK_N=block, num_warps=_warps(rows * block),
-                                                      **flags)
+        warps = _warps(rows * block)
+        if _FWD_OVERRIDE:
+            rows, warps = (int(t) for t in _FWD_OVERRIDE.split(","))
+            rows = min(rows, next_power_of_2(m))
+        launch(norm_act_fwd_kernel, (cdiv(m, rows),), *args, ROWS=rows, BLOCK_N=block, num_warps=warps, **flags)
     else:
         chunk = CONFIG.loop_block
-        norm_act_fwd_looped_kernel[(m,)](*args, BLOCK_N=chunk, num_warps=_warps(chunk), **flags)
+        launch(norm_act_fwd_looped_kernel, (m,), *args, BLOCK_N=chunk, num_warps=_warps(chunk), **flags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,7 +533,7 @@ _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
 
 def bwd_config(n: int, m: int) -> BwdConfig:
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     if block >= CONFIG.split_block:
         if CONFIG.long_rows == "split":
             return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, split=2)
@@ -534,7 +543,7 @@ def bwd_config(n: int, m: int) -> BwdConfig:
         return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4)
     if _BWD_OVERRIDE:
         r, w, st, rl, wl, sp = ([int(t) for t in _BWD_OVERRIDE.split(",")] + [1])[:6]
-        return BwdConfig(rows=min(r, triton.next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
+        return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
                          reload=bool(rl), w_in_loop=bool(wl), split=sp)
     # 16 elements a thread (two 16-byte loads of bf16); H100 sweep (bench/sweep_norm_bwd.py,
     # LN+GELU(tanh) bf16 32768 rows): N <= 1024 best as 2 x 1024 tiles on 4 warps (768: 113 µs
@@ -543,7 +552,7 @@ def bwd_config(n: int, m: int) -> BwdConfig:
     # (3.5 ms).
     tile = max(2048 if block <= 1024 else 4096, block)
     warps = min(32, tile // 512)
-    rows = min(tile // block, triton.next_power_of_2(max(m, 1)))
+    rows = min(tile // block, next_power_of_2(max(m, 1)))
     return BwdConfig(rows=rows, block_n=block, num_warps=warps)
 
 
@@ -582,9 +591,9 @@ def bwd_programs(m: int, n: int, device: torch.device) -> int:
 
 def _finalize(dwp, dbp, dw, db, n: int) -> None:
     p = (dwp if dwp is not None else dbp).shape[0]
-    block_c = min(triton.next_power_of_2(n), 256 if INTERPRET else 64)
-    block_p = min(64, triton.next_power_of_2(p))
-    partials_sum_kernel[(triton.cdiv(n, block_c),)](
+    block_c = min(next_power_of_2(n), 256 if INTERPRET else 64)
+    block_p = min(64, next_power_of_2(p))
+    launch(partials_sum_kernel, (cdiv(n, block_c),),
         dwp if dwp is not None else dbp, dbp if dbp is not None else dwp, dw if dw is not None else db,
         db if db is not None else dw, p, n, HAS_W=dwp is not None, HAS_B=dbp is not None, BLOCK_P=block_p,
         BLOCK_C=block_c, num_warps=4)
@@ -607,11 +616,11 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             mean if mean is not None else dummy, rstd)
     flags = dict(RMS=rms, HAS_W=w is not None, HAS_B=b is not None, ACT=ACT_CODES[act])
     sds = (ds.stride(0), ds.stride(1)) if ds is not None else (0, 0)
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     params = w is not None or b is not None
     if block <= min(CONFIG.bwd_max_block, CONFIG.max_block):
         cfg = bwd_config(n, m)
-        blocks = triton.cdiv(m, cfg.rows)
+        blocks = cdiv(m, cfg.rows)
         args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, m, n, 2,
                 dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
         if cfg.split > 1:
@@ -634,8 +643,8 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             if occ is None:
                 occ = _ctas_per_sm(kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
             p = max(1, min(blocks, _sm_count(dev) * occ // cfg.split))
-        bpp = triton.cdiv(blocks, p)
-        p = triton.cdiv(blocks, bpp)            # no program without rows
+        bpp = cdiv(blocks, p)
+        p = cdiv(blocks, bpp)            # no program without rows
         if p == 1:                              # dW/dB written directly in the parameters' dtypes
             dwp, dbp = dw, db
         else:
@@ -644,20 +653,20 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
         args[8] = dwp if dwp is not None else dummy
         args[9] = dbp if dbp is not None else dummy
         args[12] = bpp
-        kernel[(p, cfg.split) if cfg.split > 1 else (p,)](*args, **meta)
+        launch(kernel, (p, cfg.split) if cfg.split > 1 else (p,), *args, **meta)
         if p > 1 and params:
             _finalize(dwp, dbp, dw, db, n)
         return dw, db
     chunk = CONFIG.loop_block
-    norm_act_bwd_looped_kernel[(m,)](*ptrs, ds if ds is not None else dummy, dx, m, n, dy.stride(0), dy.stride(1),
-                                     xs.stride(0), *sds, dx.stride(0), BLOCK_N=chunk, HAS_DS=ds is not None,
-                                     num_warps=_warps(chunk), **flags)
+    launch(norm_act_bwd_looped_kernel, (m,), *ptrs, ds if ds is not None else dummy, dx, m, n, dy.stride(0),
+           dy.stride(1), xs.stride(0), *sds, dx.stride(0), BLOCK_N=chunk, HAS_DS=ds is not None,
+           num_warps=_warps(chunk), **flags)
     if params:
         p = bwd_programs(m, n, dev)
         dwp = xs.new_empty((p, n), dtype=torch.float32) if w is not None else None
         dbp = xs.new_empty((p, n), dtype=torch.float32) if b is not None else None
-        norm_act_dwdb_kernel[(p, triton.cdiv(n, chunk))](
-            *ptrs, dwp if dwp is not None else dummy, dbp if dbp is not None else dummy, m, n, triton.cdiv(m, p),
+        launch(norm_act_dwdb_kernel, (p, cdiv(n, chunk)),
+            *ptrs, dwp if dwp is not None else dummy, dbp if dbp is not None else dummy, m, n, cdiv(m, p),
             dy.stride(0), dy.stride(1), xs.stride(0), BLOCK_N=chunk, num_warps=_warps(chunk), **flags)
         _finalize(dwp, dbp, dw, db, n)
     return dw, db

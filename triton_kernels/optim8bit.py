@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, launch
 from ._config import INTERPRET, TL_DTYPE
 from ._multi_tensor import find_tensor, search_steps
 
@@ -291,7 +292,7 @@ def table_py(params, grads, state1, absmax1, state2, absmax2, two: bool, bpp: in
         cols.append([p.data_ptr(), grads[i].data_ptr(), state1[i].data_ptr(), addr(absmax1[i]),
                      state2[i].data_ptr() if two else 0, addr(absmax2[i]) if two else 0, p.numel(),
                      int(f1) | (2 * int(f2)), programs, i])
-        programs += triton.cdiv(triton.cdiv(p.numel(), QBLOCK), bpp)
+        programs += cdiv(cdiv(p.numel(), QBLOCK), bpp)
     aligned = all(a % 16 == 0 for col in cols for a in col[:6])
     cols.append([0] * 7 + [int(aligned), programs, 0])
     return torch.tensor(cols, dtype=torch.int64).t().contiguous()
@@ -304,7 +305,7 @@ def optim8bit_step_(table: torch.Tensor, programs: int, aligned: bool, qmaps: to
     if programs == 0:
         return
     count = table.shape[1] - 1
-    optim8bit_kernel[(programs,)](
+    launch(optim8bit_kernel, (programs,),
         table, count, qmaps, qmaps.view(torch.int32), h["lr"], h["beta1"], h["one_minus_beta1"], h["beta2"], h["one_minus_beta2"], h["eps"],
         h["weight_decay"], h["decay"], h["step_size"], h["inv_bc2_sqrt"], max(sr_key, 0),
         KIND=KIND_ID[kind], P_DTYPE=TL_DTYPE[p_dtype], FIRST=bool(first), NESTEROV=bool(nesterov), BLOCKS=BLOCKS, ITERS=ITERS,
@@ -329,4 +330,4 @@ def codes_(x: torch.Tensor, out: torch.Tensor, qmaps: torch.Tensor, signed: bool
         return
     block = 1 << 16 if INTERPRET else 1024
     table = qmaps.view(torch.int32)[SIGNED_TABLE if signed else UNSIGNED_TABLE:]
-    _codes_kernel[(triton.cdiv(n, block),)](x, out, n, table, BLOCK=block)
+    launch(_codes_kernel, (cdiv(n, block),), x, out, n, table, BLOCK=block)
