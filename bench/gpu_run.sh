@@ -4,7 +4,8 @@
 #   bash bench/gpu_run.sh OUT STAGE[:SECONDS] ...
 # Stages: build, tests (GPU-marked tests), tests-all, bench-<families> (e.g. bench-norm,
 # bench-add_,foreach_add_), report-<model>, host-convbn, profile-convbn,
-# profile-report_<model> (variants from PROFILE_VARIANTS).
+# profile-report_<model> (variants from PROFILE_VARIANTS), host-norm (bench/profile_norm_host.py),
+# sweep-norm (bench/sweep_norm_bwd.py with SWEEP_ARGS; output appended to sweep-norm.txt).
 set -uo pipefail
 out="${1:?output folder}"; shift
 mkdir -p "$out"
@@ -30,6 +31,11 @@ for spec in "$@"; do
       tail -n +2 "$out/bench-${fams//,/_}.txt" | grep -v "^wrote" ;;
     host-convbn) timeout "$limit" python3 bench/host_convbn.py --device cuda >"$out/host_convbn.txt" 2>&1; rc=$?
       grep -v -e USDT -e Warning -e _warn_once "$out/host_convbn.txt" | head -20 ;;
+    host-norm) timeout "$limit" python3 bench/profile_norm_host.py >"$out/host_norm.txt" 2>&1; rc=$?
+      grep -v -e USDT -e Warning -e _warn_once "$out/host_norm.txt" | head -16 ;;
+    sweep-norm) extra=(); [[ -n "${SWEEP_ARGS:-}" ]] && read -ra extra <<<"$SWEEP_ARGS"
+      timeout "$limit" python3 bench/sweep_norm_bwd.py "${extra[@]}" >>"$out/sweep-norm.txt" 2>&1; rc=$?
+      grep -E "^N=|failed" "$out/sweep-norm.txt" | tail -12 ;;
     profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
       tail -25 "$out/profile_convbn.log" ;;
     profile-report_*) model="${stage#profile-report_}"

@@ -1,7 +1,7 @@
 """Host time of the norm ops on a launch-bound shape (16x4096 bf16, LN+GELU(tanh)): wall
 clock per call of fwd and fwd+bwd for eager and each fusedops backend; the Triton forward
-kernel launched as `kernel[grid](...)` against its compiled kernel's own launcher (the
-JIT's per-call binding and cache-key work), and the allocation calls the Python paths
+kernel launched as `kernel[grid](...)`, through fusedops' launch helper and through its
+compiled kernel's own launcher (the JIT's per-call binding and cache-key work), and the allocation calls the Python paths
 use; then a torch.profiler table of one backend's fwd+bwd (CPU-side time per op / launch)
 and a cProfile table of the Python side (200 calls: divide by 200).
 
@@ -76,6 +76,7 @@ def launch_and_allocations(x, w, b, dev) -> None:
     import triton
 
     from fusedops.triton_kernels import norm as tn
+    from fusedops.triton_kernels._launch import launch
     m, n = x.shape
     y = torch.empty_like(x)
     mean = torch.empty(m, device=dev)
@@ -95,6 +96,7 @@ def launch_and_allocations(x, w, b, dev) -> None:
         "triton_kernels.norm.fwd (launch + args)":
             lambda: tn.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, "gelu_tanh", False),
         "kernel[grid](...)": lambda: tn.norm_act_fwd_kernel[grid](*args, **meta),
+        "launch(kernel, grid, ...) (fusedops)": lambda: launch(tn.norm_act_fwd_kernel, grid, *args, **meta),
         "compiled[grid](...)": lambda: runner(*all_args),
         "compiled.run(...), stream fixed": lambda: compiled.run(
             grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *all_args),

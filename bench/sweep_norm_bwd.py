@@ -1,11 +1,13 @@
-"""Sweep launch shapes of the Triton norm backward on the GPU (device time of the backward
-alone, cold L2) and print the best per N next to the default.
+"""Sweep launch shapes of the Triton norm backward (or, with --fwd, forward) on the GPU
+(device time of that kernel alone, cold L2) and print the best per N next to the default.
 
     python bench/sweep_norm_bwd.py                       # LN+GELU(tanh), bf16, 32768 rows
     python bench/sweep_norm_bwd.py --rms --act silu --n 4096,16384
+    python bench/sweep_norm_bwd.py --fwd --n 768,1024,2048
 
-Each config is rows,warps,stages,reload,w_in_loop[,split] (see triton_kernels/norm.py
-BwdConfig); floor = (read s, dy + write dx) bytes / copy bandwidth."""
+A backward config is rows,warps,stages,reload,w_in_loop[,split] (see triton_kernels/norm.py
+BwdConfig), a forward one rows,warps; floor = bytes (backward: read s, dy + write dx;
+forward: read x + write y) / copy bandwidth."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +24,7 @@ CANDIDATES = {
     "big": ["1,16,1,0,0", "1,16,2,0,0", "1,32,1,0,0", "1,16,1,1,0", "2,32,1,0,0"],
     "huge": ["1,32,1,0,0,2", "1,32,1,0,0,4", "1,16,1,0,0,2", "1,32,1,1,1,1", "1,32,2,1,1,1"],
 }
+FWD_CANDIDATES = ["1,2", "1,4", "2,2", "2,4", "2,8", "4,4", "4,8", "8,8", "8,16", "16,16"]
 
 
 def main():
@@ -30,6 +33,7 @@ def main():
     ap.add_argument("--rows", type=int, default=32768)
     ap.add_argument("--rms", action="store_true")
     ap.add_argument("--act", default="gelu_tanh")
+    ap.add_argument("--fwd", action="store_true", help="sweep the forward instead")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
@@ -45,22 +49,29 @@ def main():
         rstd = torch.empty(m, device=dev)
         tk.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, args.act, args.rms)
         dx = torch.empty_like(x)
-        floor = 3 * m * n * 2 / bw * 1e6
+        floor = (2 if args.fwd else 3) * m * n * 2 / bw * 1e6
         block = triton.next_power_of_2(n)
         group = "small" if block <= 2048 else "mid" if block <= 4096 else "big" if block <= 8192 else "huge"
         results = []
-        for cfg in [None] + CANDIDATES[group]:
-            tk._BWD_OVERRIDE = cfg
-            try:
+        for cfg in [None] + (FWD_CANDIDATES if args.fwd else CANDIDATES[group]):
+            if args.fwd:
+                tk._FWD_OVERRIDE = cfg
+                fn = lambda: tk.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, args.act, args.rms)  # noqa: E731
+                default = f"default rows={tk._rows_per_program(block, m)}"
+            else:
+                tk._BWD_OVERRIDE = cfg
                 fn = lambda: tk.bwd(dy, x, w, b, mean, rstd, None, dx, args.act, args.rms)  # noqa: E731
+                default = f"default {tk.bwd_config(n, m)}"
+            try:
                 fn()
                 t = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
             except Exception as exc:  # a config that does not compile or launch
                 print(f"  N={n} {cfg}: failed {type(exc).__name__}: {str(exc)[:100]}")
                 continue
-            label = cfg or f"default {tk.bwd_config(n, m)}"
+            label = cfg or default
             results.append((t, label))
             print(f"  N={n:6d} {label}: {t:8.1f} µs  ({floor / t * 100:5.1f}% of floor {floor:.1f} µs)", flush=True)
+        tk._FWD_OVERRIDE = None
         tk._BWD_OVERRIDE = None
         best = min(results)
         print(f"N={n}: best {best[1]} {best[0]:.1f} µs; default {results[0][0]:.1f} µs\n", flush=True)
