@@ -65,6 +65,21 @@ def test_host_cdiv_and_next_power_of_2_match_triton():
         assert _launch.next_power_of_2(a) == triton.next_power_of_2(a)
 
 
+def _scale(x_ptr, n, scale, BLOCK: triton.language.constexpr):
+    offs = triton.language.program_id(0) * BLOCK + triton.language.arange(0, BLOCK)
+    x = triton.language.load(x_ptr + offs, mask=offs < n)
+    triton.language.store(x_ptr + offs, x * scale, mask=offs < n)
+
+
+def test_split_of_runtime_and_constexpr_arguments_checked():
+    kernel = triton.runtime.jit.JITFunction(_scale)  # (not triton.jit: the interpreter's object has no params)
+    _launch._check_split(kernel, (None, 1, 2.0), {"BLOCK": 16, "num_warps": 4})  # the right split
+    with pytest.raises(TypeError, match="BLOCK"):  # a constexpr passed positionally
+        _launch._check_split(kernel, (None, 1, 2.0, 16), {})
+    with pytest.raises(TypeError, match="scale"):  # a runtime argument passed by keyword
+        _launch._check_split(kernel, (None, 1), {"scale": 2.0, "BLOCK": 16})
+
+
 # ---- on a GPU: the fast path itself ----------------------------------------------------------
 
 def _add_case(offset: int, n: int, dtype=torch.float32):

@@ -91,10 +91,24 @@ def fast_path_available() -> bool:
     return not INTERPRET and _HOOKS is not None and torch.cuda.is_available()
 
 
+def _check_split(kernel, args, meta) -> None:
+    """The cached trailing values are right only if the positional arguments are exactly the
+    kernel's leading runtime parameters and the keywords are constexprs or launch options."""
+    params = getattr(kernel, "params", None)
+    if params is None:
+        return
+    bad = ([p.name for p in params[:len(args)] if p.is_constexpr]
+           + [p.name for p in params[len(args):] if not p.is_constexpr and p.name in meta])
+    if bad:
+        raise TypeError(f"launch({getattr(kernel, '__name__', kernel)}): pass the runtime arguments positionally "
+                        f"and the constexprs by keyword (not so: {', '.join(bad)})")
+
+
 def _first(kernel, grid, args, meta, key, cache):
     compiled = kernel[grid](*args, **meta)
     if compiled is None or not hasattr(compiled, "packed_metadata") or _hooked(kernel):
         return
+    _check_split(kernel, args, meta)
     try:
         dev = torch.cuda.current_device()
         binder = kernel.device_caches[dev][4]
