@@ -477,7 +477,14 @@ def _rows_per_program(n_block: int, m: int) -> int:
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SMS.get(index)
+    if sms is None:  # (get_device_properties: ~2 µs of host a call)
+        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms
+
+
+_SMS: dict = {}
 
 
 # `FUSEDOPS_NORM_FWD` ("rows,warps", e.g. "4,8") overrides the on-chip forward's launch shape
