@@ -83,9 +83,9 @@ def launch_and_allocations(x, w, b, dev) -> None:
     rstd = torch.empty(m, device=dev)
     act = tn.ACT_CODES["gelu_tanh"]
     block = triton.next_power_of_2(n)
-    rows = tn._rows_per_program(block, m)
+    rows, warps = tn.fwd_shape(block, m)
     args = (x, x, x, y, w, b, mean, rstd, m, n, n, 0, 0, n, 1e-5)
-    meta = dict(ROWS=rows, BLOCK_N=block, num_warps=tn._warps(rows * block), RMS=False, HAS_W=True, HAS_B=True,
+    meta = dict(ROWS=rows, BLOCK_N=block, num_warps=warps, RMS=False, HAS_W=True, HAS_B=True,
                 HAS_R=False, ACT=act)
     grid = ((m + rows - 1) // rows, 1, 1)
     compiled = tn.norm_act_fwd_kernel.warmup(*args, grid=grid, **meta)

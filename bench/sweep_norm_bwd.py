@@ -57,7 +57,7 @@ def main():
             if args.fwd:
                 tk._FWD_OVERRIDE = cfg
                 fn = lambda: tk.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, args.act, args.rms)  # noqa: E731
-                default = f"default rows={tk._rows_per_program(block, m)}"
+                default = "default {},{}".format(*tk.fwd_shape(block, m))
             else:
                 tk._BWD_OVERRIDE = cfg
                 fn = lambda: tk.bwd(dy, x, w, b, mean, rstd, None, dx, args.act, args.rms)  # noqa: E731
