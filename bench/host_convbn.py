@@ -78,9 +78,17 @@ def breakdown(dev, autocast: bool) -> None:
     from fusedops.ops import batchnorm as bnops
     dt = torch.bfloat16 if autocast else torch.float32
     x = torch.randn(2, 4, 4, 4, device=dev, dtype=dt).to(memory_format=torch.channels_last).requires_grad_()
-    eager = eager_blocks(4, 4, 3, 1, dev)[:3].to(dt)
-    fused = ConvBNAct2d.from_modules(eager[0], eager[1], torch.nn.ReLU()).to(dt)
-    w = eager[0].weight.detach()
+    # the modules as in the step above: fp32 parameters, run under autocast on CUDA
+    eager = eager_blocks(4, 4, 3, 1, dev)[:3]
+    fused = ConvBNAct2d.from_modules(eager[0], eager[1], torch.nn.ReLU())
+
+    def amp(module):
+        def run():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                return module(x)
+        return run
+
+    w = eager[0].weight.detach().to(dt)
     g32, b32 = bnops.affine32(None, None, 4, x)
     c = [1, 1]
     op = bnops.op_train_fwd()
@@ -102,11 +110,11 @@ def breakdown(dev, autocast: bool) -> None:
         def backward(ctx, dz, _dm, _dv):
             return None, None, None, None
 
-    wp = eager[0].weight
+    wp = w.clone().requires_grad_()
     rows = {
-        "eager fwd (conv, bn, relu modules)": lambda: eager(x),
+        "eager fwd (conv, bn, relu modules)": amp(eager),
         "lean autograd.Function around the op": lambda: Lean.apply(x, wp, g32, b32),
-        "fused fwd (module)": lambda: fused(x),
+        "fused fwd (module)": amp(fused),
         "F.conv2d": lambda: F.conv2d(xd, w, None, 1, 1),
         "F.batch_norm (train)": lambda: F.batch_norm(xd, None, None, None, None, True),
         "torch.relu": lambda: torch.relu(xd),
