@@ -1,8 +1,8 @@
 """Host time of the norm ops on a launch-bound shape (16x4096 bf16, LN+GELU(tanh)): wall
 clock per call of fwd and fwd+bwd for eager and each fusedops backend; the Triton forward
 kernel launched as `kernel[grid](...)`, through fusedops' launch helper and through its
-compiled kernel's own launcher (the JIT's per-call binding and cache-key work), and the allocation calls the Python paths
-use; then a torch.profiler table of one backend's fwd+bwd (CPU-side time per op / launch)
+compiled kernel's own launcher (the JIT's per-call binding and cache-key work), and the
+allocation calls the Python paths use; then a torch.profiler table of one backend's fwd+bwd (CPU-side time per op / launch)
 and a cProfile table of the Python side (200 calls: divide by 200).
 
     python bench/profile_norm_host.py [--backend triton|cuda] [--rows 16 --n 4096]"""

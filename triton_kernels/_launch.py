@@ -1,10 +1,10 @@
 """Kernel launches without the JIT's per-call work.
 
 `kernel[grid](*args, **meta)` binds the arguments, specialises each one, builds a cache key
-string and looks the compiled kernel up on every call: ~13–16 µs of host time a launch on
-an H200's host, against ~6.5 µs for the compiled kernel's own launcher (bench/NOTES.md,
-round 9). `launch(kernel, grid, *args, **meta)` keys the compiled kernel on what the JIT
-specialises on, computed directly from the arguments:
+string and looks the compiled kernel up on every call. `launch(kernel, grid, *args, **meta)`
+keys the compiled kernel on what the JIT specialises on, computed directly from the
+arguments (host µs a launch of the norm forward on an H200's host, bench/NOTES.md round 10:
+`kernel[grid]` 19.5, `launch` 13.6, the compiled kernel's own launcher alone 6.2):
 
 - a tensor: its dtype and whether its address is 16-byte aligned;
 - an int: equal to 1 (the JIT makes it a constant), else 32- or 64-bit (signed or not) and
@@ -24,8 +24,6 @@ proton use them) or a pre-run hook is registered on the kernel, every call takes
 from __future__ import annotations
 
 import torch
-import triton
-
 from ._config import INTERPRET
 
 try:  # the JIT's internals that the fast path reads; absent in other Triton versions
@@ -105,10 +103,10 @@ def _check_split(kernel, args, meta) -> None:
 
 
 def _first(kernel, grid, args, meta, key, cache):
+    _check_split(kernel, args, meta)
     compiled = kernel[grid](*args, **meta)
     if compiled is None or not hasattr(compiled, "packed_metadata") or _hooked(kernel):
         return
-    _check_split(kernel, args, meta)
     try:
         dev = torch.cuda.current_device()
         binder = kernel.device_caches[dev][4]
@@ -145,7 +143,7 @@ def cached_specialisations(kernel) -> int:
 
 
 def cdiv(a: int, b: int) -> int:
-    """-(-a // b) in plain Python (triton.cdiv is a constexpr function: ~1 µs a host call)."""
+    """-(-a // b) in plain Python (triton.cdiv is a constexpr function: ~2 µs a host call)."""
     return -(-a // b)
 
 

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ._activations import gelu_tanh, gelu_tanh_grad
-from ._launch import cdiv, launch, next_power_of_2
 from ._config import INTERPRET
+from ._launch import cdiv, launch, next_power_of_2
 
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5, "leaky_relu": 6}
 

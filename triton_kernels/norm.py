@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ._activations import gelu_tanh, gelu_tanh_grad
-from ._launch import cdiv, launch, next_power_of_2
 from ._config import INTERPRET
+from ._launch import cdiv, launch, next_power_of_2
 
 if INTERPRET:
     # The interpreter hands scalar kernel arguments over as 1-element 1-D numpy arrays and

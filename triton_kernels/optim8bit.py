@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, launch
 from ._config import INTERPRET, TL_DTYPE
+from ._launch import cdiv, launch
 from ._multi_tensor import find_tensor, search_steps
 
 QBLOCK = 256
