@@ -17,14 +17,13 @@ twice and writes dy once. H100 floor = bytes / 3.0 TB/s.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ._activations import gelu_tanh, gelu_tanh_grad
-from ._config import INTERPRET
+from ._config import INTERPRET, sm_count
 from ._launch import cdiv, launch, next_power_of_2
 
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5, "leaky_relu": 6}
@@ -46,19 +45,13 @@ def tile_config(c: int, channels_last: bool) -> TileConfig:
     return TileConfig(block_m=512, block_c=4 if c >= 4 else next_power_of_2(c), num_warps=4)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def split_rows(m: int, c_blocks: int, block_m: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows_per_split): enough programs to fill the GPU, each with >= 4 tiles."""
     tiles = cdiv(m, block_m)
     if INTERPRET:
         target = 2
     else:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 8
+        sms = sm_count(device) if device.type == "cuda" else 8
         target = max(1, (sms * 4) // c_blocks)
     splits = max(1, min(target, tiles // 4 if tiles >= 8 else 1))
     tiles_per = cdiv(tiles, splits)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._activations import gelu_tanh, gelu_tanh_grad
-from ._config import INTERPRET
+from ._config import INTERPRET, sm_count
 from ._launch import cdiv, launch, next_power_of_2
 
 if INTERPRET:
@@ -474,19 +474,6 @@ def _rows_per_program(n_block: int, m: int) -> int:
     return min(next_power_of_2(max(m, 1)), 1 << (rows.bit_length() - 1))
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _SMS.get(index)
-    if sms is None:  # (get_device_properties: ~2 µs of host a call)
-        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return sms
-
-
-_SMS: dict = {}
-
-
 # `FUSEDOPS_NORM_FWD` ("rows,warps", e.g. "4,8") overrides the on-chip forward's launch shape
 # for experiments (bench/sweep_norm_bwd.py --fwd).
 _FWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_FWD")
@@ -603,7 +590,7 @@ def bwd_programs(m: int, n: int, device: torch.device) -> int:
     if INTERPRET:
         cap = CONFIG.interp_programs
     else:
-        cap = _sm_count(device) * CONFIG.bwd_programs_per_sm
+        cap = sm_count(device) * CONFIG.bwd_programs_per_sm
     return max(1, min(m, cap))
 
 
@@ -660,7 +647,7 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             occ = _OCCUPANCY.get(key)
             if occ is None:
                 occ = _ctas_per_sm(kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
-            p = max(1, min(blocks, _sm_count(dev) * occ // cfg.split))
+            p = max(1, min(blocks, sm_count(dev) * occ // cfg.split))
         bpp = cdiv(blocks, p)
         p = cdiv(blocks, bpp)            # no program without rows
         if p == 1:                              # dW/dB written directly in the parameters' dtypes
