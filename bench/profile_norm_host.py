@@ -2,8 +2,9 @@
 clock per call of fwd and fwd+bwd for eager and each fusedops backend; the Triton forward
 kernel launched as `kernel[grid](...)`, through fusedops' launch helper and through its
 compiled kernel's own launcher (the JIT's per-call binding and cache-key work), and the
-allocation calls the Python paths use; then a torch.profiler table of one backend's fwd+bwd (CPU-side time per op / launch)
-and a cProfile table of the Python side (200 calls: divide by 200).
+allocation calls the Python paths use; then a torch.profiler table of one backend's fwd+bwd
+(CPU-side time per op / launch) and a cProfile table of the Python side (200 calls: divide
+by 200).
 
     python bench/profile_norm_host.py [--backend triton|cuda] [--rows 16 --n 4096]"""
 from __future__ import annotations

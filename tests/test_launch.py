@@ -51,7 +51,7 @@ def test_key_refines_tensor_float_bool_none_specialisation():
     base = torch.zeros(64, dtype=torch.float32)
     tensors = [base[i:] for i in range(8)] + [base.to(d)[i:] for d in (torch.float16, torch.bfloat16, torch.int64,
                                                                        torch.uint8) for i in (0, 1, 8)]
-    values = tensors + [0.5, -1e30, True, False, None]
+    values = tensors + [0.5, -1e30, True, False, None, 1, 0]  # (True == 1 and False == 0 in Python)
     seen = _assert_refines(values)
     assert ("*fp32", "D") in seen.values() and ("*fp32", "") in seen.values()
 

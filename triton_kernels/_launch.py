@@ -24,6 +24,7 @@ proton use them) or a pre-run hook is registered on the kernel, every call takes
 from __future__ import annotations
 
 import torch
+
 from ._config import INTERPRET
 
 try:  # the JIT's internals that the fast path reads; absent in other Triton versions
@@ -58,8 +59,8 @@ def _spec(a):
         return _int_spec(a)
     if t is float or a is None:
         return t
-    if t is bool:
-        return a
+    if t is bool:  # tagged: True == 1 in Python, but the JIT compiles a bool (u1) and the int 1
+        return t, a  # (a constant) apart
     return t, a  # anything else: by value (the JIT rejects what it cannot specialise)
 
 
