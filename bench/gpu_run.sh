@@ -35,7 +35,7 @@ for spec in "$@"; do
       grep -v -e USDT -e Warning -e _warn_once "$out/host_norm.txt" | head -16 ;;
     sweep-norm) extra=(); [[ -n "${SWEEP_ARGS:-}" ]] && read -ra extra <<<"$SWEEP_ARGS"
       timeout "$limit" python3 bench/sweep_norm_bwd.py "${extra[@]}" >>"$out/sweep-norm.txt" 2>&1; rc=$?
-      grep -E "^N=|failed" "$out/sweep-norm.txt" | tail -12 ;;
+      grep -E "^N=|failed|WRONG" "$out/sweep-norm.txt" | tail -12 ;;
     profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
       tail -25 "$out/profile_convbn.log" ;;
     profile-report_*) model="${stage#profile-report_}"

@@ -1,7 +1,9 @@
 """Host (CPU-side) time of one conv+BN+ReLU block's training step, fused vs eager, on
 tiny tensors so that the kernels cost next to nothing: what is left is Python, autograd
-and dispatch, the same on any device. Minima of repeated short runs (shared machines
-are noisy). Also counts the aten ops of one fused step (allocations, copies).
+and dispatch, the same on any device; then the step split into forward, backward() and the
+fused Function's own backward, beside what one Python autograd node costs on the device.
+Minima of repeated short runs (shared machines are noisy). Also counts the aten ops of
+one fused step (allocations, copies).
     python bench/host_convbn.py [--device cpu|cuda]
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main():
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(xx)
             out.backward(gout.to(out.dtype))
+        run.model, run.x, run.gout, run.autocast = model, x, gout, autocast
         return run
 
     rows = {"eager": step(eager)}
@@ -56,6 +59,7 @@ def main():
         us = best_us(fn)
         base = us if base is None else base
         print(f"{name:18s} {us:8.1f} us/step  (+{us - base:.1f} over eager)")
+    split(dev, rows)
     breakdown(dev, autocast)
     from torch.profiler import ProfilerActivity, profile
     for name in ("eager", "fused recompute"):
@@ -68,6 +72,61 @@ def main():
                           "aten::convolution", "aten::contiguous", "aten::clone"):
                 counts[e.name] += 1
         print(name, dict(sorted(counts.items())))
+
+
+def split(dev, rows: dict) -> None:
+    """Where a step's host time goes: the forward call, the backward() call, and inside the
+    latter the time spent in the fused Function's Python backward (the rest of backward()
+    is the autograd engine: its nodes, allocations, and on CUDA the hand-over to the
+    device's worker thread, which must take the GIL for a Python node). Against a trivial
+    Python Function and a C++ node on the same device: what one Python node costs there."""
+    from fusedops import nn_convbn
+    inside = [0.0]
+    orig = nn_convbn._ConvBNActTrain.backward
+
+    def timed(ctx, *grads):
+        t0 = time.perf_counter()
+        try:
+            return orig(ctx, *grads)
+        finally:
+            inside[0] += time.perf_counter() - t0
+
+    class Trivial(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    t = torch.randn(2, 4, 4, 4, device=dev, requires_grad=True)
+    g = torch.randn_like(t)
+    print(f"  {'trivial Python Function fwd+bwd':44s} {best_us(lambda: Trivial.apply(t).backward(g)):8.1f} us")
+    print(f"  {'t.clone() fwd+bwd (a C++ node)':44s} {best_us(lambda: t.clone().backward(g)):8.1f} us")
+    nn_convbn._ConvBNActTrain.backward = staticmethod(timed)
+    try:
+        for name, run in rows.items():
+            fwd = bwd = 0.0
+            for _ in range(10):
+                run()
+            inside[0] = 0.0
+            steps = 300
+            for _ in range(steps):  # the step of main()'s rows, its two halves timed apart
+                xx = run.x.to(torch.bfloat16) if run.autocast else run.x
+                xx.requires_grad_()
+                t0 = time.perf_counter()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.autocast):
+                    out = run.model(xx)
+                t1 = time.perf_counter()
+                out.backward(run.gout.to(out.dtype))
+                t2 = time.perf_counter()
+                fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+            k = 1e6 / steps
+            print(f"  {name:18s} forward {fwd * k:7.1f} us, backward() {bwd * k:7.1f} us "
+                  f"(in the fused Function's backward: {inside[0] * k:6.1f} us)")
+    finally:
+        nn_convbn._ConvBNActTrain.backward = orig
 
 
 def breakdown(dev, autocast: bool) -> None:

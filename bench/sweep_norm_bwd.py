@@ -5,9 +5,11 @@
     python bench/sweep_norm_bwd.py --rms --act silu --n 4096,16384
     python bench/sweep_norm_bwd.py --fwd --n 768,1024,2048
 
-A backward config is rows,warps,stages,reload,w_in_loop[,split] (see triton_kernels/norm.py
-BwdConfig), a forward one rows,warps; floor = bytes (backward: read s, dy + write dx;
-forward: read x + write y) / copy bandwidth."""
+A backward config is rows,warps,stages,reload,w_in_loop[,split[,programs per SM]] (see
+triton_kernels/norm.py BwdConfig), a forward one rows,warps; floor = bytes (backward: read s,
+dy + write dx; forward: read x + write y) / copy bandwidth. Each candidate's outputs are
+checked against the default's (outputs poisoned with NaN before each candidate runs): a
+candidate that differs by more than rounding is reported and left out of the ranking."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +21,10 @@ from fusedops.benchmark.harness import copy_bandwidth
 from fusedops.triton_kernels import norm as tk
 
 CANDIDATES = {
-    "small": ["4,8,1,0,0", "8,8,1,0,0", "2,4,1,0,0", "4,8,2,0,0", "8,16,1,0,0", "16,16,1,0,0", "4,4,1,0,0"],
+    # fewer warps a tile (more elements a thread) won the forward at 768-2048; per_sm caps the
+    # dW/dB partial rows that more resident programs bring
+    "small": ["4,8,1,0,0", "8,8,1,0,0", "2,4,1,0,0", "4,8,2,0,0", "8,16,1,0,0", "16,16,1,0,0", "4,4,1,0,0",
+              "2,2,1,0,0", "1,2,1,0,0", "1,1,1,0,0", "4,2,1,0,0", "2,2,2,0,0", "2,2,1,0,0,1,8", "2,4,1,0,0,1,4"],
     "mid": ["1,8,1,0,0", "2,16,1,0,0", "1,8,2,0,0", "1,4,1,0,0", "2,8,1,0,0", "1,16,1,0,0"],
     "big": ["1,16,1,0,0", "1,16,2,0,0", "1,32,1,0,0", "1,16,1,1,0", "2,32,1,0,0"],
     "huge": ["1,32,1,0,0,2", "1,32,1,0,0,4", "1,16,1,0,0,2", "1,32,1,1,1,1", "1,32,2,1,1,1"],
@@ -34,8 +39,9 @@ def main():
     ap.add_argument("--rms", action="store_true")
     ap.add_argument("--act", default="gelu_tanh")
     ap.add_argument("--fwd", action="store_true", help="sweep the forward instead")
+    ap.add_argument("--device", default="cuda", help="(cpu: the script's own check, under TRITON_INTERPRET=1)")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     bw = copy_bandwidth(dev)
     print(f"copy {bw / 1e9:.0f} GB/s")
     for n in [int(t) for t in args.n.split(",")]:
@@ -53,17 +59,33 @@ def main():
         block = triton.next_power_of_2(n)
         group = "small" if block <= 2048 else "mid" if block <= 4096 else "big" if block <= 8192 else "huge"
         results = []
+        expected = None
         for cfg in [None] + (FWD_CANDIDATES if args.fwd else CANDIDATES[group]):
             if args.fwd:
                 tk._FWD_OVERRIDE = cfg
-                fn = lambda: tk.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, args.act, args.rms)  # noqa: E731
+
+                def fn():  # -> the outputs
+                    tk.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, args.act, args.rms)
+                    return [t for t in (y, mean, rstd) if t is not None]
                 default = "default {},{}".format(*tk.fwd_shape(block, m))
             else:
                 tk._BWD_OVERRIDE = cfg
-                fn = lambda: tk.bwd(dy, x, w, b, mean, rstd, None, dx, args.act, args.rms)  # noqa: E731
+
+                def fn():
+                    return [dx] + [g for g in tk.bwd(dy, x, w, b, mean, rstd, None, dx, args.act, args.rms)
+                                   if g is not None]
                 default = f"default {tk.bwd_config(n, m)}"
             try:
-                fn()
+                for t in (y, mean, rstd) if args.fwd else (dx,):
+                    if t is not None:
+                        t.fill_(float("nan"))
+                got = [t.float().clone() for t in fn()]
+                if expected is None:
+                    expected = got
+                bad = _mismatch(got, expected)
+                if bad:
+                    print(f"  N={n} {cfg}: WRONG OUTPUT ({bad}); left out")
+                    continue
                 t = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
             except Exception as exc:  # a config that does not compile or launch
                 print(f"  N={n} {cfg}: failed {type(exc).__name__}: {str(exc)[:100]}")
@@ -75,6 +97,20 @@ def main():
         tk._BWD_OVERRIDE = None
         best = min(results)
         print(f"N={n}: best {best[1]} {best[0]:.1f} µs; default {results[0][0]:.1f} µs\n", flush=True)
+
+
+def _mismatch(got, expected) -> str:
+    """'' when every output matches the default's up to rounding (a different summation
+    order: bf16 dx a few ulps, fp32 statistics and dW/dB sums ~1e-3 relative), else what
+    differs."""
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g.shape != e.shape or not torch.isfinite(g).all():
+            return f"output {i}: not written or not finite"
+        scale = e.abs().max().item() or 1.0
+        err = (g - e).abs().max().item() / scale
+        if err > 2e-2:
+            return f"output {i}: max |diff| {err:.2e} of its largest value"
+    return ""
 
 
 if __name__ == "__main__":

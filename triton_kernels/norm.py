@@ -528,11 +528,13 @@ class BwdConfig:
     reload: bool = False
     w_in_loop: bool = False
     split: int = 1          # > 1: norm_act_bwd_split_kernel, SPLIT programs per row range
+    per_sm: int = 0         # > 0: at most this many programs an SM (fewer dW/dB partial rows); 0: as
+    #                         many as are resident
 
 
 # Rows of N <= CONFIG.bwd_max_block elements run the on-chip backward; longer ones the
-# looped kernels. `FUSEDOPS_NORM_BWD` (rows,warps,stages,reload,w_in_loop[,split], e.g.
-# "1,16,2,0,0") overrides the shape for experiments (benchmark sweeps).
+# looped kernels. `FUSEDOPS_NORM_BWD` (rows,warps,stages,reload,w_in_loop[,split[,per_sm]],
+# e.g. "1,16,2,0,0") overrides the shape for experiments (benchmark sweeps).
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
@@ -547,9 +549,10 @@ def bwd_config(n: int, m: int) -> BwdConfig:
     if INTERPRET:
         return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4)
     if _BWD_OVERRIDE:
-        r, w, st, rl, wl, sp = ([int(t) for t in _BWD_OVERRIDE.split(",")] + [1])[:6]
+        f = [int(t) for t in _BWD_OVERRIDE.split(",")]
+        r, w, st, rl, wl, sp, ps = f + [1, 0][len(f) - 5:]  # split 1, per_sm 0 unless given
         return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
-                         reload=bool(rl), w_in_loop=bool(wl), split=sp)
+                         reload=bool(rl), w_in_loop=bool(wl), split=sp, per_sm=ps)
     # 16 elements a thread (two 16-byte loads of bf16); H100 sweep (bench/sweep_norm_bwd.py,
     # LN+GELU(tanh) bf16 32768 rows): N <= 1024 best as 2 x 1024 tiles on 4 warps (768: 113 µs
     # vs 138 for 4 x 1024 on 8), 2048-8192 as below (65% of copy); at 16384 the one-program
@@ -647,6 +650,8 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             occ = _OCCUPANCY.get(key)
             if occ is None:
                 occ = _ctas_per_sm(kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
+            if cfg.per_sm:
+                occ = min(occ, cfg.per_sm)
             p = max(1, min(blocks, sm_count(dev) * occ // cfg.split))
         bpp = cdiv(blocks, p)
         p = cdiv(blocks, bpp)            # no program without rows
