@@ -75,8 +75,10 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int,
 
 
 def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs the conv of x in, or None (autocast off, or x not eligible:
+    autocast casts floating tensors other than float64)."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
         return torch.get_autocast_dtype(dev)
     return None
 
@@ -84,6 +86,10 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
 # Devices where the recompute backward releases x before dX (two conv-backward calls
 # instead of one): on CPU the split costs more time than the memory it saves is worth.
 EARLY_RELEASE_DEVICES = ("cuda",)
+
+
+_CALL_HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+               "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
 
 
 def _hooks_active() -> bool:
@@ -129,23 +135,58 @@ class _ConvBNActTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, _dmean, _dvar):
-        if torch.is_grad_enabled():  # create_graph: gradients whose own backward raises
-            return _train_backward_once(ctx, dz)
-        return _train_backward(ctx, dz)  # (once_differentiable without its wrapper's host time)
+        if torch.is_grad_enabled():  # create_graph: gradients that are differentiable in turn
+            return _train_backward_differentiable(ctx, dz)
+        return _train_backward(ctx, dz)
+
+
+def _held_input(ctx) -> torch.Tensor:
+    """x held on ctx (the early-release path), checked as autograd checks a saved tensor."""
+    x = ctx.x
+    if x._version != ctx.x_version:
+        raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                           f"inplace operation: the input of ConvBNAct2d is at version {x._version}; "
+                           f"expected version {ctx.x_version} instead.")
+    return x
+
+
+def _train_backward_differentiable(ctx, dz):
+    """The gradients under create_graph=True (e.g. a gradient penalty): the step recomputed
+    from the saved x, w, γ, β with differentiable torch ops (BN math in fp32, as the
+    kernels), differentiated with create_graph, so that second-order terms reach x, w, γ,
+    β (and dz) as in eager."""
+    stride, padding, dilation, groups, eps, act, slope, _memory = ctx.conf
+    needs = ctx.needs_input_grad
+    if ctx.x is not None:
+        x = _held_input(ctx)
+        weight, _mean, _invstd, gamma, beta = ctx.saved_tensors
+    else:
+        x, weight, _mean, _invstd, gamma, beta, *_ = ctx.saved_tensors
+    with no_autocast(x.device.type):  # the saved operands are in the conv's dtype already
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        cd = torch.promote_types(y.dtype, torch.float32)  # BN math in fp32 at least
+        z = F.batch_norm(y.to(cd), None, None, None if gamma is None else gamma.to(cd),
+                         None if beta is None else beta.to(cd), True, 0.0, eps)
+        z = reference.activation(z, act, slope).to(y.dtype)
+    wanted = [(i, t) for i, t in enumerate((x, weight, gamma, beta)) if needs[i] and t is not None]
+    grads = [None] * 5
+    if wanted:
+        found = torch.autograd.grad(z, [t for _, t in wanted], dz, create_graph=True, allow_unused=True)
+        for (i, t), g in zip(wanted, found):
+            grads[i] = torch.zeros_like(t) if g is None else g
+    if needs[4] and ctx.has_bias:
+        grads[4] = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
+    return (*grads, None, None)
 
 
 def _train_backward(ctx, dz):
-    """_ConvBNActTrain.backward without once_differentiable's wrapper."""
+    """_ConvBNActTrain.backward's first-order gradients (the kernels; not differentiable)."""
     stride, padding, dilation, groups, _eps, act, slope, _memory = ctx.conf
     needs = ctx.needs_input_grad
     early = ctx.x is not None
     if early:
-        x = ctx.x
+        x = _held_input(ctx)
         ctx.x = None
-        if x._version != ctx.x_version:
-            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
-                               f"inplace operation: the input of ConvBNAct2d is at version {x._version}; "
-                               f"expected version {ctx.x_version} instead.")
         weight, mean, invstd, gamma, beta = ctx.saved_tensors
         y = None
     else:
@@ -173,9 +214,6 @@ def _train_backward(ctx, dz):
     if ctx.has_bias:
         dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
     return dx, dw, dg, db, dcb, None, None
-
-
-_train_backward_once = torch.autograd.function.once_differentiable(_train_backward)
 
 
 def _output_padding(in_hw, out_shape, w_shape, stride, padding, dilation) -> list:
@@ -229,7 +267,13 @@ class ConvBNAct2d(nn.Module):
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | str | None = None,
                      memory: str = "recompute") -> "ConvBNAct2d":
         """Wrap an eager pair (the same parameter and buffer objects: no copy); act is a
-        module (ReLU, ReLU6, SiLU, GELU, LeakyReLU, Identity), a name, or None."""
+        module (ReLU, ReLU6, SiLU, GELU, LeakyReLU, Identity), a name, or None. Modules
+        with forward or backward hooks are refused: the fused module never calls them."""
+        for role, m in (("conv", conv), ("bn", bn), ("act", act)):
+            hooks = [kind for a, kind in _CALL_HOOKS.items() if isinstance(m, nn.Module) and getattr(m, a, None)]
+            if hooks:
+                raise ValueError(f"ConvBNAct2d.from_modules: {role} ({type(m).__name__}) has {' and '.join(hooks)}; the "
+                                 f"fused module never calls it, so they would not run")
         if isinstance(act, str):
             name, slope = act, 0.01
         else:
@@ -241,7 +285,9 @@ class ConvBNAct2d(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(conv, bn, name, slope, memory)
-        self.train(conv.training)
+        # the wrapper's own flag only: train() would recurse and undo a frozen BN (bn.eval()
+        # inside a training model), whose own flag decides in forward
+        self.training = conv.training
         return self
 
     def extra_repr(self) -> str:
@@ -322,10 +368,10 @@ class ConvBNAct2d(nn.Module):
                 and not torch.compiler.is_compiling()):
             running = [rm, bbufs["running_var"], float(bn.momentum), False]
         cd = _conv_dtype(x)
-        if cd is not None:  # what autocast does to the eager conv: both operands in cd
+        if cd is not None:  # what autocast does to the eager conv: each eligible operand in cd
             if x.dtype != cd:
                 x = x.to(cd)
-            if w.dtype != cd:
+            if w.dtype != cd and w.dtype != torch.float64:
                 w = w.to(cd)
             with no_autocast(x.device.type):
                 z, mean, var = self._train_step(x, w, bparams, conv_bias, conf, running)
@@ -339,7 +385,7 @@ class ConvBNAct2d(nn.Module):
                 mean = mean + conv_bias.detach().float()
             count = z.shape[0] * z.shape[2] * z.shape[3]
             rv, nbt, momentum = bbufs["running_var"], bbufs.get("num_batches_tracked"), bn.momentum
-            if momentum is None or nbt is None or rm.dtype != mean.dtype or rv.dtype != var.dtype:
+            if momentum is None or nbt is None or rm.dtype != mean.dtype or rv.dtype != var.dtype or count == 0:
                 reference.update_running_stats_(rm, rv, nbt, mean, var, count, momentum)
             else:  # eager's update in 3 launches: nbt += 1; lerp of both buffers
                 with torch.no_grad():
@@ -378,11 +424,16 @@ class ConvBNAct2d(nn.Module):
         w, b, b32 = self._folded_cached(_conv_dtype(x), params + (bbufs["running_mean"], bbufs["running_var"]), bn.eps)
         return conv_act_inference(x, w, b, b32, geometry, self.activation, self.negative_slope)
 
+    def train(self, mode: bool = True):
+        _drop_caches(self)
+        return super().train(mode)
+
     def _folded_cached(self, cast: torch.dtype | None, tensors: tuple, eps: float):
         """folded_weight_bias() (cast to `cast`, the autocast dtype, if given), recomputed
         only when a tensor it reads (conv weight and bias, BN weight, bias and running
         statistics) changed: its version counter, or its storage (a new dtype or device
-        is a new storage)."""
+        is a new storage), and after every train() / eval() call. Writes that leave the
+        version counter alone (through `.data`) are seen after the next model.eval()."""
         key = (cast, eps) + tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
         cache = self.__dict__.setdefault("_fold_cache", {})
         hit = cache.get(cast)
@@ -394,6 +445,14 @@ class ConvBNAct2d(nn.Module):
                     w, b = w.to(cast), b.to(cast)
             hit = cache[cast] = (key, w, b, b32)
         return hit[1], hit[2], hit[3]
+
+
+def _drop_caches(module: nn.Module) -> None:
+    """Forget the folded / cast weights: train() and eval() start afresh, whatever wrote the
+    parameters in between (a write through `.data` leaves no trace in the version counters
+    the caches are keyed on)."""
+    module.__dict__.pop("_fold_cache", None)
+    module.__dict__.pop("_cast_cache", None)
 
 
 def _traced() -> bool:
@@ -463,6 +522,10 @@ class FoldedConvAct2d(nn.Module):
         self.register_buffer("_ones", torch.ones(b.shape[0], device=b.device), persistent=False)
         self.train(False)
 
+    def train(self, mode: bool = True):
+        _drop_caches(self)
+        return super().train(mode)
+
     def forward(self, x):
         if self._extra_pad is not None:
             x = F.pad(x, self._extra_pad)
@@ -488,12 +551,19 @@ class StateDictKeyMap:
     """Parent-module hooks that keep an eager checkpoint's keys after a Conv2d/BN pair
     became one ConvBNAct2d at `fused` (the conv's name) with the BN's slot `bn_name`
     holding nn.Identity: saving writes `<fused>.weight`/`<bn_name>.*` (the eager keys);
-    loading accepts those (and the fused `<fused>.conv.*`/`<fused>.bn.*` keys)."""
+    loading accepts those (and the fused `<fused>.conv.*`/`<fused>.bn.*` keys). Both do
+    nothing once `fused` holds something else (fold_conv_bn's FoldedConvAct2d, whose
+    `weight` / `bias` are its own)."""
 
     def __init__(self, fused: str, bn_name: str):
         self.fused, self.bn_name = fused, bn_name
 
+    def _active(self, parent: nn.Module) -> bool:
+        return isinstance(parent._modules.get(self.fused), ConvBNAct2d)
+
     def save(self, module, state_dict, prefix, local_metadata):
+        if not self._active(module):
+            return state_dict
         conv_p, bn_p = f"{prefix}{self.fused}.conv.", f"{prefix}{self.fused}.bn."
         for key in list(state_dict.keys()):
             if key.startswith(conv_p):
@@ -503,6 +573,8 @@ class StateDictKeyMap:
         return state_dict
 
     def load(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if not self._active(module):
+            return
         for p in ("weight", "bias"):
             key = f"{prefix}{self.fused}.{p}"
             if key in state_dict:
@@ -532,7 +604,7 @@ def fold_conv_bn(model: nn.Module) -> nn.Module:
         return FoldedConvAct2d(model) if model.bn.running_mean is not None else model
 
     def visit(module):
-        if isinstance(module, nn.Sequential):
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             for names, conv, bn, act, _reason in sequential_chains(module):
                 if _reason is None and bn.running_mean is not None:
                     fused = ConvBNAct2d.from_modules(conv, bn, act)

@@ -116,10 +116,13 @@ def bn_act_backward(dz, y, mean, invstd, weight=None, bias=None, act: str = "ide
 
 def update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var, count: int, momentum):
     """Eager BatchNorm's running-statistics update (training with track_running_stats):
-    rm ← (1−f)·rm + f·μ, rv ← (1−f)·rv + f·σ²·M/(M−1), f = momentum or 1/num_batches_tracked."""
+    rm ← (1−f)·rm + f·μ, rv ← (1−f)·rv + f·σ²·M/(M−1), f = momentum or 1/num_batches_tracked
+    (0 without either, as eager); an empty batch (count 0) counts but leaves the buffers."""
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
+        if count == 0 or (momentum is None and num_batches_tracked is None):
+            return
         unbiased = var * (count / max(count - 1, 1))
         if momentum is None:  # cumulative average; a tensor factor (no host sync, compile-friendly)
             f = 1.0 / num_batches_tracked.double()

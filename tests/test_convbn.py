@@ -541,22 +541,34 @@ def test_input_modified_in_place_after_forward_raises(dev_backend, early_release
         out.sum().backward()
 
 
-def test_first_order_gradients_under_create_graph(dev_backend, early_release):
-    """create_graph=True gives the same first-order gradients; differentiating them again
-    raises (the backward is not differentiable) instead of returning a wrong result."""
+@pytest.mark.parametrize("memory", ["recompute", "fast"])
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu", "identity"])
+def test_second_order_gradients(dev_backend, early_release, memory, act):
+    """create_graph=True (a gradient penalty, e.g. R1 in GANs): the first-order gradients
+    equal those without it, and differentiating them again gives eager's second-order
+    gradients of x, the conv weight, gamma and beta (float64 on CPU)."""
     device, _ = dev_backend
-    eager = _pair(4, 4, 3, "silu", device, conv_kw=dict(padding=1))
-    fused = _fused_from(copy.deepcopy(eager))
-    x = torch.randn(2, 4, 6, 6, device=device)
-    grads = []
-    for model, create_graph in ((eager, False), (fused, False), (fused, True)):
+    dt = torch.float64 if device == "cpu" else torch.float32
+    # (float64 BN statistics go through fp32 math in the first-order path)
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    eager = _pair(4, 5, 3, act, device, conv_kw=dict(padding=1, stride=2)).to(dt)
+    fused = _fused_from(copy.deepcopy(eager), memory)
+    x = torch.randn(3, 4, 7, 6, device=device, dtype=dt)
+    gout = torch.randn(3, 5, 4, 3, device=device, dtype=dt)
+    results = []
+    for model in (eager, fused):
         xx = x.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(model(xx).square().sum(), xx, create_graph=create_graph)
-        grads.append(gx)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(grads[2], grads[1], rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grads[2].sum().backward()
+        (g1,) = torch.autograd.grad(model(xx), xx, gout)
+        (gx,) = torch.autograd.grad(model(xx), xx, gout, create_graph=True)
+        assert gx.requires_grad
+        torch.testing.assert_close(gx, g1, **tol)
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.grad = None
+        (gx.square().sum() + model(xx).sum()).backward()  # penalty + loss
+        results.append([xx.grad] + [p.grad for p in params])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, **tol)
 
 
 def _compare_step(ref, model, x, ref_weight, weight):
@@ -645,6 +657,14 @@ def test_frozen_bn_in_a_training_model(dev_backend):
     _compare_step(eager, fused, torch.randn(2, 3, 6, 6, device=device), eager[0].weight, fused.conv.weight)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(fused.bn, name), getattr(eager[1], name)), name
+    # frozen before wrapping: from_modules keeps the BN's (and the conv's) own modes
+    eager.zero_grad(set_to_none=True)
+    frozen = copy.deepcopy(eager)
+    wrapped = ConvBNAct2d.from_modules(frozen[0], frozen[1], frozen[2])
+    assert wrapped.training and not wrapped.bn.training and wrapped.conv.training
+    _compare_step(eager, wrapped, torch.randn(2, 3, 6, 6, device=device), eager[0].weight, wrapped.conv.weight)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(wrapped.bn, name), getattr(eager[1], name)), name
 
 
 def test_sync_batchnorm_swapped_in_runs_the_modules():
@@ -717,6 +737,10 @@ def test_eval_fold_cache_follows_changes(dev_backend):
     check("after a training step")
     fused.load_state_dict(_fused_from(_trained_pair(device, "relu")).state_dict())
     check("after load_state_dict")
+    eager[0].weight.data.mul_(1.5)  # a write that leaves the version counter alone (EMA code does
+    eager[1].bias.data.add_(0.5)    # this): seen after the next eval(), as the docstring says
+    fused.eval()
+    check("after .data writes and eval()")
     with torch.no_grad():  # a dtype conversion swaps every tensor's storage: a new fold
         got = fused.double()(x.double())
         want = eager.double()(x.double())
@@ -928,3 +952,112 @@ def test_compile_fullgraph_inductor_gpu(backend):
         y2.float().square().sum().backward()
         torch.testing.assert_close(x2.grad, x1.grad, atol=5e-2, rtol=5e-2)
         torch.testing.assert_close(twin.bn.running_mean, fused.bn.running_mean, atol=1e-3, rtol=1e-3)
+
+
+def test_from_modules_refuses_hooked_modules():
+    """A forward (or backward) hook on the conv, the BN or the activation would never run
+    inside the fused module: from_modules refuses it and names it."""
+    eager = _pair(3, 4, 3, "relu")
+    eager[1].register_forward_hook(lambda *_: None)
+    with pytest.raises(ValueError, match=r"bn \(BatchNorm2d\) has forward hooks"):
+        ConvBNAct2d.from_modules(eager[0], eager[1], eager[2])
+    eager = _pair(3, 4, 3, "relu")
+    eager[2].register_forward_pre_hook(lambda *_: None)
+    with pytest.raises(ValueError, match=r"act \(ReLU\) has forward pre-hooks"):
+        ConvBNAct2d.from_modules(eager[0], eager[1], eager[2])
+
+
+@pytest.mark.parametrize("memory", ["recompute", "fast"])
+def test_train_empty_batch(dev_backend, memory):
+    """A batch of 0 samples, as eager: an empty output and gradients, num_batches_tracked
+    counted, running statistics untouched (not NaN), later eval outputs finite."""
+    device, _ = dev_backend
+    for bn_kw in (dict(), dict(momentum=None)):
+        eager = _pair(3, 4, 3, "relu", device, conv_kw=dict(padding=1), bn_kw=bn_kw)
+        fused = _fused_from(eager, memory)
+        for m in (eager, fused):
+            x = torch.randn(0, 3, 5, 5, device=device, requires_grad=True)
+            y = m(x)
+            assert y.shape == (0, 4, 5, 5)
+            y.sum().backward()
+            assert x.grad.shape == x.shape
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(fused.bn, name), getattr(eager[1], name)), (bn_kw, name)
+        fused.eval()
+        assert torch.isfinite(fused(torch.randn(1, 3, 5, 5, device=device))).all()
+
+
+def test_momentum_none_without_batch_count():
+    """momentum=None (cumulative average) with num_batches_tracked removed: eager's factor is
+    0 (the running statistics stay); no error."""
+    eager = _pair(3, 4, 3, "relu", conv_kw=dict(padding=1), bn_kw=dict(momentum=None))
+    eager[1].num_batches_tracked = None
+    fused = _fused_from(eager)
+    x = torch.randn(2, 3, 5, 5)
+    _compare_step(eager, fused, x, eager[0].weight, fused.conv.weight)
+    torch.testing.assert_close(fused.bn.running_mean, eager[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(fused.bn.running_var, eager[1].running_var, rtol=0, atol=0)
+
+
+def test_float64_under_cpu_autocast_stays_float64():
+    """CPU autocast leaves float64 alone (only other floating dtypes are eligible), in
+    training as in eval."""
+    eager = _pair(3, 4, 3, "silu", conv_kw=dict(padding=1)).double()
+    fused = _fused_from(eager)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        getattr(eager, mode)(), getattr(fused, mode)()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = eager(x), fused(x)
+        assert got.dtype == want.dtype == torch.float64, mode
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_step_errors_carry_the_conv_message(dev_backend):
+    """A conv error inside the native step reaches the caller with the conv's own message
+    (the stable ABI's dispatcher call alone says only that the call failed)."""
+    device, _ = dev_backend
+    fused = _fused_from(_pair(3, 4, 3, "relu", device))
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        fused(torch.randn(2, 3, 2, 2, device=device))
+
+
+def test_fold_after_convert_keeps_loading_its_own_state_dict():
+    """convert() leaves a key map on the parent (eager checkpoint keys); after fold_conv_bn
+    the folded module's own weight / bias must load back unchanged."""
+    model = nn.Sequential(*_pair(3, 4, 3, "relu", conv_kw=dict(padding=1)))
+    model(torch.randn(4, 3, 5, 5))
+    fusedops.convert(model)
+    fusedops.fold_conv_bn(model)
+    state = copy.deepcopy(model.state_dict())
+    assert set(state) == {"0.weight", "0.bias"}
+    model.load_state_dict(state)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+        clone = copy.deepcopy(model)
+        clone.load_state_dict(state)
+        torch.testing.assert_close(clone(x), want, rtol=0, atol=0)
+
+
+def test_fold_leaves_sequential_subclasses_with_their_own_forward():
+    """An nn.Sequential subclass whose forward is its own (here the conv output also feeds a
+    skip) is not a chain: fold_conv_bn leaves it; one with Sequential's forward is folded."""
+    class Skip(nn.Sequential):
+        def forward(self, x):
+            y = self[0](x)
+            return self[2](self[1](y)) + y
+
+    class Plain(nn.Sequential):
+        pass
+
+    for cls, folded in ((Skip, False), (Plain, True)):
+        model = cls(*_pair(3, 4, 3, "relu", conv_kw=dict(padding=1)))
+        model(torch.randn(4, 3, 5, 5))
+        model.eval()
+        x = torch.randn(2, 3, 5, 5)
+        with torch.no_grad():
+            want = model(x)
+            fusedops.fold_conv_bn(model)
+            assert isinstance(model[0], FoldedConvAct2d) == folded, cls.__name__
+            torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)

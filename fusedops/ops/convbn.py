@@ -47,6 +47,21 @@ def check_batch_values(x, weight, stride, padding, dilation) -> None:
                          f"{[x.shape[0], weight.shape[0], *hw]}")
 
 
+def _native_call(op, args, x, w, geometry):
+    """op(*args); where it fails inside a dispatcher call from the extension (the stable ABI
+    of this torch passes a bare "API call failed" without the message), the conv is run
+    again from Python so that its own error (a kernel larger than the input, mismatched
+    dtypes, out of memory, ...) is what the caller sees."""
+    try:
+        return op(*args)
+    except RuntimeError as exc:
+        if "API call failed" not in str(exc):
+            raise
+        stride, padding, dilation, groups = geometry
+        F.conv2d(x, w, None, stride, padding, dilation, groups)
+        raise
+
+
 def train_forward(x, w, gamma, beta, geometry, eps: float, act: str, slope: float, running=None):
     """(z, mean, invstd, var, y): y = conv(x, w) (no bias), batch statistics of y (fp32,
     biased var), z = act(BN(y)). running: [running_mean, running_var, momentum, done] or
@@ -55,8 +70,8 @@ def train_forward(x, w, gamma, beta, geometry, eps: float, act: str, slope: floa
     native = bnops.train_native_args(x, x.device, w, gamma, beta, running)
     if native is not None:  # conv, stats (+ running update) and apply in one native call
         g32, b32, rm, rv, momentum = native
-        return bnops.op_train_fwd()(x, w, stride, padding, dilation, groups, eps, g32, b32, bnops.ACT_CODES[act],
-                                    slope, momentum, rm, rv)
+        return _native_call(bnops.op_train_fwd(), (x, w, stride, padding, dilation, groups, eps, g32, b32,
+                                                   bnops.ACT_CODES[act], slope, momentum, rm, rv), x, w, geometry)
     y = F.conv2d(x, w, None, stride, padding, dilation, groups)
     z, mean, invstd, var = bnops.forward_direct(y, eps, gamma, beta, act, slope, running)
     return z, mean, invstd, var, y
@@ -78,8 +93,9 @@ def train_backward(dz, x, w, y, mean, invstd, gamma, beta, geometry, act: str, s
         native = bnops.train_native_args(x, x.device, w, gamma, beta, None)
     if native is not None:  # conv recompute, BN backward, dW and (unless split) dX: one native call
         mask = (1 if needs_dx else 0) | (2 if needs_dw else 0) | (4 if split else 0)
-        return bnops.op_train_bwd()(dz, x, w, y, stride, padding, dilation, groups, mean, invstd, native[0], native[1],
-                                    bnops.ACT_CODES[act], slope, mask)
+        return _native_call(bnops.op_train_bwd(), (dz, x, w, y, stride, padding, dilation, groups, mean, invstd,
+                                                   native[0], native[1], bnops.ACT_CODES[act], slope, mask),
+                            x, w, geometry)
     recompute = y is None
     if recompute:
         y = F.conv2d(x, w, None, stride, padding, dilation, groups)
