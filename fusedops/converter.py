@@ -1,16 +1,19 @@
 """fusedops.convert(model): replace supported module patterns with fused fusedops modules.
 
-Families plug in `Rule`s (register_rule). A rule sees the children of an nn.Sequential
-from one position on and may claim a chain of them (e.g. LayerNorm → GELU); the first
-module of the chain is replaced by the fused module and the others by nn.Identity(), so
-positions — and state_dict keys of the first module — stay put. A rule may also replace
-a lone module anywhere in the tree (e.g. a plain LayerNorm). Model-level passes (e.g. a
-torch.fx analysis that proves a dataflow outside nn.Sequential) run first.
+Families plug in `Rule`s (register_rule). A rule sees the children of a plain
+nn.Sequential (see `plain_sequential`: an nn.Sequential subclass with its own forward is
+not a chain and is handled like any other module) from one position on and may claim a
+chain of them (e.g. LayerNorm → GELU); the first module of the chain is replaced by the
+fused module and the others by nn.Identity() (each in the training mode of the module it
+replaces), so positions — and state_dict keys of the first module — stay put. A rule may
+also replace a lone module anywhere in the tree (e.g. a plain LayerNorm). Model-level
+passes (e.g. a torch.fx analysis that proves a dataflow outside nn.Sequential) run first.
 
 Weights, dtype, device and training mode are kept; everything else is left untouched.
-Modules with hooks (forward / backward, e.g. the old-style weight_norm or spectral_norm)
-are left in place: a fused module never calls them, so their hooks would stop running.
-The returned report lists what was replaced and what was skipped, and why.
+Modules with hooks (forward / backward, e.g. the old-style weight_norm or spectral_norm,
+and state_dict / load_state_dict hooks) are left in place: a fused module never calls
+them, so their hooks would stop running. The returned report lists what was replaced and
+what was skipped, and why.
 """
 from __future__ import annotations
 
@@ -72,18 +75,31 @@ def register_rule(rule: Rule) -> Rule:
 
 
 _HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
-          "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+          "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks",
+          "_state_dict_pre_hooks": "state_dict pre-hooks", "_state_dict_hooks": "state_dict hooks",
+          "_load_state_dict_pre_hooks": "load_state_dict pre-hooks",
+          "_load_state_dict_post_hooks": "load_state_dict post-hooks"}
 
 
 def hooked(*modules: nn.Module) -> str | None:
     """Why these modules cannot be replaced by a fused module that never calls them: hooks
     registered on them (e.g. torch.nn.utils.weight_norm / spectral_norm, feature
-    extractors) would stop running. None when there are none."""
+    extractors, state_dict / load_state_dict hooks that add, rename or check keys) would
+    stop running. None when there are none. (A hook dict this torch version lacks counts
+    as empty.)"""
     for m in modules:
         kinds = [kind for attr, kind in _HOOKS.items() if getattr(m, attr, None)]
         if kinds:
             return f"{type(m).__name__} has {' and '.join(kinds)}"
     return None
+
+
+def plain_sequential(module: nn.Module) -> bool:
+    """Whether `module` runs its children one after the other, i.e. is an nn.Sequential
+    whose forward is nn.Sequential.forward (not a subclass's own forward, nor one set on
+    the instance). Only then are consecutive children a chain."""
+    return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+            and "forward" not in vars(module))
 
 
 def _like(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -98,7 +114,7 @@ def _pattern(mods) -> str:
 
 
 def _walk(module: nn.Module, prefix: str, report: ConvertReport) -> None:
-    if isinstance(module, nn.Sequential):
+    if plain_sequential(module):
         children = list(module._modules.items())
         i = 0
         while i < len(children):
@@ -122,8 +138,8 @@ def _walk(module: nn.Module, prefix: str, report: ConvertReport) -> None:
                 i += 1
                 continue
             module._modules[names[0]] = _like(fused, olds[0])
-            for n in names[1:]:
-                module._modules[n] = nn.Identity()
+            for n, old in zip(names[1:], olds[1:]):
+                module._modules[n] = _like(nn.Identity(), old)
             report.replaced.append(Replaced(f"{prefix}{names[0]}", _pattern(olds), type(fused).__name__))
             i += count
     for name, child in list(module._modules.items()):

@@ -565,11 +565,14 @@ class StateDictKeyMap:
         if not self._active(module):
             return state_dict
         conv_p, bn_p = f"{prefix}{self.fused}.conv.", f"{prefix}{self.fused}.bn."
-        for key in list(state_dict.keys()):
+        items = list(state_dict.items())
+        state_dict.clear()  # re-filled in the same order, the fused keys renamed in place
+        for key, value in items:
             if key.startswith(conv_p):
-                state_dict[f"{prefix}{self.fused}." + key[len(conv_p):]] = state_dict.pop(key)
+                key = f"{prefix}{self.fused}." + key[len(conv_p):]
             elif key.startswith(bn_p):
-                state_dict[f"{prefix}{self.bn_name}." + key[len(bn_p):]] = state_dict.pop(key)
+                key = f"{prefix}{self.bn_name}." + key[len(bn_p):]
+            state_dict[key] = value
         return state_dict
 
     def load(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -596,7 +599,7 @@ def fold_conv_bn(model: nn.Module) -> nn.Module:
     nn.Sequential) that uses running statistics by a FoldedConvAct2d: weight and bias
     computed in fp32 and cast back, then the activation. The model is put in eval mode.
     """
-    from . import converter  # noqa: F401  (the chain rule lives in fusedops.converter_convbn)
+    from .converter import plain_sequential
     from .converter_convbn import sequential_chains
 
     model.eval()
@@ -604,7 +607,7 @@ def fold_conv_bn(model: nn.Module) -> nn.Module:
         return FoldedConvAct2d(model) if model.bn.running_mean is not None else model
 
     def visit(module):
-        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        if plain_sequential(module):
             for names, conv, bn, act, _reason in sequential_chains(module):
                 if _reason is None and bn.running_mean is not None:
                     fused = ConvBNAct2d.from_modules(conv, bn, act)
