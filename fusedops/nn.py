@@ -130,7 +130,7 @@ class LayerNormAct(_NormBase):
 
 class RMSNormAct(_NormBase):
     """act(nn.RMSNorm(x)); arguments as nn.RMSNorm plus `activation` (eps=None: the
-    machine epsilon of the compute dtype, as nn.RMSNorm)."""
+    machine epsilon of the compute dtype, as nn.RMSNorm: fp32's for fp16/bf16/fp32 input)."""
     _rms = True
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,

@@ -574,3 +574,188 @@ def test_one_dim_input_grads(backend):
     for o, e in zip(ours, eager):
         assert o.shape == (77,)
         torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)
+
+
+# ---- RMSNorm's default eps ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_rms_eps_none_matches_eager(dev_backend, dtype):
+    """eps=None: the machine epsilon of the dtype F.rms_norm computes in (fp32 for fp16 /
+    bf16 / fp32 input, fp64 for fp64), not of the input's dtype. Tiny activations make eps
+    dominate (with bf16's eps the output is ~100x too small)."""
+    device, _ = dev_backend
+    torch.manual_seed(0)
+    n = 64
+    x = (torch.randn(5, n, device=device) * 1e-3).to(dtype)
+    r = (torch.randn(5, n, device=device) * 1e-3).to(dtype)
+    w = (torch.rand(n, device=device) + 0.5).to(dtype)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    assert norm_ops._rms_eps(None, x) == torch.finfo(opmath).eps
+    want = F.silu(F.rms_norm(x.double(), (n,), w.double(), torch.finfo(opmath).eps))  # fp64, eager's eps
+    eager = F.silu(F.rms_norm(x, (n,), w))
+    torch.testing.assert_close(eager.double(), want, rtol=2e-2, atol=1e-3)  # (the rule above is eager's)
+    s = x + r
+    want_s = F.silu(F.rms_norm(s.double(), (n,), w.double(), torch.finfo(opmath).eps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fusedops.FallbackWarning)
+        outs = [(fusedops.rms_norm_act(x, w, None, "silu"), want),
+                (fusedops.rms_norm_act(x, w, activation="silu"), want),
+                (torch.ops.fusedops.rms_norm_act(x, w, norm_ops._rms_eps(None, x), "silu")[0], want),
+                (fusedops.add_rms_norm_act(x, r, w, None, "silu")[0], want_s),
+                (fusedops.add_rms_norm_act(x, r.clone(), w, None, "silu", inplace=True)[0], want_s)]
+        # torch.jit.trace writes the norm in torch ops: the same eps there
+        traced = torch.jit.trace(lambda t: fusedops.rms_norm_act(t, w, None, "silu"), (x,), check_trace=False)
+        assert "fusedops::" not in str(traced.graph)
+        outs.append((traced(x), want))
+    for got, ref in outs:
+        assert got.dtype == dtype
+        assert_close_rule(got, eager if ref is want else F.silu(F.rms_norm(s, (n,), w)), ref,
+                          atol=torch.finfo(dtype).eps, name=str(dtype))
+
+
+# ---- double backward (create_graph=True) ----------------------------------------------------
+
+def _kind_fn(kind, act):
+    """kind's function of (x, r?, w, b?) for gradgradcheck; the in-place kinds write into a
+    copy of r made inside (a leaf r cannot be written with grad)."""
+    if kind == "ln":
+        return (lambda x, w, b: fusedops.layer_norm_act(x, w, b, 1e-5, act)), "xwb"
+    if kind == "rms":
+        return (lambda x, w: fusedops.rms_norm_act(x, w, 1e-6, act)), "xw"
+    inplace = kind.endswith("_")
+    if "ln" in kind:
+        return (lambda x, r, w, b: fusedops.add_layer_norm_act(x, r * 1 if inplace else r, w, b, 1e-5, act,
+                                                               inplace=inplace)), "xrwb"
+    return (lambda x, r, w: fusedops.add_rms_norm_act(x, r * 1 if inplace else r, w, 1e-6, act,
+                                                      inplace=inplace)), "xrw"
+
+
+def _eager_fn(kind, act):
+    """The same function in eager torch ops (the in-place kinds as eager's add_)."""
+    def f(x, r=None, w=None, b=None):
+        if kind.startswith("add"):
+            s = r * 1
+            s.add_(x)
+        else:
+            s = x
+        n = x.shape[-1]
+        z = F.layer_norm(s, (n,), w, b, 1e-5) if "ln" in kind else F.rms_norm(s, (n,), w, 1e-6)
+        y = R.activation(z, act)
+        return (y, s) if kind.startswith("add") else y
+    return f
+
+
+def _dd_inputs(seed=0):
+    """x, r (3, 7), w, b (7,) in float64."""
+    g = torch.Generator().manual_seed(seed)
+    n = 7
+    return {"x": torch.randn(3, n, generator=g, dtype=torch.float64),
+            "r": torch.randn(3, n, generator=g, dtype=torch.float64),
+            "w": torch.rand(n, generator=g, dtype=torch.float64) + 0.5,
+            "b": torch.randn(n, generator=g, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradgradcheck_fp64(kind, act):
+    """Second derivatives of the public functions (float64: the ops' autograd path and, for
+    the in-place kinds, the in-place Function) against finite differences."""
+    fn, args = _kind_fn(kind, act)
+    ts = _dd_inputs()
+    inputs = tuple(ts[a].requires_grad_() for a in args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fusedops.FallbackWarning)
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rms", [False, True])
+def test_gradgradcheck_fast_function_fp64(rms, residual, act):
+    """The host-time fast path's Function (_NormActFast), run in float64 through the
+    reference forward and backward (its kernels are fp32/bf16/fp16 only), against finite
+    differences: its create_graph backward."""
+    x, r, w, b = (t.requires_grad_() for t in _dd_inputs(seed=1).values())
+    kernels = (norm_ops._reference_forward, R.norm_act_backward)
+
+    def f(x, r, w, b):
+        return norm_ops._NormActFast.apply(x, r if residual else None, w, None if rms else b,
+                                           (1e-5, act, torch.float64, rms, kernels))
+
+    assert torch.autograd.gradgradcheck(f, (x, r, w, b))
+
+
+def _penalty_grads(fn, kind, ts, dtype):
+    """A gradient penalty: L = sum(y^2) (+ sum(s^3)), P = |dL/dx|^2 + |dL/dr|^2 + |dL/dw|^2, and
+    dP/d(x, r, w, b) (None where the input is absent)."""
+    args = "xrwb" if kind.startswith("add") else "xwb"
+    if "rms" in kind:
+        args = args.replace("b", "")
+    leaves = {a: ts[a].to(dtype).requires_grad_() for a in args}
+    out = fn(**leaves)
+    y, s = out if isinstance(out, tuple) else (out, None)
+    loss = y.square().sum() + (0 if s is None else s.pow(3).sum())
+    first = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+    assert all(g.requires_grad for g in first)
+    penalty = sum(g.square().sum() for g in first)
+    # (materialised: an input that the penalty does not reach gets zeros, e.g. b with identity)
+    return dict(zip(args, torch.autograd.grad(penalty, list(leaves.values()), materialize_grads=True))), y.detach()
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_penalty_matches_eager(dev_backend, kind, act):
+    """Double backward through the public functions vs eager: float64 (the ops' autograd
+    path) and float32 (the kernels' fast path, and the in-place Function), each against
+    eager in float64."""
+    device, _ = dev_backend
+    ts = {k: v.to(device) for k, v in _dd_inputs(seed=2).items()}
+    want, y_want = _penalty_grads(_eager_fn(kind, act), kind, ts, torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fusedops.FallbackWarning)
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            got, y = _penalty_grads(_kind_fn(kind, act)[0], kind, ts, dtype)
+            torch.testing.assert_close(y.double(), y_want, rtol=tol, atol=tol)
+            assert set(got) == set(want)
+            for a in want:
+                scale = want[a].abs().max().item() + 1
+                torch.testing.assert_close(got[a].double(), want[a], rtol=tol, atol=tol * scale, msg=f"{a} {dtype}")
+
+
+def test_double_backward_fp32_takes_fast_path():
+    """The fp32 calls of test_gradient_penalty_matches_eager run through the fast path's
+    Function (not the ops)."""
+    x = torch.randn(3, 8, requires_grad=True)
+    assert type(fusedops.layer_norm_act(x, None, None, 1e-5, "gelu").grad_fn).__name__ == "_NormActFastBackward"
+    y, s = fusedops.add_rms_norm_act(x, torch.randn(3, 8), None, 1e-5, "gelu")
+    assert type(y.grad_fn).__name__ == "_NormActFastBackward"
+
+
+# ---- only s used: no gradient for weight / bias -----------------------------------------------
+
+@pytest.mark.parametrize("path", ["fast", "op", "inplace", "fp64"])
+@pytest.mark.parametrize("rms", [False, True])
+def test_only_s_used_leaves_param_grads_none(dev_backend, rms, path):
+    """y unused: the norm's backward does not run, as in eager (s = x + r; norm(s)):
+    weight.grad and bias.grad stay None and x (and the residual) get ds itself."""
+    device, _ = dev_backend
+    dtype = torch.float64 if path == "fp64" else torch.float32
+    x = torch.randn(4, 16, device=device, dtype=dtype, requires_grad=True)
+    rl = torch.randn(4, 16, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(16, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(16, device=device, dtype=dtype, requires_grad=True)
+    ds = torch.randn(4, 16, device=device, dtype=dtype)
+    r = rl * 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fusedops.FallbackWarning)
+        if path == "op":
+            out = (torch.ops.fusedops.add_rms_norm_act(x, r, w, 1e-5, "gelu") if rms
+                   else torch.ops.fusedops.add_layer_norm_act(x, r, w, b, 1e-5, "gelu"))
+            s = out[1]
+        elif rms:
+            _, s = fusedops.add_rms_norm_act(x, r, w, 1e-5, "gelu", inplace=path == "inplace")
+        else:
+            _, s = fusedops.add_layer_norm_act(x, r, w, b, 1e-5, "gelu", inplace=path == "inplace")
+        s.backward(ds)
+    assert w.grad is None and b.grad is None
+    assert torch.equal(x.grad, ds) and torch.equal(rl.grad, ds)

@@ -142,7 +142,8 @@ def test_inductor_policy_checks_arguments(policy):
 
 
 def test_inductor_policy_keeps_inplace_op(policy):
-    """The in-place residual form is not rewritten (its mutation stays the op's)."""
+    """The in-place residual form is not rewritten into torch ops: the fusedops op runs (with
+    grad, as here through the weight, the functional op and a copy into the residual)."""
     policy("inductor")
     m = AddLayerNorm(16, inplace=True)
     x = torch.randn(2, 16)
@@ -166,3 +167,78 @@ def test_auto_policy_by_hidden_size(policy, n):
     want = F.silu(F.rms_norm(x + r, (n,), m.weight, torch.finfo(torch.float32).eps))
     torch.testing.assert_close(s, x + r)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use", ["y", "y+s"])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("module", [False, True], ids=["function", "module"])
+def test_compile_inplace_residual_gradients(policy, module, rms, use):
+    """inplace=True under torch.compile with a residual that requires grad through the graph
+    (the residual stream from before the compiled region): the gradients reaching x, the
+    residual's producer and the weight are eager's (autograd.Function.mark_dirty loses the
+    residual's under compile: the compiled call takes the functional op + copy_). Against
+    fusedops eager and eager torch (r.add_(x); norm) in float64; the written residual too."""
+    policy("auto")
+    torch.manual_seed(0)
+    n = 24
+    x0, r0 = torch.randn(3, n), torch.randn(3, n)
+    w0, b0 = torch.rand(n) + 0.5, torch.randn(n)
+    m = (AddRMSNorm if rms else AddLayerNorm)(n, eps=1e-5, activation="silu", inplace=True)
+    with torch.no_grad():
+        m.weight.copy_(w0)
+        if not rms:
+            m.bias.copy_(b0)
+
+    def run(kind, dtype):
+        x = x0.to(dtype, copy=True).requires_grad_()
+        rl = r0.to(dtype, copy=True).requires_grad_()
+        w = m.weight if kind != "torch" else w0.to(dtype, copy=True).requires_grad_()
+        b = None if rms else (m.bias if kind != "torch" else b0.to(dtype, copy=True).requires_grad_())
+        m.zero_grad()
+
+        def f(x, r):
+            if kind == "torch":
+                r.add_(x)
+                z = F.rms_norm(r, (n,), w, 1e-5) if rms else F.layer_norm(r, (n,), w, b, 1e-5)
+                y, s = F.silu(z), r
+            elif module:
+                y, s = m(x, r)
+            elif rms:
+                y, s = fusedops.add_rms_norm_act(x, r, w, 1e-5, "silu", inplace=True)
+            else:
+                y, s = fusedops.add_layer_norm_act(x, r, w, b, 1e-5, "silu", inplace=True)
+            return (y * y).sum() + ((s * s * s).sum() if use == "y+s" else 0)
+
+        fn = torch.compile(f, backend="aot_eager", fullgraph=True) if kind == "compiled" else f
+        r = rl * 1  # requires grad through the graph (not a leaf)
+        fn(x, r).backward()
+        return [r.detach(), x.grad, rl.grad, w.grad] + ([] if rms else [b.grad])
+
+    want = run("torch", torch.float64)
+    eager = run("eager", torch.float32)
+    got = run("compiled", torch.float32)
+    for i, (g, e, t) in enumerate(zip(got, eager, want)):
+        assert g is not None, f"output {i}: no gradient"
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"output {i} vs fusedops eager: {m}")
+        torch.testing.assert_close(g.double(), t, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"output {i} vs torch fp64: {m}")
+
+
+@pytest.mark.parametrize("value", ["op", "inductor"])
+def test_compile_rms_default_eps(policy, value):
+    """eps=None under torch.compile (torch ops or the op): F.rms_norm's eps, fp32's for bf16
+    input; tiny activations make it visible."""
+    policy(value)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 32) * 1e-3).bfloat16()
+    r = (torch.randn(4, 32) * 1e-3).bfloat16()
+    w = torch.rand(32).bfloat16() + 0.5
+    graphs = []
+    f = torch.compile(lambda x, r: (fusedops.rms_norm_act(x, w, None, "silu"),
+                                    fusedops.add_rms_norm_act(x, r, w, None, "silu")[0]),
+                      backend=_capture(graphs), fullgraph=True)
+    y, ya = f(x, r)
+    assert _has_fusedops(graphs[0]) == (value == "op")
+    eps = torch.finfo(torch.float32).eps
+    for got, s in ((y, x), (ya, x + r)):
+        want = F.silu(F.rms_norm(s.double(), (32,), w.double(), eps))
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-3)

@@ -188,3 +188,185 @@ def test_convert_round_trip(dev_backend):
     ref_grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- in-place residual: refusals, views, tracing ----------------------------------------------
+
+ADD_CALLS = ["add_layer_norm_act", "add_rms_norm_act", AddLayerNorm, AddRMSNorm]
+_ids = lambda c: c if isinstance(c, str) else c.__name__  # noqa: E731
+
+
+def _add_call(call, w0, b0, inplace=True):
+    """(f(x, residual) -> (y, s), weight, bias or None) for a functional or module add-norm
+    call (SiLU, eps 1e-5) with weight w0 and bias b0 (parameters requiring grad)."""
+    rms = call in ("add_rms_norm_act", AddRMSNorm)
+    if isinstance(call, str):
+        w = w0.clone().requires_grad_()
+        b = None if rms else b0.clone().requires_grad_()
+        if rms:
+            return (lambda x, r: fusedops.add_rms_norm_act(x, r, w, 1e-5, "silu", inplace=inplace)), w, b
+        return (lambda x, r: fusedops.add_layer_norm_act(x, r, w, b, 1e-5, "silu", inplace=inplace)), w, b
+    m = call(w0.shape[0], eps=1e-5, activation="silu", inplace=inplace, device=w0.device, dtype=w0.dtype)
+    with torch.no_grad():
+        m.weight.copy_(w0)
+        if not rms:
+            m.bias.copy_(b0)
+    return m, m.weight, (None if rms else m.bias)
+
+
+def _eager_add(x, r, w, b):
+    """eager: r.add_(x), then the norm of r (RMSNorm when b is None) + SiLU."""
+    r.add_(x)
+    n = x.shape[-1]
+    z = nn.functional.rms_norm(r, (n,), w, 1e-5) if b is None else nn.functional.layer_norm(r, (n,), w, b, 1e-5)
+    return nn.functional.silu(z), r
+
+
+@pytest.mark.parametrize("call", ADD_CALLS, ids=_ids)
+def test_inplace_leaf_residual_refused_before_writing(dev_backend, call):
+    """A leaf residual that requires grad (or a view of one) under grad mode: eager's add_
+    error, in its words, and the buffer untouched; under no_grad the write is allowed, as
+    in eager."""
+    device, _ = dev_backend
+    f, _, _ = _add_call(call, torch.rand(16, device=device) + 0.5, torch.randn(16, device=device))
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    r = torch.randn(4, 16, device=device, requires_grad=True)
+    before = r.detach().clone()
+    for target, msg in ((r, "^a leaf Variable that requires grad is being used in an in-place operation"),
+                        (r[1:3], "^a view of a leaf Variable that requires grad is being used in an in-place")):
+        with pytest.raises(RuntimeError, match=msg):
+            f(x[:target.shape[0]], target)
+        assert torch.equal(r.detach(), before), "the residual must not be written before the error"
+        with pytest.raises(RuntimeError, match=msg):  # (eager's own words)
+            target.add_(x[:target.shape[0]])
+    with torch.no_grad():
+        y, s = f(x, r)
+    assert s is r
+    torch.testing.assert_close(r.detach(), before + x.detach())
+
+
+VIEW_CASES = {"reshape": (lambda h: (h * 1).view(-1, h.shape[-1]), True),
+              "slice": (lambda h: (h * 1)[:, 1], True),
+              "no-grad-buffer": (lambda h: h.detach().clone().view(-1, h.shape[-1]), False),
+              "transposed": (lambda h: (h * 1).transpose(0, 1), True)}
+
+
+@pytest.mark.parametrize("case", list(VIEW_CASES))
+@pytest.mark.parametrize("call", ADD_CALLS, ids=_ids)
+def test_inplace_view_residual_matches_eager(dev_backend, call, case):
+    """inplace=True with grad where the residual is a view (the residual stream reshaped, a
+    slice, a preallocated buffer's view): as eager's residual.add_(x) + norm, in values (y,
+    the written buffer) and gradients (x, the residual's producer h, weight, bias), eager in
+    float64."""
+    device, _ = dev_backend
+    make, h_grad = VIEW_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    h0, w0, b0 = torch.randn(3, 4, 16, generator=g), torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    out = {}
+    for impl, dtype in (("ours", torch.float32), ("eager", torch.float64)):
+        h = h0.to(device, dtype, copy=True).requires_grad_(h_grad)
+        w, b = w0.to(device, dtype), b0.to(device, dtype)
+        if impl == "ours":
+            f, w, b = _add_call(call, w, b)
+        else:
+            w = w.requires_grad_()
+            b = None if call in ("add_rms_norm_act", AddRMSNorm) else b.requires_grad_()
+            f = lambda x, r, w=w, b=b: _eager_add(x, r, w, b)  # noqa: E731
+        r = make(h)
+        assert r._is_view()
+        x = torch.randn(r.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype).requires_grad_()
+        y, s = f(x, r)
+        assert s is r
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+        (y * dy).sum().backward()
+        out[impl] = [y.detach(), r._base.detach(), x.grad, h.grad, w.grad, None if b is None else b.grad]
+    for i, (a, e) in enumerate(zip(out["ours"], out["eager"])):
+        if e is None:
+            assert a is None, i
+        else:
+            torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5, msg=f"{case}: output {i}")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_residual_none_is_a_type_error(inplace):
+    """residual=None: a TypeError naming it (eager x + None raises one too), not a norm of x
+    alone returned with s = None."""
+    x = torch.randn(2, 8, requires_grad=True)
+    for f in (lambda: fusedops.add_layer_norm_act(x, None, inplace=inplace),
+              lambda: fusedops.add_rms_norm_act(x, None, eps=1e-5, inplace=inplace),
+              lambda: AddLayerNorm(8, inplace=inplace)(x, None),
+              lambda: AddRMSNorm(8, inplace=inplace)(x, None)):
+        with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+            f()
+        with torch.no_grad(), pytest.raises(TypeError, match="residual"):
+            f()
+
+
+@pytest.mark.parametrize("cls", [AddLayerNorm, AddRMSNorm])
+def test_jit_trace_inplace_records_torch_ops(cls):
+    """torch.jit.trace of the in-place modules records torch ops only (residual.add_(x) and
+    the norm), so a consumer without fusedops can run the graph; same values and the same
+    in-place write as the module, with and without grad."""
+    torch.manual_seed(0)
+    m = _randomize(cls(16, eps=1e-5, activation="gelu", inplace=True))
+    x, r = torch.randn(3, 16), torch.randn(3, 16)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            traced = torch.jit.trace(m, (x, r.clone()), check_trace=False)
+        assert "fusedops::" not in str(traced.graph), str(traced.graph)
+        assert "aten::add_" in str(traced.graph)
+        x2, r2 = torch.randn(5, 16), torch.randn(5, 16)
+        rt, rm = r2.clone(), r2.clone()
+        with torch.set_grad_enabled(grad):
+            yt, st = traced(x2, rt)
+            ym, sm = m(x2, rm)
+        assert st.data_ptr() == rt.data_ptr() and sm is rm
+        torch.testing.assert_close(rt, x2 + r2)
+        torch.testing.assert_close(rm, x2 + r2)
+        torch.testing.assert_close(yt, ym, rtol=1e-5, atol=1e-5)
+        if grad:
+            gt = torch.autograd.grad(yt.sum(), list(m.parameters()))
+            gm = torch.autograd.grad(ym.sum(), list(m.parameters()))
+            for a, b in zip(gt, gm):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("cls", [AddLayerNorm, AddRMSNorm])
+def test_add_modules_only_s_used(cls, inplace):
+    """Only s used: the parameters get no gradient (None, as eager: AdamW then skips them),
+    x and the residual's producer get ds."""
+    m = _randomize(cls(16, inplace=inplace))
+    x = torch.randn(3, 16, requires_grad=True)
+    rl = torch.randn(3, 16, requires_grad=True)
+    ds = torch.randn(3, 16)
+    _, s = m(x, rl * 1)
+    s.backward(ds)
+    assert all(p.grad is None for p in m.parameters())
+    assert torch.equal(x.grad, ds) and torch.equal(rl.grad, ds)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_rms_modules_default_eps_match_eager(dtype):
+    """RMSNormAct / AddRMSNorm with eps=None (nn.RMSNorm's default) and a converted
+    nn.RMSNorm: F.rms_norm's eps (fp32's for fp16/bf16), eager in the same dtype and fp64."""
+    torch.manual_seed(0)
+    rms = _randomize(nn.RMSNorm(32)).to(dtype)
+    x = (torch.randn(6, 32) * 1e-3).to(dtype)
+    r = (torch.randn(6, 32) * 1e-3).to(dtype)
+    eps = torch.finfo(torch.float32).eps
+    ref = nn.functional.rms_norm(x.double(), (32,), rms.weight.double(), eps)
+    ref_add = nn.functional.rms_norm((x + r).double(), (32,), rms.weight.double(), eps)
+    eager = rms(x)
+    tol = {"rtol": 2e-2, "atol": 2e-3} if dtype != torch.float32 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(eager.double(), ref, **tol)
+    fused = RMSNormAct.from_modules(rms)
+    assert fused.eps is None
+    add = AddRMSNorm(32, dtype=dtype)
+    add.load_state_dict(rms.state_dict())
+    model = nn.Sequential(rms)
+    fusedops.convert(model)
+    assert isinstance(model[0], RMSNormAct)
+    for got, want in ((fused(x), ref), (model(x), ref), (add(x, r)[0], ref_add)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)

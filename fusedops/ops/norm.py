@@ -19,7 +19,8 @@ Ops (torch.ops.fusedops.*):
     norm_act_backward(dy, s, weight?, bias?, mean?, rstd, activation, ds?) -> (ds_total, dweight, dbias)
 The functional ops carry register_autograd; the in-place ones are differentiated through
 an autograd.Function (torch cannot attach a formula to a mutating op) in the public
-functions below.
+functions below. A double backward (create_graph=True) recomputes y in torch ops and
+differentiates that (_grads_graph): the backward kernels' results have no derivative.
 
 Layout: any leading dims. x (and residual) are read through a row stride when their rows
 have unit column stride, else copied once; dy and ds are read through any strides (a
@@ -263,6 +264,39 @@ def _grads(dy, s, weight, bias, mean, rstd, activation, ds=None):
     return dx, (dw if weight is not None else None), (db if bias is not None else None)
 
 
+def _wants_graph(*ts) -> bool:
+    """A backward running with grad mode on (create_graph) whose inputs (dy, ds, s, weight,
+    bias) carry a graph: its gradients must be differentiable themselves."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _grads_graph(dy, s, weight, bias, eps, activation, rms, ds=None):
+    """(ds_total, dweight or None, dbias or None) in differentiable torch ops, for double
+    backward (create_graph=True): the backward kernels' results have no derivative. y is
+    recomputed from s (as saved, not detached: its graph leads back to x / residual), weight
+    and bias with the reference formula and differentiated with create_graph=True. dy is
+    not None (the callers answer an s-only gradient themselves)."""
+    with torch.enable_grad():
+        # a tensor without a graph becomes a leaf so that its gradient can be asked for
+        s_, w_, b_ = (t if t is None or t.requires_grad else t.detach().requires_grad_() for t in (s, weight, bias))
+        y = reference.norm_act(s_, w_, b_, eps, activation, rms, dy.dtype)[0]
+        grads = iter(torch.autograd.grad(y, [t for t in (s_, w_, b_) if t is not None], dy, create_graph=True))
+        dx = next(grads)
+        dw = None if weight is None else next(grads)
+        db = None if bias is None else next(grads)
+    return (dx if ds is None else dx + ds), dw, db
+
+
+def _backward_op(ctx, dy, ds, s, weight, bias, mean, rstd):
+    """The ops' register_autograd backward: (dx, dweight, dbias). dy is None when only s
+    was used (materialisation is off): weight and bias then get no gradient, as eager."""
+    if dy is None:
+        return ds, None, None
+    if _wants_graph(dy, ds, s, weight, bias):
+        return _grads_graph(dy, s, weight, bias, ctx.eps, ctx.activation, ctx.rms, ds)
+    return _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+
+
 # ---- the forward ops ----------------------------------------------------------------------
 
 def _fake_forward(op, x, residual, weight, bias, activation, out_dtype, rms, mode):
@@ -376,55 +410,62 @@ add_rms_norm_act_inplace_op = define(
 
 # ---- autograd ------------------------------------------------------------------------------
 
+def _setup(ctx, eps, activation, rms):
+    ctx.eps = eps  # (for a double backward's recomputation)
+    ctx.activation = activation
+    ctx.rms = rms
+    ctx.set_materialize_grads(False)  # (an unused y: dy is None, not zeros)
+
+
 def _setup_ln(ctx, inputs, output):
-    x, weight, bias, _, activation = inputs[:5]
+    x, weight, bias, eps, activation = inputs[:5]
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.activation = activation
+    _setup(ctx, eps, activation, False)
 
 
 def _backward_ln(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _grads(dy, x, weight, bias, mean, rstd, ctx.activation)
+    dx, dw, db = _backward_op(ctx, dy, None, x, weight, bias, mean, rstd)
     return dx, dw, db, None, None, None
 
 
 def _setup_rms(ctx, inputs, output):
-    x, weight, _, activation = inputs[:4]
+    x, weight, eps, activation = inputs[:4]
     _, rstd = output
     ctx.save_for_backward(x, weight, rstd)
-    ctx.activation = activation
+    _setup(ctx, eps, activation, True)
 
 
 def _backward_rms(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw, _ = _grads(dy, x, weight, None, None, rstd, ctx.activation)
+    dx, dw, _ = _backward_op(ctx, dy, None, x, weight, None, None, rstd)
     return dx, dw, None, None, None
 
 
 def _setup_add_ln(ctx, inputs, output):
-    weight, bias, _, activation = inputs[2:6]
+    weight, bias, eps, activation = inputs[2:6]
     _, s, mean, rstd = output
     ctx.save_for_backward(s, weight, bias, mean, rstd)
-    ctx.activation = activation
+    _setup(ctx, eps, activation, False)
 
 
 def _backward_add_ln(ctx, dy, ds, _dmean, _drstd):
     s, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+    dx, dw, db = _backward_op(ctx, dy, ds, s, weight, bias, mean, rstd)
     return dx, dx, dw, db, None, None, None
 
 
 def _setup_add_rms(ctx, inputs, output):
-    weight, _, activation = inputs[2:5]
+    weight, eps, activation = inputs[2:5]
     _, s, rstd = output
     ctx.save_for_backward(s, weight, rstd)
-    ctx.activation = activation
+    _setup(ctx, eps, activation, True)
 
 
 def _backward_add_rms(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
-    dx, dw, _ = _grads(dy, s, weight, None, None, rstd, ctx.activation, ds)
+    dx, dw, _ = _backward_op(ctx, dy, ds, s, weight, None, None, rstd)
     return dx, dx, dw, None, None, None
 
 
@@ -449,15 +490,13 @@ class _AddNormActInplace(torch.autograd.Function):
         ctx.mark_dirty(residual)
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(residual, weight, bias, mean, rstd)
-        ctx.activation = activation
+        _setup(ctx, eps, activation, rms)
         return y, residual
 
     @staticmethod
     def backward(ctx, dy, ds):
         s, weight, bias, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(s)
-        dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+        dx, dw, db = _backward_op(ctx, dy, ds, s, weight, bias, mean, rstd)
         return dx, dx, dw, db, None, None, None, None
 
 
@@ -513,6 +552,7 @@ class _NormActFast(torch.autograd.Function):
                                       None if residual is None else "out")
         ctx.save_for_backward(x if s is None else s, weight, bias, mean, rstd)
         ctx.activation = activation
+        ctx.conf = conf  # (eps and rms for a double backward)
         ctx.has_r = residual is not None
         ctx.bwd = kernels[1]
         ctx.set_materialize_grads(False)
@@ -521,10 +561,13 @@ class _NormActFast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, ds=None):
         s, weight, bias, mean, rstd = ctx.saved_tensors
-        if dy is None:  # only s was used: a stride-0 zero gradient (never materialised)
-            dy = s.new_zeros(()).expand(s.shape)
-        if torch.is_grad_enabled():  # create_graph: the op, as the ops' own autograd path does
-            dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
+        if dy is None:  # only s was used: the norm's backward does not run (no dW/dB), as eager
+            dx, dw, db = ds, None, None
+        elif torch.is_grad_enabled():  # create_graph
+            if _wants_graph(dy, ds, s, weight, bias):  # differentiable gradients
+                dx, dw, db = _grads_graph(dy, s, weight, bias, ctx.conf[0], ctx.activation, ctx.conf[3], ds)
+            else:  # the op, as the ops' own autograd path does
+                dx, dw, db = _grads(dy, s, weight, bias, mean, rstd, ctx.activation, ds)
         else:  # (once_differentiable without its wrapper's host time)
             dx, dw, db = _backward_direct(dy, s, weight, bias, mean, rstd, ctx.activation, ds, ctx.bwd)
         return dx, (dx if ctx.has_r else None), dw, db, None
@@ -620,9 +663,48 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
-def _rms_eps(eps, x, out_dtype):
-    # F.rms_norm's default: the machine epsilon of the dtype it computes in
-    return torch.finfo(out_dtype or x.dtype).eps if eps is None else float(eps)
+_EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+
+
+def _rms_eps(eps, x):
+    """F.rms_norm's default: the machine epsilon of the dtype it computes in, fp32 for
+    fp16/bf16/fp32 input (its opmath dtype; so also when CUDA autocast runs it in fp32) and
+    fp64 for fp64 input."""
+    if eps is not None:
+        return float(eps)
+    return _EPS64 if x.dtype == torch.float64 else _EPS32
+
+
+def _add_inplace(op, x, residual, weight, bias, eps, activation, od, rms):
+    """inplace=True of add_layer_norm_act / add_rms_norm_act: s = x + residual written into
+    residual; (y, residual). Every refusal comes before anything is written."""
+    if torch.jit.is_tracing():  # torch ops only (see _traced_in_torch_ops): eager's add_, then the norm
+        _check(op + "_", x, residual, weight, bias, activation, od, memory=False)  # (add_ checks overlaps)
+        residual.add_(x)
+        return _traced_in_torch_ops(op, residual, None, weight, bias, eps, activation, od, rms)[0], residual
+    if not _needs_grad(x, residual, weight, bias):
+        if rms:
+            y, _ = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, od)
+        else:
+            y, _, _ = add_layer_norm_act_inplace_op(x, residual, weight, bias, eps, activation, od)
+        return y, residual
+    if residual.is_leaf and residual.requires_grad:  # (eager's add_ refuses before writing, in these words)
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+    compiling = torch.compiler.is_compiling()
+    if compiling or residual._is_view():
+        # The Function below marks residual dirty, which torch.compile mishandles (the
+        # gradient to a residual from outside the graph is lost) and autograd refuses for a
+        # view (a Function returning two tensors may not modify one in place): the
+        # functional op, then s copied into residual (its view / leaf checks are eager's
+        # add_'s and come before the write), with eager's gradients. (Under compile the
+        # memory checks are left out, as the in-place op's fake does.)
+        _check(op + "_", x, residual, weight, bias, activation, od, inplace=True, memory=not compiling)
+        y, s = (_direct(op, x, residual, weight, bias, eps, activation, od, rms)
+                or (add_rms_norm_act_op(x, residual, weight, eps, activation, od) if rms
+                    else add_layer_norm_act_op(x, residual, weight, bias, eps, activation, od))[:2])
+        residual.copy_(s)
+        return y, residual
+    return _AddNormActInplace.apply(x, residual, weight, bias, eps, activation, od, rms)
 
 
 def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str = "identity"):
@@ -642,11 +724,11 @@ def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str
 
 def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "identity"):
     """act(F.rms_norm(x, (N,), weight, eps)) over the last dim, fused (eps=None: the
-    machine epsilon of the compute dtype, as F.rms_norm)."""
+    machine epsilon of the compute dtype, as F.rms_norm: fp32's for fp16/bf16/fp32 x)."""
     _validate.tensor(x, "x", "rms_norm_act")
     _validate.floating(x, "x", "rms_norm_act")
     od = _autocast_dtype(x, "rms_norm")
-    eps = _rms_eps(eps, x, od)
+    eps = _rms_eps(eps, x)
     out = (_traced_in_torch_ops("rms_norm_act", x, None, weight, None, eps, activation, od, True)
            or _direct("rms_norm_act", x, None, weight, None, eps, activation, od, True))
     if out is not None:
@@ -660,14 +742,15 @@ def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, a
     """s = x + residual; y = act(F.layer_norm(s, ...)). Returns (y, s).
 
     inplace=True writes s into `residual` (the returned s is `residual`), saving a buffer
-    and a pass; gradients flow to x and residual either way."""
+    and a pass; gradients flow to x and residual either way. As eager's residual.add_(x),
+    a leaf residual that requires grad is refused under grad mode (nothing written); with
+    grad, a residual that is a view (and any residual under torch.compile) takes the
+    functional kernel and a copy into residual instead."""
     _validate.tensor(x, "x", "add_layer_norm_act")
+    _validate.tensor(residual, "residual", "add_layer_norm_act")
     od = _autocast_dtype(x)
     if inplace:
-        if _needs_grad(x, residual, weight, bias):
-            return _AddNormActInplace.apply(x, residual, weight, bias, float(eps), activation, od, False)
-        y, _, _ = add_layer_norm_act_inplace_op(x, residual, weight, bias, float(eps), activation, od)
-        return y, residual
+        return _add_inplace("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
     out = (_traced_in_torch_ops("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
            or _direct("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False))
     if out is not None:
@@ -681,14 +764,12 @@ def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activat
     """s = x + residual; y = act(F.rms_norm(s, ...)). Returns (y, s); inplace as in
     add_layer_norm_act."""
     _validate.tensor(x, "x", "add_rms_norm_act")
+    _validate.tensor(residual, "residual", "add_rms_norm_act")
     _validate.floating(x, "x", "add_rms_norm_act")
     od = _autocast_dtype(x, "rms_norm")
-    eps = _rms_eps(eps, x, od)
+    eps = _rms_eps(eps, x)
     if inplace:
-        if _needs_grad(x, residual, weight):
-            return _AddNormActInplace.apply(x, residual, weight, None, eps, activation, od, True)
-        y, _ = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, od)
-        return y, residual
+        return _add_inplace("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True)
     out = (_traced_in_torch_ops("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True)
            or _direct("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True))
     if out is not None:
