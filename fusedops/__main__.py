@@ -11,18 +11,42 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _sizes(text: str) -> list:
+    """--sizes: comma-separated element counts, each an integer >= 0 or 2^k (argparse type:
+    a bad value is a usage error, exit 2)."""
     out = []
     for tok in text.split(","):
         tok = tok.strip()
-        out.append(1 << int(tok[2:]) if tok.startswith("2^") else int(tok))
+        try:
+            n = 1 << int(tok[2:]) if tok.startswith("2^") else int(tok)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{tok!r} is not a size (an integer such as 1048576, or 2^k)") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"{tok!r}: a size must be >= 0")
+        out.append(n)
     return out
+
+
+def _bench_device(text: str) -> torch.device:
+    """--device of bench: cpu or cuda[:i], and available here (argparse type)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def cmd_bench(args) -> int:
     from . import benchmark
     from .benchmark import harness
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fams = list(benchmark.FAMILIES) if args.ops == "all" else [o.strip() for o in args.ops.split(",")]
     unknown = [f for f in fams if f not in benchmark.FAMILIES]
     if unknown:
@@ -34,7 +58,7 @@ def cmd_bench(args) -> int:
         print(f"fusedops bench: unknown dtype {', '.join(bad)}; choose from {', '.join(DTYPES)}", file=sys.stderr)
         return 2
     ctx = harness.Context(device=device, dtypes=[DTYPES[d] for d in args.dtypes.split(",")],
-                          sizes=_sizes(args.sizes) if args.sizes else None, compile=not args.no_compile)
+                          sizes=args.sizes, compile=not args.no_compile)
     copy_bps = harness.copy_bandwidth(device)
     meta = harness.environment(device, copy_bps)
     meta["defaults"] = {op: k.backend_for(device.type) for op, k in __import__("fusedops")._backend.REGISTRY.items()}
@@ -47,6 +71,10 @@ def cmd_bench(args) -> int:
         for c in cases:
             c.impls = {label: impl for label, impl in c.impls.items() if label in keep}
         cases = [c for c in cases if c.impls]
+    if not cases:
+        print("fusedops bench: no case left to run (check --cases / --impls against the case names and "
+              "implementation labels of the chosen --ops)", file=sys.stderr)
+        return 2
     rows = harness.run_cases(cases, ctx, copy_bps)
     out = Path(args.out or f"bench-out/{device.type}")
     written = harness.write_outputs(rows, meta, out)
@@ -84,8 +112,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="run the microbenchmarks (CUDA if present, else CPU)")
     b.add_argument("--ops", default="all", help="comma-separated op families (default: all)")
     b.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, fp16, bf16")
-    b.add_argument("--sizes", default=None, help="comma-separated sizes for the size-swept families (2^20 or 1048576)")
-    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    b.add_argument("--sizes", default=None, type=_sizes,
+                   help="comma-separated sizes for the size-swept families (2^20 or 1048576)")
+    b.add_argument("--device", default=None, type=_bench_device, help="cuda or cpu (default: cuda when available)")
     b.add_argument("--out", default=None, help="output folder for results.json/.md/.png (default bench-out/<device>)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     b.add_argument("--impls", default=None,

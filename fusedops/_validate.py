@@ -108,3 +108,85 @@ def disjoint_writes(xs, ys, op: str, xs_name: str = "xs", ys_name: str = "ys") -
         if i != j:
             raise ValueError(f"fusedops.{op}: {ys_name}[{j}] overlaps {xs_name}[{i}] in memory, which the "
                              f"same launch writes; pass {ys_name}[{j}].clone()")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (as ATen's is_non_overlapping_and_dense): the elements fill
+    their byte range exactly, in some order of the dims."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return (x.data_ptr() == y.data_ptr() and x.dtype == y.dtype and x.shape == y.shape
+            and x.stride() == y.stride())
+
+
+def no_certain_partial_overlap(x: torch.Tensor, x_name: str, y: torch.Tensor, y_name: str, op: str) -> bool:
+    """x is written while y is read. Eager's rule (at::assert_no_partial_overlap): raise only
+    where the overlap is certain, i.e. both tensors are dense (non-overlapping and dense:
+    their elements fill their byte range exactly) and their ranges intersect without being
+    the same tensor. Where one is not dense (a strided view: W[:, 0] and W[:, 1] share a
+    byte range but no element) the check cannot decide: nothing is raised and True is
+    returned when the ranges meet, so that the caller takes a path that is correct for any
+    overlap (it reads y before anything of x is written)."""
+    if x.numel() == 0 or y.numel() == 0:
+        return False
+    xs, xe = _span(x)
+    ys, ye = _span(y)
+    if not (xs < ye and ys < xe):
+        return False
+    if not (_dense(x) and _dense(y)):
+        return True
+    if not _same_layout(x, y):
+        raise ValueError(f"fusedops.{op}: {y_name} partly overlaps {x_name} in memory, which is "
+                         f"written in place; pass {y_name}.clone()")
+    return False
+
+
+def _meeting_pairs(spans):
+    """Pairs (a, b) of tags whose byte ranges intersect; spans: (start, end, tag), end > start."""
+    active: list = []
+    for start, end, tag in sorted(spans, key=lambda s: s[0]):
+        active = [a for a in active if a[0] > start]
+        for _, other in active:
+            yield other, tag
+        active.append((end, tag))
+
+
+def certain_disjoint_writes(xs, ys, op: str, xs_name: str = "xs", ys_name: str = "ys", x_label=None,
+                            y_label=None) -> bool:
+    """disjoint_writes with eager's certainty rule: one launch writes every xs[i] while
+    reading every ys[j]. Raises where two xs, or a ys[j] and an xs[i] (i != j), are both
+    dense and their memory meets; returns True (raising nothing) where ranges meet but a
+    tensor involved is not dense (interleaved strided views may share no element: the
+    caller must then run the pairs one by one, as eager does). x_label / y_label: index ->
+    the name used in messages (default f"{xs_name}[i]" / f"{ys_name}[j]")."""
+    x_label = x_label or (lambda i: f"{xs_name}[{i}]")
+    y_label = y_label or (lambda j: f"{ys_name}[{j}]")
+    undecided = False
+    xspans = [_span(x) + (i,) for i, x in enumerate(xs) if x.numel()]
+    for a, b in sorted(tuple(sorted(p)) for p in _meeting_pairs(xspans)):
+        if _dense(xs[a]) and _dense(xs[b]):
+            raise ValueError(f"fusedops.{op}: {x_label(b)} overlaps {x_label(a)} in memory; each "
+                             f"tensor written in place may appear once in {xs_name}")
+        undecided = True
+    allspans = [(s, e, ("x", i)) for s, e, i in xspans] + [_span(y) + (("y", j),) for j, y in enumerate(ys)
+                                                            if y.numel()]
+    cross = []
+    for a, b in _meeting_pairs(allspans):
+        if a[0] == b[0]:
+            continue
+        (_, i), (_, j) = (a, b) if a[0] == "x" else (b, a)
+        if i != j:
+            cross.append((j, i))
+    for j, i in sorted(cross):
+        if _dense(ys[j]) and _dense(xs[i]):
+            raise ValueError(f"fusedops.{op}: {y_label(j)} overlaps {x_label(i)} in memory, which the "
+                             f"same launch writes; pass {y_label(j)}.clone()")
+        undecided = True
+    return undecided

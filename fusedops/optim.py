@@ -19,16 +19,31 @@ and CUDA (Triton or CUDA C++) alike; nothing in step() synchronises with the hos
   param's. Params without a grad are skipped (their step count does not advance).
 - NaN/Inf in a gradient element: that element's states are reset to 0 and the param
   element is left as it was; other elements and the block's absmax are unaffected.
+- A large but finite gradient outlier (a loss spike) is the scheme's weak point, as in
+  bitsandbytes: it sets the absmax of its 256-element block, so the other elements' small
+  8-bit states round to code 0 (Adam's second moment v) while their first moment survives,
+  and for a few steps their update m / (sqrt(v) + eps) is far larger than lr (an element
+  of 1e4 in a block of N(0, 1) gradients gives steps of ~400·lr; 1e8, ~8000·lr). Clip
+  gradients (torch.nn.utils.clip_grad_norm_) where spikes happen, and keep fp32 states
+  (`optim_bits=32` for a group, `override_32bit(param)`) for params whose gradients have
+  outliers (e.g. embeddings).
 - Weight decay: AdamW8bit / Lion8bit decoupled (p *= 1 - lr*wd before the update, as
   torch AdamW); Adam8bit / SGD8bit as L2 added to the gradient (as torch Adam / SGD).
+- Params must be float32, float16 or bfloat16: others (float64, complex) are refused when
+  they are added (constructor, add_param_group) with a TypeError.
 - state_dict(): per param `step` (int), `state1`, `absmax1` (+ `state2`, `absmax2` for
-  Adam); load_state_dict() keeps the states' dtypes and moves them to the param's
-  device, so a checkpoint moves between CPU and CUDA.
+  Adam; SGD8bit with momentum=0 keeps only `step`); load_state_dict() keeps the states'
+  dtypes and moves them to the param's device, so a checkpoint moves between CPU and
+  CUDA. It refuses a state_dict of another optimizer (e.g. torch.optim.AdamW's exp_avg /
+  exp_avg_sq) before changing anything. deepcopy and pickle keep the override_32bit set.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
+from ._validate import KERNEL_DTYPES
 from .ops.optim8bit import optimizer_step_8bit_
 from .reference import QUANT_BLOCK, blockwise_dequantize, dynamic_map
 
@@ -54,6 +69,37 @@ class _Optimizer8bit(torch.optim.Optimizer):
         self._force32: set = set()
         super().__init__(params, defaults)
 
+    # -- param groups: only the kernels' dtypes ---------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group; params must be float32, float16 or bfloat16 (refused here,
+        before anything is added, rather than in the middle of a step)."""
+        if isinstance(param_group, dict) and "params" in param_group:
+            params = param_group["params"]
+            if isinstance(params, torch.Tensor):
+                params = [params]
+            elif not isinstance(params, set):  # torch refuses sets (unordered) itself
+                params = param_group["params"] = list(params)
+            for j, p in enumerate(params):
+                if isinstance(p, torch.Tensor) and p.dtype not in KERNEL_DTYPES:
+                    raise TypeError(f"{type(self).__name__}: param {j} of param group {len(self.param_groups)} "
+                                    f"is {p.dtype}; the 8-bit optimizers take float32, float16 and bfloat16 "
+                                    f"params (use torch.optim for {p.dtype})")
+        super().add_param_group(param_group)
+
+    # -- copy / pickle: torch carries defaults, state and param_groups; add _force32 ---------
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_force32"] = self._force32
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        force32 = state.pop("_force32", None)
+        super().__setstate__(state)
+        self._force32 = set(force32) if force32 else set()
+
     # -- 32-bit overrides -------------------------------------------------------------------
 
     def override_32bit(self, param: torch.Tensor) -> None:
@@ -66,6 +112,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
         if state:
             maps = (dynamic_map(True), dynamic_map(False))
             for k in range(1, self.STATES + 1):
+                if f"state{k}" not in state:  # SGD8bit with momentum=0: no state
+                    continue
                 s, a = state[f"state{k}"], state[f"absmax{k}"]
                 if s.dtype == torch.uint8:
                     state[f"state{k}"] = blockwise_dequantize(s, a, maps[k - 1].to(s.device))
@@ -86,9 +134,60 @@ class _Optimizer8bit(torch.optim.Optimizer):
 
     # -- load_state_dict: keep the state dtypes (uint8 codes, fp32 absmax / fp32 states) --
 
+    def _state_keys(self, group: dict) -> tuple:
+        """The keys of a param's state in `group` once initialised."""
+        return ("step",) + tuple(k for i in range(1, self.STATES + 1) for k in (f"state{i}", f"absmax{i}"))
+
+    def _check_loaded(self, state_dict: dict) -> None:
+        """Refuse, before anything changes, a state_dict whose groups or states are not this
+        optimizer's (torch.optim.AdamW's exp_avg / exp_avg_sq / tensor step, a Lion8bit's
+        state in an AdamW8bit, ...): step() would fail later with a bare KeyError."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (an "
+                             f"optimizer state_dict)")
+        # keys step() and the state's initialisation read (the others are read with .get)
+        needed = [k for k in self.defaults if k not in ("stochastic_rounding", "sr_seed")]
+        saved = state_dict["state"]
+        for gi, g in enumerate(state_dict["param_groups"]):
+            expected = self._state_keys(g)
+            for j, pid in enumerate(g["params"]):
+                st = saved.get(pid)
+                if not st:
+                    continue
+                keys = set(st)
+                if keys != set(expected):
+                    extra = ", ".join(str(k) for k in st if k not in expected) or "none"
+                    lacking = ", ".join(k for k in expected if k not in keys) or "none"
+                    raise ValueError(
+                        f"{name}.load_state_dict: the state of parameter {pid} (param {j} of param group {gi}) "
+                        f"has {', '.join(map(str, st))}, not the states of {name} ({', '.join(expected)}); "
+                        f"unexpected: {extra}; missing: {lacking}. A state_dict of another optimizer (e.g. "
+                        f"torch.optim.AdamW's exp_avg / exp_avg_sq) cannot be loaded: start {name} fresh, or "
+                        f"load the checkpoint into the optimizer that saved it")
+                if isinstance(st["step"], torch.Tensor) or not isinstance(st["step"], int):
+                    raise ValueError(f"{name}.load_state_dict: the state of parameter {pid} (param {j} of param "
+                                     f"group {gi}) has a step of type {type(st['step']).__name__}; {name} "
+                                     f"saves an int")
+                for k in expected[1:]:
+                    v = st[k]
+                    ok = isinstance(v, torch.Tensor) and (
+                        v.dtype == torch.float32 or (k.startswith("state") and v.dtype == torch.uint8))
+                    if not ok:
+                        what = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
+                        raise ValueError(f"{name}.load_state_dict: {k} of parameter {pid} (param {j} of param "
+                                         f"group {gi}) is {what}; {name} saves uint8 codes or float32")
+        for gi, g in enumerate(state_dict["param_groups"]):
+            missing = [k for k in needed if k not in g]
+            if missing:
+                raise ValueError(f"{name}.load_state_dict: param group {gi} lacks {', '.join(missing)}; this "
+                                 f"is not a state_dict of {name} (e.g. one of a torch.optim optimizer)")
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, except that state tensors keep their dtype (torch casts
-        floating-point states to the param's dtype) and are copied to the param's device."""
+        floating-point states to the param's dtype) and are copied to the param's device.
+        A state_dict of another optimizer is refused before anything changes."""
+        self._check_loaded(state_dict)
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
@@ -111,8 +210,9 @@ class _Optimizer8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         states = self.state
-        two = self.STATES == 2
         for gi, group in enumerate(self.param_groups):
+            nstates = self._group_states(group)
+            one, two = nstates >= 1, nstates == 2
             buckets: dict = {}
             copies = []
             for p in group["params"]:
@@ -138,16 +238,40 @@ class _Optimizer8bit(torch.optim.Optimizer):
                     lists = buckets[key] = ([], [], [], [], [], [])
                 lists[0].append(work)
                 lists[1].append(g if g.is_contiguous() else g.contiguous())
-                lists[2].append(state["state1"])
-                lists[3].append(state["absmax1"])
+                if one:
+                    lists[2].append(state["state1"])
+                    lists[3].append(state["absmax1"])
                 if two:
                     lists[4].append(state["state2"])
                     lists[5].append(state["absmax2"])
-            for (_, _, step), lists in buckets.items():
-                self._launch(group, lists, step, gi)
+            for key, lists in buckets.items():
+                try:
+                    self._launch(group, lists, key[2], gi)
+                except ValueError as exc:  # the op names tensors by their place in the bucket
+                    raise self._in_group_terms(exc, group, gi, key) from None
             for p, work in copies:
                 p.copy_(work)
         return loss
+
+    def _group_states(self, group: dict) -> int:
+        """How many states (state1/absmax1, state2/absmax2) the params of `group` have."""
+        return self.STATES
+
+    def _in_group_terms(self, exc: ValueError, group: dict, gi: int, key: tuple) -> ValueError:
+        """exc of the step op with its tensor names (params[i], state1[i], grads[i] ...: the
+        i-th tensor of one launch's lists) given as the param's place in its param group."""
+        members = [j for j, p in enumerate(group["params"])
+                   if p.grad is not None and (p.device, p.dtype, self.state[p].get("step")) == key]
+
+        def name(m):
+            what, i = m.group(1), int(m.group(2))
+            if i >= len(members):
+                return m.group(0)
+            where = f"param {members[i]} of param group {gi}"
+            return where if what == "params" else f"the {'grad' if what == 'grads' else what} of {where}"
+
+        msg = re.sub(r"\b(params|grads|state1|absmax1|state2|absmax2)\[(\d+)\]", name, str(exc))
+        return ValueError(msg.replace("fusedops.optimizer_step_8bit_:", f"{type(self).__name__}.step:"))
 
     def _launch(self, group, lists, step, gi=0):
         h = self._hyper(group)
@@ -182,7 +306,12 @@ def _unsupported(name, **flags):
 class AdamW8bit(_Optimizer8bit):
     """torch.optim.AdamW with 8-bit states. Decoupled weight decay (p *= 1 - lr*wd, then
     the Adam update). `foreach`/`fused` are accepted and ignored (the step is always one
-    fused launch); amsgrad, maximize, capturable and differentiable are not supported."""
+    fused launch); amsgrad, maximize, capturable and differentiable are not supported.
+
+    A large finite gradient outlier inflates its 256-element block's absmax: the block's
+    other second moments quantize to 0 and those elements take steps far above lr for a
+    few steps (bitsandbytes' scheme behaves the same). Clip gradients, or keep fp32 states
+    (optim_bits=32, override_32bit) for params with outlier gradients; see the module doc."""
     KIND, STATES = "adamw", 2
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
@@ -250,6 +379,12 @@ class SGD8bit(_Optimizer8bit):
             state["step"] = 0
             return
         super()._init_state(p, group, state)
+
+    def _group_states(self, group):
+        return 0 if group["momentum"] == 0 else 1
+
+    def _state_keys(self, group):
+        return ("step",) if group.get("momentum", 0) == 0 else super()._state_keys(group)
 
     def _hyper(self, group):
         return dict(beta1=group["momentum"], beta2=group["dampening"], nesterov=group["nesterov"])

@@ -507,3 +507,146 @@ def test_cuda_backend_is_graph_capturable():
     torch.testing.assert_close(x, start_x + y, rtol=1e-6, atol=1e-6)
     for t, s, yy in zip(xs, start_xs, ys):
         torch.testing.assert_close(t, s + 4 * yy, rtol=1e-6, atol=1e-6)
+
+
+# ---- review fixes: overlap rule, low-precision alpha, devices, version counters ---------------
+
+def _on_copies(buf, views, fn_ours, fn_eager):
+    """Run fusedops on views of buf and eager on the same views of a clone; the whole
+    buffers must be bitwise equal (elements outside the views included)."""
+    eager_buf = buf.clone()
+    fn_eager(*views(eager_buf))
+    fn_ours(*views(buf))
+    assert torch.equal(buf, eager_buf)
+
+
+@pytest.mark.parametrize("case", ["columns", "even_odd", "rows_of_columns"])
+def test_add_disjoint_interleaved_views_like_eager(case):
+    """Strided views of one buffer that share no element are valid input (eager accepts
+    them): only a certain partial overlap of dense tensors raises."""
+    views = {"columns": lambda b: (b.view(4, 10)[:, 0], b.view(4, 10)[:, 1]),
+             "even_odd": lambda b: (b[::2], b[1::2]),
+             "rows_of_columns": lambda b: (b.view(4, 10)[:, 2:5], b.view(4, 10)[:, 5:8])}[case]
+    _on_copies(torch.randn(40), views, lambda x, y: fusedops.add_(x, y, 0.5),
+               lambda x, y: x.add_(y, alpha=0.5))
+    # foreach: the pair itself, and two interleaved columns written in one call
+    _on_copies(torch.randn(40), views, lambda x, y: fusedops.foreach_add_([x], [y], 0.5),
+               lambda x, y: torch._foreach_add_([x], [y], alpha=0.5))
+    ones = torch.ones(views(torch.empty(40))[0].shape)
+    _on_copies(torch.randn(40), views, lambda x, y: fusedops.foreach_add_([x, y], [ones, 2 * ones], 0.5),
+               lambda x, y: torch._foreach_add_([x, y], [ones, 2 * ones], alpha=0.5))
+
+
+@pytest.mark.parametrize("case", ["shifted", "same_view", "contiguous_x_strided_y"])
+def test_add_truly_overlapping_strided_views_like_eager(case):
+    """Strided views that do share elements (the check cannot decide, as eager's): the
+    result is eager's, y read before x is written (a copy, not an aliasing kernel)."""
+    views = {"shifted": lambda b: (b[0:40:2], b[2:42:2]),
+             "same_view": lambda b: (b.view(8, 8)[:, 0], b.view(8, 8)[:, 0]),
+             "contiguous_x_strided_y": lambda b: (b[0:20], b[0:40:2])}[case]
+    _on_copies(torch.randn(64), views, lambda x, y: fusedops.add_(x, y, 0.5), lambda x, y: x.add_(y, alpha=0.5))
+    _on_copies(torch.randn(64), views, lambda x, y: fusedops.foreach_add_([x], [y], 0.5),
+               lambda x, y: torch._foreach_add_([x], [y], alpha=0.5))
+
+
+def test_foreach_pairs_overlapping_through_strided_views_run_in_order():
+    """Pair 1 reads what pair 0 writes (columns of one matrix): torch._foreach_add_ runs the
+    pairs in order, so pair 1 must see pair 0's result (one launch would not)."""
+    def views(b):
+        m = b.view(6, 5)
+        return m[:, 0], m[:, 1], m[:, 2]
+
+    def ours(c0, c1, c2):
+        fusedops.foreach_add_([c0, c1, c2], [c1, c0, torch.ones(6)], 0.5)
+
+    def eager(c0, c1, c2):
+        torch._foreach_add_([c0, c1, c2], [c1, c0, torch.ones(6)], alpha=0.5)
+
+    _on_copies(torch.randn(30), views, ours, eager)
+
+
+def test_dense_partial_overlaps_still_raise():
+    base = torch.randn(20)
+    before = base.clone()
+    with pytest.raises(ValueError, match="y partly overlaps x"):
+        fusedops.add_(base.view(4, 5)[1:3], base.view(4, 5)[2:4])
+    with pytest.raises(ValueError, match=r"xs\[1\] overlaps xs\[0\]"):
+        fusedops.foreach_add_([base[0:10], base[5:15]], [torch.ones(10), torch.ones(10)])
+    with pytest.raises(ValueError, match=r"ys\[0\] overlaps xs\[1\]"):
+        fusedops.foreach_add_([base[0:5], base[10:15]], [base[12:17], torch.ones(5)])
+    assert torch.equal(base, before)
+
+
+@pytest.mark.parametrize("n", [4096, 32 * 7])
+@pytest.mark.parametrize("alpha", [0.3, 0.7, -1.3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_alpha_is_eagers_on_cpu(dtype, alpha, n):
+    """x and y of one 16-bit dtype: eager's CPU kernel rounds alpha to the dtype first.
+    Bitwise equal (sizes a multiple of 32: eager's own scalar remainder loop rounds alpha*y
+    before the add, so its last < 32 elements differ from its vector body)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g).to(dtype)
+    y = torch.randn(n, generator=g).to(dtype)
+    eager = x.clone().add_(y, alpha=alpha)
+    ours = x.clone()
+    fusedops.add_(ours, y, alpha)
+    assert torch.equal(ours, eager), f"{(ours != eager).sum().item()} elements differ"
+    ours2d = x.clone().view(-1, 32)          # the general path (same kernel, via _add_impl)
+    fusedops.add_(ours2d.t(), y.view(-1, 32).t(), alpha)
+    assert torch.equal(ours2d.view(-1), eager)
+    half = n // 64 * 32
+    xs = [x.clone(), x[:half].clone(), x[:64].clone()]
+    ys = [y, y[:half], y[:64]]
+    expected = [t.clone() for t in xs]
+    torch._foreach_add_(expected, ys, alpha=alpha)
+    fusedops.foreach_add_(xs, ys, alpha)
+    assert all(torch.equal(a, b) for a, b in zip(xs, expected))
+    # mixed lists take the general path: each group with its own alpha rule
+    xs = [x.clone(), x.float()]
+    ys = [y, y.float()]
+    expected = [t.clone() for t in xs]
+    torch._foreach_add_(expected, ys, alpha=alpha)
+    fusedops.foreach_add_(xs, ys, alpha)
+    assert all(torch.equal(a, b) for a, b in zip(xs, expected))
+
+
+def test_low_precision_alpha_overflow_raises_like_eager():
+    x, y = torch.ones(8, dtype=torch.float16), torch.ones(8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="overflow"):
+        x.clone().add_(y, alpha=1e6)
+    with pytest.raises(ValueError, match="alpha=1000000.0 cannot be converted to torch.float16"):
+        fusedops.add_(x, y, 1e6)
+    assert torch.equal(x, torch.ones(8, dtype=torch.float16))
+    fusedops.add_(x, y.float(), 1e6)  # mixed dtypes: fp32 alpha, as eager
+    assert torch.equal(x, torch.ones(8).add_(torch.ones(8), alpha=1e6).half())
+
+
+def test_foreach_device_mismatch_names_the_argument():
+    xs = [torch.randn(3), torch.randn(3)]
+    before = [x.clone() for x in xs]
+    with pytest.raises(ValueError, match=r"ys\[1\] is on meta but xs\[1\] is on cpu"):
+        fusedops.foreach_add_(xs, [torch.randn(3), torch.empty(3, device="meta")])
+    with pytest.raises(ValueError, match=r"ys\[0\] is on meta but xs\[0\] is on cpu"):
+        fusedops.foreach_add_(xs[:1], [torch.empty(3, device="meta")])
+    assert all(torch.equal(a, b) for a, b in zip(xs, before))
+
+
+def test_version_counter_bumped_once_like_eager():
+    warnings.simplefilter("ignore")
+    cases = [("contiguous", lambda: torch.randn(5), lambda: torch.ones(5)),
+             ("non-contiguous x", lambda: torch.randn(4, 5)[:, 1], lambda: torch.ones(4)),
+             ("float64", lambda: torch.randn(5, dtype=torch.float64), lambda: torch.ones(5, dtype=torch.float64)),
+             ("broadcast y", lambda: torch.randn(3, 5), lambda: torch.ones(5)),
+             ("interleaved", lambda: torch.randn(4, 5)[:, 1], lambda: torch.randn(4, 5)[:, 2])]
+    for name, mkx, mky in cases:
+        x, e, y = mkx(), mkx(), mky()
+        v = x._version
+        e.add_(y)
+        fusedops.add_(x, y)
+        assert x._version - v == e._version - v == 1, name
+        xs, es = [mkx(), mkx()], [mkx(), mkx()]
+        vs = [t._version for t in xs]
+        yy = y if y.shape == x.shape else y.expand(x.shape).clone()
+        torch._foreach_add_(es, [yy, yy])
+        fusedops.foreach_add_(xs, [yy, yy])
+        assert [t._version - v for t, v in zip(xs, vs)] == [t._version - v for t, v in zip(es, vs)] == [1, 1], name

@@ -1,6 +1,7 @@
 """The benchmark CLI on a tiny CPU workload: it runs, writes its outputs, numbers are sane."""
 import json
 
+import pytest
 import torch
 
 from fusedops.__main__ import main
@@ -72,3 +73,51 @@ def test_convbn_cases_each_run_on_their_own_input(monkeypatch):
             assert seen and seen[0] == (2, cin, hw, hw), (case.name, seen)
         for impl in case.impls.values():
             impl.fn()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "abc"], "argument --sizes: 'abc' is not a size"),
+    (["--sizes", "2^x"], "argument --sizes: '2^x' is not a size"),
+    (["--sizes", "1024,-5"], "argument --sizes: '-5': a size must be >= 0"),
+    (["--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    (["--device", "meta"], "argument --device: 'meta': the benchmarks run on cpu or cuda"),
+])
+def test_bench_bad_arguments_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--ops", "add_", "--no-compile"] + args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_cuda_without_cuda_is_a_usage_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--ops", "add_", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "'cuda': torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_nothing_selected_is_an_error(tmp_path, capsys):
+    rc = main(["bench", "--device", "cpu", "--ops", "add_", "--sizes", "2^10", "--dtypes", "fp32", "--no-compile",
+               "--cases", "nomatch", "--out", str(tmp_path)])
+    assert rc == 2 and "no case left to run" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bench_size_labels():
+    from fusedops.benchmark.add import _size_label
+
+    assert [_size_label(n) for n in (0, 1, 2, 4096, 5000)] == ["0", "2^0", "2^1", "2^12", "5000"]
+
+
+def test_bench_outputs_drop_a_stale_chart(tmp_path):
+    """A results.png of an earlier run is removed when this run draws no chart (here: only
+    a wall-clock case, which has no % of copy bandwidth to plot)."""
+    from fusedops.benchmark import harness
+
+    (tmp_path / "results.png").write_bytes(b"an older chart")
+    rows = [harness.Row("add_", "n=4096 fp32 wall/call", "eager", 3.0, None, None, 1.0, "wall", {})]
+    written = harness.write_outputs(rows, {"device": "cpu", "copy_GBps": 1.0}, tmp_path)
+    assert not (tmp_path / "results.png").exists()
+    assert [p.name for p in written] == ["results.json", "results.md"]

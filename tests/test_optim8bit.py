@@ -451,10 +451,10 @@ def test_step_bad_inputs_write_nothing():
     with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
         run(grads=[gs[0], gs[1].view(50, 100)])
     # overlapping memory: a grad inside another param, two params sharing bytes
-    with pytest.raises(ValueError, match=r"grads\[0\] overlaps params and states\[1\]"):
+    with pytest.raises(ValueError, match=r"grads\[0\] overlaps params\[1\]"):
         run(grads=[ps[1][:300], gs[1]])
     big = torch.randn(5300)
-    with pytest.raises(ValueError, match=r"states\[1\] overlaps params and states\[0\]"):
+    with pytest.raises(ValueError, match=r"params\[1\] overlaps params\[0\]"):
         run(params=[big[:300], big[200:5200]])
     after = ps + s1 + a1 + s2 + a2
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "a failed call wrote something"
@@ -915,3 +915,159 @@ def test_gpu_cuda_adam_edge_blocks_give_the_cpu_bits(kind, dtype):
     for li, name in enumerate(["params", "grads", "state1", "absmax1", "state2", "absmax2"]):
         for i, (a, b) in enumerate(zip(cpu[li], gpu[li])):
             assert _same_bits(a, b.cpu().contiguous()), f"{name}[{i}] differs from the CPU kernel"
+
+
+# ---- review fixes: SGD momentum 0, copies, foreign state_dicts, dtypes, overlap names ------
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_sgd_momentum0_matches_torch_sgd(weight_decay):
+    """The default SGD8bit (momentum=0) is plain SGD with no state: torch SGD's ops, so
+    bitwise equal, for contiguous, non-contiguous and bf16 params, over several steps."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(80, 64).t()),
+          torch.nn.Parameter(torch.randn(5000).bfloat16()), torch.nn.Parameter(torch.randn(7))]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = SGD8bit(ps, lr=0.05, weight_decay=weight_decay)
+    theirs = torch.optim.SGD(twin, lr=0.05, weight_decay=weight_decay)
+    for _ in range(4):
+        for p, t in zip(ps, twin):
+            g = torch.randn(p.shape).to(p.dtype)
+            p.grad, t.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        for p, t in zip(ps, twin):
+            assert torch.equal(p, t)
+    assert all(set(ours.state[p]) == {"step"} and ours.state[p]["step"] == 4 for p in ps)
+    # a state_dict round trip and override_32bit on such a param work too
+    fresh = SGD8bit([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=0.05, weight_decay=weight_decay)
+    fresh.load_state_dict(ours.state_dict())
+    ours.override_32bit(ps[0])
+    assert fresh.state[fresh.param_groups[0]["params"][0]] == {"step": 4}
+
+
+def _train(opt, params, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("when", ["before_first_step", "after_a_step"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_optimizer_deepcopy_and_pickle_step_like_the_original(how, when):
+    import pickle
+
+    torch.manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(6000)),
+          torch.nn.Parameter(torch.randn(30))]
+    opt = AdamW8bit(ps, lr=1e-2)
+    opt.override_32bit(ps[1])
+    if when == "after_a_step":
+        _train(opt, ps[:1], 1, 0)   # ps[1] and ps[2] still without state
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    cps = clone.param_groups[0]["params"]
+    assert all(c is not p and torch.equal(c, p) for c, p in zip(cps, ps))
+    _train(opt, ps, 3, 1)
+    _train(clone, cps, 3, 1)
+    for p, c in zip(ps, cps):
+        assert torch.equal(p, c)
+        for k, v in opt.state[p].items():
+            w = clone.state[c][k]
+            assert (torch.equal(v, w) and v.dtype == w.dtype) if torch.is_tensor(v) else v == w
+    assert clone.state[cps[1]]["state1"].dtype == torch.float32  # the override_32bit set came along
+    assert clone.state[cps[0]]["state1"].dtype == torch.uint8
+
+
+def _snapshot(opt):
+    groups = [{k: (list(v) if k == "params" else v) for k, v in g.items()} for g in opt.param_groups]
+    state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
+    return groups, state
+
+
+def _same_snapshot(a, b):
+    (ga, sa), (gb, sb) = a, b
+    assert len(ga) == len(gb) and sa.keys() == sb.keys()
+    for x, y in zip(ga, gb):
+        assert x.keys() == y.keys() and all(u is v for u, v in zip(x["params"], y["params"]))
+        assert all(x[k] == y[k] for k in x if k != "params")
+    for pid in sa:
+        assert sa[pid].keys() == sb[pid].keys()
+        for k in sa[pid]:
+            assert torch.equal(sa[pid][k], sb[pid][k]) if torch.is_tensor(sa[pid][k]) else sa[pid][k] == sb[pid][k]
+
+
+def test_load_state_dict_of_another_optimizer_is_refused_before_any_change():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5000))
+    ref = torch.optim.AdamW([p])
+    p.grad = torch.randn(5000)
+    ref.step()
+    opt = AdamW8bit([p])
+    _train(opt, [p], 1, 0)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"state of parameter 0 \(param 0 of param group 0\) has step, exp_avg, "
+                                         r"exp_avg_sq, not the states of AdamW8bit \(step, state1, absmax1"):
+        opt.load_state_dict(ref.state_dict())
+    _same_snapshot(before, _snapshot(opt))
+    # a Lion8bit state in an AdamW8bit: names what is missing
+    lion = Lion8bit([p])
+    _train(lion, [p], 1, 0)
+    with pytest.raises(ValueError, match="missing: state2, absmax2"):
+        opt.load_state_dict(lion.state_dict())
+    # torch SGD's momentum_buffer in SGD8bit; a group of another optimizer without state
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    _train(sgd, [p], 1, 0)
+    with pytest.raises(ValueError, match="unexpected: momentum_buffer"):
+        SGD8bit([p], lr=0.1, momentum=0.9).load_state_dict(sgd.state_dict())
+    with pytest.raises(ValueError, match="param group 0 lacks min_8bit_size, optim_bits"):
+        AdamW8bit([p]).load_state_dict(torch.optim.AdamW([p]).state_dict())
+    _same_snapshot(before, _snapshot(opt))
+    _train(opt, [p], 1, 1)  # still steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64], ids=str)
+def test_unsupported_param_dtypes_are_refused_when_added(dtype):
+    a = torch.nn.Parameter(torch.randn(10))
+    bad = torch.nn.Parameter(torch.randn(10).to(dtype))
+    with pytest.raises(TypeError, match=rf"AdamW8bit: param 1 of param group 0 is {dtype}"):
+        AdamW8bit([a, bad])
+    with pytest.raises(TypeError, match=rf"SGD8bit: param 0 of param group 1 is {dtype}"):
+        SGD8bit([{"params": [a]}, {"params": bad, "lr": 0.1}])
+    opt = Lion8bit([a])
+    _train(opt, [a], 1, 0)
+    before = _snapshot(opt)
+    a0 = a.detach().clone()
+    with pytest.raises(TypeError, match=rf"Lion8bit: param 1 of param group 1 is {dtype}"):
+        opt.add_param_group({"params": iter([torch.nn.Parameter(torch.randn(3)), bad]), "lr": 0.5})
+    _same_snapshot(before, _snapshot(opt))
+    assert torch.equal(a, a0) and len(opt.param_groups) == 1 and bad not in opt.state
+    opt.add_param_group({"params": iter([torch.nn.Parameter(torch.randn(3))])})  # a generator still works
+    assert len(opt.param_groups[1]["params"]) == 1
+
+
+def test_overlapping_params_error_names_group_and_index():
+    base = torch.randn(12000)
+    a, b = torch.nn.Parameter(base[:5000]), torch.nn.Parameter(base[1000:6000])
+    first = torch.nn.Parameter(torch.randn(5000).bfloat16())  # another bucket: shifts the fp32 bucket's indices
+    opt = AdamW8bit([{"params": [torch.nn.Parameter(torch.randn(8))]}, {"params": [first, a, b]}])
+    for p in (first, a, b):
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match=r"AdamW8bit.step: param 2 of param group 1 overlaps param 1 of param "
+                                         r"group 1 in memory"):
+        opt.step()
+    # at the op level the names are the lists' own
+    st = [torch.full((5000,), 127, dtype=torch.uint8) for _ in range(2)]
+    ab = [torch.zeros(20) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"params\[1\] overlaps params\[0\]"):
+        fusedops.optimizer_step_8bit_([a.detach(), b.detach()], [torch.ones(5000)] * 2, st, ab, [], [], "lion",
+                                      1e-3, 0.9, 0.99, 0.0, 0.0, 1)
+
+
+def test_meta_params_step_like_torch():
+    p = torch.nn.Parameter(torch.empty(5000, device="meta"))
+    q = torch.nn.Parameter(torch.empty(10, device="meta"))
+    opt = AdamW8bit([p, q])
+    p.grad, q.grad = torch.empty(5000, device="meta"), torch.empty(10, device="meta")
+    opt.step()
+    assert opt.state[p]["state1"].device.type == "meta" and opt.state[p]["step"] == 1

@@ -223,6 +223,51 @@ def test_unknown_model_and_variant_are_clear_errors(capsys):
     assert "unknown variant fast" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps 0: need at least 2"),
+    (["--steps", "1"], "--steps 1: need at least 2"),
+    (["--warmup", "-1"], "--warmup -1: must be >= 0"),
+    (["--steps", "2", "--warmup", "5"], "--warmup 5 with --steps 2"),
+    (["--steps", "3", "--warmup", "3"], "--warmup 3 with --steps 3"),
+    (["--peak-tflops", "-1"], "--peak-tflops -1: must be a positive"),
+    (["--peak-tflops", "0"], "--peak-tflops 0: must be a positive"),
+    (["--peak-tflops", "nan"], "--peak-tflops nan: must be a positive"),
+])
+def test_report_bad_numbers_are_refused_before_running(args, message, tmp_path, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("a model was built despite a bad argument")
+
+    monkeypatch.setattr(models, "get", no_model)
+    assert main(["report", "--tiny", "--device", "cpu", "--models", "mlp", "--out", str(tmp_path)] + args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_report_default_warmup_leaves_a_timed_step(monkeypatch):
+    """Without --warmup, the default warm-up is shortened to leave one timed step."""
+    from fusedops import report
+
+    seen = {}
+
+    def fake_measure(w, device, variants, steps, warmup, peak_tflops, bar):
+        seen.update(steps=steps, warmup=warmup)
+        return {}
+
+    monkeypatch.setattr(report, "measure_workload", fake_measure)
+    report.run_report(["mlp"], torch.device("cpu"), ["eager"], steps=2, progress=False)   # CPU default warm-up 3
+    assert seen == {"steps": 2, "warmup": 1}
+
+
+def test_report_render_needs_a_report_json(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"rows": []}))   # e.g. a bench results.json
+    assert main(["report", "--render", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "is not a report.json of `fusedops report` (it needs 'meta' and 'models')" in capsys.readouterr().err
+    bad.write_text(json.dumps([1, 2]))
+    assert main(["report", "--render", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("spec,package", [("timm:resnet18", "timm"), ("hf:gpt2", "transformers")])
 def test_external_models_need_their_package(spec, package):
     try:

@@ -24,7 +24,7 @@ def compiled(ctx, fn):
 
 
 def _size_label(n: int) -> str:
-    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
+    return f"2^{n.bit_length() - 1}" if n > 0 and n & (n - 1) == 0 else str(n)
 
 
 @family("add_")

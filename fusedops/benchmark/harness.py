@@ -272,4 +272,6 @@ def write_outputs(rows: list, meta: dict, out: Path) -> list:
     written = [out / "results.json", out / "results.md"]
     if plot(rows, meta, out / "results.png"):
         written.append(out / "results.png")
+    else:  # no chart this run: a results.png of an earlier run would not match results.json
+        (out / "results.png").unlink(missing_ok=True)
     return written

@@ -40,10 +40,17 @@ def _check_add(x, y, memory: bool = True) -> None:
     _validate.broadcastable_to(y, "y", x.shape, "x", OP)
     if memory:
         _validate.internal_overlap(x, "x", OP)
-        _validate.no_partial_overlap(x, "x", y, "y", OP)
+        # eager's rule: only a certain partial overlap (both dense) raises; for strided views
+        # the check cannot decide, and _add_impl is correct for any overlap (a non-contiguous
+        # x is computed in a copy, a non-contiguous y is read from a copy)
+        _validate.no_certain_partial_overlap(x, "x", y, "y", OP)
 
 
-def _check_foreach(xs, ys, memory: bool = True) -> None:
+def _check_foreach(xs, ys, memory: bool = True) -> bool:
+    """Every check (each error names the argument); True where the lists hold strided views
+    whose memory meets that of another pair's and the checks cannot decide whether they
+    share elements (eager's rule, see _validate.certain_disjoint_writes): the pairs must
+    then run one by one, in order, as eager does."""
     if len(xs) != len(ys):
         raise ValueError(f"fusedops.{FOREACH_OP}: xs has {len(xs)} tensors but ys has {len(ys)}")
     for i, (x, y) in enumerate(zip(xs, ys)):
@@ -58,9 +65,10 @@ def _check_foreach(xs, ys, memory: bool = True) -> None:
                              f"shape {tuple(x.shape)}; pairs must match")
         if memory:
             _validate.internal_overlap(x, xn, FOREACH_OP)
-            _validate.no_partial_overlap(x, xn, y, yn, FOREACH_OP)
+            _validate.no_certain_partial_overlap(x, xn, y, yn, FOREACH_OP)
     if memory:
-        _validate.disjoint_writes(xs, ys, FOREACH_OP)
+        return _validate.certain_disjoint_writes(xs, ys, FOREACH_OP)
+    return False
 
 
 def _plain_lists_py(xs, ys) -> bool:
@@ -137,12 +145,14 @@ def _add_impl(x, y, alpha=1.0):
     _check_add(x, y)
     if x.numel() == 0:
         return
+    # Writes below go through x.data (a view with its own version counter): the op bumps x's
+    # version once after the kernel (ops/_library.py), as one eager in-place op does.
     if not (_kernel_dtype(x) and _kernel_dtype(y)):
-        _add.reference(f"no kernel for {x.dtype} / {y.dtype}")(x, y, alpha)
+        _add.reference(f"no kernel for {x.dtype} / {y.dtype}")(x.data, y, alpha)
         return
     backend = _add.backend_for(x.device.type)
     if backend == "reference":
-        reference.add_(x, y, alpha)
+        reference.add_(x.data, y, alpha)
         return
     run = _add.get(backend)
     yk = _repeating(y, x.shape)
@@ -151,7 +161,7 @@ def _add_impl(x, y, alpha=1.0):
     else:
         work = x.contiguous()
         run(work, yk, alpha)
-        x.copy_(work)
+        x.data.copy_(work)
 
 
 def _add_fake(x, y, alpha=1.0):
@@ -161,14 +171,50 @@ def _add_fake(x, y, alpha=1.0):
 add_op = define("add_(Tensor(a!) x, Tensor y, float alpha=1.0) -> ()", _add_impl, _add_fake)
 
 
+_LOWP = (torch.float16, torch.bfloat16)
+_ALPHAS: dict = {}  # (alpha, dtype) -> alpha rounded to dtype as eager's CPU add does
+
+
+def _alpha_as(alpha: float, dtype: torch.dtype) -> float:
+    """alpha rounded to a 16-bit dtype as eager's CPU add does (the kernel of a bf16+bf16 /
+    fp16+fp16 add converts alpha to scalar_t: double -> float -> dtype, rejecting a value
+    the dtype cannot hold). Cached: a training loop uses a few alphas."""
+    key = (alpha, dtype)
+    out = _ALPHAS.get(key)
+    if out is None:
+        if alpha == alpha and abs(alpha) != float("inf") and abs(alpha) > torch.finfo(dtype).max:
+            raise ValueError(f"fusedops.{OP}: alpha={alpha!r} cannot be converted to {dtype} without overflow "
+                             f"(x and y are {dtype}; eager's add_ rejects it too)")
+        out = torch.tensor(alpha, dtype=torch.float32).to(dtype).item()
+        if len(_ALPHAS) < 4096:
+            _ALPHAS[key] = out
+    return out
+
+
+def _eager_alpha(x, y, alpha: float) -> float:
+    """The alpha eager uses for x += alpha*y on CPU: with x and y of one 16-bit dtype,
+    alpha rounded to it (ATen's CPU add kernel computes in scalar_t); otherwise (and on
+    CUDA, where eager keeps alpha in fp32 opmath, as the kernels do) alpha itself."""
+    dt = x.dtype
+    if dt in _LOWP and y.dtype is dt:
+        return _alpha_as(alpha, dt)
+    return alpha
+
+
 @_add.register("cuda")
-@_add.register("cpp")
-def _add_native(x, y, alpha):
+def _add_cuda(x, y, alpha):
     _native.op("add_")(x, y, alpha)
+
+
+@_add.register("cpp")
+def _add_cpp(x, y, alpha):
+    _native.op("add_")(x, y, alpha if alpha == 1.0 else _eager_alpha(x, y, alpha))
 
 
 @_add.register("triton")
 def _add_triton(x, y, alpha):
+    if alpha != 1.0 and x.device.type == "cpu":
+        alpha = _eager_alpha(x, y, alpha)
     _triton.kernels("add").add_(x, y, alpha)
 
 
@@ -180,9 +226,24 @@ def _foreach_impl(xs, ys, alpha=1.0):
     # Fast path: the backend takes the whole lists in one launch when they are plain
     # (checked natively, once per call); it returns False, having written nothing, if not.
     backend = _foreach.backend_for(xs[0].device.type) if xs else "reference"
-    if backend != "reference" and len(xs) == len(ys) and _foreach.get(backend)(xs, ys, alpha):
+    if backend != "reference" and len(xs) == len(ys):
+        try:
+            if _foreach.get(backend)(xs, ys, alpha):
+                return
+        except RuntimeError:  # e.g. tensors on several devices: name the argument at fault
+            _check_foreach(xs, ys, memory=False)
+            raise
+    if _check_foreach(xs, ys):
+        # strided views whose memory meets another pair's: the pairs one by one, in order
+        # (torch._foreach_add_'s semantics), each correct for any overlap within its pair
+        for x, y in zip(xs, ys):
+            if x.numel() == 0:
+                continue
+            if not (_kernel_dtype(x) and _kernel_dtype(y)):
+                _foreach.reference(f"no kernel for {x.dtype} / {y.dtype}")([x.data], [y], alpha)
+            else:
+                _add_impl(x, y, alpha)
         return
-    _check_foreach(xs, ys)
     # General path: group pairs so that each group is plain, one launch each: same device
     # and dtypes, both contiguous. A non-contiguous x goes through add_ (one contiguous
     # copy); a float64 pair through the reference.
@@ -191,7 +252,7 @@ def _foreach_impl(xs, ys, alpha=1.0):
         if x.numel() == 0:
             continue
         if not (_kernel_dtype(x) and _kernel_dtype(y)):
-            _foreach.reference(f"no kernel for {x.dtype} / {y.dtype}")([x], [y], alpha)
+            _foreach.reference(f"no kernel for {x.dtype} / {y.dtype}")([x.data], [y], alpha)
         elif not x.is_contiguous():
             _add_impl(x, y, alpha)
         else:
@@ -202,7 +263,7 @@ def _foreach_impl(xs, ys, alpha=1.0):
     for (device, _, _), (gx, gy) in groups.items():
         backend = _foreach.backend_for(device.type)
         if backend == "reference":
-            reference.foreach_add_(gx, gy, alpha)
+            reference.foreach_add_([x.data for x in gx], gy, alpha)
         elif not _foreach.get(backend)(gx, gy, alpha):
             raise RuntimeError(f"fusedops.{FOREACH_OP}: internal error: a checked group was refused by "
                                f"the {backend} kernel")
@@ -210,6 +271,7 @@ def _foreach_impl(xs, ys, alpha=1.0):
 
 def _foreach_fake(xs, ys, alpha=1.0):
     _check_foreach(xs, ys, memory=False)
+    return None
 
 
 foreach_add_op = define("foreach_add_(Tensor(a!)[] xs, Tensor[] ys, float alpha=1.0) -> ()",
@@ -217,9 +279,15 @@ foreach_add_op = define("foreach_add_(Tensor(a!)[] xs, Tensor[] ys, float alpha=
 
 
 @_foreach.register("cuda")
-@_foreach.register("cpp")
-def _foreach_native(xs, ys, alpha) -> bool:
+def _foreach_cuda(xs, ys, alpha) -> bool:
     return _native.op("foreach_add_")(xs, ys, alpha)
+
+
+@_foreach.register("cpp")
+def _foreach_cpp(xs, ys, alpha) -> bool:
+    # plain lists (the only ones the op takes) have one x dtype and one y dtype; on others
+    # it returns False and the general path calls again per group
+    return _native.op("foreach_add_")(xs, ys, alpha if alpha == 1.0 else _eager_alpha(xs[0], ys[0], alpha))
 
 
 @_foreach.register("triton")
@@ -238,6 +306,8 @@ def _foreach_triton(xs, ys, alpha) -> bool:
     blocks, aligned = int(table[3, -1]), bool(table[0, -1])
     if device.type != "cpu":
         table = table.to(device, non_blocking=True)
+    if alpha != 1.0 and device.type == "cpu":
+        alpha = _eager_alpha(xs[0], ys[0], alpha)
     kernels.foreach_add_(table, blocks, aligned, xs[0].dtype, ys[0].dtype, alpha)
     return True
 
@@ -276,7 +346,12 @@ def foreach_add_(xs, ys, alpha: float = 1.0) -> None:
         backend = _foreach.backend_for(xs[0].device.type)
         if backend != "reference":  # the kernel directly: it takes plain lists (checked natively) or
             _no_autograd(xs + ys, FOREACH_OP)  # refuses them, having written nothing
-            if _foreach.get(backend)(xs, ys, float(alpha)):
+            try:
+                done = _foreach.get(backend)(xs, ys, float(alpha))
+            except RuntimeError:  # e.g. a tensor on another device: the checks name the argument
+                _check_foreach(xs, ys, memory=False)
+                raise
+            if done:
                 torch.autograd.graph.increment_version(xs)  # as the op does (see ops/_library.py)
                 return
     for name, ts in (("xs", xs), ("ys", ys)):

@@ -71,10 +71,18 @@ def run_report(model_specs: list, device: torch.device, variants=VARIANTS, tiny:
         raise ValueError(f"unknown variant {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     variants = list(dict.fromkeys(["eager"] + list(variants)))
     default_steps, default_warmup = TINY_STEPS if tiny else DEFAULT_STEPS["cuda" if device.type == "cuda" else "cpu"]
-    steps = steps or default_steps
-    warmup = default_warmup if warmup is None else warmup
+    steps = default_steps if steps is None else steps
     if steps < 2:
-        raise ValueError("steps: need at least 2 (one warm-up step, one timed step)")
+        raise ValueError(f"--steps {steps}: need at least 2 (one warm-up step, one timed step)")
+    if warmup is None:  # the default warm-up, shortened to leave at least one timed step
+        warmup = min(default_warmup, steps - 1)
+    elif warmup < 0:
+        raise ValueError(f"--warmup {warmup}: must be >= 0")
+    elif warmup >= steps:
+        raise ValueError(f"--warmup {warmup} with --steps {steps}: the warm-up steps are among the steps and at "
+                         f"least one must be timed; give --warmup < --steps")
+    if peak_tflops is not None and not (0 < peak_tflops < float("inf")):
+        raise ValueError(f"--peak-tflops {peak_tflops:g}: must be a positive number of TFLOP/s")
     workloads = [models.get(s, tiny) for s in model_specs]
     bar = Progress(len(workloads) * (len(variants) + 1)) if progress else None
     meta = environment(device)
@@ -117,6 +125,11 @@ def cmd_report(args) -> int:
                 part = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 print(f"fusedops report: --render: cannot read {path}: {exc}", file=sys.stderr)
+                return 2
+            if not (isinstance(part, dict) and isinstance(part.get("meta"), dict)
+                    and isinstance(part.get("models"), list)):
+                print(f"fusedops report: --render: {path} is not a report.json of `fusedops report` (it needs "
+                      f"'meta' and 'models')", file=sys.stderr)
                 return 2
             if results is None:
                 results = part

@@ -77,6 +77,8 @@ def agreement(loss: float, loss_eager: float, loss_reordered: float) -> dict:
 
 def device_peak_flops(device: torch.device, override_tflops: float | None) -> tuple:
     """(peak FLOP/s or None, description)."""
+    if override_tflops is not None and not (0 < override_tflops < float("inf")):
+        raise ValueError(f"--peak-tflops {override_tflops:g}: must be a positive number of TFLOP/s")
     if override_tflops:
         return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (--peak-tflops)"
     if device.type != "cuda":
@@ -299,7 +301,9 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
     """Run the reference and every variant of one workload; return a JSON-ready dict."""
     if "eager" not in variants:
         variants = ["eager"] + list(variants)
-    warmup = min(warmup, steps - 1)
+    if steps < 2 or not 0 <= warmup < steps:
+        raise ValueError(f"steps={steps}, warmup={warmup}: need steps >= 2 and 0 <= warmup < steps (at least one "
+                         f"timed step)")
     base = workload.build()      # on the CPU; each run deep-copies it to the device
     amp = workload.amp_dtype if device.type == "cuda" else None
     order = list(range(steps))
