@@ -1061,3 +1061,29 @@ def test_fold_leaves_sequential_subclasses_with_their_own_forward():
             fusedops.fold_conv_bn(model)
             assert isinstance(model[0], FoldedConvAct2d) == folded, cls.__name__
             torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_without_a_gradient_raise_when_differentiated():
+    """The BN ops and the training step's backward op carry no gradient to their inputs: a
+    backward through them raises and names the op (autograd's fallback would warn and
+    return no gradient)."""
+    from fusedops.ops import convbn
+    y = torch.randn(2, 3, 4, 4, requires_grad=True)
+    mean, invstd, _ = bnops.bn_stats_op(y, 1e-5)
+    with pytest.raises(RuntimeError, match="fusedops::bn_stats is not differentiable"):
+        mean.sum().backward()
+    z = bnops.bn_act_apply_op(y, mean.detach(), invstd.detach(), None, None, "relu", 0.01)
+    with pytest.raises(RuntimeError, match="fusedops::bn_act_apply is not differentiable"):
+        z.sum().backward()
+    dy = bnops.bn_act_backward_op(torch.randn_like(y), y, mean.detach(), invstd.detach(), None, None, "relu", 0.01)[0]
+    with pytest.raises(RuntimeError, match="fusedops::bn_act_backward is not differentiable"):
+        dy.sum().backward()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3)
+    with torch.no_grad():
+        z, mean, invstd, _, _ = convbn.train_op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, 1e-5, "relu", 0.01,
+                                                False)
+    dx = convbn.train_backward_op(torch.randn_like(z), x, w, None, mean, invstd, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                  "relu", 0.01, [True, False, False, False])[0]
+    with pytest.raises(RuntimeError, match="conv_bn_act_train_backward is not differentiable"):
+        dx.sum().backward()

@@ -133,6 +133,20 @@ def test_opcheck_quantize_ops():
     torch.library.opcheck(torch.ops.fusedops.blockwise_dequantize.default, (c, a, code))
 
 
+def test_quantize_ops_raise_when_differentiated():
+    """No gradient flows through the quantization ops: a backward through them raises and
+    names the op (autograd's fallback would warn and return no gradient)."""
+    code = O.signed_map()
+    x = torch.randn(3, 700, requires_grad=True)
+    _, absmax = torch.ops.fusedops.blockwise_quantize.default(x, code)
+    with pytest.raises(RuntimeError, match="fusedops::blockwise_quantize is not differentiable"):
+        absmax.sum().backward()
+    c, a = fusedops.blockwise_quantize(x.detach(), code)
+    out = torch.ops.fusedops.blockwise_dequantize.default(c, a.requires_grad_(), code)
+    with pytest.raises(RuntimeError, match="fusedops::blockwise_dequantize is not differentiable"):
+        out.sum().backward()
+
+
 def _brute_force_codes(x: torch.Tensor, code: torch.Tensor, signed: bool) -> torch.Tensor:
     """The definition, by brute force over every midpoint (numpy, in chunks): the number of
     fp32 midpoints strictly below x, and for the signed map a negative x never takes the

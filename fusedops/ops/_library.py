@@ -40,3 +40,16 @@ def define(schema: str, kernel, fake) -> torch._ops.OpOverload:
     LIB.impl(name, kernel, "CUDA")
     torch.library.register_fake(f"fusedops::{name}", fake, lib=LIB)
     return getattr(torch.ops.fusedops, name).default
+
+
+def not_differentiable(op: torch._ops.OpOverload, instead: str) -> None:
+    """Make a gradient through `op` raise, naming the op and what to use instead. Without
+    an autograd registration, autograd's fallback lets a backward pass through the op with
+    only a deprecation warning and no gradient for its inputs: a silently wrong result."""
+    name = op.name()
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name} is not differentiable (its outputs carry no gradient to its inputs); "
+                           f"{instead}")
+
+    torch.library.register_autograd(name, backward, lib=LIB)

@@ -24,7 +24,7 @@ import torch
 from .. import _native, _triton, _validate, reference
 from .._backend import Kernels, warn_once
 from .._backend import _forced as _backend_forced
-from ._library import LIB, define
+from ._library import LIB, define, not_differentiable
 
 STATS, APPLY, BACKWARD = "bn_stats", "bn_act_apply", "bn_act_backward"
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
@@ -227,6 +227,8 @@ bn_act_backward_op = define(
     f"{BACKWARD}(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor? weight=None, Tensor? bias=None, "
     "str act='identity', float slope=0.01) -> (Tensor dy, Tensor dweight, Tensor dbias)",
     _backward_impl, _backward_fake)
+for _op in (bn_stats_op, bn_act_apply_op, bn_act_backward_op):
+    not_differentiable(_op, "ConvBNAct2d (fusedops.nn) differentiates the whole conv + BN + activation step")
 
 
 @_backward.register("triton")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import _validate
 from . import batchnorm as bnops
-from ._library import LIB, define
+from ._library import LIB, define, not_differentiable
 
 NO_OUTPUT_PADDING = [0, 0]
 
@@ -194,6 +194,7 @@ train_backward_op = define(
     f"conv_bn_act_train_backward(Tensor dz, Tensor x, Tensor w, Tensor? y, Tensor mean, Tensor invstd, Tensor? gamma, "
     f"Tensor? beta, {_SCHEMA_GEOMETRY}, str act, float slope, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     _train_backward_impl, _train_backward_fake)
+not_differentiable(train_backward_op, "for second-order gradients run ConvBNAct2d in eager mode with create_graph=True")
 
 
 def _setup(ctx, inputs, output):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .. import _native, _triton, _validate, reference
 from .._backend import Kernels
 from .._backend import _forced as _backend_forced
-from ._library import LIB, define
+from ._library import LIB, define, not_differentiable
 
 ACTIVATIONS = reference.ACTIVATIONS
 _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
@@ -231,6 +231,8 @@ def _backward_fake(dy, s, weight, bias, mean, rstd, activation, ds=None):
 norm_act_backward_op = define(
     "norm_act_backward(Tensor dy, Tensor s, Tensor? weight, Tensor? bias, Tensor? mean, Tensor rstd, "
     "str activation, Tensor? ds=None) -> (Tensor, Tensor, Tensor)", _backward_impl, _backward_fake)
+not_differentiable(norm_act_backward_op, "for second-order gradients differentiate the norm functions or modules with "
+                   "create_graph=True (their backward then runs in differentiable torch ops)")
 
 
 def _bwd_triton(dy, s, weight, bias, mean, rstd, activation, ds=None):

@@ -28,7 +28,7 @@ import torch
 
 from .. import _native, _triton, _validate, reference
 from .._backend import Kernels
-from ._library import define
+from ._library import define, not_differentiable
 
 QUANT_OP, DEQUANT_OP, STEP_OP = "blockwise_quantize", "blockwise_dequantize", "optimizer_step_8bit_"
 KINDS = reference.OPTIM_KINDS
@@ -206,6 +206,8 @@ def _dequantize_fake(codes, absmax, code):
 
 dequantize_op = define(f"{DEQUANT_OP}(Tensor codes, Tensor absmax, Tensor code) -> Tensor", _dequantize_impl,
                        _dequantize_fake)
+for _op in (quantize_op, dequantize_op):
+    not_differentiable(_op, "blockwise 8-bit quantization of optimizer states has no gradient")
 
 
 def blockwise_quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
