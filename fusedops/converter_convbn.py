@@ -20,6 +20,9 @@ Where a chain is taken:
   conv, bn (and a fused act) must live in the same parent and be registered under one
   name only (named_modules(remove_duplicate=False)): fx names a module by its first path,
   which may not be the attribute forward uses; an act with several names is not fused.
+  The bn must be registered after the conv with no module holding parameters or buffers
+  in between: the fused module at the conv's slot yields the conv's tensors then the
+  bn's, and parameters() must keep its order (optimizers match saved states by position).
 - A chain is fused by fx only where every module above it on the path was traced or is a
   plain nn.Sequential: when a module cannot be traced, the chains of its children are
   skipped with the reason "torch.fx cannot trace <Module> at <path> (<error>): its uses of
@@ -95,6 +98,24 @@ def _install(parent, names, conv, bn, act, path, report):
         parent._modules[n] = _like(nn.Identity(), old)
     StateDictKeyMap(names[0], names[1]).install(parent)
     report.replaced.append(Replaced(path + names[0], _pattern(conv, bn, act), "ConvBNAct2d"))
+
+
+def _reorders(parent: nn.Module, conv_name: str, bn_name: str) -> str | None:
+    """Why fusing would change the order of parent's parameters and buffers (the fused
+    module at the conv's slot yields the conv's, then the bn's), or None. Optimizers match
+    a saved state to parameters by position, so an eager optimizer checkpoint would load
+    onto the wrong tensors."""
+    names = list(parent._modules)
+    i, j = names.index(conv_name), names.index(bn_name)
+    if j < i:
+        return ("bn is registered before the conv: fusing would reorder parameters() and the state_dict "
+                "(optimizer states are matched by position)")
+    for n in names[i + 1:j]:
+        m = parent._modules[n]
+        if m is not None and (next(m.parameters(), None) is not None or next(m.buffers(), None) is not None):
+            return (f"{n} (with parameters or buffers) is registered between the conv and the bn: fusing would "
+                    f"reorder parameters() and the state_dict (optimizer states are matched by position)")
+    return None
 
 
 def _split(path: str):
@@ -333,6 +354,8 @@ def _convert_region(prefix, region, graphs, unknown, report, analysis: _Analysis
                 reason = "conv and bn live in different parent modules"
             if reason is None:
                 reason = analysis.aliased(conv, bn)
+            if reason is None:
+                reason = _reorders(parent, conv_name, bn_name)
             if reason is None and unknown is not None:
                 reason = f"{unknown}: its uses of {prefix}{conv_path} and {prefix}{bn_path} are unknown"
             act_ok = False

@@ -110,12 +110,15 @@ class _ConvBNActTrain(torch.autograd.Function):
     at the peak one activation less than keeping x to the end."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None):
+    def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None, bn=None):
         stride, padding, dilation, groups, eps, act, slope, memory = conf
-        # running: [running_mean, running_var, momentum, done] or None
+        # running: [running_mean, running_var, momentum, done] or None; bn: the BN module whose
+        # running statistics this step updates, or None
         check_batch_values(x, weight, stride, padding, dilation)
         z, mean, invstd, var, y = train_forward(x, weight, gamma, beta, (stride, padding, dilation, groups), eps, act,
                                                 slope, running)
+        if bn is not None:  # before save_for_backward: a checkpoint's recompute may stop there
+            _update_running(bn, running, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
         dev = x.device
         ctx.x = None
         if memory == "fast":
@@ -138,6 +141,32 @@ class _ConvBNActTrain(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable in turn
             return _train_backward_differentiable(ctx, dz)
         return _train_backward(ctx, dz)
+
+
+def _update_running(bn, running, conv_bias, mean, var, count: int) -> None:
+    """bn's running statistics after a training step with batch statistics (mean, var),
+    as eager BatchNorm2d updates them: num_batches_tracked (and the version counters the
+    eval fold cache keys on) where the stats launch already updated the buffers (running
+    done), else the whole update. Runs inside the step's forward, so that a recompute
+    (torch.utils.checkpoint) counts as eager's does."""
+    bbufs = bn._buffers
+    rm, rv, nbt = bbufs["running_mean"], bbufs["running_var"], bbufs.get("num_batches_tracked")
+    if running is not None and running[3]:
+        nbt.add_(1)  # a buffer: no grad mode needed
+        torch.autograd.graph.increment_version([rm, rv])
+        return
+    if conv_bias is not None:
+        mean = mean + conv_bias.detach().float()
+    momentum = bn.momentum
+    if momentum is None or nbt is None or rm.dtype != mean.dtype or rv.dtype != var.dtype or count == 0:
+        reference.update_running_stats_(rm, rv, nbt, mean, var, count, momentum)
+    else:  # eager's update in 3 launches: nbt += 1; lerp of both buffers
+        with torch.no_grad():
+            nbt.add_(1)
+            torch._foreach_lerp_([rm, rv], [mean, var * (count / max(count - 1, 1))], float(momentum))
+        # the CUDA foreach fast path of torch 2.11 leaves version counters alone (seen on an
+        # H100: the eval fold cache, keyed on them, went stale); bump them here
+        torch.autograd.graph.increment_version([rm, rv])
 
 
 def _held_input(ctx) -> torch.Tensor:
@@ -176,7 +205,7 @@ def _train_backward_differentiable(ctx, dz):
             grads[i] = torch.zeros_like(t) if g is None else g
     if needs[4] and ctx.has_bias:
         grads[4] = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
-    return (*grads, None, None)
+    return (*grads, None, None, None)
 
 
 def _train_backward(ctx, dz):
@@ -213,7 +242,7 @@ def _train_backward(ctx, dz):
         db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
     if ctx.has_bias:
         dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
-    return dx, dw, dg, db, dcb, None, None
+    return dx, dw, dg, db, dcb, None, None, None
 
 
 def _output_padding(in_hw, out_shape, w_shape, stride, padding, dilation) -> list:
@@ -343,16 +372,19 @@ class ConvBNAct2d(nn.Module):
         return cached[1]
 
     @staticmethod
-    def _train_step(x, w, bparams, conv_bias, conf, running):
-        """(z, mean, var): eager, the autograd.Function (its memory modes, the early release
-        of x); traced by torch.compile, the fusedops::conv_bn_act_train op, whose conv
-        output the compiled graph cannot keep (see fusedops/ops/convbn.py)."""
+    def _train_step(x, w, bparams, conv_bias, conf, running, bn):
+        """z: eager, the autograd.Function (its memory modes, the early release of x);
+        traced by torch.compile, the fusedops::conv_bn_act_train op, whose conv output the
+        compiled graph cannot keep (see fusedops/ops/convbn.py). bn: the BN whose running
+        statistics the step updates, or None."""
         if torch.compiler.is_compiling():
             stride, padding, dilation, groups, eps, act, slope, memory = conf
             z, mean, _, var, _ = train_op(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, stride,
                                           padding, dilation, groups, eps, act, slope, memory == "fast")
-            return z, mean, var
-        return _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf, running)
+            if bn is not None:
+                _update_running(bn, None, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
+            return z
+        return _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf, running, bn)[0]
 
     def _forward_train(self, x, conv, bn):
         cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
@@ -368,33 +400,15 @@ class ConvBNAct2d(nn.Module):
                 and not torch.compiler.is_compiling()):
             running = [rm, bbufs["running_var"], float(bn.momentum), False]
         cd = _conv_dtype(x)
+        owner = bn if update else None
         if cd is not None:  # what autocast does to the eager conv: each eligible operand in cd
             if x.dtype != cd:
                 x = x.to(cd)
             if w.dtype != cd and w.dtype != torch.float64:
                 w = w.to(cd)
             with no_autocast(x.device.type):
-                z, mean, var = self._train_step(x, w, bparams, conv_bias, conf, running)
-        else:
-            z, mean, var = self._train_step(x, w, bparams, conv_bias, conf, running)
-        if running is not None and running[3]:
-            bbufs["num_batches_tracked"].add_(1)  # a buffer: no grad mode needed
-            torch.autograd.graph.increment_version([rm, bbufs["running_var"]])  # the eval fold cache keys on it
-        elif update:
-            if conv_bias is not None:
-                mean = mean + conv_bias.detach().float()
-            count = z.shape[0] * z.shape[2] * z.shape[3]
-            rv, nbt, momentum = bbufs["running_var"], bbufs.get("num_batches_tracked"), bn.momentum
-            if momentum is None or nbt is None or rm.dtype != mean.dtype or rv.dtype != var.dtype or count == 0:
-                reference.update_running_stats_(rm, rv, nbt, mean, var, count, momentum)
-            else:  # eager's update in 3 launches: nbt += 1; lerp of both buffers
-                with torch.no_grad():
-                    nbt.add_(1)
-                    torch._foreach_lerp_([rm, rv], [mean, var * (count / max(count - 1, 1))], float(momentum))
-                # the CUDA foreach fast path of torch 2.11 leaves version counters alone (seen
-                # on an H100: the eval fold cache, keyed on them, went stale); bump them here
-                torch.autograd.graph.increment_version([rm, rv])
-        return z
+                return self._train_step(x, w, bparams, conv_bias, conf, running, owner)
+        return self._train_step(x, w, bparams, conv_bias, conf, running, owner)
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b') of the conv with BN (running stats) folded in: computed in fp32, cast

@@ -1087,3 +1087,26 @@ def test_ops_without_a_gradient_raise_when_differentiated():
                                   "relu", 0.01, [True, False, False, False])[0]
     with pytest.raises(RuntimeError, match="conv_bn_act_train_backward is not differentiable"):
         dx.sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("bn_kw,bias", [(dict(), False), (dict(momentum=None), False), (dict(), True)])
+def test_running_statistics_under_checkpoint(dev_backend, reentrant, bn_kw, bias):
+    """torch.utils.checkpoint recomputes the forward in backward: eager's BN counts the
+    recompute as a forward (num_batches_tracked 2 after one step, buffers moved twice); so
+    must the fused module, also where the non-reentrant checkpoint stops the recompute
+    early (at the last tensor saved for backward)."""
+    from torch.utils.checkpoint import checkpoint
+    device, _ = dev_backend
+    eager = _pair(3, 4, 3, "relu", device, conv_kw=dict(padding=1), bn_kw=bn_kw)
+    if bias:
+        eager[0] = nn.Conv2d(3, 4, 3, padding=1, bias=True).to(device)
+    fused = _fused_from(eager)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    for m in (eager, fused):
+        xx = x.clone().requires_grad_()
+        checkpoint(m, xx, use_reentrant=reentrant).square().sum().backward()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused.bn, name), getattr(eager[1], name), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    assert int(fused.bn.num_batches_tracked) == 2

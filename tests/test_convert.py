@@ -526,3 +526,40 @@ def test_report_resnet50_converts_every_chain():
     assert len(report.replaced) == 17 and not report.skipped, str(report)
     assert sum(r.pattern.endswith("ReLU") for r in report.replaced) == 9
     _same_as_eager(eager, model, (2, 3, 32, 32), steps=1, tol=2e-3)
+
+
+class _ConvsThenBNs(nn.Module):
+    def __init__(self, bn_first=False):
+        super().__init__()
+        if bn_first:
+            self.bn1 = nn.BatchNorm2d(4)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        if not bn_first:
+            self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.bn3(self.conv3(x))
+
+
+@pytest.mark.parametrize("bn_first", [False, True])
+def test_fx_chain_that_would_reorder_parameters_is_skipped(bn_first):
+    """The fused module yields the conv's tensors then the bn's at the conv's slot: a chain
+    whose bn is registered before its conv, or after another module with parameters, is
+    skipped (parameters() keeps the eager order, so an eager optimizer state loads onto the
+    right tensors); an adjacent pair is fused."""
+    eager = _randomize_bns(_ConvsThenBNs(bn_first))
+    model, report = _convert_copy(eager)
+    # bn_first: bn1, conv1, conv2, bn2 (conv2 and bn2 adjacent); else conv1, conv2, bn1, bn2
+    assert [r.path for r in report.replaced] == (["conv2", "conv3"] if bn_first else ["conv3"]), str(report)
+    skipped = {s.path: s.reason for s in report.skipped}
+    assert "reorder parameters()" in skipped["conv1"], str(report)
+    assert bn_first or "reorder parameters()" in skipped["conv2"], str(report)
+    assert [p.shape for p in model.parameters()] == [p.shape for p in eager.parameters()]
+    assert list(model.state_dict()) == list(eager.state_dict())
+    _same_as_eager(eager, model, (2, 3, 6, 6))
