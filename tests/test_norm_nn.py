@@ -370,3 +370,40 @@ def test_rms_modules_default_eps_match_eager(dtype):
     for got, want in ((fused(x), ref), (model(x), ref), (add(x, r)[0], ref_add)):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("cls", [AddLayerNorm, AddRMSNorm])
+def test_residual_of_another_dtype_adds_as_eager(dev_backend, cls, inplace):
+    """The pre-norm pattern under autocast: a bf16 branch output x into an fp32 residual
+    stream. s = x + residual in the promoted dtype (fp32), y and every gradient as eager's
+    (the fp32 math of s and y within rounding; x's gradient in bf16). In place, the sum
+    goes into the fp32 residual; an fp32 x into a bf16 residual is refused by name."""
+    device, _ = dev_backend
+    torch.manual_seed(0)
+    m = _randomize(cls(48, activation="silu").to(device))
+    x0 = torch.randn(5, 48, device=device, dtype=torch.bfloat16)
+    r0 = torch.randn(5, 48, device=device)
+    g = torch.randn(5, 48, device=device)
+    xe, he = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+    se = xe + he
+    ye = (torch.nn.functional.layer_norm(se, (48,), m.weight, m.bias) if cls is AddLayerNorm
+          else torch.nn.functional.rms_norm(se, (48,), m.weight, m.eps))
+    ye = torch.nn.functional.silu(ye)
+    ((ye * g).sum() + se.sum()).backward()
+    x, h = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+    r = h * 1.0  # a non-leaf residual (in place needs one under grad)
+    m.inplace = inplace
+    y, s = m(x, r)
+    assert y.dtype == ye.dtype == torch.float32 and s.dtype == torch.float32
+    if inplace:
+        assert s is r
+    torch.testing.assert_close(s, se, rtol=0, atol=0)
+    torch.testing.assert_close(y, ye, rtol=1e-5, atol=1e-5)
+    ((y * g).sum() + s.sum()).backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), xe.grad.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h.grad, he.grad, rtol=1e-5, atol=1e-5)
+    fn = fusedops.add_layer_norm_act if cls is AddLayerNorm else fusedops.add_rms_norm_act
+    with pytest.raises(TypeError, match="residual"):
+        fn(x0.float(), r0.bfloat16(), inplace=True)

@@ -739,6 +739,18 @@ def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "id
     return y
 
 
+def _promoted(x, residual, inplace: bool, op: str):
+    """(x, residual) in the dtype eager's x + residual computes in (a differentiable cast of
+    the one that differs; the kernels add operands of one dtype). In place the sum is written
+    into residual, so its dtype must be that one."""
+    _validate.floating(residual, "residual", op)
+    dt = torch.promote_types(x.dtype, residual.dtype)
+    if inplace and dt != residual.dtype:
+        raise TypeError(f"fusedops.{op}: inplace=True writes x + residual ({dt}: x is {x.dtype}) into residual, "
+                        f"which is {residual.dtype}; pass a residual of dtype {dt} or inplace=False")
+    return (x if x.dtype == dt else x.to(dt)), (residual if residual.dtype == dt else residual.to(dt))
+
+
 def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, activation: str = "identity",
                        inplace: bool = False):
     """s = x + residual; y = act(F.layer_norm(s, ...)). Returns (y, s).
@@ -747,9 +759,13 @@ def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, a
     and a pass; gradients flow to x and residual either way. As eager's residual.add_(x),
     a leaf residual that requires grad is refused under grad mode (nothing written); with
     grad, a residual that is a view (and any residual under torch.compile) takes the
-    functional kernel and a copy into residual instead."""
+    functional kernel and a copy into residual instead. x and residual of different dtypes
+    add in their promoted dtype, as eager's x + residual (e.g. a bf16 branch output under
+    autocast into an fp32 residual stream); in place, that must be residual's dtype."""
     _validate.tensor(x, "x", "add_layer_norm_act")
     _validate.tensor(residual, "residual", "add_layer_norm_act")
+    if residual.dtype != x.dtype:
+        x, residual = _promoted(x, residual, inplace, "add_layer_norm_act")
     od = _autocast_dtype(x)
     if inplace:
         return _add_inplace("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
@@ -768,6 +784,8 @@ def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activat
     _validate.tensor(x, "x", "add_rms_norm_act")
     _validate.tensor(residual, "residual", "add_rms_norm_act")
     _validate.floating(x, "x", "add_rms_norm_act")
+    if residual.dtype != x.dtype:
+        x, residual = _promoted(x, residual, inplace, "add_rms_norm_act")
     od = _autocast_dtype(x, "rms_norm")
     eps = _rms_eps(eps, x)
     if inplace:
