@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,6 +88,7 @@ def cmd_bench(args) -> int:
 def cmd_info(args) -> int:
     import fusedops
     from . import _backend, _native, _triton
+    from ._backend import FallbackWarning
 
     print(f"fusedops {fusedops.__version__}, torch {torch.__version__}")
     print(f"native extension: {'loaded' if _native.ops is not None else _native.why_missing('cpu')}")
@@ -96,13 +98,22 @@ def cmd_info(args) -> int:
               + ("" if vector else " (no AVX2 + FMA + F16C on this CPU, or FUSEDOPS_CPU_AVX2=0)"))
     print(f"triton: {'installed' if _triton.installed() else 'not installed'}; interpreter "
           f"{'on' if _triton.interpreting() else 'off'}")
+    forced = _backend._forced()
+    if forced:
+        print(f"backend forced (FUSEDOPS_BACKEND): {forced}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devices:
-        for b in ("triton", "cuda" if dev == "cuda" else "cpp"):
-            state = "available" if _backend.available(b, dev) else _backend.why_unavailable(b, dev)
-            print(f"  {dev:4s} {b:7s} {state}")
-        for op, k in _backend.REGISTRY.items():
-            print(f"  {dev:4s} {op}: {k.backend_for(dev)}")
+    with warnings.catch_warnings():  # (the fallbacks are listed below, not warned about in between)
+        warnings.simplefilter("ignore", FallbackWarning)
+        for dev in devices:
+            for b in ("triton", "cuda" if dev == "cuda" else "cpp"):
+                state = "available" if _backend.available(b, dev) else _backend.why_unavailable(b, dev)
+                print(f"  {dev:4s} {b:7s} {state}")
+            for op, k in _backend.REGISTRY.items():
+                try:
+                    chosen = k.backend_for(dev)
+                except RuntimeError:  # a forced backend that cannot run here (its reason: above)
+                    chosen = f"none: the forced backend {forced!r} cannot run on {dev}"
+                print(f"  {dev:4s} {op}: {chosen}")
     return 0
 
 

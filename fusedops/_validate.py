@@ -14,6 +14,18 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+INFERENCE_WRITE = ("Inplace update to inference tensor outside InferenceMode is not allowed. You can make a "
+                   "clone to get a normal tensor before doing inplace update.")
+
+
+def writable(t: torch.Tensor, name: str, op: str) -> None:
+    """Eager's refusal of an in-place write to an inference tensor outside inference_mode
+    (such a tensor has no version counter for autograd to check). Not under torch.compile,
+    which cannot trace the question (and runs its graphs on tensors of its own)."""
+    if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"fusedops.{op}: {name}: {INFERENCE_WRITE}")
+
+
 def plain_call(*ts) -> bool:
     """The host-time fast paths may call the kernels directly: eager (not under tracing or
     a dispatch mode) and every given tensor plain (None allowed)."""

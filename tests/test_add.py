@@ -650,3 +650,17 @@ def test_version_counter_bumped_once_like_eager():
         torch._foreach_add_(es, [yy, yy])
         fusedops.foreach_add_(xs, [yy, yy])
         assert [t._version - v for t, v in zip(xs, vs)] == [t._version - v for t, v in zip(es, vs)] == [1, 1], name
+
+
+def test_inference_tensor_outside_inference_mode_is_refused():
+    """As eager: an inference tensor may be written in place only inside inference_mode;
+    outside it fusedops.add_ refuses (naming x) before writing."""
+    with torch.inference_mode():
+        x = torch.randn(64)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="x: Inplace update to inference tensor outside InferenceMode"):
+        fusedops.add_(x, torch.randn(64))
+    assert torch.equal(x, before)
+    with torch.inference_mode():
+        fusedops.add_(x, torch.ones(64))
+    torch.testing.assert_close(x, before + 1)

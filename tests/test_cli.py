@@ -45,6 +45,21 @@ def test_info(capsys):
     assert "add_:" in capsys.readouterr().out
 
 
+def test_info_with_a_forced_backend_that_cannot_run(monkeypatch, capsys):
+    """info reports a forced backend that cannot run on a device (Triton on CPU tensors
+    without the interpreter) instead of failing with a traceback."""
+    import fusedops
+    from fusedops import _backend
+    monkeypatch.setattr(_backend, "available", lambda name, device_type: name != "triton")
+    for kernels in _backend.REGISTRY.values():
+        monkeypatch.setattr(kernels, "_chosen", {})
+    with fusedops.use_backend("triton"):
+        assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backend forced (FUSEDOPS_BACKEND): triton" in out
+    assert "add_: none: the forced backend 'triton' cannot run on cpu" in out
+
+
 def test_convbn_cases_each_run_on_their_own_input(monkeypatch):
     """Every case of the conv+BN family times its own workload: two shapes whose inputs
     differ in channels both run (a closure over the case loop's input ran each eval case on

@@ -407,3 +407,19 @@ def test_residual_of_another_dtype_adds_as_eager(dev_backend, cls, inplace):
     fn = fusedops.add_layer_norm_act if cls is AddLayerNorm else fusedops.add_rms_norm_act
     with pytest.raises(TypeError, match="residual"):
         fn(x0.float(), r0.bfloat16(), inplace=True)
+
+
+def test_inplace_inference_residual_outside_inference_mode_is_refused():
+    """As eager's residual.add_(x): an inference-tensor residual is written in place only
+    inside inference_mode; outside it the call is refused before anything is written."""
+    with torch.inference_mode():
+        r = torch.randn(3, 16)
+    before = r.clone()
+    for fn in (fusedops.add_layer_norm_act, fusedops.add_rms_norm_act):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="residual: Inplace update to inference tensor"):
+            fn(torch.randn(3, 16), r, inplace=True)
+        assert torch.equal(r, before)
+    with torch.inference_mode():
+        y, s = fusedops.add_rms_norm_act(torch.ones(3, 16), r, inplace=True)
+    assert s is r
+    torch.testing.assert_close(r, before + 1)

@@ -137,6 +137,7 @@ def _no_autograd(tensors, op: str) -> None:
 
 def _add_impl(x, y, alpha=1.0):
     _no_autograd((x, y), OP)
+    _validate.writable(x, "x", OP)
     if _plain_pair(x, y):
         backend = _add.backend_for(x.device.type)
         if backend != "reference" and x.numel():
@@ -327,6 +328,7 @@ def add_(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> None:
         backend = _add.backend_for(x.device.type)
         if backend != "reference":  # the kernel directly: the op's dispatcher round trip is most of a
             _no_autograd((x, y), OP)  # small call's host time
+            _validate.writable(x, "x", OP)
             _add.get(backend)(x, y, float(alpha))
             torch.autograd.graph.increment_version(x)  # as the op does (see ops/_library.py)
             return

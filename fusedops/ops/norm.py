@@ -680,6 +680,7 @@ def _rms_eps(eps, x):
 def _add_inplace(op, x, residual, weight, bias, eps, activation, od, rms):
     """inplace=True of add_layer_norm_act / add_rms_norm_act: s = x + residual written into
     residual; (y, residual). Every refusal comes before anything is written."""
+    _validate.writable(residual, "residual", op)
     if torch.jit.is_tracing():  # torch ops only (see _traced_in_torch_ops): eager's add_, then the norm
         _check(op + "_", x, residual, weight, bias, activation, od, memory=False)  # (add_ checks overlaps)
         residual.add_(x)
