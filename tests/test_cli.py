@@ -27,7 +27,9 @@ def test_bench_cli_tiny(tmp_path, capsys):
     assert {r["impl"] for r in rows} >= {"eager", "fusedops:cpp"}
     md = (out / "results.md").read_text()
     assert "| family | case | impl |" in md
-    assert "% copy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "% copy" in printed and "speed-up" in printed and "vs eager" not in printed
+    assert "| speed-up | timer |" in md and all("speedup" in r and "baseline" in r for r in rows)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -71,6 +73,8 @@ def test_convbn_cases_each_run_on_their_own_input(monkeypatch):
     cases = convbn.convbn_cases(ctx)
     assert [c.name for c in cases] == ["train 3->4 6^2 k3", "eval 3->4 6^2 k3", "train 5->4 5^2 k1",
                                        "eval 5->4 5^2 k1"]
+    # on CPU the memory figure is the bytes autograd saves (weights and input included), not a peak
+    assert "autograd_saved_MiB" in cases[0].params and "extra_peak_MiB" not in cases[0].params
     seen = []
     real_forward = torch.nn.Conv2d.forward
 
@@ -136,3 +140,114 @@ def test_bench_outputs_drop_a_stale_chart(tmp_path):
     written = harness.write_outputs(rows, {"device": "cpu", "copy_GBps": 1.0}, tmp_path)
     assert not (tmp_path / "results.png").exists()
     assert [p.name for p in written] == ["results.json", "results.md"]
+
+
+def test_every_compile_row_is_compiled_past_dynamos_recompile_limit(monkeypatch):
+    """Dynamo keeps 8 compiled versions of one function; every norm case compiles another
+    version of the same closure's code. With more than 8 cases, each case's torch.compile
+    row must still compile its own graph (it used to time eager from the 9th case on)."""
+    from fusedops.benchmark import harness, norm
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):   # cheap stand-in for inductor: counts graphs
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(harness, "COMPILE_BACKEND", counting_backend)
+    ctx = harness.Context(device=torch.device("cpu"), dtypes=[torch.float32], sizes=[32, 64, 128], compile=True)
+    cases = norm.norm_cases(ctx)      # 2 patterns x 3 sizes x (fwd, fwd+bwd) = 12 cases, one closure code
+    assert len(cases) == 12
+    for c in cases:
+        c.impls = {"torch.compile": c.impls["torch.compile"]}
+    per_case = []
+
+    def two_calls(fn, device):
+        before = len(graphs)
+        fn()
+        fn()
+        per_case.append(len(graphs) - before)
+        return 1e-6
+
+    monkeypatch.setitem(harness.TIMERS, "device", two_calls)
+    rows = harness.run_cases(cases, ctx, 1e9)
+    assert [r.case for r in rows] == [c.name for c in cases]
+    assert per_case == [1] * 12, per_case
+
+
+def test_a_compile_row_that_compiles_nothing_fails_instead_of_timing_eager(monkeypatch, capsys):
+    from fusedops.benchmark import harness
+
+    monkeypatch.setattr(harness, "COMPILE_BACKEND", "eager")
+    x = torch.ones(4)
+
+    def no_graph():   # nothing for Dynamo to capture: it runs as is
+        return None
+
+    comp = harness.compile_fn(no_graph)
+    graphed = harness.compile_fn(lambda t: t + 1)
+    case = harness.Case("t", "case", {}, 0, {"eager": harness.Impl(lambda: x + 1),
+                                            "torch.compile": harness.Impl(lambda: comp(), compiled=True),
+                                            "compiled ok": harness.Impl(lambda: graphed(x), compiled=True)})
+    monkeypatch.setitem(harness.TIMERS, "device", lambda fn, device: (fn(), 1e-6)[1])
+    ctx = harness.Context(device=torch.device("cpu"), dtypes=[torch.float32], sizes=None, compile=True)
+    rows = harness.run_cases([case], ctx, 1e9)
+    assert [r.impl for r in rows] == ["eager", "compiled ok"]
+    assert "case · torch.compile: failed: NotCompiled" in capsys.readouterr().err
+
+
+def test_cpu_timer_runs_at_the_thread_count_it_reports():
+    """torch.utils.benchmark.Timer defaults to 1 thread; the metadata reports
+    torch.get_num_threads(): the timed calls must run at that count."""
+    from fusedops.benchmark import harness
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = set()
+        harness.time_device(lambda: seen.add(torch.get_num_threads()), torch.device("cpu"))
+        assert seen == {2}
+        assert harness.environment(torch.device("cpu"), 1e9)["threads"] == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_norm_bytes_are_the_operations_unique_bytes():
+    """x, w, b read once, y and the fp32 stats written once (forward); x, dy, w, b, stats
+    read, dx, dW, dB written once (backward). No implementation's partial buffers."""
+    from fusedops.benchmark import harness, norm
+
+    ctx = harness.Context(device=torch.device("cpu"), dtypes=[torch.float32], sizes=None, compile=False)
+    nbytes = {c.name: c.nbytes for c in norm.norm_cases(ctx)}
+    m, n, e = 256, 1024, 4
+    fwd = m * n * e + 2 * n * e + m * n * e + 8 * m                 # x, w+b | y, mean+rstd
+    bwd = 2 * m * n * e + 2 * n * e + 8 * m + m * n * e + 2 * n * e  # x, dy, w+b, stats | dx, dW+dB
+    assert nbytes["LN+GELU(tanh) 256x1024 float32 fwd"] == fwd
+    assert nbytes["LN+GELU(tanh) 256x1024 float32 fwd+bwd"] == fwd + bwd
+    m, n = 64, 4096
+    fwd = 2 * m * n * e + n * e + 2 * m * n * e + 4 * m             # x, r, w | y, s, rstd
+    bwd = 3 * m * n * e + n * e + 4 * m + m * n * e + n * e          # s, dy, ds, w, rstd | dx, dW
+    assert nbytes["Add+RMS+SiLU 64x4096 float32 fwd+bwd"] == fwd + bwd
+
+
+def test_speedup_column_says_what_it_divides(monkeypatch):
+    """The bench's ratio is baseline time ÷ this time (the report's is ours ÷ eager's): the
+    header says speed-up, a legend defines it and names baselines other than eager (Lion:
+    torch has none, the baseline is fusedops' own first backend)."""
+    from fusedops.benchmark import harness, optim8bit
+
+    ctx = harness.Context(device=torch.device("cpu"), dtypes=[torch.float32], sizes=None, compile=False)
+    cases = optim8bit.optim_cases(ctx)
+    monkeypatch.setitem(harness.TIMERS, "device", lambda fn, device: 1e-3)
+    rows = harness.run_cases(cases, ctx, 1e9)
+    lion = [r for r in rows if r.params["kind"] == "lion"]
+    assert lion and all(r.baseline == "fusedops:cpp" for r in lion)
+    assert all(r.baseline.startswith("torch") for r in rows if r.params["kind"] != "lion")
+    assert any(r.case.startswith("adamw 96 tensors 0.79M") for r in rows)     # 788,480 params, not "1M"
+    text = harness.render_text(rows)
+    header = text.splitlines()[0]
+    assert "speed-up" in header and "vs eager" not in header
+    assert "speed-up = the case's baseline time ÷ this row's time" in text
+    assert "baseline fusedops:cpp: lion 96 tensors" in text
+    md = harness.render_markdown(rows, {"device": "cpu", "copy_GBps": 1.0, "threads": 2})
+    assert "| speed-up | timer |" in md and "exceed 100% of the copy" in md

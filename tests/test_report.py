@@ -30,7 +30,10 @@ def one_thread():
 
 def test_agreement_rule():
     # spread 0.1 -> tol 0.2
-    assert agreement(2.15, 2.0, 2.1) == pytest.approx({"agrees": True, "diff": 0.15, "tol": 0.2, "spread": 0.1})
+    a = agreement(2.15, 2.0, 2.1)
+    assert {k: a[k] for k in ("agrees", "diff", "tol", "spread")} == pytest.approx(
+        {"agrees": True, "diff": 0.15, "tol": 0.2, "spread": 0.1})
+    assert a["trains"] is None and a["failed"] == []     # no initial losses: the training condition is not applied
     assert not agreement(2.25, 2.0, 2.1)["agrees"]
     assert agreement(1.8, 2.0, 2.1)["agrees"] and not agreement(1.7, 2.0, 2.1)["agrees"]
     # identical eager runs: the floor 1e-3·max(1, |loss|) applies
@@ -41,6 +44,88 @@ def test_agreement_rule():
     # non-finite losses never agree
     assert not agreement(float("nan"), 2.0, 2.1)["agrees"]
     assert not agreement(2.0, 2.0, float("inf"))["agrees"]
+
+
+def test_agreement_needs_the_variant_to_train():
+    """Within tol is not enough: the variant's loss must have fallen by at least half of
+    eager's fall (when eager's fell); the result says which condition failed."""
+    # eager 3.0 -> 2.0 (fall 1.0), reordered 2.5: tol 1.0
+    ok = agreement(2.4, 2.0, 2.5, initial=3.0, initial_eager=3.0)
+    assert ok["agrees"] and ok["trains"] and ok["fall"] == pytest.approx(0.6) and ok["failed"] == []
+    stuck = agreement(2.9, 2.0, 2.5, initial=3.0, initial_eager=3.0)    # diff 0.9 ≤ tol 1.0, fell 0.1 < 0.5
+    assert not stuck["agrees"] and stuck["trains"] is False and stuck["failed"] == ["training"]
+    both = agreement(3.2, 2.0, 2.5, initial=3.0, initial_eager=3.0)
+    assert both["failed"] == ["loss", "training"]
+    assert agreement(2.5, 2.0, 2.5, initial=3.0, initial_eager=3.0)["agrees"]   # fell exactly half
+    # eager's loss did not fall: the training condition is not applied
+    flat = agreement(3.0, 3.0, 3.0, initial=3.0, initial_eager=3.0)
+    assert flat["agrees"] and flat["trains"] is None
+
+
+def test_report_says_which_agreement_condition_failed():
+    from fusedops.report import output
+    run = {"ok": True, "agreement": agreement(2.9, 2.0, 2.5, initial=3.0, initial_eager=3.0)}
+    assert output._agree(run) == "NO (loss fell 0.1, less than half of eager's 1)"
+    run = {"ok": True, "agreement": agreement(3.2, 2.0, 2.5, initial=3.0, initial_eager=3.0)}
+    assert output._agree(run).startswith("NO (Δ 1.2 > 1; loss fell -0.2")
+    old_json = {"ok": True, "agreement": {"agrees": False, "diff": 0.5, "tol": 0.2, "spread": 0.1}}
+    assert output._agree(old_json) == "NO (Δ 0.5 > 0.2)"
+
+
+def test_an_untrained_variant_does_not_agree(monkeypatch):
+    """A fusedops variant whose optimizer never moves the weights (lr = 0) must not agree
+    with eager on the tiny CPU ResNet: there the data-order spread of 4 steps exceeds
+    eager's whole loss decrease, so the distance rule alone passed it."""
+    from fusedops.report import runner
+
+    real = runner.make_optimizer
+
+    def frozen(params, kind, workload, device):
+        opt, desc = real(params, kind, workload, device)
+        if kind == "fusedops":
+            for g in opt.param_groups:
+                g["lr"] = 0.0
+                g["weight_decay"] = 0.0
+        return opt, desc + " (lr 0)"
+
+    monkeypatch.setattr(runner, "make_optimizer", frozen)
+    m = runner.measure_workload(models.get("resnet50", tiny=True), torch.device("cpu"), ["eager", "fusedops"], 4, 1)
+    eager, fused = m["runs"]
+    assert eager["agreement"]["agrees"]
+    a = fused["agreement"]
+    assert not a["agrees"] and "training" in a["failed"], a
+    assert eager["initial_loss"] == pytest.approx(fused["initial_loss"], rel=1e-3)
+    assert "less than half of eager's" in " ".join(map(str, sum(output_rows(m), [])))
+
+
+def output_rows(m):
+    from fusedops.report import output
+    return output.rows({"models": [m]})
+
+
+def test_cpu_eager_baseline_uses_foreach_adamw(monkeypatch):
+    """The CPU eager baseline is the multi-tensor AdamW it is labelled as (foreach unset
+    runs the single-tensor loop on CPU)."""
+    import torch.optim.adam as adam_mod
+    from fusedops.report import runner
+
+    params = [nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))]
+    opt, desc = runner.make_optimizer(params, "torch", models.get("mlp", tiny=True), torch.device("cpu"))
+    assert opt.param_groups[0]["foreach"] is True and desc == "torch.optim.AdamW(foreach=True)"
+    for p in params:
+        p.grad = torch.ones_like(p)
+    called = []
+    real = adam_mod._multi_tensor_adam
+    monkeypatch.setattr(adam_mod, "_multi_tensor_adam", lambda *a, **k: (called.append(1), real(*a, **k))[1])
+    opt.step()
+    assert called
+
+
+def test_tiny_report_says_its_step_times_are_noise():
+    from fusedops.report import output
+    assert output.note_lines({"model": "gpt2-tiny", "steps": 4, "warmup": 1})[0].endswith("noise (not a speed "
+                                                                                         "measurement)")
+    assert output.note_lines({"model": "gpt2", "steps": 30, "warmup": 5}) == []
 
 
 def test_flops_of_a_linear_layer():

@@ -7,7 +7,7 @@ import torch
 import fusedops
 
 from .. import _backend
-from .harness import Case, Impl, family
+from .harness import Case, Impl, compile_fn, family
 
 DEFAULT_SIZES = {"cuda": [1 << k for k in range(16, 29, 2)], "cpu": [1 << k for k in range(12, 23, 2)]}
 
@@ -19,8 +19,9 @@ def fused_impls(device: torch.device, fn) -> dict:
 
 
 def compiled(ctx, fn):
-    # static shapes on GPU (what a training job gets); dynamic on CPU to keep compiles few
-    return torch.compile(fn, dynamic=not ctx.cuda)
+    # static shapes on GPU (what a training job gets); dynamic on CPU to keep compiles few.
+    # Timed as Impl(compiled=True): Dynamo is reset before each case (see harness).
+    return compile_fn(fn, dynamic=not ctx.cuda)
 
 
 def _size_label(n: int) -> str:
@@ -37,7 +38,7 @@ def add_cases(ctx) -> list:
             y = torch.randn(n, device=ctx.device, dtype=dtype)
             impls = {"eager": Impl(lambda x=x, y=y: x.add_(y))}
             if comp is not None:
-                impls["torch.compile"] = Impl(lambda x=x, y=y: comp(x, y))
+                impls["torch.compile"] = Impl(lambda x=x, y=y: comp(x, y), compiled=True)
             impls.update(fused_impls(ctx.device, lambda x=x, y=y: fusedops.add_(x, y)))
             name = f"n={_size_label(n)} {str(dtype).replace('torch.', '')}"
             cases.append(Case("add_", name, {"n": n, "dtype": str(dtype)}, 3 * n * x.element_size(), impls))
@@ -79,7 +80,7 @@ def foreach_cases(ctx) -> list:
                  "python loop": Impl(loop)}
         if ctx.compile:
             comp = compiled(ctx, lambda a, b: torch._foreach_add_(a, b))
-            impls["torch.compile"] = Impl(lambda xs=xs, ys=ys: comp(xs, ys))
+            impls["torch.compile"] = Impl(lambda xs=xs, ys=ys: comp(xs, ys), compiled=True)
         impls.update(fused_impls(ctx.device, lambda xs=xs, ys=ys: fusedops.foreach_add_(xs, ys)))
         name = f"200 tensors {numel / 1e6:.0f}M {str(dtype).replace('torch.', '')}"
         cases.append(Case("foreach_add_", name, {"tensors": len(xs), "numel": numel, "dtype": str(dtype)},

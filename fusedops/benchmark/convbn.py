@@ -2,9 +2,11 @@
 
 Workload: 4 stacked conv→BN→ReLU blocks (the first cin→cout, possibly stride 2; the
 rest cout→cout), channels_last, bf16 autocast on GPU (fp32 on CPU):
-- "train": forward + backward (input grad included), time, and the extra peak memory of
-  one step above the memory held before it (torch.cuda.max_memory_allocated delta; on
-  CPU the bytes autograd saves for backward) in Case.params["extra_peak_MiB"] per impl;
+- "train": forward + backward (input grad included), time, and per impl on GPU the extra
+  peak memory of one step above the memory held before it (torch.cuda.max_memory_allocated
+  delta) in Case.params["extra_peak_MiB"]; on CPU, where no allocator peak is kept, the
+  bytes of the storages autograd saves for backward in one step (conv weights and the
+  block input included; not a peak) in Case.params["autograd_saved_MiB"];
   on GPU also "train ... graph": the step replayed from a CUDA graph, the device's work
   without the host time (these steps are host-bound at batch 64);
 - "eval": forward under no_grad; fused = fusedops.fold_conv_bn (conv with the folded
@@ -28,7 +30,7 @@ import fusedops
 from fusedops.nn import ConvBNAct2d
 
 from .. import _backend
-from .harness import Case, Impl, family
+from .harness import Case, Impl, compile_fn, family, run_impl
 
 # (label, batch, cin, cout, hw, kernel, stride)
 GPU_SHAPES = [
@@ -86,7 +88,9 @@ def _eval_step(model, x, autocast):
 
 
 def extra_peak_mib(fn, device) -> float:
-    """Peak memory of one call above what was allocated before it (MiB)."""
+    """CUDA: peak memory of one call above what was allocated before it (MiB). CPU: the
+    MiB of the unique storages autograd saves for backward in one call (weights and the
+    input included), which is not a peak."""
     fn()  # grads allocated, caches warm
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -135,23 +139,20 @@ def convbn_cases(ctx) -> list:
         impls, memory = {}, {}
         impls["eager"] = Impl(_step(eager, x, gout, autocast))
         if ctx.compile:
-            comp = torch.compile(copy.deepcopy(eager))
-            impls["torch.compile"] = Impl(_step(comp, x, gout, autocast))
+            comp = compile_fn(copy.deepcopy(eager))
+            impls["torch.compile"] = Impl(_step(comp, x, gout, autocast), compiled=True)
         for mode in ("recompute", "fast"):
             model = fused_blocks(eager, mode)
             for b in _backends(dev):
                 impls[f"fusedops:{b}:{mode}"] = Impl(_step(model, x, gout, autocast), backend=b)
         for name, impl in impls.items():
             try:
-                if impl.backend:
-                    with _backend.use_backend(impl.backend):
-                        memory[name] = round(extra_peak_mib(impl.fn, dev), 1)
-                else:
-                    memory[name] = round(extra_peak_mib(impl.fn, dev), 1)
+                memory[name] = round(run_impl(impl, lambda fn: extra_peak_mib(fn, dev)), 1)
             except Exception as exc:  # reported, not fatal
                 sys.stderr.write(f"convbn {label} {name}: memory run failed: {type(exc).__name__}: {exc}\n")
-        sys.stderr.write(f"convbn train {label}: extra peak MiB {memory}\n")
-        cases.append(Case("convbn", f"train {label}", {"shape": label, "extra_peak_MiB": memory,
+        mem_key = "extra_peak_MiB" if ctx.cuda else "autograd_saved_MiB"
+        sys.stderr.write(f"convbn train {label}: {mem_key} {memory}\n")
+        cases.append(Case("convbn", f"train {label}", {"shape": label, mem_key: memory,
                                                         "dtype": "bf16 autocast" if autocast else "fp32"},
                           nbytes, impls))
         if ctx.cuda:  # the device's work alone (the steps are host-bound at these sizes)
@@ -165,7 +166,8 @@ def convbn_cases(ctx) -> list:
 
         eimpls = {"eager": Impl(_eval_step(eval_eager, xe, autocast))}
         if ctx.compile:
-            eimpls["torch.compile"] = Impl(_eval_step(torch.compile(copy.deepcopy(eval_eager)), xe, autocast))
+            eimpls["torch.compile"] = Impl(_eval_step(compile_fn(copy.deepcopy(eval_eager)), xe, autocast),
+                                           compiled=True)
         for b in _backends(dev):
             eimpls[f"fusedops:{b}:folded"] = Impl(_eval_step(folded, xe, autocast), backend=b)
         cases.append(Case("convbn", f"eval {label}", {"shape": label}, 2 * act_elems * elem, eimpls))

@@ -8,9 +8,21 @@ torch.utils.benchmark on CPU. A case's `timer` can ask for host wall clock per c
 instead ("wall": launch-bound small ops, what a Python training loop pays), or for the
 call replayed from a CUDA graph ("graph": the device's work alone, without the host time
 of Python, autograd and launches; what a step captured whole pays).
+
+torch.compile rows: Dynamo keeps at most `recompile_limit` (8) compiled versions of one
+function, and every case compiles one more version of the same function (same code
+object, other shapes or inputs); past the limit it would run the function uncompiled and
+the row would time eager under the label "torch.compile". So a compile row (an Impl with
+compiled=True, built with `compile_fn`) starts from a reset Dynamo (`torch._dynamo.reset()`
+before it is timed), runs with `fail_on_recompile_limit_hit`, and must have compiled at
+least one graph while it was timed; otherwise it fails (reported on stderr, no row) rather
+than time eager.
+
+CPU timers run at torch.get_num_threads() threads (the count written in the metadata).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -51,6 +63,53 @@ class Context:
 class Impl:
     fn: Callable                     # zero-argument callable: one run of the workload
     backend: str | None = None       # fusedops backend forced while it is timed
+    compiled: bool = False           # a torch.compile row: must compile (see `compile_guard`)
+
+
+# The backend of the torch.compile rows (tests swap in a cheap one such as "eager").
+COMPILE_BACKEND = "inductor"
+
+
+def compile_fn(fn, **kwargs):
+    """torch.compile(fn, **kwargs) with the benchmark's backend, for an Impl(compiled=True).
+    Compilation happens at the first call, under `compile_guard`."""
+    return torch.compile(fn, backend=COMPILE_BACKEND, **kwargs)
+
+
+class NotCompiled(RuntimeError):
+    """A torch.compile row ran without compiling a graph (it would have timed eager)."""
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+@contextlib.contextmanager
+def compile_guard(impl: "Impl"):
+    """Around every use of a compiled Impl: Dynamo reset first (so this case's compile
+    cannot hit the recompile limit left by earlier cases of the same function), the limit
+    made an error, and at least one graph compiled inside; else NotCompiled. A no-op for
+    other Impls."""
+    if not impl.compiled:
+        yield
+        return
+    import torch._dynamo
+    torch._dynamo.reset()
+    before = _graphs()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    if _graphs() == before:
+        raise NotCompiled("torch.compile compiled no graph for this case (it would have run eager)")
+
+
+def run_impl(impl: "Impl", call: Callable):
+    """call(impl.fn) with the impl's backend forced and, for a compile row, `compile_guard`."""
+    with compile_guard(impl):
+        if impl.backend is None:
+            return call(impl.fn)
+        with use_backend(impl.backend):
+            return call(impl.fn)
 
 
 @dataclasses.dataclass
@@ -72,9 +131,10 @@ class Row:
     time_us: float
     gbps: float | None
     pct_copy: float | None
-    speedup: float | None
+    speedup: float | None            # speed-up: the case's baseline time ÷ this time (above 1: faster)
     timer: str
     params: dict
+    baseline: str | None = None      # the impl whose time the speed-up divides
 
 
 def sync(device: torch.device) -> None:
@@ -89,22 +149,25 @@ def time_device(fn: Callable, device: torch.device) -> float:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
     import torch.utils.benchmark as tb
     fn()
-    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median
+    # torch's thread count, not Timer's default of 1: the count the metadata reports
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=0.2).median
 
 
 def time_wall(fn: Callable, device: torch.device, calls: int = 2000) -> float:
-    """Host seconds per call over a loop of back-to-back calls (then one sync)."""
+    """Host seconds per call: the median of 5 loops of back-to-back calls (each loop ends
+    with one sync), as the other timers report medians."""
     for _ in range(50):
         fn()
     sync(device)
-    best = float("inf")
+    per_call = []
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         sync(device)
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best
+        per_call.append((time.perf_counter() - t0) / calls)
+    return sorted(per_call)[len(per_call) // 2]
 
 
 def time_graph(fn: Callable, device: torch.device) -> float:
@@ -185,11 +248,7 @@ def run_cases(cases: list, ctx: Context, copy_bps: float) -> list:
             progress.step(f"{case.name} · {label}")
             timer = TIMERS[case.timer]
             try:
-                if impl.backend is None:
-                    times[label] = timer(impl.fn, ctx.device)
-                else:
-                    with use_backend(impl.backend):
-                        times[label] = timer(impl.fn, ctx.device)
+                times[label] = run_impl(impl, lambda fn: timer(fn, ctx.device))
             except Exception as exc:  # a baseline that fails here is reported, not fatal
                 sys.stderr.write(f"\n{case.name} · {label}: failed: {type(exc).__name__}: {exc}\n")
         base = times.get(case.baseline)
@@ -197,7 +256,8 @@ def run_cases(cases: list, ctx: Context, copy_bps: float) -> list:
             gbps = case.nbytes / t / 1e9 if (case.nbytes and case.timer != "wall") else None
             rows.append(Row(case.family, case.name, label, t * 1e6, gbps,
                             100 * gbps * 1e9 / copy_bps if gbps else None,
-                            base / t if base else None, case.timer, case.params))
+                            base / t if base else None, case.timer, case.params,
+                            case.baseline if base else None))
     return rows
 
 
@@ -205,14 +265,36 @@ def _fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
+SPEEDUP = "speed-up"
+
+
 def table(rows: list) -> list:
-    header = ["family", "case", "impl", "time µs", "GB/s", "% copy", "vs eager", "timer"]
+    header = ["family", "case", "impl", "time µs", "GB/s", "% copy", SPEEDUP, "timer"]
     body = [[r.family, r.case, r.impl, _fmt(r.time_us, ".1f"), _fmt(r.gbps, ".0f"), _fmt(r.pct_copy, ".1f"),
              _fmt(r.speedup, ".2f") + ("×" if r.speedup else ""), r.timer] for r in rows]
     return [header] + body
 
 
-def render_text(rows: list) -> str:
+def legend(rows: list, meta: dict | None = None) -> list:
+    """What the columns mean, under a table."""
+    out = [f"{SPEEDUP} = the case's baseline time ÷ this row's time (above 1: faster than the baseline); "
+           "the baseline is eager unless listed here."]
+    other = {}
+    for r in rows:
+        if r.baseline and r.baseline != "eager":
+            other.setdefault(r.baseline, []).append(r.case)
+    for base, cases in other.items():
+        out.append(f"  baseline {base}: " + ", ".join(dict.fromkeys(cases)))
+    out.append("GB/s = the case's unique bytes ÷ time; % copy = GB/s ÷ the copy bandwidth measured in this run; "
+               "wall rows: host time a call, no GB/s.")
+    if meta is not None and meta.get("threads") is not None:
+        out.append(f"CPU: timed at {meta['threads']} threads, caches not flushed between calls: a case that fits "
+                   "in the caches can exceed 100% of the copy (a DRAM-sized copy), so % copy there is not a "
+                   "fraction of a bandwidth limit.")
+    return out
+
+
+def render_text(rows: list, meta: dict | None = None) -> str:
     t = table(rows)
     widths = [max(len(str(row[i])) for row in t) for i in range(len(t[0]))]
     lines = []
@@ -220,7 +302,7 @@ def render_text(rows: list) -> str:
         lines.append("  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + legend(rows, meta))
 
 
 def render_markdown(rows: list, meta: dict) -> str:
@@ -229,6 +311,7 @@ def render_markdown(rows: list, meta: dict) -> str:
            ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
            "| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in t[1:]]
+    out += [""] + ["- " + line.strip() for line in legend(rows, meta)]
     return "\n".join(out) + "\n"
 
 

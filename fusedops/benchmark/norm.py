@@ -13,10 +13,14 @@ fusedops:cuda).
 Baselines: eager (F.layer_norm / F.rms_norm + activation), torch.compile of the same,
 Liger-Kernel's LigerLayerNorm / LigerRMSNorm + eager activation when importable.
 
-Unique bytes (e = element size; weights/bias in the activations' dtype; stats fp32):
+Unique bytes: what the operation must move, each input read once and each output written
+once, the same count for every implementation (e = element size; weights/bias in the
+activations' dtype; stats fp32):
   forward   read x (+ r), w (+ b); write y (+ s); write mean/rstd (4-8 B a row)
   backward  read x-or-s, dy (+ ds), w (+ b), stats; write dx (dresidual is the same
-            tensor: one write); dW (+ dB) fp32 partials, P x N each, written and read once
+            tensor: one write), dW (+ dB)
+Implementation-specific traffic (e.g. fusedops' fp32 dW/dB partial rows, written and read
+once) is not counted: it is that implementation's cost, not the operation's.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 import fusedops
 
 from .. import _backend
-from .harness import Case, Impl, family
+from .harness import Case, Impl, compile_fn, family
 
 GPU_N = [768, 1024, 2048, 4096, 8192, 16384]
 GPU_ROWS = 32768
@@ -88,14 +92,15 @@ def _liger_fn(classes, norm, act, residual, n, eps, device, dtype, w, b):
     return f, list(mod.parameters())
 
 
-def _bytes(m, n, e, norm, residual, backward, partials):
+def _bytes(m, n, e, norm, residual, backward):
+    """Unique bytes of one forward (or forward + backward) of an m x n case."""
     params = (2 if norm == "ln" else 1) * n * e
     stats = (8 if norm == "ln" else 4) * m
     fwd = (2 if residual else 1) * m * n * e + params + (2 if residual else 1) * m * n * e + stats
     if not backward:
         return fwd
-    bwd = (3 if residual else 2) * m * n * e + params + stats + m * n * e
-    bwd += (2 if norm == "ln" else 1) * 2 * partials * n * 4
+    # read x-or-s, dy (+ ds), w (+ b), stats; write dx, dW (+ dB)
+    bwd = (3 if residual else 2) * m * n * e + params + stats + m * n * e + params
     return fwd + bwd
 
 
@@ -126,7 +131,6 @@ def norm_cases(ctx) -> list:
         dtypes = [torch.float32]
     liger = _liger() if cuda else None
     backends = [b for b in (["triton", "cuda"] if cuda else ["cpp"]) if _backend.available(b, ctx.device.type)]
-    sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count if cuda else 1
     cases = []
     for dtype in dtypes:
         e = torch.finfo(dtype).bits // 8
@@ -149,8 +153,8 @@ def norm_cases(ctx) -> list:
                     eager = _eager_fn(norm, act, residual, n, eps)
                     impls = {"eager": Impl(_runner(eager, x, r, w, b, backward, grads))}
                     if ctx.compile:
-                        comp = torch.compile(eager, dynamic=False)
-                        impls["torch.compile"] = Impl(_runner(comp, x, r, w, b, backward, grads))
+                        comp = compile_fn(eager, dynamic=False)
+                        impls["torch.compile"] = Impl(_runner(comp, x, r, w, b, backward, grads), compiled=True)
                     if liger is not None:
                         try:
                             lf, lp = _liger_fn(liger, norm, act, residual, n, eps, ctx.device, dtype, w.detach(),
@@ -166,10 +170,9 @@ def norm_cases(ctx) -> list:
                     for be in backends:
                         impls[f"fusedops:{be}"] = Impl(_runner(fused, x, r, w, b, backward, grads), backend=be)
                     mode = "fwd+bwd" if backward else "fwd"
-                    partials = min(m, sms * 4) if cuda else min(m, 64)
                     name = f"{pname} {m}x{n} {str(dtype).replace('torch.', '')} {mode}"
                     params = {"pattern": pname, "rows": m, "n": n, "dtype": str(dtype), "mode": mode}
-                    nbytes = _bytes(m, n, e, norm, residual, backward, partials)
+                    nbytes = _bytes(m, n, e, norm, residual, backward)
                     cases.append(Case("norm", name, params, nbytes, impls))
                     if cuda and m * n <= SMALL:  # launch-bound: what a Python loop pays per call
                         cases.append(Case("norm", f"{name} host", params, 0, dict(impls), timer="wall"))

@@ -114,8 +114,10 @@ def optim_cases(ctx) -> list:
             nbytes = numel * (3 * esize + 2 * nstates) + 2 * nstates * absmax_bytes
             sys.stderr.write(f"optim8bit {kind} {dname}: state bytes/param "
                              + ", ".join(f"{k} {v:.3f}" for k, v in state_b.items()) + "\n")
+            # speed-up against torch's optimizer; torch has no Lion: against fusedops' first backend
+            # (the row's baseline field and the table's legend say which)
             base = next((k for k in impls if k.startswith("torch")), next(iter(impls)))
-            name = f"{kind} 96 tensors {numel / 1e6:.0f}M {dname}"
+            name = f"{kind} 96 tensors {numel / 1e6:.2f}M {dname}"
             cases.append(Case("optim8bit", name, {"kind": kind, "numel": numel, "tensors": len(shapes),
                                                   "dtype": str(dtype), "state_B_per_param": state_b},
                               nbytes, impls, baseline=base))

@@ -32,8 +32,12 @@ METHODS = {
     "opt state": "sum of numel·element_size of the tensors in optimizer.state",
     "MFU": "FLOPs per step (FlopCounterMode, one fwd+bwd of the eager model) ÷ (peak FLOP/s × median step time)",
     "final loss": "loss on a held-out batch after the N steps (training mode, no grad)",
-    "agrees": "|loss − loss_eager| ≤ max(2·|loss_eager − loss_eager_reordered|, 1e-3·max(1, |loss_eager|)); "
-              "eager-reordered = eager from the same init on the same batches in reverse order",
+    "agrees": "|loss − loss_eager| ≤ max(2·|loss_eager − loss_eager_reordered|, 1e-3·max(1, |loss_eager|)), "
+              "and the variant's held-out loss fell (before the first step − after the last) by at least half "
+              "of eager's fall when eager's fell; eager-reordered = eager from the same init on the same batches "
+              "in reverse order",
+    "step ÷ eager, mem ÷ eager": "this variant's median step time (peak memory) ÷ eager's: above 1 is slower "
+                                 "(more memory)",
 }
 
 
@@ -108,6 +112,8 @@ def _print_results(results: dict) -> None:
         print("  optimizers: " + "; ".join(f"{k}: {v}" for k, v in opts.items()))
         for line in output.summary_lines(m):
             print("  " + line)
+        for line in output.note_lines(m):
+            print("  note: " + line)
         for line in output._convert_lines(m):
             print("  " + line.lstrip("- ").replace("  - ", "    "))
         for r in m["runs"]:

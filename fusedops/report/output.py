@@ -12,6 +12,8 @@ def _f(v, spec, scale=1.0, suffix=""):
 
 
 def _agree(run) -> str:
+    """yes / NO, and for NO which condition failed: the loss is farther from eager's than
+    tol, or the loss fell by less than half of eager's fall (the variant did not train)."""
     a = run.get("agreement")
     if not run["ok"]:
         return "failed"
@@ -19,10 +21,17 @@ def _agree(run) -> str:
         return "n/a"
     if a["agrees"]:
         return f"yes (Δ {a['diff']:.2g} ≤ {a['tol']:.2g})"
-    return f"NO (Δ {a['diff']:.2g} > {a['tol']:.2g})"
+    failed = a.get("failed", ["loss"])   # (a report.json from before the training condition)
+    why = []
+    if "loss" in failed:
+        why.append(f"Δ {a['diff']:.2g} > {a['tol']:.2g}")
+    if "training" in failed:
+        why.append(f"loss fell {a['fall']:.2g}, less than half of eager's {a['fall_eager']:.2g}")
+    return f"NO ({'; '.join(why)})"
 
 
-HEADER = ["model", "variant", "step ms", "throughput", "vs eager", "peak mem", "vs eager", "saved act",
+# "÷ eager": this variant's value divided by eager's (step time: above 1 is slower)
+HEADER = ["model", "variant", "step ms", "throughput", "step ÷ eager", "peak mem", "mem ÷ eager", "saved act",
           "opt state", "MFU", "final loss", "agrees with eager"]
 
 
@@ -59,15 +68,27 @@ def summary_lines(m: dict) -> list:
         if new not in runs or old not in runs:
             continue
         a, b = runs[new], runs[old]
-        parts = [f"step time {a['step_ms'] / b['step_ms']:.2f}×"]
+        parts = [f"step time {a['step_ms'] / b['step_ms']:.2f}× {old}'s"]
         if a["peak_bytes"] and b["peak_bytes"]:
             parts.append(f"peak memory {a['peak_bytes'] / b['peak_bytes']:.2f}×")
         if a["saved_bytes"] and b["saved_bytes"]:
             parts.append(f"saved activations {a['saved_bytes'] / b['saved_bytes']:.2f}×")
         if a["state_bytes"] and b["state_bytes"]:
             parts.append(f"optimizer state {a['state_bytes'] / b['state_bytes']:.2f}×")
-        out.append(f"{new} vs {old}: " + ", ".join(parts))
+        out.append(f"{new} vs {old}: " + ", ".join(parts) + f" (ratios: {new} ÷ {old})")
     return out
+
+
+MIN_TIMED_STEPS = 10
+
+
+def note_lines(m: dict) -> list:
+    """Caveats of a model's numbers: step times from few timed steps (e.g. --tiny) are noise."""
+    timed = m["steps"] - m["warmup"]
+    if timed < MIN_TIMED_STEPS or m["model"].endswith("-tiny"):
+        return [f"step times: median of {timed} timed step(s)" + (" of a tiny model" if m["model"].endswith("-tiny")
+                else "") + ": their ratios are noise (not a speed measurement)"]
+    return []
 
 
 def render_text(results: dict) -> str:
@@ -117,6 +138,7 @@ def render_markdown(results: dict) -> str:
                 if opts else "- optimizers: n/a",
                 f"- agreement rule: {m['agreement_rule']}"]
         out += [f"- {line}" for line in summary_lines(m)]
+        out += [f"- note: {line}" for line in note_lines(m)]
         out += _convert_lines(m)
         leftovers = [r for r in m["runs"] + [m["reference"]] if (r.get("baseline_bytes") or 0) > MiB]
         out += [f"- warning: {r['variant']} started with {r['baseline_bytes'] / MiB:,.0f} MiB still allocated by "

@@ -1,14 +1,15 @@
 """Train one workload in several variants and measure each: the engine of `fusedops report`.
 
 Variants (same initial weights — deep copies of one init — and the same data):
-  eager             the model as written, torch AdamW (fused=True on CUDA)
+  eager             the model as written, torch AdamW (fused=True on CUDA, foreach=True on CPU)
   compile           torch.compile(model + loss), torch AdamW
   fusedops          fusedops.convert(model) + fusedops.optim.AdamW8bit (torch AdamW when
                     the 8-bit optimizer is not importable; the report says which ran)
   fusedops+compile  both
 A reference run, eager with the batches in reverse order, measures how much the final
-loss moves with the data order alone; agreement of a variant is judged against it
-(see `agreement`).
+loss moves with the data order alone; agreement of a variant is judged against it, and
+the variant must also have trained: its held-out loss must have fallen by at least half
+as much as eager's did (see `agreement`).
 
 Measurements (methods are also written into the results):
   step time     median over the steps after the warm-up steps (the warm-up includes
@@ -33,7 +34,8 @@ Measurements (methods are also written into the results):
                 or the device's bf16 dense peak (H100/H200 SXM: 989 TFLOP/s); n/a when
                 unknown (CPU).
   final loss    loss on a fixed held-out batch after the N training steps (model in
-                training mode, no grad, same autocast).
+                training mode, no grad, same autocast); initial loss: the same, before
+                the first step.
 """
 from __future__ import annotations
 
@@ -59,20 +61,37 @@ PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 # The agreement rule (see `agreement`).
 SPREAD_FACTOR = 2.0
 REL_FLOOR = 1e-3
+FALL_FRACTION = 0.5
 
 
-def agreement(loss: float, loss_eager: float, loss_reordered: float) -> dict:
-    """Does a variant's final loss agree with eager's?
+def agreement(loss: float, loss_eager: float, loss_reordered: float,
+              initial: float | None = None, initial_eager: float | None = None) -> dict:
+    """Does a variant's final loss agree with eager's, and did the variant train?
 
     spread = |loss_eager − loss_eager_reordered|   (two eager runs, same init, different data order)
     tol    = max(SPREAD_FACTOR · spread, REL_FLOOR · max(1, |loss_eager|))
-    agrees = all three losses finite and |loss − loss_eager| ≤ tol
+    close  = all three losses finite and |loss − loss_eager| ≤ tol
+    fall   = initial − loss, fall_eager = initial_eager − loss_eager (held-out loss before
+             the first step minus after the last)
+    trains = fall ≥ FALL_FRACTION · fall_eager, checked when eager's loss fell
+             (fall_eager > 0) and both initial losses are known; else not applied (None)
+    agrees = close and trains is not False
+    `failed` names the conditions that failed ("loss" / "training"); a variant that does
+    not train can be within tol when the data-order spread exceeds eager's whole fall.
     """
     finite = all(math.isfinite(v) for v in (loss, loss_eager, loss_reordered))
     spread = abs(loss_eager - loss_reordered) if finite else float("nan")
     tol = max(SPREAD_FACTOR * spread, REL_FLOOR * max(1.0, abs(loss_eager))) if finite else float("nan")
     diff = abs(loss - loss_eager) if finite else float("nan")
-    return {"agrees": bool(finite and diff <= tol), "diff": diff, "tol": tol, "spread": spread}
+    close = bool(finite and diff <= tol)
+    fall = fall_eager = trains = None
+    if initial is not None and initial_eager is not None:
+        fall, fall_eager = initial - loss, initial_eager - loss_eager
+        if finite and math.isfinite(fall_eager) and fall_eager > 0:
+            trains = bool(math.isfinite(fall) and fall >= FALL_FRACTION * fall_eager)
+    failed = ([] if close else ["loss"]) + (["training"] if trains is False else [])
+    return {"agrees": not failed, "diff": diff, "tol": tol, "spread": spread,
+            "fall": fall, "fall_eager": fall_eager, "trains": trains, "failed": failed}
 
 
 def device_peak_flops(device: torch.device, override_tflops: float | None) -> tuple:
@@ -136,9 +155,12 @@ def make_optimizer(params, kind: str, workload: Workload, device: torch.device) 
             return opt, desc + " (fusedops.optim.AdamW8bit not available)"
         return (AdamW8bit(params, lr=workload.lr, weight_decay=workload.weight_decay),
                 "fusedops.optim.AdamW8bit")
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=workload.lr, weight_decay=workload.weight_decay, fused=fused)
-    return opt, f"torch.optim.AdamW({'fused=True' if fused else 'foreach'})"
+    if device.type == "cuda":
+        return (torch.optim.AdamW(params, lr=workload.lr, weight_decay=workload.weight_decay, fused=True),
+                "torch.optim.AdamW(fused=True)")
+    # CPU: the multi-tensor implementation (foreach unset would pick the for-loop one there)
+    return (torch.optim.AdamW(params, lr=workload.lr, weight_decay=workload.weight_decay, foreach=True),
+            "torch.optim.AdamW(foreach=True)")
 
 
 def _tensors(obj):
@@ -232,9 +254,10 @@ class Run:
     state_bytes: int | None = None         # optimizer state
     mfu: float | None = None
     losses: list = dataclasses.field(default_factory=list)   # training loss per step
+    initial_loss: float | None = None      # held-out batch before the first step
     final_loss: float | None = None        # held-out batch after N steps
     agreement: dict | None = None
-    vs_eager_time: float | None = None     # step_ms / eager step_ms
+    vs_eager_time: float | None = None     # step_ms / eager step_ms (above 1: slower than eager)
     vs_eager_memory: float | None = None   # peak_bytes / eager peak_bytes
     baseline_bytes: int | None = None      # CUDA bytes allocated before the run was built
     traceback: str | None = None           # of a failed run
@@ -257,10 +280,21 @@ def build_variant(workload: Workload, base: nn.Module, variant: str, device: tor
     return fwd, plain, report, opt, desc
 
 
+def heldout_loss(workload: Workload, plain: nn.Module, device: torch.device, eval_k: int) -> float:
+    """Loss on the fixed held-out batch (training mode, no grad). The RNG is seeded first
+    (the same dropout masks, if any, in every variant); the caller's RNG state is kept."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(4321)
+        with torch.no_grad():
+            return float(plain(*prepare_batch(workload, eval_k, device)))
+
+
 def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list, warmup: int,
           device: torch.device, eval_k: int, on_step=None) -> dict:
-    """Run len(order) training steps; return losses, per-step ms, peak bytes, final loss."""
+    """Run len(order) training steps; return losses, per-step ms, peak bytes, the held-out
+    loss before the first step and after the last."""
     cuda = device.type == "cuda"
+    initial = heldout_loss(workload, plain, device, eval_k)
     losses, marks = [], []
     for i, k in enumerate(order):
         batch = prepare_batch(workload, k, device)
@@ -293,7 +327,7 @@ def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list
     with torch.no_grad():
         final = float(plain(*prepare_batch(workload, eval_k, device)))
     return {"losses": [float(v) for v in torch.stack(losses).float().cpu()], "step_ms": step_ms,
-            "peak": peak, "final": final}
+            "peak": peak, "initial": initial, "final": final}
 
 
 def measure_workload(workload: Workload, device: torch.device, variants: list, steps: int, warmup: int,
@@ -333,7 +367,9 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
                        "(matmul/conv/attention, attention counted dense; optimizer and elementwise ops not counted)",
         "peak_flops": peak, "peak_flops_source": peak_desc,
         "agreement_rule": f"|loss − loss_eager| ≤ max({SPREAD_FACTOR:g}·|loss_eager − loss_eager_reordered|, "
-                          f"{REL_FLOOR:g}·max(1, |loss_eager|)); losses on a held-out batch after {steps} steps",
+                          f"{REL_FLOOR:g}·max(1, |loss_eager|)), and the variant's loss fell by at least "
+                          f"{FALL_FRACTION:g}× eager's fall (when eager's fell); losses on a held-out batch before "
+                          f"the first step and after {steps} steps",
         "convert": None, "runs": [], "reference": None,
     }
 
@@ -360,6 +396,7 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
             run.state_bytes = optimizer_state_bytes(opt)
             run.mfu = flops / (peak * run.step_ms * 1e-3) if (peak and flops) else None
             run.losses = out["losses"]
+            run.initial_loss = out["initial"]
             run.final_loss = out["final"]
         except Exception as exc:   # a variant that fails is reported, not fatal
             run.ok, run.error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -379,7 +416,8 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
     eager = runs["eager"]
     for run in runs.values():
         if run.ok and eager.ok and ref.ok:
-            run.agreement = agreement(run.final_loss, eager.final_loss, ref.final_loss)
+            run.agreement = agreement(run.final_loss, eager.final_loss, ref.final_loss,
+                                      run.initial_loss, eager.initial_loss)
         if run.ok and eager.ok:
             run.vs_eager_time = run.step_ms / eager.step_ms
             if run.peak_bytes and eager.peak_bytes:
