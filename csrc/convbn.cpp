@@ -56,6 +56,21 @@ bool hw_mergeable(const Tensor& t) {
 
 Tensor hw_ready(Tensor t) { return hw_mergeable(t) ? t : torch::stable::contiguous(t); }
 
+bool same_strides(const Tensor& a, const Tensor& b) {
+  for (int64_t d = 0; d < 4; ++d)
+    if (a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// An output the kernels write with y's strides: empty_like(y) has them where y is dense; a
+// y that is not (a slice passed as the saved y) is first copied to contiguous NCHW.
+Tensor out_like_y(Tensor& y) {
+  Tensor out = torch::stable::empty_like(y);
+  if (same_strides(out, y)) return out;
+  y = torch::stable::contiguous(y);
+  return torch::stable::empty_like(y);
+}
+
 Tensor conv(const Tensor& x, const Tensor& w, const IntList& stride, const IntList& padding, const IntList& dilation,
             int64_t groups) {
   std::array<StableIValue, 9> s{from(x),       from(w),     from(std::nullopt), from(stride),
@@ -106,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_fwd(
   } else {
     k.stats(y, eps, mean, invstd, var);
   }
-  Tensor z = torch::stable::empty_like(y);  // y is dense: z gets its strides
+  Tensor z = out_like_y(y);  // y (the conv's output) is dense: z gets its strides
   k.apply(y, mean, invstd, weight, bias, act, slope, z);
   return {z, mean, invstd, var, y};
 }
@@ -123,7 +138,7 @@ std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>, 
                   "fusedops_C::conv_bn_act_bwd: dz must have the conv output's shape");
   // the recomputed y is this call's own: the kernels read each element of y before they
   // write dy there
-  Tensor dy = recompute ? y : torch::stable::empty_like(y);
+  Tensor dy = recompute ? y : out_like_y(y);
   Tensor sum_gx = channels(y, c), sum_g = channels(y, c);
   bn_kernels(y).backward(hw_ready(dz), y, mean, invstd, weight, bias, act, slope, dy, sum_gx, sum_g);
   std::optional<Tensor> dx, dw;

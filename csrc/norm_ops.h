@@ -26,11 +26,16 @@ void dispatch_act(int64_t act, Fn&& fn) {
   }
 }
 
-// t as (M, N) rows with unit column stride: t itself when 2-D, a view when the leading dims
-// collapse, else one copy (t non-empty).
+// 2-D t whose columns the kernels can step through with a unit stride: stride(1) == 1, or
+// N == 1, where the column stride is never used (contiguous() leaves the stride of a size-1
+// dimension as it is, e.g. torch.randn(1, M).t()).
+inline bool unit_columns(const Tensor& t) { return t.stride(1) == 1 || t.size(1) == 1; }
+
+// t as (M, N) rows with unit column stride (see unit_columns): t itself when 2-D, a view
+// when the leading dims collapse, else one copy (t non-empty).
 inline Tensor rows(const Tensor& t, int64_t n) {
   Tensor t2 = t.dim() == 2 ? t : torch::stable::reshape(t, {-1, n});
-  return t2.stride(1) == 1 || t2.numel() <= 1 ? t2 : torch::stable::contiguous(t2);
+  return unit_columns(t2) || t2.numel() <= 1 ? t2 : torch::stable::contiguous(t2);
 }
 
 // t (any strides) as (M, N): t itself when 2-D, else a view when possible.

@@ -664,3 +664,46 @@ def test_inference_tensor_outside_inference_mode_is_refused():
     with torch.inference_mode():
         fusedops.add_(x, torch.ones(64))
     torch.testing.assert_close(x, before + 1)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)
+def test_add_zero_dim_wider_y_is_eagers_bitwise(dev_backend, xdtype, ydtype, alpha):
+    """A 0-dim y does not promote a dimensioned x (same category): eager rounds y to x's
+    dtype first, then adds. Bitwise on CPU, many x values against one y (a multiple of 32
+    elements: see test_low_precision_alpha_is_eagers_on_cpu for eager's remainder loop)."""
+    device, _ = dev_backend
+    if device != "cpu":
+        pytest.skip("bitwise against eager's CPU kernel")
+    g = torch.Generator().manual_seed(3)
+    for yv in (3.586989402770996, -0.123456789, 1.0 + 2.0**-9 + 2.0**-12):
+        x = (torch.randn(4, 256, generator=g) * 4).to(xdtype)
+        y = torch.tensor(yv, dtype=ydtype)
+        eager = x.clone()
+        eager.add_(y, alpha=alpha)
+        fusedops.add_(x, y, alpha)
+        assert torch.equal(x, eager), f"y={yv}: {(x.float() - eager.float()).abs().max().item()}"
+    # 0-dim x and y: ordinary promotion (no rounding of y first)
+    x0 = torch.tensor(-1.609375, dtype=xdtype)
+    e0 = x0.clone()
+    e0.add_(torch.tensor(3.586989402770996, dtype=ydtype))
+    fusedops.add_(x0, torch.tensor(3.586989402770996, dtype=ydtype))
+    assert torch.equal(x0, e0)
+
+
+def test_triton_interpreter_rounds_bf16_to_nearest():
+    """Under the interpreter the kernels round fp32 -> bf16 to nearest even as the GPU does
+    (the interpreter's own conversion truncates): bitwise equal to eager."""
+    require("cpu", "triton")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, generator=g).bfloat16()
+    ys = [torch.randn(4096, generator=g).bfloat16(), torch.randn(4096, generator=g)]
+    with fusedops.use_backend("triton"):
+        for y in ys:
+            ours, eager = x.clone(), x.clone().add_(y)
+            fusedops.add_(ours, y)
+            assert torch.equal(ours, eager), f"add_ y {y.dtype}: {(ours != eager).sum().item()} differ"
+        xs = [x.clone(), x[:1024].clone()]
+        fusedops.foreach_add_(xs, [ys[0], ys[0][:1024]])
+        assert torch.equal(xs[0], x.clone().add_(ys[0])) and torch.equal(xs[1], x[:1024].clone().add_(ys[0][:1024]))

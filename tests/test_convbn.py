@@ -1110,3 +1110,126 @@ def test_running_statistics_under_checkpoint(dev_backend, reentrant, bn_kw, bias
         torch.testing.assert_close(getattr(fused.bn, name), getattr(eager[1], name), rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")
     assert int(fused.bn.num_batches_tracked) == 2
+
+
+# ---- y that is not dense NCHW / channels_last: copied once, outputs fully written -------------
+
+def _odd_layout(layout, dtype, device, seed):
+    """y [4, 5, 3, 6]-ish in a layout the kernels must not write through (slices of a bigger
+    tensor, a transposed view, an expanded one)."""
+    g = torch.Generator().manual_seed(seed)
+    big = (torch.randn(8, 9, 6, 6, generator=g) * 2 + 1).to(device=device, dtype=dtype)
+    if layout == "channel_slice":
+        return big[:4, 1:6, :3]          # H·W mergeable, not dense
+    if layout == "batch_slice":
+        return big[::2, :5]
+    if layout == "spatial_slice":
+        return big[:4, :5, :, 1:5]       # H and W not mergeable
+    if layout == "transposed_hw":
+        return big[:4, :5].contiguous().transpose(2, 3)  # dense, H and W not mergeable
+    if layout == "cl_channel_slice":
+        return big.contiguous(memory_format=torch.channels_last)[:4, 2:7]
+    if layout == "expanded":
+        return big[:1, :5, :1].expand(4, 5, 3, 6)  # stride 0 along N and H
+    raise ValueError(layout)
+
+
+_ODD_LAYOUTS = ["channel_slice", "batch_slice", "spatial_slice", "transposed_hw", "cl_channel_slice", "expanded"]
+
+
+@pytest.mark.parametrize("layout", _ODD_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bn_ops_non_dense_y(dev_backend, dtype, layout, monkeypatch):
+    """The kernels write z / dy with the strides of the y they read: a y that is not dense
+    NCHW / channels_last (where empty_like has other strides, or is smaller) is copied once
+    first. Outputs poisoned; values against fp64 with the usual rule."""
+    device, backend = dev_backend
+    monkeypatch.setattr(bnops, "_out_like", lambda t: poison_(torch.empty_like(t)))
+    monkeypatch.setattr(bnops, "_out_channels", lambda c, like: poison_(
+        torch.empty(c, device=like.device, dtype=torch.float32)))
+    y = _odd_layout(layout, dtype, device, 0)
+    dz = _odd_layout(layout, dtype, device, 1)  # read only: in place where mergeable
+    y0, dz0 = y.clone(), dz.clone()
+    c = y.shape[1]
+    mean, invstd, var = bnops.bn_stats(y, 1e-5)
+    v64, m64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    ve, me = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+    assert_close_rule(mean, me, m64, atol=1e-6 * m64.abs().max().item(), name="mean")
+    assert_close_rule(var, ve, v64, atol=1e-6 * v64.abs().max().item(), name="var")
+    w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    for act in ["identity", "silu"]:
+        z = bnops.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
+        assert z.shape == y.shape and z.dtype == y.dtype
+        z64 = _apply64(y, mean, invstd, w, b, act, 0.1)
+        ze = reference.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
+        assert_close_rule(z.double(), ze.double(), z64, atol=torch.finfo(dtype).eps * 8 * z64.abs().max().item(),
+                          name=f"apply {act}")
+        dy, dw, db = bnops.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
+        assert dy.shape == y.shape and dy.dtype == y.dtype
+        dy64, dw64, db64 = _backward64(dz, y, mean, invstd, w, b, act, 0.1)
+        dye, dwe, dbe = reference.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
+        assert_close_rule(dy.double(), dye.double(), dy64, atol=torch.finfo(dtype).eps * 8 * dy64.abs().max().item(),
+                          name=f"dy {act}")
+        assert_close_rule(dw.double(), dwe.double(), dw64, atol=1e-4, name=f"dweight {act}")
+        assert_close_rule(db.double(), dbe.double(), db64, atol=1e-4, name=f"dbias {act}")
+    assert torch.equal(y, y0) and torch.equal(dz, dz0), "inputs modified"
+
+
+@pytest.mark.parametrize("layout", ["channel_slice", "transposed_hw"])
+def test_bn_ops_non_dense_y_opcheck(dev_backend, layout):
+    """The fake kernels give the real outputs' layout (NCHW for a y that is copied)."""
+    device, backend = dev_backend
+    y = _odd_layout(layout, torch.float32, device, 0)
+    mean, invstd, _ = bnops.bn_stats(y)
+    w, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    z = bnops.bn_act_apply(y, mean, invstd, w, b, "relu")
+    assert z.stride() == bnops._apply_fake(y, mean, invstd, w, b, "relu").stride()
+    torch.library.opcheck(bnops.bn_act_apply_op, (y, mean, invstd, w, b, "relu", 0.01))
+    torch.library.opcheck(bnops.bn_act_backward_op, (_odd_layout(layout, torch.float32, device, 1), y, mean, invstd,
+                                                     w, b, "relu", 0.01))
+
+
+@pytest.mark.parametrize("memory", ["recompute", "fast"])
+@pytest.mark.parametrize("layout", ["channel_slice", "batch_slice"])
+def test_train_non_dense_input(dev_backend, layout, memory):
+    """ConvBNAct2d on a sliced input (a strided view of a leaf): forward and backward against
+    eager and fp64."""
+    device, _ = dev_backend
+    eager = _pair(3, 5, 3, act="silu", device=device, conv_kw=dict(padding=1))
+    fused = _fused_from(eager, memory)
+    ref = copy.deepcopy(eager).double()
+    big = torch.randn(8, 6, 7, 9, device=device)
+    view = (lambda t: t[:, 1:4]) if layout == "channel_slice" else (lambda t: t[::2, :3])
+    be, bf, br = big.clone().requires_grad_(), big.clone().requires_grad_(), big.double().requires_grad_()
+    xf = view(bf)
+    assert not xf.is_contiguous()
+    ye, yf, yr = eager(view(be)), fused(xf), ref(view(br))
+    assert_close_rule(yf, ye, yr, atol=_tol(torch.float32, yr), name="output")
+    g = torch.randn_like(yr)
+    ye.backward(g.float())
+    yf.backward(g.float())
+    yr.backward(g)
+    assert_close_rule(bf.grad, be.grad, br.grad, atol=_tol(torch.float32, br.grad), name="dx")
+    assert_close_rule(fused.conv.weight.grad, eager[0].weight.grad, ref[0].weight.grad,
+                      atol=_tol(torch.float32, ref[0].weight.grad), name="dW")
+    assert_close_rule(fused.bn.weight.grad, eager[1].weight.grad, ref[1].weight.grad,
+                      atol=_tol(torch.float32, ref[1].weight.grad), name="dgamma")
+
+
+def test_bn_bf16_outputs_are_fp32_results_rounded_to_nearest(dev_backend):
+    """z and dy of a bf16 y are the fp32 ones (same inputs upcast) rounded once, to nearest
+    even (the Triton interpreter's own conversion truncates: the kernels round by hand)."""
+    device, backend = dev_backend
+    if backend == "reference":
+        pytest.skip("the reference computes its own way")
+    g = torch.Generator().manual_seed(7)
+    y = (torch.randn(2, 8, 16, 16, generator=g) * 3 + 1).bfloat16().to(device)
+    dz = torch.randn(2, 8, 16, 16, generator=g).bfloat16().to(device)
+    mean, invstd, _ = bnops.bn_stats(y)
+    w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    z = bnops.bn_act_apply(y, mean, invstd, w, b, "silu")
+    z32 = bnops.bn_act_apply(y.float(), mean, invstd, w, b, "silu")
+    assert torch.equal(z, z32.bfloat16()), f"{(z != z32.bfloat16()).sum().item()} of {z.numel()} differ"
+    dy = bnops.bn_act_backward(dz, y, mean, invstd, w, b, "silu")[0]
+    dy32 = bnops.bn_act_backward(dz.float(), y.float(), mean, invstd, w, b, "silu")[0]
+    assert torch.equal(dy, dy32.bfloat16()), f"{(dy != dy32.bfloat16()).sum().item()} of {dy.numel()} differ"

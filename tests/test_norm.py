@@ -69,12 +69,12 @@ def _tol(dtype):
     return 4 * torch.finfo(dtype).eps
 
 
-def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_view=None):
+def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_view=None, r_view=None):
     """Forward and backward of `kind` vs eager (same dtype) and an fp64 reference."""
     n = shape[-1]
     eps = 1e-5
     x = (torch.randn(shape, device=device) if x_view is None else x_view).to(dtype)
-    r = torch.randn(shape, device=device).to(dtype)
+    r = (torch.randn(shape, device=device) if r_view is None else r_view).to(dtype)
     w = (torch.rand(n, device=device) + 0.5).to(wdtype) if has_w else None
     b = (0.5 * torch.randn(n, device=device)).to(wdtype) if has_b and "ln" in kind else None
     dy = torch.randn(shape, device=device).to(dtype)
@@ -292,6 +292,24 @@ def test_non_contiguous_x(dev_backend, kind, layout):
         x = torch.randn(130, 6, device=device).t()
     assert not x.is_contiguous()
     check(kind, "silu", tuple(x.shape), torch.float32, torch.float32, device, x_view=x)
+
+
+def _n1_column_strided(shape, device):
+    """A tensor of `shape` (last dim 1) whose size-1 column has a stride != 1, e.g.
+    torch.randn(1, 7).t(): is_contiguous() is True, contiguous() leaves it as it is."""
+    t = torch.randn((1,) + tuple(shape[:-1]), device=device).permute(*range(1, len(shape)), 0)
+    assert t.shape == shape and t.stride(-1) != 1 and t.is_contiguous()
+    return t
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (3, 5, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", KINDS)
+def test_n1_column_stride(dev_backend, kind, shape):
+    """Hidden size 1 whose column stride is not 1 (x and residual): the stride is never
+    stepped, so it must not matter (the C++ kernels raised)."""
+    device, _ = dev_backend
+    check(kind, "silu", shape, torch.float32, torch.float32, device, x_view=_n1_column_strided(shape, device),
+          r_view=_n1_column_strided(shape, device))
 
 
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln", "add_rms_"])

@@ -173,6 +173,44 @@ def test_backward_empty_and_single_row(device, shape):
     _bwd_case(device, shape, torch.bfloat16, torch.float32, True, True, False, "relu")
 
 
+def _n1_t(shape, device, dtype=torch.float32):
+    """`shape` (last dim 1) with a size-1 column stride != 1 (as torch.randn(1, 7).t())."""
+    t = torch.randn((1,) + tuple(shape[:-1]), device=device, dtype=dtype).permute(*range(1, len(shape)), 0)
+    assert t.shape == shape and t.stride(-1) != 1
+    return t
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape", [(7, 1), (3, 5, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_n1_column_stride(device, shape, rms, mode):
+    """N = 1 with a column stride != 1 in x, the residual, s, dy and ds: forward and
+    backward against fp64 (the kernels' unit-column-stride checks refused them)."""
+    x, r = _n1_t(shape, device), _n1_t(shape, device)
+    r0 = r.clone()
+    w, b = _params(1, device, torch.float32, True, not rms)
+    y, s, mean, rstd = _fwd(x, r if mode else None, w, b, 1e-5, 4, rms, mode, False)
+    s_ref = x + r0 if mode else x
+    y_ref, mean_ref, rstd_ref = R.norm_act(s_ref.double(), w.double(), None if b is None else b.double(), 1e-5,
+                                           "silu", rms)
+    _close(y, y_ref, 1e-5, "y")
+    _close(rstd, rstd_ref, 1e-5, "rstd")
+    if not rms:
+        _close(mean, mean_ref, 1e-5, "mean")
+    if mode == 2:
+        assert torch.equal(r, s_ref)
+    sv = s if mode == 1 else (r if mode == 2 else x)
+    dy, ds = _n1_t(shape, device), _n1_t(shape, device)
+    dx, dw, db = _bwd(dy, sv, w, b, None if rms else mean, rstd, ds, norm_ops._ACT_CODE["silu"])
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    rx, rw, rb = R.norm_act_backward(d64(dy), d64(sv), d64(w), d64(b), None if rms else d64(mean), d64(rstd),
+                                     "silu", d64(ds))
+    _close(dx, rx, 1e-5, "dx")
+    _close(dw, rw, 1e-5, "dw")
+    if b is not None:
+        _close(db, rb, 1e-5, "db")
+
+
 def test_backward_leading_dims_ds_and_strided_dy(device):
     """3-D s with ds, and a stride-0 dy (the gradient of .sum()) read through its strides."""
     shape = (2, 5, 70)

@@ -13,6 +13,7 @@ import triton.language as tl
 from ._config import INTERPRET, TL_DTYPE
 from ._launch import cdiv, launch
 from ._multi_tensor import find_tensor, search_steps
+from .norm import _to  # fp32 -> x's dtype, rounded to nearest even under the interpreter too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ def add_kernel(x_ptr, y_ptr, n, period, alpha, BLOCK: tl.constexpr, PERIODIC: tl
     y_offs = offs % period if PERIODIC else offs
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     y = tl.load(y_ptr + y_offs, mask=mask).to(tl.float32)
-    tl.store(x_ptr + offs, (x + alpha * y).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + offs, _to(x + alpha * y, x_ptr.dtype.element_ty), mask=mask)
 
 
 def add_(x: torch.Tensor, y: torch.Tensor, alpha: float) -> None:
@@ -71,12 +72,12 @@ def foreach_add_kernel(table_ptr, count, alpha, X_DTYPE: tl.constexpr, Y_DTYPE: 
     if start + BLOCK <= n:
         x = tl.load(x_ptr + offs).to(tl.float32)
         y = tl.load(y_ptr + offs).to(tl.float32)
-        tl.store(x_ptr + offs, (x + alpha * y).to(X_DTYPE))
+        tl.store(x_ptr + offs, _to(x + alpha * y, X_DTYPE))
     else:
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         y = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(x_ptr + offs, (x + alpha * y).to(X_DTYPE), mask=mask)
+        tl.store(x_ptr + offs, _to(x + alpha * y, X_DTYPE), mask=mask)
 
 
 def foreach_block(x_dtype: torch.dtype) -> int:

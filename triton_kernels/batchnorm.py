@@ -25,6 +25,7 @@ import triton.language as tl
 from ._activations import gelu_tanh, gelu_tanh_grad
 from ._config import INTERPRET, sm_count
 from ._launch import cdiv, launch, next_power_of_2
+from .norm import _to  # fp32 -> z's / dy's dtype, rounded to nearest even under the interpreter too
 
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "gelu_tanh": 5, "leaky_relu": 6}
 
@@ -244,7 +245,7 @@ def _apply_tile(y_ptr, z_ptr, t, start, end, cols, C, HW, sN, sC, sHW, scale, sh
     offs, mask = _tile(rows, cols, end, C, HW, sN, sC, sHW)
     v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = _act(v * scale[None, :] + shift[None, :], ACT, slope)
-    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + offs, _to(z, z_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -319,7 +320,7 @@ def _dy_tile(dz_ptr, y_ptr, dy_ptr, t, start, end, cols, C, HW, sN, sC, sHW, dN,
     g, xhat, mask, offs = _grad_tile(dz_ptr, y_ptr, t, start, end, cols, C, HW, sN, sC, sHW, dN, dC, dHW, mean,
                                      invstd, w, b, slope, ACT, BLOCK_M)
     dy = k[None, :] * (g - mg[None, :] - xhat * mgx[None, :])
-    tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(dy_ptr + offs, _to(dy, dy_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

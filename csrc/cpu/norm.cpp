@@ -229,8 +229,10 @@ FUSEDOPS_AVX2 void fwd_rows_avx2(const FwdArgs& a, const float* w, const float* 
 void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Tensor mean, Tensor rstd, double eps,
                   int64_t act, bool rms, bool has_r, bool has_w, bool has_b) {
   STD_TORCH_CHECK(x.is_cpu() && y.is_cpu(), "fusedops_C::norm_act_fwd (CPU): tensors must be on the CPU");
-  STD_TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.stride(1) == 1 && y.stride(1) == 1,
+  STD_TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && norm::unit_columns(x) && norm::unit_columns(y),
                   "fusedops_C::norm_act_fwd (CPU): x and y must be 2-D with unit column stride");
+  STD_TORCH_CHECK(!has_r || (norm::unit_columns(r) && norm::unit_columns(s)),
+                  "fusedops_C::norm_act_fwd (CPU): r and s must have unit column stride");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_fwd (CPU): weight and bias must share a dtype");
   STD_TORCH_CHECK(y.scalar_type() == x.scalar_type() || y.scalar_type() == ScalarType::Float,
@@ -394,7 +396,8 @@ FUSEDOPS_AVX2 void bwd_chunk_avx2(const BwdArgs& a, const float* w, const float*
 void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor rstd, Tensor ds, Tensor dx,
                   Tensor dwp, Tensor dbp, int64_t act, bool rms, bool has_w, bool has_b, bool has_ds) {
   STD_TORCH_CHECK(xs.is_cpu() && dy.is_cpu(), "fusedops_C::norm_act_bwd (CPU): tensors must be on the CPU");
-  STD_TORCH_CHECK(xs.dim() == 2 && dx.dim() == 2 && dy.dim() == 2 && xs.stride(1) == 1 && dx.stride(1) == 1,
+  STD_TORCH_CHECK(xs.dim() == 2 && dx.dim() == 2 && dy.dim() == 2 && norm::unit_columns(xs) &&
+                      norm::unit_columns(dx),
                   "fusedops_C::norm_act_bwd (CPU): xs, dx must be 2-D with unit column stride, dy 2-D");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_bwd (CPU): weight and bias must share a dtype");

@@ -174,9 +174,9 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
                   int64_t act, bool rms, bool has_r, bool has_w, bool has_b) {
   STD_TORCH_CHECK(x.is_cuda() && y.is_cuda() && rstd.is_cuda(),
                   "fusedops_C::norm_act_fwd (CUDA): tensors must be CUDA tensors");
-  STD_TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.stride(1) == 1 && y.stride(1) == 1,
+  STD_TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && norm::unit_columns(x) && norm::unit_columns(y),
                   "fusedops_C::norm_act_fwd (CUDA): x and y must be 2-D with unit column stride");
-  STD_TORCH_CHECK(!has_r || (r.stride(1) == 1 && s.stride(1) == 1),
+  STD_TORCH_CHECK(!has_r || (norm::unit_columns(r) && norm::unit_columns(s)),
                   "fusedops_C::norm_act_fwd (CUDA): r and s must have unit column stride");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_fwd (CUDA): weight and bias must share a dtype");

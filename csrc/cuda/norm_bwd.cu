@@ -586,7 +586,8 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
                   Tensor dwp, Tensor dbp, int64_t act, bool rms, bool has_w, bool has_b, bool has_ds) {
   STD_TORCH_CHECK(xs.is_cuda() && dy.is_cuda() && dx.is_cuda(),
                   "fusedops_C::norm_act_bwd (CUDA): tensors must be CUDA tensors");
-  STD_TORCH_CHECK(xs.dim() == 2 && dx.dim() == 2 && dy.dim() == 2 && xs.stride(1) == 1 && dx.stride(1) == 1,
+  STD_TORCH_CHECK(xs.dim() == 2 && dx.dim() == 2 && dy.dim() == 2 && norm::unit_columns(xs) &&
+                      norm::unit_columns(dx),
                   "fusedops_C::norm_act_bwd (CUDA): xs, dx must be 2-D with unit column stride, dy 2-D");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_bwd (CUDA): weight and bias must share a dtype");

@@ -156,6 +156,10 @@ def _add_impl(x, y, alpha=1.0):
         reference.add_(x.data, y, alpha)
         return
     run = _add.get(backend)
+    if y.dim() == 0 and x.dim() and y.dtype is not x.dtype:
+        # eager's type promotion: a 0-dim y does not promote a dimensioned x (same category),
+        # so eager adds y rounded to x's dtype (bf16 x + 0-dim fp32 y: y rounded to bf16)
+        y = y.to(x.dtype)
     yk = _repeating(y, x.shape)
     if x.is_contiguous():
         run(x, yk, alpha)

@@ -100,7 +100,20 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.shape[1] > 1
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself where it is dense NCHW or dense channels_last, else a contiguous NCHW copy.
+    The kernels write z / dy with the strides of the y they read, into a buffer allocated
+    with empty_like of it: only a dense y gives one with y's strides (a channel or batch
+    slice is mergeable but not dense: empty_like of it is a smaller contiguous buffer,
+    which y's strides would overrun)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
 def _prepare(t: torch.Tensor) -> torch.Tensor:
+    """A tensor only read (bn_stats' y, dz): read in place through its strides where H and
+    W are mergeable (slices included), else copied once to contiguous NCHW."""
     return _normalize_hw(t if _mergeable(t) else t.contiguous())
 
 
@@ -177,18 +190,24 @@ def _contig(t):
 
 @_apply.register("triton")
 def _apply_triton(y, mean, invstd, weight, bias, act, slope):
-    yk = _prepare(y)
-    z = _out_like(y)  # keeps y's layout where y is dense
-    zk = z if z.stride() == y.stride() else None
-    if zk is None or not _mergeable(z):
-        zk = _out_like(yk)
-    zk_view = _normalize_hw(zk)
-    _triton.kernels("batchnorm").bn_act_apply(yk, zk_view, mean.contiguous(), invstd.contiguous(),
+    yd = _dense(y)
+    yk = _normalize_hw(yd)
+    z, zk = _outs(y, yd)
+    _triton.kernels("batchnorm").bn_act_apply(yk, _normalize_hw(zk), mean.contiguous(), invstd.contiguous(),
                                               _contig(weight), _contig(bias), act, float(slope),
                                               _channels_last(yk))
     if zk is not z:
         z.copy_(zk)
     return z
+
+
+def _outs(y: torch.Tensor, yd: torch.Tensor, out=None):
+    """(z, zk): z the op's output (empty_like(y), or `out`: y's layout as the fake kernels
+    and eager give it), zk what the kernels write with yd's strides: z itself where its
+    strides are yd's (y dense NCHW / channels_last, or a slice whose empty_like is
+    contiguous NCHW), else a buffer with yd's strides copied into z afterwards."""
+    z = _out_like(y) if out is None else out
+    return z, (z if z.stride() == yd.stride() else _out_like(yd))
 
 
 _apply.register("reference")(reference.bn_act_apply)
@@ -233,10 +252,10 @@ for _op in (bn_stats_op, bn_act_apply_op, bn_act_backward_op):
 
 @_backward.register("triton")
 def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope, out=None):
-    yk = _prepare(y)
+    yd = _dense(y)
+    yk = _normalize_hw(yd)
     dzk = _prepare(dz)
-    dy = _out_like(y) if out is None else out
-    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
+    dy, dyk = _outs(y, yd, out)
     dw, db = _triton.kernels("batchnorm").bn_act_backward(
         dzk, yk, _normalize_hw(dyk), mean.contiguous(), invstd.contiguous(), _contig(weight), _contig(bias),
         act, float(slope), _channels_last(yk))
@@ -309,20 +328,20 @@ def _stats_native(y, eps):
 
 
 def _apply_native(y, mean, invstd, weight, bias, act, slope):
-    yk = _prepare(y)
-    z = _out_like(y)
-    zk = z if (z.stride() == y.stride() and _mergeable(z)) else _out_like(yk)
+    yd = _dense(y)  # zk is written with yd's strides: see _dense, _outs
+    z, zk = _outs(y, yd)
     w, b = affine32(weight, bias, y.shape[1], y)
-    _native.op(APPLY)(yk, _f32(mean), _f32(invstd), w, b, ACT_CODES[act], float(slope), _normalize_hw(zk))
+    _native.op(APPLY)(_normalize_hw(yd), _f32(mean), _f32(invstd), w, b, ACT_CODES[act], float(slope),
+                      _normalize_hw(zk))
     if zk is not z:
         z.copy_(zk)
     return z
 
 
 def _backward_native(dz, y, mean, invstd, weight, bias, act, slope, out=None):
-    yk, dzk = _prepare(y), _prepare(dz)
-    dy = _out_like(y) if out is None else out
-    dyk = dy if (dy.stride() == y.stride() and _mergeable(dy)) else _out_like(yk)
+    yd = _dense(y)  # dyk is written with yd's strides: see _dense, _outs
+    yk, dzk = _normalize_hw(yd), _prepare(dz)
+    dy, dyk = _outs(y, yd, out)
     w, b = affine32(weight, bias, y.shape[1], y)
     c = y.shape[1]
     dw = _out_channels(c, y)
