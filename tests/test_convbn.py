@@ -62,6 +62,16 @@ def _fused_from(eager, memory="recompute"):
     return ConvBNAct2d.from_modules(e[0], e[1], act, memory=memory)
 
 
+def _stats_checked(y):
+    """bn_stats(y) after checking mean and var against eager's (fp32) and float64's."""
+    mean, invstd, var = bnops.bn_stats(y, 1e-5)
+    v64, m64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    ve, me = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+    assert_close_rule(mean, me, m64, atol=1e-6 * m64.abs().max().item(), name="mean")
+    assert_close_rule(var, ve, v64, atol=1e-6 * v64.abs().max().item(), name="var")
+    return mean, invstd, var
+
+
 def _tol(dtype, ref):
     return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * max(1.0, ref.abs().max().item())
 
@@ -204,11 +214,7 @@ def test_bn_ops_kernel_tilings(dev_backend, dtype, layout, case):
         pytest.skip("Triton under the interpreter and large tensors: GPU only")
     y = _tensor_in(shape, layout, dtype, device, offset)
     c = shape[1]
-    mean, invstd, var = bnops.bn_stats(y, 1e-5)
-    v64, m64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
-    ve, me = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
-    assert_close_rule(mean, me, m64, atol=1e-6 * m64.abs().max().item(), name="mean")
-    assert_close_rule(var, ve, v64, atol=1e-6 * v64.abs().max().item(), name="var")
+    mean, invstd, var = _stats_checked(y)
     w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     for act in reference.CONV_BN_ACTIVATIONS:
         z = bnops.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
@@ -1151,11 +1157,7 @@ def test_bn_ops_non_dense_y(dev_backend, dtype, layout, monkeypatch):
     dz = _odd_layout(layout, dtype, device, 1)  # read only: in place where mergeable
     y0, dz0 = y.clone(), dz.clone()
     c = y.shape[1]
-    mean, invstd, var = bnops.bn_stats(y, 1e-5)
-    v64, m64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
-    ve, me = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
-    assert_close_rule(mean, me, m64, atol=1e-6 * m64.abs().max().item(), name="mean")
-    assert_close_rule(var, ve, v64, atol=1e-6 * v64.abs().max().item(), name="var")
+    mean, invstd, var = _stats_checked(y)
     w, b = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     for act in ["identity", "silu"]:
         z = bnops.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
