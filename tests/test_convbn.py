@@ -167,18 +167,24 @@ def test_bn_ops_against_reference(dev_backend, dtype, layout):
         assert z.dtype == y.dtype and z.shape == y.shape
         if layout != "strided":
             assert z.stride() == y.stride()
-        z64 = _apply64(y, mean, invstd, w, b, act, 0.1)
-        ze = reference.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
-        assert_close_rule(z.double(), ze.double(), z64, atol=torch.finfo(dtype).eps * 8 * z64.abs().max().item(),
-                          name=f"apply {act}")
-        dz = torch.randn_like(y)
-        dy, dw, db = bnops.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
-        dy64, dw64, db64 = _backward64(dz, y, mean, invstd, w, b, act, 0.1)
-        dye, dwe, dbe = reference.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
-        assert_close_rule(dy.double(), dye.double(), dy64, atol=torch.finfo(dtype).eps * 8 * dy64.abs().max().item(),
-                          name=f"dy {act}")
-        assert_close_rule(dw.double(), dwe.double(), dw64, atol=1e-4, name=f"dweight {act}")
-        assert_close_rule(db.double(), dbe.double(), db64, atol=1e-4, name=f"dbias {act}")
+        _check_apply_backward(z, torch.randn_like(y), y, mean, invstd, w, b, act, dtype)
+
+
+def _check_apply_backward(z, dz, y, mean, invstd, w, b, act, dtype):
+    """z = bn_act_apply(y, ...) and bn_act_backward(dz, y, ...) against the reference and
+    float64 with the 2×-eager rule."""
+    z64 = _apply64(y, mean, invstd, w, b, act, 0.1)
+    ze = reference.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
+    assert_close_rule(z.double(), ze.double(), z64, atol=torch.finfo(dtype).eps * 8 * z64.abs().max().item(),
+                      name=f"apply {act}")
+    dy, dw, db = bnops.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
+    assert dy.shape == y.shape and dy.dtype == y.dtype
+    dy64, dw64, db64 = _backward64(dz, y, mean, invstd, w, b, act, 0.1)
+    dye, dwe, dbe = reference.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
+    assert_close_rule(dy.double(), dye.double(), dy64, atol=torch.finfo(dtype).eps * 8 * dy64.abs().max().item(),
+                      name=f"dy {act}")
+    assert_close_rule(dw.double(), dwe.double(), dw64, atol=1e-4, name=f"dweight {act}")
+    assert_close_rule(db.double(), dbe.double(), db64, atol=1e-4, name=f"dbias {act}")
 
 
 def _tensor_in(shape, layout, dtype, device, offset=0):
@@ -1162,18 +1168,7 @@ def test_bn_ops_non_dense_y(dev_backend, dtype, layout, monkeypatch):
     for act in ["identity", "silu"]:
         z = bnops.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
         assert z.shape == y.shape and z.dtype == y.dtype
-        z64 = _apply64(y, mean, invstd, w, b, act, 0.1)
-        ze = reference.bn_act_apply(y, mean, invstd, w, b, act, 0.1)
-        assert_close_rule(z.double(), ze.double(), z64, atol=torch.finfo(dtype).eps * 8 * z64.abs().max().item(),
-                          name=f"apply {act}")
-        dy, dw, db = bnops.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
-        assert dy.shape == y.shape and dy.dtype == y.dtype
-        dy64, dw64, db64 = _backward64(dz, y, mean, invstd, w, b, act, 0.1)
-        dye, dwe, dbe = reference.bn_act_backward(dz, y, mean, invstd, w, b, act, 0.1)
-        assert_close_rule(dy.double(), dye.double(), dy64, atol=torch.finfo(dtype).eps * 8 * dy64.abs().max().item(),
-                          name=f"dy {act}")
-        assert_close_rule(dw.double(), dwe.double(), dw64, atol=1e-4, name=f"dweight {act}")
-        assert_close_rule(db.double(), dbe.double(), db64, atol=1e-4, name=f"dbias {act}")
+        _check_apply_backward(z, dz, y, mean, invstd, w, b, act, dtype)
     assert torch.equal(y, y0) and torch.equal(dz, dz0), "inputs modified"
 
 
