@@ -134,8 +134,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
 
     # -- load_state_dict: keep the state dtypes (uint8 codes, fp32 absmax / fp32 states) --
 
-    def _state_keys(self, group: dict) -> tuple:
-        """The keys of a param's state in `group` once initialised."""
+    def _state_keys(self, group: dict, st: dict) -> tuple:
+        """The keys of a param's state `st` in `group` once initialised."""
         return ("step",) + tuple(k for i in range(1, self.STATES + 1) for k in (f"state{i}", f"absmax{i}"))
 
     def _check_loaded(self, state_dict: dict) -> None:
@@ -150,11 +150,11 @@ class _Optimizer8bit(torch.optim.Optimizer):
         needed = [k for k in self.defaults if k not in ("stochastic_rounding", "sr_seed")]
         saved = state_dict["state"]
         for gi, g in enumerate(state_dict["param_groups"]):
-            expected = self._state_keys(g)
             for j, pid in enumerate(g["params"]):
                 st = saved.get(pid)
                 if not st:
                     continue
+                expected = self._state_keys(g, st)
                 keys = set(st)
                 if keys != set(expected):
                     extra = ", ".join(str(k) for k in st if k not in expected) or "none"
@@ -222,8 +222,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = states[p]
-                if not state:
-                    self._init_state(p, group, state)
+                if not state or (one and "state1" not in state):  # (SGD8bit: momentum set after steps
+                    self._init_state(p, group, state)  # without it: a first momentum step, as torch's)
                 step = state["step"] = state["step"] + 1
                 dtype = p.dtype
                 if g.dtype != dtype:
@@ -383,8 +383,11 @@ class SGD8bit(_Optimizer8bit):
     def _group_states(self, group):
         return 0 if group["momentum"] == 0 else 1
 
-    def _state_keys(self, group):
-        return ("step",) if group.get("momentum", 0) == 0 else super()._state_keys(group)
+    def _state_keys(self, group, st):
+        # momentum 0 keeps only the step; a buffer from steps with momentum stays, unused (as torch's)
+        if group.get("momentum", 0) == 0 and "state1" not in st:
+            return ("step",)
+        return super()._state_keys(group, st)
 
     def _hyper(self, group):
         return dict(beta1=group["momentum"], beta2=group["dampening"], nesterov=group["nesterov"])

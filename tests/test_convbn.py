@@ -1075,30 +1075,30 @@ def test_fold_leaves_sequential_subclasses_with_their_own_forward():
             torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_ops_without_a_gradient_raise_when_differentiated():
-    """The BN ops and the training step's backward op carry no gradient to their inputs: a
-    backward through them raises and names the op (autograd's fallback would warn and
-    return no gradient)."""
+def test_ops_without_a_gradient_give_outputs_that_do_not_require_grad():
+    """The BN ops and the training step's backward op are not differentiable: their outputs
+    never require grad (a backward that needs them fails with autograd's own error;
+    autograd's fallback would have given them a grad_fn that silently passes no gradient),
+    and torch.compile and opcheck take them with inputs that require grad."""
     from fusedops.ops import convbn
     y = torch.randn(2, 3, 4, 4, requires_grad=True)
-    mean, invstd, _ = bnops.bn_stats_op(y, 1e-5)
-    with pytest.raises(RuntimeError, match="fusedops::bn_stats is not differentiable"):
-        mean.sum().backward()
-    z = bnops.bn_act_apply_op(y, mean.detach(), invstd.detach(), None, None, "relu", 0.01)
-    with pytest.raises(RuntimeError, match="fusedops::bn_act_apply is not differentiable"):
-        z.sum().backward()
-    dy = bnops.bn_act_backward_op(torch.randn_like(y), y, mean.detach(), invstd.detach(), None, None, "relu", 0.01)[0]
-    with pytest.raises(RuntimeError, match="fusedops::bn_act_backward is not differentiable"):
-        dy.sum().backward()
+    mean, invstd, var = bnops.bn_stats_op(y, 1e-5)
+    z = bnops.bn_act_apply_op(y, mean, invstd, None, None, "relu", 0.01)
+    dy = bnops.bn_act_backward_op(torch.randn_like(y), y, mean, invstd, None, None, "relu", 0.01)
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     w = torch.randn(4, 3, 3, 3)
     with torch.no_grad():
-        z, mean, invstd, _, _ = convbn.train_op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, 1e-5, "relu", 0.01,
-                                                False)
-    dx = convbn.train_backward_op(torch.randn_like(z), x, w, None, mean, invstd, None, None, [1, 1], [1, 1], [1, 1], 1,
-                                  "relu", 0.01, [True, False, False, False])[0]
-    with pytest.raises(RuntimeError, match="conv_bn_act_train_backward is not differentiable"):
-        dx.sum().backward()
+        zz, m2, i2, _, _ = convbn.train_op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, 1e-5, "relu", 0.01,
+                                           False)
+    dx = convbn.train_backward_op(torch.randn_like(zz), x, w, None, m2, i2, None, None, [1, 1], [1, 1], [1, 1], 1,
+                                  "relu", 0.01, [True, False, False, False])
+    for out in (mean, invstd, var, z, *dy, *dx):
+        assert not out.requires_grad and out.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        z.sum().backward()
+    torch.library.opcheck(bnops.bn_stats_op, (y, 1e-5))
+    compiled = torch.compile(lambda t: bnops.bn_stats_op(t, 1e-5)[0], backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(y), mean)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

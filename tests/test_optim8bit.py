@@ -133,18 +133,18 @@ def test_opcheck_quantize_ops():
     torch.library.opcheck(torch.ops.fusedops.blockwise_dequantize.default, (c, a, code))
 
 
-def test_quantize_ops_raise_when_differentiated():
-    """No gradient flows through the quantization ops: a backward through them raises and
-    names the op (autograd's fallback would warn and return no gradient)."""
+def test_quantize_ops_outputs_do_not_require_grad():
+    """No gradient flows through the quantization ops: their outputs never require grad,
+    and torch.compile takes them with an input that requires grad."""
     code = O.signed_map()
     x = torch.randn(3, 700, requires_grad=True)
-    _, absmax = torch.ops.fusedops.blockwise_quantize.default(x, code)
-    with pytest.raises(RuntimeError, match="fusedops::blockwise_quantize is not differentiable"):
-        absmax.sum().backward()
-    c, a = fusedops.blockwise_quantize(x.detach(), code)
-    out = torch.ops.fusedops.blockwise_dequantize.default(c, a.requires_grad_(), code)
-    with pytest.raises(RuntimeError, match="fusedops::blockwise_dequantize is not differentiable"):
+    c, absmax = torch.ops.fusedops.blockwise_quantize.default(x, code)
+    out = torch.ops.fusedops.blockwise_dequantize.default(c, absmax.detach().requires_grad_(), code)
+    assert not absmax.requires_grad and not out.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
         out.sum().backward()
+    compiled = torch.compile(lambda t: fusedops.blockwise_quantize(t, code)[1], backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), absmax)
 
 
 def _brute_force_codes(x: torch.Tensor, code: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -957,6 +957,30 @@ def test_sgd_momentum0_matches_torch_sgd(weight_decay):
     fresh.load_state_dict(ours.state_dict())
     ours.override_32bit(ps[0])
     assert fresh.state[fresh.param_groups[0]["params"][0]] == {"step": 4}
+
+
+def test_sgd_momentum_changed_between_steps_as_torch():
+    """Momentum switched on after plain-SGD steps (and off again) behaves as torch SGD: the
+    first step with momentum starts the buffer at g (32-bit states: close to torch's), and
+    the optimizer's own state_dict loads in every phase."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(20, 30))]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = SGD8bit(ps, lr=0.05, optim_bits=32)
+    theirs = torch.optim.SGD(twin, lr=0.05)
+    for phase, momentum in enumerate((0.0, 0.9, 0.0)):
+        for opt in (ours, theirs):
+            opt.param_groups[0]["momentum"] = momentum
+        for _ in range(3):
+            for p, t in zip(ps, twin):
+                g = torch.randn(p.shape)
+                p.grad, t.grad = g.clone(), g.clone()
+            ours.step()
+            theirs.step()
+        for p, t in zip(ps, twin):
+            torch.testing.assert_close(p, t, rtol=1e-6, atol=1e-6, msg=lambda m: f"phase {phase}: {m}")
+        fresh = SGD8bit([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=0.05, optim_bits=32)
+        fresh.load_state_dict(ours.state_dict())
 
 
 def _train(opt, params, steps, seed):

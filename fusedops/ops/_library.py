@@ -42,14 +42,19 @@ def define(schema: str, kernel, fake) -> torch._ops.OpOverload:
     return getattr(torch.ops.fusedops, name).default
 
 
-def not_differentiable(op: torch._ops.OpOverload, instead: str) -> None:
-    """Make a gradient through `op` raise, naming the op and what to use instead. Without
-    an autograd registration, autograd's fallback lets a backward pass through the op with
-    only a deprecation warning and no gradient for its inputs: a silently wrong result."""
+def not_differentiable(op: torch._ops.OpOverload) -> None:
+    """Declare `op`'s outputs non-differentiable (as argmax's): they never require grad, so
+    a backward that needs a gradient through them fails with autograd's "does not require
+    grad", and torch.compile has no backward to trace. Without an autograd registration,
+    autograd's fallback gives the outputs a grad_fn that passes a backward through with a
+    deprecation warning and no gradient for the inputs: a silently wrong result."""
     name = op.name()
 
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{name} is not differentiable (its outputs carry no gradient to its inputs); "
-                           f"{instead}")
+    def setup_context(ctx, inputs, output):
+        outs = output if isinstance(output, tuple) else (output,)
+        ctx.mark_non_differentiable(*(t for t in outs if isinstance(t, torch.Tensor)))
 
-    torch.library.register_autograd(name, backward, lib=LIB)
+    def backward(ctx, *grads):  # not reached: no output requires grad
+        raise RuntimeError(f"{name} is not differentiable")
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context, lib=LIB)

@@ -247,7 +247,7 @@ bn_act_backward_op = define(
     "str act='identity', float slope=0.01) -> (Tensor dy, Tensor dweight, Tensor dbias)",
     _backward_impl, _backward_fake)
 for _op in (bn_stats_op, bn_act_apply_op, bn_act_backward_op):
-    not_differentiable(_op, "ConvBNAct2d (fusedops.nn) differentiates the whole conv + BN + activation step")
+    not_differentiable(_op)
 
 
 @_backward.register("triton")

@@ -194,7 +194,7 @@ train_backward_op = define(
     f"conv_bn_act_train_backward(Tensor dz, Tensor x, Tensor w, Tensor? y, Tensor mean, Tensor invstd, Tensor? gamma, "
     f"Tensor? beta, {_SCHEMA_GEOMETRY}, str act, float slope, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     _train_backward_impl, _train_backward_fake)
-not_differentiable(train_backward_op, "for second-order gradients run ConvBNAct2d in eager mode with create_graph=True")
+not_differentiable(train_backward_op)
 
 
 def _setup(ctx, inputs, output):

@@ -231,8 +231,7 @@ def _backward_fake(dy, s, weight, bias, mean, rstd, activation, ds=None):
 norm_act_backward_op = define(
     "norm_act_backward(Tensor dy, Tensor s, Tensor? weight, Tensor? bias, Tensor? mean, Tensor rstd, "
     "str activation, Tensor? ds=None) -> (Tensor, Tensor, Tensor)", _backward_impl, _backward_fake)
-not_differentiable(norm_act_backward_op, "for second-order gradients differentiate the norm functions or modules with "
-                   "create_graph=True (their backward then runs in differentiable torch ops)")
+not_differentiable(norm_act_backward_op)
 
 
 def _bwd_triton(dy, s, weight, bias, mean, rstd, activation, ds=None):

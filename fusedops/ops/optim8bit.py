@@ -207,7 +207,7 @@ def _dequantize_fake(codes, absmax, code):
 dequantize_op = define(f"{DEQUANT_OP}(Tensor codes, Tensor absmax, Tensor code) -> Tensor", _dequantize_impl,
                        _dequantize_fake)
 for _op in (quantize_op, dequantize_op):
-    not_differentiable(_op, "blockwise 8-bit quantization of optimizer states has no gradient")
+    not_differentiable(_op)
 
 
 def blockwise_quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
