@@ -111,6 +111,11 @@ def cmd_info(args) -> int:
             for op, k in _backend.REGISTRY.items():
                 try:
                     chosen = k.backend_for(dev)
+                    upto = k.cuda_default_upto
+                    if upto is not None and dev == "cuda" and not forced:  # chosen by size (see README)
+                        small = k.backend_for(dev, upto[1])
+                        if small != chosen:
+                            chosen = f"{small} for sizes up to {upto[1]}, {chosen} above"
                 except RuntimeError:  # a forced backend that cannot run here (its reason: above)
                     chosen = f"none: the forced backend {forced!r} cannot run on {dev}"
                 print(f"  {dev:4s} {op}: {chosen}")

@@ -251,3 +251,18 @@ def test_speedup_column_says_what_it_divides(monkeypatch):
     assert "baseline fusedops:cpp: lion 96 tensors" in text
     md = harness.render_markdown(rows, {"device": "cpu", "copy_GBps": 1.0, "threads": 2})
     assert "| speed-up | timer |" in md and "exceed 100% of the copy" in md
+
+
+def test_info_names_the_size_dependent_cuda_defaults(monkeypatch, capsys):
+    """On CUDA the norm ops choose their backend by hidden size: info says so rather than
+    naming one backend (simulated CUDA device: every backend available)."""
+    from fusedops import _backend
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_backend, "available", lambda name, device_type: True)
+    for kernels in _backend.REGISTRY.values():
+        monkeypatch.setattr(kernels, "_chosen", {})
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    upto = _backend.REGISTRY["layer_norm_act"].cuda_default_upto
+    assert upto is not None
+    assert f"cuda layer_norm_act: {upto[0]} for sizes up to {upto[1]}," in out.replace("  ", " ")
