@@ -127,7 +127,7 @@ def _split(path: str):
 
 def _has_pair(module: nn.Module) -> bool:
     mods = list(module.modules())
-    return any(isinstance(m, nn.BatchNorm2d) for m in mods) and any(type(m) is nn.Conv2d for m in mods)
+    return any(isinstance(m, nn.BatchNorm2d) for m in mods) and any(isinstance(m, nn.Conv2d) for m in mods)
 
 
 def _trace(module: nn.Module):
@@ -328,7 +328,7 @@ def _convert_region(prefix, region, graphs, unknown, report, analysis: _Analysis
     candidates = {}  # conv path -> {bn path: act path | None}, in graph order
     for _, graph, _ in graphs:
         for node in graph.nodes:
-            if node.op != "call_module" or type(mods.get(node.target)) is not nn.Conv2d:
+            if node.op != "call_module" or not isinstance(mods.get(node.target), nn.Conv2d):
                 continue
             for user in node.users:
                 if user.op == "call_module" and isinstance(mods.get(user.target), nn.BatchNorm2d):

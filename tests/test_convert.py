@@ -563,3 +563,26 @@ def test_fx_chain_that_would_reorder_parameters_is_skipped(bn_first):
     assert [p.shape for p in model.parameters()] == [p.shape for p in eager.parameters()]
     assert list(model.state_dict()) == list(eager.state_dict())
     _same_as_eager(eager, model, (2, 3, 6, 6))
+
+
+def test_parametrized_conv_outside_a_sequential_is_reported():
+    """A conv under torch.nn.utils.parametrizations (weight_norm / spectral_norm: a
+    Parametrized subclass) in a module fx traces is not fused, and the report says so."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = weight_norm(nn.Conv2d(3, 4, 3, padding=1, bias=False))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    eager = Block()
+    model, report = _convert_copy(eager)
+    assert not report.replaced, str(report)
+    skipped = {s.path: s.reason for s in report.skipped}
+    assert "not a plain Conv2d" in skipped["conv"], str(report)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(model(x), eager(x))
