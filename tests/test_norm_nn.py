@@ -423,3 +423,16 @@ def test_inplace_inference_residual_outside_inference_mode_is_refused():
         y, s = fusedops.add_rms_norm_act(torch.ones(3, 16), r, inplace=True)
     assert s is r
     torch.testing.assert_close(r, before + 1)
+
+
+@pytest.mark.parametrize("fn", [fusedops.add_layer_norm_act, fusedops.add_rms_norm_act])
+def test_inplace_residual_bumps_its_version_once(fn):
+    """The in-place form bumps the residual's version counter by one, as eager's
+    residual.add_(x) does, with and without grad."""
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            x = torch.randn(4, 16, requires_grad=grad)
+            r = torch.randn(4, 16, requires_grad=grad) * 1.0
+            before = r._version
+            _, s = fn(x, r, inplace=True)
+            assert s is r and r._version == before + 1, (grad, r._version - before)

@@ -483,11 +483,14 @@ class _AddNormActInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, activation, out_dtype, rms):
+        # the op writes residual's storage through .data (a view with its own version counter):
+        # mark_dirty bumps residual's version once, as eager's residual.add_(x) does
+        r = residual.data
         if rms:
-            y, rstd = add_rms_norm_act_inplace_op(x, residual, weight, eps, activation, out_dtype)
+            y, rstd = add_rms_norm_act_inplace_op(x, r, weight, eps, activation, out_dtype)
             mean = None
         else:
-            y, mean, rstd = add_layer_norm_act_inplace_op(x, residual, weight, bias, eps, activation, out_dtype)
+            y, mean, rstd = add_layer_norm_act_inplace_op(x, r, weight, bias, eps, activation, out_dtype)
         ctx.mark_dirty(residual)
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(residual, weight, bias, mean, rstd)
