@@ -40,12 +40,12 @@ def _parse(name: str | None, where: str) -> str | None:
 _ENV_FORCED = _parse(os.environ.get(ENV_VAR), ENV_VAR)
 # Process-wide, not per thread: autograd runs the backward of CUDA ops on its own device
 # threads, and a forced backend must reach those ops too.
-_stack: list = []
+_stack: list = []  # [(entry token, forced name)], the innermost open block last
 _lock = threading.Lock()
 
 
 def _forced() -> str | None:
-    return _stack[-1] if _stack else _ENV_FORCED
+    return _stack[-1][1] if _stack else _ENV_FORCED
 
 
 def current_backend() -> str:
@@ -61,13 +61,17 @@ def use_backend(name: str):
     Process-wide: it also reaches the backward ops that autograd runs on its own threads
     (run `backward()` inside the block), and other threads' ops while it is open."""
     forced = _parse(name, "use_backend")
+    entry = (object(), forced)
     with _lock:
-        _stack.append(forced)
+        _stack.append(entry)
     try:
         yield
     finally:
-        with _lock:
-            _stack.pop()
+        with _lock:  # this block's own entry: blocks of other threads may close in any order
+            for i in range(len(_stack) - 1, -1, -1):
+                if _stack[i] is entry:
+                    del _stack[i]
+                    break
 
 
 def _native_name(device_type: str) -> str:

@@ -31,6 +31,10 @@ and CUDA (Triton or CUDA C++) alike; nothing in step() synchronises with the hos
   torch AdamW); Adam8bit / SGD8bit as L2 added to the gradient (as torch Adam / SGD).
 - Params must be float32, float16 or bfloat16: others (float64, complex) are refused when
   they are added (constructor, add_param_group) with a TypeError.
+- torch.compile: the step count is a Python int (the kernels take it as one), so a compiled
+  step() is recompiled at every step until Dynamo's recompile limit, after which step()
+  runs uncompiled (with Dynamo's warning; the results are the same). Compile the model's
+  forward and backward and leave step() to run eagerly: it is one launch already.
 - state_dict(): per param `step` (int), `state1`, `absmax1` (+ `state2`, `absmax2` for
   Adam; SGD8bit with momentum=0 keeps only `step`); load_state_dict() keeps the states'
   dtypes and moves them to the param's device, so a checkpoint moves between CPU and

@@ -707,3 +707,37 @@ def test_triton_interpreter_rounds_bf16_to_nearest():
         xs = [x.clone(), x[:1024].clone()]
         fusedops.foreach_add_(xs, [ys[0], ys[0][:1024]])
         assert torch.equal(xs[0], x.clone().add_(ys[0])) and torch.equal(xs[1], x[:1024].clone().add_(ys[0][:1024]))
+
+
+
+def test_use_backend_blocks_closing_out_of_order():
+    """use_backend is process-wide (autograd's device threads must see it); blocks opened by
+    two threads may close in either order, and each removes its own entry: after the first
+    thread's block closes, the second thread's backend is the one in force."""
+    import threading
+
+    import fusedops
+    from fusedops import _backend
+    a_open, b_open, a_closed = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def thread_a():
+        with fusedops.use_backend("reference"):
+            a_open.set()
+            b_open.wait()
+        a_closed.set()
+
+    def thread_b():
+        a_open.wait()
+        with fusedops.use_backend("cpp"):
+            b_open.set()
+            a_closed.wait()
+            seen.append(_backend.current_backend())
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == ["cpp"]
+    assert _backend.current_backend() == (_backend._ENV_FORCED or "auto")

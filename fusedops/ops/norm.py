@@ -531,6 +531,8 @@ def _fast_kernels(op, x, weight, bias, out_dtype):
             bwd = _bwd.backend_for(key[1], _bwd_size(n, bias))
             if fwd != "reference" and bwd != "reference":
                 hit = (_kernels[op].get(fwd), _bwd.get(bwd))
+        if len(_FAST) >= 4096:  # (one entry a hidden size and dtypes: bounded for shape-varying callers)
+            _FAST.clear()
         _FAST[key] = hit
     return hit
 
