@@ -555,11 +555,13 @@ def test_input_modified_in_place_after_forward_raises(dev_backend, early_release
 
 @pytest.mark.parametrize("memory", ["recompute", "fast"])
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu", "identity"])
-def test_second_order_gradients(dev_backend, early_release, memory, act):
+def test_second_order_gradients(dev_backend, early_release, memory, act, monkeypatch):
     """create_graph=True (a gradient penalty, e.g. R1 in GANs): the first-order gradients
     equal those without it, and differentiating them again gives eager's second-order
-    gradients of x, the conv weight, gamma and beta (float64 on CPU)."""
+    gradients of x, the conv weight, gamma and beta (float64 on CPU; fp32 convs without
+    TF32 on CUDA)."""
     device, _ = dev_backend
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     dt = torch.float64 if device == "cpu" else torch.float32
     # (float64 BN statistics go through fp32 math in the first-order path)
     tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float64 else dict(rtol=1e-4, atol=1e-4)
