@@ -74,8 +74,10 @@ def register_rule(rule: Rule) -> Rule:
     return rule
 
 
-_HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
-          "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks",
+# hooks that run when a module is called (a fused module never calls the modules it replaces)
+CALL_HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+              "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+_HOOKS = {**CALL_HOOKS,
           "_state_dict_pre_hooks": "state_dict pre-hooks", "_state_dict_hooks": "state_dict hooks",
           "_load_state_dict_pre_hooks": "load_state_dict pre-hooks",
           "_load_state_dict_post_hooks": "load_state_dict post-hooks"}

@@ -35,6 +35,7 @@ from torch import nn
 
 from . import reference
 from ._backend import warn_once
+from .converter import CALL_HOOKS, plain_sequential
 from .ops import batchnorm as bnops
 from .ops.convbn import check_batch_values, no_autocast, train_backward, train_forward, train_op
 
@@ -86,10 +87,6 @@ def _conv_dtype(x: torch.Tensor) -> torch.dtype | None:
 # Devices where the recompute backward releases x before dX (two conv-backward calls
 # instead of one): on CPU the split costs more time than the memory it saves is worth.
 EARLY_RELEASE_DEVICES = ("cuda",)
-
-
-_CALL_HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
-               "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
 
 
 def _hooks_active() -> bool:
@@ -299,7 +296,7 @@ class ConvBNAct2d(nn.Module):
         module (ReLU, ReLU6, SiLU, GELU, LeakyReLU, Identity), a name, or None. Modules
         with forward or backward hooks are refused: the fused module never calls them."""
         for role, m in (("conv", conv), ("bn", bn), ("act", act)):
-            hooks = [kind for a, kind in _CALL_HOOKS.items() if isinstance(m, nn.Module) and getattr(m, a, None)]
+            hooks = [kind for a, kind in CALL_HOOKS.items() if isinstance(m, nn.Module) and getattr(m, a, None)]
             if hooks:
                 raise ValueError(f"ConvBNAct2d.from_modules: {role} ({type(m).__name__}) has {' and '.join(hooks)}; the "
                                  f"fused module never calls it, so they would not run")
@@ -613,8 +610,7 @@ def fold_conv_bn(model: nn.Module) -> nn.Module:
     nn.Sequential) that uses running statistics by a FoldedConvAct2d: weight and bias
     computed in fp32 and cast back, then the activation. The model is put in eval mode.
     """
-    from .converter import plain_sequential
-    from .converter_convbn import sequential_chains
+    from .converter_convbn import sequential_chains  # (it imports this module)
 
     model.eval()
     if isinstance(model, ConvBNAct2d):

@@ -100,7 +100,7 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.shape[1] > 1
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
+def _dense_copy(t: torch.Tensor) -> torch.Tensor:
     """t itself where it is dense NCHW or dense channels_last, else a contiguous NCHW copy.
     The kernels write z / dy with the strides of the y they read, into a buffer allocated
     with empty_like of it: only a dense y gives one with y's strides (a channel or batch
@@ -190,7 +190,7 @@ def _contig(t):
 
 @_apply.register("triton")
 def _apply_triton(y, mean, invstd, weight, bias, act, slope):
-    yd = _dense(y)
+    yd = _dense_copy(y)
     yk = _normalize_hw(yd)
     z, zk = _outs(y, yd)
     _triton.kernels("batchnorm").bn_act_apply(yk, _normalize_hw(zk), mean.contiguous(), invstd.contiguous(),
@@ -252,7 +252,7 @@ for _op in (bn_stats_op, bn_act_apply_op, bn_act_backward_op):
 
 @_backward.register("triton")
 def _backward_triton(dz, y, mean, invstd, weight, bias, act, slope, out=None):
-    yd = _dense(y)
+    yd = _dense_copy(y)
     yk = _normalize_hw(yd)
     dzk = _prepare(dz)
     dy, dyk = _outs(y, yd, out)
@@ -328,7 +328,7 @@ def _stats_native(y, eps):
 
 
 def _apply_native(y, mean, invstd, weight, bias, act, slope):
-    yd = _dense(y)  # zk is written with yd's strides: see _dense, _outs
+    yd = _dense_copy(y)  # zk is written with yd's strides: see _dense_copy, _outs
     z, zk = _outs(y, yd)
     w, b = affine32(weight, bias, y.shape[1], y)
     _native.op(APPLY)(_normalize_hw(yd), _f32(mean), _f32(invstd), w, b, ACT_CODES[act], float(slope),
@@ -339,7 +339,7 @@ def _apply_native(y, mean, invstd, weight, bias, act, slope):
 
 
 def _backward_native(dz, y, mean, invstd, weight, bias, act, slope, out=None):
-    yd = _dense(y)  # dyk is written with yd's strides: see _dense, _outs
+    yd = _dense_copy(y)  # dyk is written with yd's strides: see _dense_copy, _outs
     yk, dzk = _normalize_hw(yd), _prepare(dz)
     dy, dyk = _outs(y, yd, out)
     w, b = affine32(weight, bias, y.shape[1], y)
