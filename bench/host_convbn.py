@@ -54,6 +54,8 @@ def main():
     rows = {"eager": step(eager)}
     for mode in ("recompute", "fast"):
         rows[f"fused {mode}"] = step(fused_blocks(eager, mode))
+    if dev.type == "cuda":  # the Triton kernels (the default on CUDA is the CUDA C++ step)
+        rows["fused recompute triton"] = on_backend("triton", step(fused_blocks(eager, "recompute")))
     base = None
     for name, fn in rows.items():
         us = best_us(fn)
@@ -72,6 +74,72 @@ def main():
                           "aten::convolution", "aten::contiguous", "aten::clone"):
                 counts[e.name] += 1
         print(name, dict(sorted(counts.items())))
+    for name in ("fused recompute", "fused recompute triton"):
+        if name in rows:
+            python_profile(rows[name], name)
+
+
+def on_backend(name: str, run):
+    """run with the fusedops backend `name` forced (its backward() included)."""
+    import fusedops
+
+    def forced():
+        with fusedops.use_backend(name):
+            run()
+    for attr in ("model", "x", "gout", "autocast"):
+        setattr(forced, attr, getattr(run, attr))
+    forced.backend = name
+    return forced
+
+
+def backend_of(run):
+    """The use_backend block of a row made by on_backend (else a no-op block)."""
+    import contextlib
+
+    import fusedops
+    name = getattr(run, "backend", None)
+    return fusedops.use_backend(name) if name else contextlib.nullcontext()
+
+
+def python_profile(run, name: str, steps: int = 300) -> None:
+    """cProfile of the fused step: which Python functions hold its host time (own time,
+    the top rows; cProfile's overhead inflates every row alike). On CUDA autograd runs the
+    fused Function's backward on the device's worker thread, which a profiler enabled on
+    this thread does not see before Python 3.12 (whose cProfile, on sys.monitoring, sees
+    every thread): there the backward is profiled on its own, from inside."""
+    import cProfile
+    import pstats
+    import sys
+    import threading
+
+    from fusedops import nn_convbn
+    for _ in range(10):
+        run()
+    prof, bprof = cProfile.Profile(), cProfile.Profile()
+    orig = nn_convbn._ConvBNActTrain.backward
+    main = threading.get_ident()
+
+    def profiled(ctx, *grads):
+        if threading.get_ident() == main or sys.version_info >= (3, 12):  # the outer profiler sees it
+            return orig(ctx, *grads)
+        return bprof.runcall(orig, ctx, *grads)
+    nn_convbn._ConvBNActTrain.backward = staticmethod(profiled)
+    try:
+        prof.enable()
+        for _ in range(steps):
+            run()
+        prof.disable()
+    finally:
+        nn_convbn._ConvBNActTrain.backward = orig
+    for label, p in ((name, prof), (f"{name}, the Function's backward on the device thread", bprof)):
+        st = pstats.Stats(p) if p.getstats() else None
+        if st is None:
+            continue
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:22]
+        print(f"cProfile, {label}, {steps} steps: own µs a step, calls a step, function")
+        for (fname, line, func), (_cc, nc, tt, _ct, _callers) in rows:
+            where = f"{fname.rsplit('/', 2)[-2:][-1]}:{line}" if line else fname
+            print(f"  {tt / steps * 1e6:8.1f} {nc / steps:6.1f}  {func} ({where})")
 
 
 def split(dev, rows: dict) -> None:
@@ -113,14 +181,15 @@ def split(dev, rows: dict) -> None:
             inside[0] = 0.0
             steps = 300
             for _ in range(steps):  # the step of main()'s rows, its two halves timed apart
-                xx = run.x.to(torch.bfloat16) if run.autocast else run.x
-                xx.requires_grad_()
-                t0 = time.perf_counter()
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.autocast):
-                    out = run.model(xx)
-                t1 = time.perf_counter()
-                out.backward(run.gout.to(out.dtype))
-                t2 = time.perf_counter()
+                with backend_of(run):
+                    xx = run.x.to(torch.bfloat16) if run.autocast else run.x
+                    xx.requires_grad_()
+                    t0 = time.perf_counter()
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.autocast):
+                        out = run.model(xx)
+                    t1 = time.perf_counter()
+                    out.backward(run.gout.to(out.dtype))
+                    t2 = time.perf_counter()
                 fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
             k = 1e6 / steps
             print(f"  {name:18s} forward {fwd * k:7.1f} us, backward() {bwd * k:7.1f} us "
