@@ -480,16 +480,19 @@ _FWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_FWD")
 
 
 def fwd_shape(block: int, m: int) -> tuple[int, int]:
-    """(rows a program, warps) of the on-chip forward for rows padded to `block`. H200 sweep
+    """(rows a program, warps) of the on-chip forward for rows padded to `block`. H200 sweeps
     (bench/sweep_norm_bwd.py --fwd, LN+GELU(tanh) bf16, 32768 rows, device µs): rows padded
-    to 1024 or 2048 run best as 2 rows on 2 warps (N = 768: 41.1 against 46.5 for 2 rows on
-    4 warps; 1024: 43.0 against 48.5; 2048: 78.0 against 87.3 for 1 row on 4 warps); other
-    sizes ROWS x BLOCK_N ~ row_elems on elems / 512 warps."""
+    to 1024–8192 run best as 2 rows a program on block / 1024 warps, at least 2 (64 elements a
+    thread; 32 at 1024):
+    N = 768: 41.1 against 46.5 for 2 rows on 4 warps; 1024: 43.0 against 48.5; 2048: 78.0
+    against 87.3 for 1 row on 4 warps; 4096: 148.3 against 171.7 for 1 row on 8 warps;
+    8192: 342.0 against 358.9 for 1 row on 16 warps. Other sizes ROWS x BLOCK_N ~ row_elems
+    on elems / 512 warps."""
     if _FWD_OVERRIDE:
         rows, warps = (int(t) for t in _FWD_OVERRIDE.split(","))
         return min(rows, next_power_of_2(max(m, 1))), warps
-    if not INTERPRET and 1024 <= block <= 2048:
-        return min(2, next_power_of_2(max(m, 1))), 2
+    if not INTERPRET and 1024 <= block <= 8192:
+        return min(2, next_power_of_2(max(m, 1))), max(2, block // 1024)
     rows = _rows_per_program(block, m)
     return rows, _warps(rows * block)
 
