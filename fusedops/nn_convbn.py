@@ -37,7 +37,7 @@ from . import reference
 from ._backend import warn_once
 from .converter import CALL_HOOKS, plain_sequential
 from .ops import batchnorm as bnops
-from .ops.convbn import check_batch_values, no_autocast, train_backward, train_forward, train_op
+from .ops.convbn import check_step_shapes, no_autocast, train_backward, train_forward, train_op
 
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
 MEMORY_MODES = ("recompute", "fast")
@@ -111,7 +111,7 @@ class _ConvBNActTrain(torch.autograd.Function):
         stride, padding, dilation, groups, eps, act, slope, memory = conf
         # running: [running_mean, running_var, momentum, done] or None; bn: the BN module whose
         # running statistics this step updates, or None
-        check_batch_values(x, weight, stride, padding, dilation)
+        check_step_shapes(x, weight, stride, padding, dilation, groups)
         z, mean, invstd, var, y = train_forward(x, weight, gamma, beta, (stride, padding, dilation, groups), eps, act,
                                                 slope, running)
         if bn is not None:  # before save_for_backward: a checkpoint's recompute may stop there

@@ -1036,6 +1036,26 @@ def test_native_step_errors_carry_the_conv_message(dev_backend):
         fused(torch.randn(2, 3, 2, 2, device=device))
 
 
+def test_native_step_refuses_mismatched_dtypes_with_the_conv_message(dev_backend):
+    """A bf16 input to an fp32 module outside autocast: eager's conv error (dtypes must
+    match), raised before the native step runs; in eval the folded conv's own error (it
+    has a bias: the message names the bias where eager's names the weight)."""
+    device, _ = dev_backend
+    eager = _pair(3, 4, 3, "relu", device, conv_kw=dict(padding=1))
+    fused = _fused_from(eager)
+    x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.bfloat16)
+    for mode in ("train", "eval"):
+        getattr(eager, mode)(), getattr(fused, mode)()
+        with pytest.raises(RuntimeError) as want:
+            eager(x)
+        with pytest.raises(RuntimeError) as got:
+            fused(x)
+        if mode == "train":
+            assert str(got.value).split("\n")[0] == str(want.value).split("\n")[0]
+        else:
+            assert "should be the same" in str(got.value) and "BFloat16" in str(got.value)
+
+
 def test_fold_after_convert_keeps_loading_its_own_state_dict():
     """convert() leaves a key map on the parent (eager checkpoint keys); after fold_conv_bn
     the folded module's own weight / bias must load back unchanged."""

@@ -35,13 +35,22 @@ def no_autocast(device_type: str):
 _DISABLE_AUTOCAST = getattr(torch._C, "_DisableAutocast", None)
 
 
-def check_batch_values(x, weight, stride, padding, dilation) -> None:
-    """Eager BatchNorm's error for one value per channel (batch 1, 1×1 output), raised
-    before the conv runs."""
+def check_step_shapes(x, weight, stride, padding, dilation, groups) -> None:
+    """Eager's errors for operands the training step cannot take, raised before the native
+    step runs: where eager's conv would refuse them for a reason known beforehand (different
+    dtypes or devices, channels that do not match the groups, a dilated kernel larger than
+    the padded input), the conv itself is run here so that its own message is raised (an
+    error inside the native step's dispatcher call reaches Python without it, and on CUDA
+    with torch 2.11 crashed the process); then BatchNorm's error for one value per channel
+    (batch 1, 1×1 output)."""
+    k = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
+    if (x.dtype != weight.dtype or x.device != weight.device or x.shape[1] != weight.shape[1] * groups
+            or x.shape[2] + 2 * padding[0] < k[0] or x.shape[3] + 2 * padding[1] < k[1]):
+        with no_autocast(x.device.type):  # the operands as the native step would get them
+            F.conv2d(x, weight, None, stride, padding, dilation, groups)
     if x.shape[0] != 1:
         return
-    hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-          for i in range(2)]
+    hw = [(x.shape[2 + i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(2)]
     if hw[0] * hw[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[x.shape[0], weight.shape[0], *hw]}")
@@ -50,8 +59,8 @@ def check_batch_values(x, weight, stride, padding, dilation) -> None:
 def _native_call(op, args, x, w, geometry):
     """op(*args); where it fails inside a dispatcher call from the extension (the stable ABI
     of this torch passes a bare "API call failed" without the message), the conv is run
-    again from Python so that its own error (a kernel larger than the input, mismatched
-    dtypes, out of memory, ...) is what the caller sees."""
+    again from Python so that its own error (e.g. out of memory) is what the caller sees.
+    The errors known beforehand are raised by check_step_shapes before the call."""
     try:
         return op(*args)
     except RuntimeError as exc:
@@ -128,7 +137,7 @@ def _check(x, w, gamma, beta, act, op):
 
 def _train_impl(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope, keep_y):
     _check(x, w, gamma, beta, act, "conv_bn_act_train")
-    check_batch_values(x, w, stride, padding, dilation)
+    check_step_shapes(x, w, stride, padding, dilation, groups)
     with no_autocast(x.device.type):
         z, mean, invstd, var, y = train_forward(x, w, gamma, beta, (stride, padding, dilation, groups), eps, act,
                                                 slope)
@@ -142,7 +151,7 @@ def _conv_out_fake(x, w, stride, padding, dilation, groups):
 
 def _train_fake(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope, keep_y):
     _check(x, w, gamma, beta, act, "conv_bn_act_train")
-    check_batch_values(x, w, stride, padding, dilation)
+    check_step_shapes(x, w, stride, padding, dilation, groups)
     y = _conv_out_fake(x, w, stride, padding, dilation, groups)
     c = y.shape[1]
     stats = [y.new_empty(c, dtype=torch.float32) for _ in range(3)]
