@@ -627,8 +627,10 @@ def test_rms_eps_none_matches_eager(dev_backend, dtype):
         outs.append((traced(x), want))
     for got, ref in outs:
         assert got.dtype == dtype
+        # fp64: eager is the reference itself (error 0), so the bound is a few ulps of the
+        # output (another order of the same fp64 ops, e.g. CUDA's, differs by that much)
         assert_close_rule(got, eager if ref is want else F.silu(F.rms_norm(s, (n,), w)), ref,
-                          atol=torch.finfo(dtype).eps, name=str(dtype))
+                          atol=torch.finfo(dtype).eps, rtol=8 * torch.finfo(dtype).eps, name=str(dtype))
 
 
 # ---- double backward (create_graph=True) ----------------------------------------------------
