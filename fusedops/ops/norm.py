@@ -605,12 +605,15 @@ def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
 # Torch ops = the same values as eager torch (F.layer_norm / F.rms_norm + the activation; the
 # reference's fp32 math when weight/bias dtypes differ from x's), the op's output dtype.
 # H100 (bench/NOTES.md, round 4): GPT-2-small-like (N = 768) fusedops + torch.compile step
-# 1.23x compile's with the op, 0.98x with torch ops; Add+RMS+SiLU bf16 32768 rows fwd+bwd,
-# compiled alone: 817 vs 822 µs (op) at N = 4096, but 3839 vs 1635 at 8192 and 7760 vs 3229 at
-# 16384 (inductor's backward at eager's speed there). Read when fusedops is imported;
+# 1.23x compile's with the op, 0.98x with torch ops (the op's host time per call and the
+# neighbours inductor fuses into its norm). Compiled alone, LN+GELU(tanh) bf16 32768 rows
+# fwd+bwd, inductor's code against the op: H100 833 vs 370 µs at N = 1024, 1088 vs 307 at
+# 2048, 2035 vs 506 at 4096; H200 (round 12) 420 vs 147 at 1024, 1713 vs 483 at 4096, 13172
+# vs 2485 at 16384. Torch ops up to N = 1024 (the model-level measurement), the op above,
+# where inductor's norm costs 3.5-5.3x the op's device time. Read when fusedops is imported;
 # `COMPILE_POLICY` changes it at run time.
 COMPILE_POLICIES = ("auto", "op", "inductor")
-COMPILE_TORCH_UPTO = 4096
+COMPILE_TORCH_UPTO = 1024
 
 
 def _parse_compile_policy(value: str | None) -> str:
