@@ -40,9 +40,9 @@ def check_step_shapes(x, weight, stride, padding, dilation, groups) -> None:
     step runs: where eager's conv would refuse them for a reason known beforehand (different
     dtypes or devices, channels that do not match the groups, a dilated kernel larger than
     the padded input), the conv itself is run here so that its own message is raised (an
-    error inside the native step's dispatcher call reaches Python without it, and on CUDA
-    with torch 2.11 crashed the process); then BatchNorm's error for one value per channel
-    (batch 1, 1×1 output)."""
+    error inside the native step's dispatcher call reaches Python without it, and in the
+    CUDA step, on torch 2.11, crashed the process); then BatchNorm's error for one value per
+    channel (batch 1, 1×1 output)."""
     k = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
     if (x.dtype != weight.dtype or x.device != weight.device or x.shape[1] != weight.shape[1] * groups
             or x.shape[2] + 2 * padding[0] < k[0] or x.shape[3] + 2 * padding[1] < k[1]):
