@@ -41,21 +41,22 @@ def main():
     gout = torch.randn(2, 4, 4, 4, device=dev).to(memory_format=torch.channels_last)
     autocast = dev.type == "cuda"
 
-    def step(model):
+    def step(model, backend=None):
         def run():
-            xx = x.to(torch.bfloat16) if autocast else x
-            xx.requires_grad_()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model(xx)
-            out.backward(gout.to(out.dtype))
-        run.model, run.x, run.gout, run.autocast = model, x, gout, autocast
+            with backend_of(run):
+                xx = x.to(torch.bfloat16) if autocast else x
+                xx.requires_grad_()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = model(xx)
+                out.backward(gout.to(out.dtype))
+        run.model, run.x, run.gout, run.autocast, run.backend = model, x, gout, autocast, backend
         return run
 
     rows = {"eager": step(eager)}
     for mode in ("recompute", "fast"):
         rows[f"fused {mode}"] = step(fused_blocks(eager, mode))
     if dev.type == "cuda":  # the Triton kernels (the default on CUDA is the CUDA C++ step)
-        rows["fused recompute triton"] = on_backend("triton", step(fused_blocks(eager, "recompute")))
+        rows["fused recompute triton"] = step(fused_blocks(eager, "recompute"), "triton")
     base = None
     for name, fn in rows.items():
         us = best_us(fn)
@@ -79,67 +80,34 @@ def main():
             python_profile(rows[name], name)
 
 
-def on_backend(name: str, run):
-    """run with the fusedops backend `name` forced (its backward() included)."""
-    import fusedops
-
-    def forced():
-        with fusedops.use_backend(name):
-            run()
-    for attr in ("model", "x", "gout", "autocast"):
-        setattr(forced, attr, getattr(run, attr))
-    forced.backend = name
-    return forced
-
-
 def backend_of(run):
-    """The use_backend block of a row made by on_backend (else a no-op block)."""
+    """The use_backend block of a row's forced backend (a no-op block where none is)."""
     import contextlib
 
     import fusedops
-    name = getattr(run, "backend", None)
-    return fusedops.use_backend(name) if name else contextlib.nullcontext()
+    return fusedops.use_backend(run.backend) if run.backend else contextlib.nullcontext()
 
 
 def python_profile(run, name: str, steps: int = 300) -> None:
     """cProfile of the fused step: which Python functions hold its host time (own time,
     the top rows; cProfile's overhead inflates every row alike). On CUDA autograd runs the
-    fused Function's backward on the device's worker thread, which a profiler enabled on
-    this thread does not see before Python 3.12 (whose cProfile, on sys.monitoring, sees
-    every thread): there the backward is profiled on its own, from inside."""
+    fused Function's backward on the device's worker thread: Python 3.12's cProfile (on
+    sys.monitoring) sees it, with own times mixed across the two threads; older Pythons'
+    sees this thread only."""
     import cProfile
     import pstats
-    import sys
-    import threading
-
-    from fusedops import nn_convbn
     for _ in range(10):
         run()
-    prof, bprof = cProfile.Profile(), cProfile.Profile()
-    orig = nn_convbn._ConvBNActTrain.backward
-    main = threading.get_ident()
-
-    def profiled(ctx, *grads):
-        if threading.get_ident() == main or sys.version_info >= (3, 12):  # the outer profiler sees it
-            return orig(ctx, *grads)
-        return bprof.runcall(orig, ctx, *grads)
-    nn_convbn._ConvBNActTrain.backward = staticmethod(profiled)
-    try:
-        prof.enable()
-        for _ in range(steps):
-            run()
-        prof.disable()
-    finally:
-        nn_convbn._ConvBNActTrain.backward = orig
-    for label, p in ((name, prof), (f"{name}, the Function's backward on the device thread", bprof)):
-        st = pstats.Stats(p) if p.getstats() else None
-        if st is None:
-            continue
-        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:22]
-        print(f"cProfile, {label}, {steps} steps: own µs a step, calls a step, function")
-        for (fname, line, func), (_cc, nc, tt, _ct, _callers) in rows:
-            where = f"{fname.rsplit('/', 2)[-2:][-1]}:{line}" if line else fname
-            print(f"  {tt / steps * 1e6:8.1f} {nc / steps:6.1f}  {func} ({where})")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        run()
+    prof.disable()
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: -kv[1][2])[:22]
+    print(f"cProfile, {name}, {steps} steps: own µs a step, calls a step, function")
+    for (fname, line, func), (_cc, nc, tt, _ct, _callers) in rows:
+        where = f"{fname.rsplit('/', 2)[-2:][-1]}:{line}" if line else fname
+        print(f"  {tt / steps * 1e6:8.1f} {nc / steps:6.1f}  {func} ({where})")
 
 
 def split(dev, rows: dict) -> None:
