@@ -43,14 +43,15 @@ def check_step_shapes(x, weight, stride, padding, dilation, groups) -> None:
     error inside the native step's dispatcher call reaches Python without it, and in the
     CUDA step, on torch 2.11, crashed the process); then BatchNorm's error for one value per
     channel (batch 1, 1×1 output)."""
-    k = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
-    if (x.dtype != weight.dtype or x.device != weight.device or x.shape[1] != weight.shape[1] * groups
-            or x.shape[2] + 2 * padding[0] < k[0] or x.shape[3] + 2 * padding[1] < k[1]):
+    xs, ws = x.shape, weight.shape  # (every forward runs this: plain arithmetic, host time)
+    kh, kw = dilation[0] * (ws[2] - 1) + 1, dilation[1] * (ws[3] - 1) + 1
+    ph, pw = xs[2] + 2 * padding[0], xs[3] + 2 * padding[1]
+    if x.dtype != weight.dtype or x.device != weight.device or xs[1] != ws[1] * groups or ph < kh or pw < kw:
         with no_autocast(x.device.type):  # the operands as the native step would get them
             F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    if x.shape[0] != 1:
+    if xs[0] != 1:
         return
-    hw = [(x.shape[2 + i] + 2 * padding[i] - k[i]) // stride[i] + 1 for i in range(2)]
+    hw = [(ph - kh) // stride[0] + 1, (pw - kw) // stride[1] + 1]
     if hw[0] * hw[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[x.shape[0], weight.shape[0], *hw]}")
