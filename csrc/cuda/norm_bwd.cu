@@ -26,6 +26,7 @@ struct BwdParams {
   int act;
   bool rms, has_w, has_b, has_ds;
   bool ds_packed;  // ds read in 16-byte packets (unit column stride, aligned rows)
+  bool group_sync; // the on-chip kernel with ty > 1 row groups: each group syncs alone
   int64_t ncols;   // the cluster kernel: columns per block (block r of a cluster: [r * ncols, ...))
 };
 
@@ -131,6 +132,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// bar.sync on barrier `id` (1-15; 0 is __syncthreads') for `threads` threads (a multiple of
+// 32): memory ordering among them as __syncthreads gives the whole block.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Thread-block clusters (sm_90+; the host launches the cluster kernel only there): the
@@ -364,7 +371,12 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
         red[par][wid][0] = c1;
         red[par][wid][1] = c2;
       }
-      __syncthreads();  // red[par] is next written two steps later, after another barrier
+      // red[par] is next written two steps later, after another barrier. Only the row
+      // group's own warps read its sums: with several row groups a step, each group waits
+      // for its own warps alone (a named barrier; a group of one warp: __syncwarp)
+      if (ty == 1 || !p.group_sync) __syncthreads();
+      else if (tx == 32) __syncwarp();
+      else named_barrier(1 + tiy, tx);
     }
     // the row's warp sums: lane i takes warp i's, then a butterfly (every lane, and each
     // block of a cluster, gets the same bits; 2 loads and 10 shuffles instead of a loop)
@@ -478,9 +490,11 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 // below (the number of blocks = partial rows). The first two stream their rows through the
 // shared-memory ring of asynchronous copies.
 // FUSEDOPS_NORM_CUDA_BWD (read once) picks a path for experiments: "stream" forces the
-// streaming kernel; "pk8" / "pk16" 8 / 16 elements a thread for the rows of n <= 4096
-// (default: 16 for n > 2048; H100, LN+GELU(tanh) bf16: 309 vs 335 µs at 4096, 188 vs 178 at
-// 2048).
+// streaming kernel; "blocksync" one block-wide barrier a step where a block holds several
+// row groups (n <= 2048; default: each group's own named barrier: H100, LN+GELU(tanh) bf16
+// 32768 x 1024 backward 94.4 vs 98.6 µs); "pk8" / "pk16" 8 / 16 elements a thread for the
+// rows of n <= 4096 (default: 16 for n > 2048; H100, LN+GELU(tanh) bf16: 309 vs 335 µs at
+// 4096, 188 vs 178 at 2048).
 const std::string& bwd_mode() {
   static const std::string mode = [] {
     const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
@@ -618,6 +632,7 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
                         can_pack<V>(n, {{p.dy, p.sdy0}}, sizeof(Y));
     BwdParams q = p;
     q.ds_packed = p.has_ds && p.sds1 == 1 && can_pack<V>(n, {{p.ds, p.sds0}}, sizeof(T));
+    q.group_sync = bwd_mode() != "blocksync";
     // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
     // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
     if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), xs.get_device_index(), stream))) {
