@@ -5,8 +5,8 @@
     python bench/sweep_norm_bwd.py --rms --act silu --n 4096,16384
     python bench/sweep_norm_bwd.py --fwd --n 768,1024,2048
 
-A backward config is rows,warps,stages,reload,w_in_loop[,split[,programs per SM]] (see
-triton_kernels/norm.py BwdConfig), a forward one rows,warps; floor = bytes (backward: read s,
+A backward config is rows,warps,stages[,programs per SM] or, for rows of 16384, 2p:rows,column
+chunk,warps,stages (see triton_kernels/norm.py BwdConfig), a forward one rows,warps; floor = bytes (backward: read s,
 dy + write dx; forward: read x + write y) / copy bandwidth. Each candidate's outputs are
 checked against the default's (outputs poisoned with NaN before each candidate runs): a
 candidate that differs by more than rounding is reported and left out of the ranking."""
@@ -23,11 +23,13 @@ from fusedops.triton_kernels import norm as tk
 CANDIDATES = {
     # fewer warps a tile (more elements a thread) won the forward at 768-2048; per_sm caps the
     # dW/dB partial rows that more resident programs bring
-    "small": ["4,8,1,0,0", "8,8,1,0,0", "2,4,1,0,0", "4,8,2,0,0", "8,16,1,0,0", "16,16,1,0,0", "4,4,1,0,0",
-              "2,2,1,0,0", "1,2,1,0,0", "1,1,1,0,0", "4,2,1,0,0", "2,2,2,0,0", "2,2,1,0,0,1,8", "2,4,1,0,0,1,4"],
-    "mid": ["1,8,1,0,0", "2,16,1,0,0", "1,8,2,0,0", "1,4,1,0,0", "2,8,1,0,0", "1,16,1,0,0"],
-    "big": ["1,16,1,0,0", "1,16,2,0,0", "1,32,1,0,0", "1,16,1,1,0", "2,32,1,0,0"],
-    "huge": ["1,32,1,0,0,2", "1,32,1,0,0,4", "1,16,1,0,0,2", "1,32,1,1,1,1", "1,32,2,1,1,1"],
+    "small": ["4,8,1", "8,8,1", "2,4,1", "4,8,2", "8,16,1", "16,16,1", "4,4,1", "2,2,1", "1,2,1", "1,1,1", "4,2,1",
+              "2,2,2", "2,2,1,8", "2,4,1,4"],
+    "mid": ["1,8,1", "2,16,1", "1,8,2", "1,4,1", "2,8,1", "1,16,1"],
+    "big": ["1,16,1", "1,16,2", "1,32,1", "2,32,1"],
+    # the two-pass backward's first pass ("2p:rows,column chunk,warps,stages")
+    "huge": ["2p:1,4096,8,3", "2p:2,2048,8,2", "2p:4,1024,8,2", "2p:2,4096,16,2", "2p:4,2048,16,2", "2p:2,2048,4,2",
+             "2p:1,2048,4,2", "2p:1,4096,4,2", "2p:8,1024,16,2", "2p:4,1024,4,2"],
 }
 FWD_CANDIDATES = ["1,2", "1,4", "2,2", "2,4", "2,8", "4,4", "4,8", "8,8", "8,16", "16,16"]
 
@@ -39,6 +41,7 @@ def main():
     ap.add_argument("--rms", action="store_true")
     ap.add_argument("--act", default="gelu_tanh")
     ap.add_argument("--fwd", action="store_true", help="sweep the forward instead")
+    ap.add_argument("--configs", help="';'-separated candidates instead of the built-in list")
     ap.add_argument("--device", default="cuda", help="(cpu: the script's own check, under TRITON_INTERPRET=1)")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -60,7 +63,8 @@ def main():
         group = "small" if block <= 2048 else "mid" if block <= 4096 else "big" if block <= 8192 else "huge"
         results = []
         expected = None
-        for cfg in [None] + (FWD_CANDIDATES if args.fwd else CANDIDATES[group]):
+        pool = args.configs.split(";") if args.configs else FWD_CANDIDATES if args.fwd else CANDIDATES[group]
+        for cfg in [None] + pool:
             if args.fwd:
                 tk._FWD_OVERRIDE = cfg
 
@@ -74,7 +78,7 @@ def main():
                 def fn():
                     return [dx] + [g for g in tk.bwd(dy, x, w, b, mean, rstd, None, dx, args.act, args.rms)
                                    if g is not None]
-                default = f"default {tk.bwd_config(n, m)}"
+                default = f"default {tk.bwd_config(n, m, b is not None)}"
             try:
                 for t in (y, mean, rstd) if args.fwd else (dx,):
                     if t is not None:

@@ -147,13 +147,16 @@ def test_optional_params(dev_backend, kind, has_w, has_b):
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 @pytest.mark.parametrize("n", [1000, 4096])
 def test_triton_looped_path(monkeypatch, device, kind, n):
-    """Rows longer than the on-chip block take the looped kernels (forced here by a small
-    max_block; by default it is N > 65536)."""
+    """Rows longer than the on-chip block take the looped forward and the two-pass backward
+    (forced here by a small max_block and twopass_block; by default N > 65536 and N > 8192),
+    in column chunks of 256: several first-pass chunks a row."""
     require(device, "triton")
     from fusedops.triton_kernels import norm as tk
     monkeypatch.setattr(tk.CONFIG, "max_block", 256)
     monkeypatch.setattr(tk.CONFIG, "loop_block", 128)
-    assert tk.triton.next_power_of_2(n) > min(tk.CONFIG.max_block, tk.CONFIG.bwd_max_block)
+    monkeypatch.setattr(tk.CONFIG, "twopass_block", 256)
+    monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:1,256,4,1")
+    assert tk.bwd_config(n, 3).twopass
     with fusedops.use_backend("triton"):
         check(kind, "gelu", (3, n), torch.bfloat16, torch.float32, device)
         check(kind, "relu", (2, n), torch.float32, torch.float32, device)
@@ -175,17 +178,16 @@ def test_triton_bwd_partials(monkeypatch, kind):
 
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 @pytest.mark.parametrize("n", [1000, 600])
-@pytest.mark.parametrize("long_rows", ["reload", "split"])
-def test_triton_bwd_long_rows(monkeypatch, kind, n, long_rows):
-    """The long-row backwards (by default rows of 16384): one program re-reading the row
-    (w/b per step) or the column split over two programs; forced here at N ~ 1000 by a
-    small split_block; N not a multiple of the split."""
+def test_triton_bwd_two_pass(monkeypatch, kind, n):
+    """The two-pass backward (by default rows padded to 16384 or more), forced here at N ~
+    1000 by a small twopass_block: 3 row blocks of 2 rows over 4 column chunks of 256 (N not
+    a multiple of the chunk)."""
     require("cpu", "triton")
     from fusedops.triton_kernels import norm as tk
-    monkeypatch.setattr(tk.CONFIG, "split_block", 512)
-    monkeypatch.setattr(tk.CONFIG, "long_rows", long_rows)
+    monkeypatch.setattr(tk.CONFIG, "twopass_block", 512)
+    monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:2,256,4,1")
     cfg = tk.bwd_config(n, 7)
-    assert (cfg.split == 2) if long_rows == "split" else (cfg.reload and cfg.w_in_loop)
+    assert cfg.twopass and cfg.block_n == 256 and cfg.rows == 2
     with fusedops.use_backend("triton"):
         check(kind, "gelu_tanh", (7, n), torch.bfloat16, torch.float32, "cpu")
         check(kind, "relu", (3, n), torch.float32, torch.float32, "cpu", has_b=False)
@@ -197,8 +199,8 @@ def test_triton_bwd_long_rows(monkeypatch, kind, n, long_rows):
                                    (130, 20000), (3, 12000)], ids=lambda s: "x".join(map(str, s)))
 def test_gpu_bwd_shapes(backend, shape):
     """GPU backward paths: several programs with fp32 partials (M not a multiple of the rows
-    per program), one program writing dW/dB directly (small M), the column-split path
-    (N = 16384, 12000), the looped path (N = 20000 > 16384)."""
+    per program), one program writing dW/dB directly (small M), the long rows (N = 16384,
+    12000, 20000: Triton's two passes; CUDA C++ clusters of two blocks, streaming past 16384)."""
     require("cuda", backend)
     with fusedops.use_backend(backend):
         check("ln", "gelu_tanh", shape, torch.bfloat16, torch.bfloat16, "cuda")
@@ -234,16 +236,31 @@ def test_gpu_cuda_bwd_cluster(shape):
                 assert torch.equal(a, c)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("long_rows", ["reload", "split"])
-def test_gpu_triton_long_rows(monkeypatch, long_rows):
-    """Both Triton long-row backwards at N = 16384 (and 12000), several programs."""
-    require("cuda", "triton")
+@pytest.mark.parametrize("kind", ["rms", "add_rms", "ln"])
+def test_triton_bwd_reload(monkeypatch, kind):
+    """Rows of 16384 without a bias: one kernel re-reading the row (w per step), forced
+    here at N = 1000 by a small reload_block (rows with a bias: the two passes)."""
+    require("cpu", "triton")
     from fusedops.triton_kernels import norm as tk
-    monkeypatch.setattr(tk.CONFIG, "long_rows", long_rows)
+    monkeypatch.setattr(tk.CONFIG, "twopass_block", 512)
+    monkeypatch.setattr(tk.CONFIG, "reload_block", 1024)
+    cfg = tk.bwd_config(1000, 7, has_b=False)
+    assert cfg.reload and cfg.w_in_loop and not cfg.twopass
+    assert tk.bwd_config(1000, 7, has_b=True).twopass
+    with fusedops.use_backend("triton"):
+        check(kind, "gelu_tanh", (7, 1000), torch.bfloat16, torch.float32, "cpu", has_b=False)
+        check(kind, "relu", (3, 1000), torch.float32, torch.float32, "cpu", has_b=False)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_long_rows():
+    """The Triton long-row backwards, several programs, several row blocks a program: the
+    two passes (N = 16384 with a bias), the row re-read (N = 12000 and 16384 without one)."""
+    require("cuda", "triton")
     with fusedops.use_backend("triton"):
         check("ln", "gelu_tanh", (260, 16384), torch.bfloat16, torch.bfloat16, "cuda")
         check("add_rms", "silu", (133, 12000), torch.bfloat16, torch.float32, "cuda")
+        check("rms", "gelu_tanh", (260, 16384), torch.bfloat16, torch.bfloat16, "cuda")
 
 
 def test_fast_path_matches_ops(dev_backend):
@@ -273,7 +290,8 @@ def test_fast_path_matches_ops(dev_backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("n", [65536 + 8, 131072])
 def test_gpu_long_rows(backend, n):
-    """Past the in-register/on-chip sizes: the looped (Triton) and streaming (CUDA C++) paths."""
+    """Past the in-register/on-chip sizes: the looped forward and two-pass backward (Triton),
+    the streaming kernels (CUDA C++)."""
     require("cuda", backend)
     with fusedops.use_backend(backend):
         check("add_ln_", "gelu_tanh", (3, n), torch.bfloat16, torch.float32, "cuda")

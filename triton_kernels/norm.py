@@ -15,10 +15,15 @@ output is saved):
 One persistent kernel (`norm_act_bwd_kernel`): P = SMs x resident programs, each owning a
 contiguous range of row blocks (ROWS x BLOCK_N tiles, ~16 elements a thread), reading s
 and dy once and writing dx once, accumulating dW = sum(dz * xhat), dB = sum(dz) in fp32
-registers and writing one partial row; rows of 16384 split the accumulators over two
-programs (`norm_act_bwd_split_kernel`); `partials_sum_kernel` sums the P partial rows in a
+registers and writing one partial row; `partials_sum_kernel` sums the P partial rows in a
 fixed order (deterministic, no atomics). Small problems run one program that writes dW/dB
-directly. Rows longer than `CONFIG.bwd_max_block` take the looped kernels.
+directly. Rows padded to `CONFIG.twopass_block` (16384) or more do not fit the registers
+beside their dW/dB accumulators: without a bias, rows of 16384 re-read the row from L1/L2
+for dx (RELOAD); the others take two passes, `norm_act_bwd_sums_kernel` (dW/dB
+partials and each row's sums over column chunks) then `norm_act_bwd_dx_kernel` (dx), s
+and dy read twice (H100, LN+GELU(tanh) bf16 32768 x 16384: 2.41 ms against 2.94 for one
+kernel re-reading the row from L1/L2; 4096 x 65536: 1.30 against 1.88 for the earlier
+looped kernels).
 All math in fp32 (bf16/fp16 upcast right after tl.load); gelu_tanh through exp (as a sigmoid).
 """
 from __future__ import annotations
@@ -55,22 +60,20 @@ ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 @dataclasses.dataclass
 class NormConfig:
-    max_block: int          # longest row held on chip; longer rows take the looped path
-    loop_block: int         # chunk of the looped path
+    max_block: int          # longest row held on chip in the forward; longer rows take the looped path
+    loop_block: int         # chunk of the looped forward
     row_elems: int          # rows per program: ROWS * BLOCK_N ~ row_elems (small N)
     max_rows: int           # at most this many rows per program
-    bwd_programs_per_sm: int
     interp_programs: int    # backward programs under the interpreter
-    bwd_max_block: int = 16384   # longest row of the on-chip backward; longer: looped kernels
-    split_block: int = 16384     # rows this long: the long-row backward (`long_rows`)
-    long_rows: str = "reload"    # "reload": one program a row range, pipelined loads, the row read
-    #                              twice instead of held beside dW/dB; "split": the column-split kernel
+    twopass_block: int = 16384   # rows padded to this many elements or more: the two-pass backward,
+    reload_block: int = 16384    # except rows padded to exactly this without a bias: one kernel
+    #                              re-reading the row (its one dW accumulator row fits the registers)
 
 
-CONFIG = (NormConfig(max_block=65536, loop_block=4096, row_elems=1 << 16, max_rows=64, bwd_programs_per_sm=1,
+CONFIG = (NormConfig(max_block=65536, loop_block=4096, row_elems=1 << 16, max_rows=64,
                      interp_programs=4)
           if INTERPRET else
-          NormConfig(max_block=65536, loop_block=4096, row_elems=2048, max_rows=16, bwd_programs_per_sm=4,
+          NormConfig(max_block=65536, loop_block=4096, row_elems=2048, max_rows=16,
                      interp_programs=4))
 
 
@@ -312,65 +315,86 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
 
 
 @triton.jit
-def norm_act_bwd_split_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks_per_prog,
-                              sdy_r, sdy_c, sxs, sds_r, sds_c, sdx,
-                              BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
-                              HAS_B: tl.constexpr, HAS_DS: tl.constexpr, ACT: tl.constexpr):
-    # Long rows (16384): the dW and dB accumulators of a whole row do not fit the registers
-    # beside the row (32 warps: 64 registers a thread), so SPLIT programs share each row
-    # range: all of them read the whole row for the two row sums (the same rows at the same
-    # time: the second read is an L2 hit), then each re-reads its 1/SPLIT of the columns
-    # (an L1 hit), accumulates dW/dB for those columns and writes their dx.
+def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, blocks_per_prog, sdy_r, sdy_c, sxs,
+                             ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
+                             HAS_B: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr):
+    # The two-pass backward's first pass (rows too long to hold beside their dW/dB
+    # accumulators). Grid (P, column chunks): program (p, c) owns the row blocks
+    # [p*blocks_per_prog, (p+1)*blocks_per_prog) of ROWS rows over the columns of chunk c,
+    # accumulates dW/dB of those columns in fp32 registers (one partial row per p, written
+    # at the end), and stores each row's two sums over its columns: C1[row, c] = sum(g),
+    # C2[row, c] = sum(g * xhat), g = dz * w (fp32, [M, chunks]).
     pid = tl.program_id(0)
-    part = tl.program_id(1)
-    HALF: tl.constexpr = BLOCK_N // SPLIT
-    cols = tl.arange(0, BLOCK_N)
+    chunk = tl.program_id(1)
+    nchunks = tl.num_programs(1)
+    cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    colsh = part * HALF + tl.arange(0, HALF)
-    cmaskh = colsh < N
-    dw_acc = tl.zeros((1, HALF), tl.float32)
-    db_acc = tl.zeros((1, HALF), tl.float32)
+    w = _load_param(W, cols, cmask, HAS_W)
+    bias = _load_param(B, cols, cmask, HAS_B)
+    dw_acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
+    db_acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
     first = pid * blocks_per_prog
-    for i in range(0, blocks_per_prog):
-        rows = first + i + tl.arange(0, 1)
+    for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
+        rows = (first + i) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         rows64 = rows.to(tl.int64)
+        mask = rmask[:, None] & cmask[None, :]
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         if RMS:
-            mean = tl.zeros((1,), tl.float32)
+            mean = tl.zeros((ROWS,), tl.float32)
         else:
             mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
-        mask = rmask[:, None] & cmask[None, :]
-        wv = _load_param(W, cols, cmask, HAS_W)
-        bv = _load_param(B, cols, cmask, HAS_B)
-        dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, "evict_last",
-                             HAS_W, HAS_B, ACT)
-        g = dz * wv[None, :] if HAS_W else dz
-        c2 = tl.sum(g * xhat, axis=1) / N
-        if RMS:
-            c1 = tl.zeros((1,), tl.float32)
-        else:
-            c1 = tl.sum(g, axis=1) / N
-        maskh = rmask[:, None] & cmaskh[None, :]
-        wh = _load_param(W, colsh, cmaskh, HAS_W)
-        bh = _load_param(B, colsh, cmaskh, HAS_B)
-        dz, xhat = _bwd_tile(XS, DY, wh, bh, mean, rstd, rows64, colsh, maskh, sxs, sdy_r, sdy_c, "evict_first",
+        dz, xhat = _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, "",
                              HAS_W, HAS_B, ACT)
         if HAS_W:
             dw_acc += dz * xhat
-            g = dz * wh[None, :]
+            g = dz * w[None, :]
         else:
             g = dz
         if HAS_B:
             db_acc += dz
-        dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-        if HAS_DS:
-            dx += tl.load(DS + rows64[:, None] * sds_r + colsh[None, :] * sds_c, mask=maskh, other=0.0).to(tl.float32)
-        tl.store(DX + rows64[:, None] * sdx + colsh[None, :], _to(dx, DX.dtype.element_ty), mask=maskh)
+        tl.store(C2 + rows64 * nchunks + chunk, tl.sum(g * xhat, axis=1), mask=rmask)
+        if not RMS:
+            tl.store(C1 + rows64 * nchunks + chunk, tl.sum(g, axis=1), mask=rmask)
     if HAS_W:
-        tl.store(DWP + pid.to(tl.int64) * N + colsh, _to(tl.sum(dw_acc, axis=0), DWP.dtype.element_ty), mask=cmaskh)
+        tl.store(DWP + pid.to(tl.int64) * N + cols, _to(tl.sum(dw_acc, axis=0), DWP.dtype.element_ty), mask=cmask)
     if HAS_B:
-        tl.store(DBP + pid.to(tl.int64) * N + colsh, _to(tl.sum(db_acc, axis=0), DBP.dtype.element_ty), mask=cmaskh)
+        tl.store(DBP + pid.to(tl.int64) * N + cols, _to(tl.sum(db_acc, axis=0), DBP.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def norm_act_bwd_dx_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, C1, C2, M, N, NCHUNKS, sdy_r, sdy_c, sxs,
+                           sds_r, sds_c, sdx, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DS: tl.constexpr,
+                           ACT: tl.constexpr):
+    # The two-pass backward's second pass: grid (row blocks, column tiles), dx of a ROWS x
+    # BLOCK_N tile; the row sums are the NCHUNKS first-pass sums of each row added in a
+    # fixed order (every tile of a row gets the same bits).
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    ks = tl.arange(0, BLOCK_K)
+    kmask = rmask[:, None] & (ks < NCHUNKS)[None, :]
+    c2 = tl.sum(tl.load(C2 + rows64[:, None] * NCHUNKS + ks[None, :], mask=kmask, other=0.0), axis=1) / N
+    if RMS:
+        c1 = tl.zeros((ROWS,), tl.float32)
+        mean = tl.zeros((ROWS,), tl.float32)
+    else:
+        c1 = tl.sum(tl.load(C1 + rows64[:, None] * NCHUNKS + ks[None, :], mask=kmask, other=0.0), axis=1) / N
+        mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
+    w = _load_param(W, cols, cmask, HAS_W)
+    bias = _load_param(B, cols, cmask, HAS_B)
+    dz, xhat = _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, "evict_first",
+                         HAS_W, HAS_B, ACT)
+    g = dz * w[None, :] if HAS_W else dz
+    dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+    if HAS_DS:
+        dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows64[:, None] * sdx + cols[None, :], _to(dx, DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -395,72 +419,6 @@ def partials_sum_kernel(DWP, DBP, DW, DB, P, N, HAS_W: tl.constexpr, HAS_B: tl.c
         tl.store(DW + cols, _to(tl.sum(acc_w, axis=0), DW.dtype.element_ty), mask=cmask)
     if HAS_B:
         tl.store(DB + cols, _to(tl.sum(acc_b, axis=0), DB.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def norm_act_bwd_looped_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, M, N, sdy_r, sdy_c, sxs, sds_r, sds_c, sdx,
-                               BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
-                               HAS_B: tl.constexpr, HAS_DS: tl.constexpr, ACT: tl.constexpr):
-    # dx of one long row: pass 1 the two row sums, pass 2 dx. dW/dB: norm_act_dwdb_kernel.
-    rows64 = (tl.program_id(0) + tl.arange(0, 1)).to(tl.int64)
-    rmask = rows64 < M
-    acc1 = tl.zeros((1, BLOCK_N), tl.float32)
-    acc2 = tl.zeros((1, BLOCK_N), tl.float32)
-    for c0 in range(0, N, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
-        dz, xhat = _dz_xhat(XS, DY, W, B, MEAN, RSTD, rows64, rmask, cols, cmask, mask, sxs, sdy_r, sdy_c,
-                            RMS, HAS_W, HAS_B, ACT)
-        if HAS_W:
-            dz = dz * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        acc1 += dz
-        acc2 += dz * xhat
-    c1 = tl.sum(acc1, axis=1) / N
-    c2 = tl.sum(acc2, axis=1) / N
-    rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
-    for c0 in range(0, N, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        mask = rmask[:, None] & cmask[None, :]
-        dz, xhat = _dz_xhat(XS, DY, W, B, MEAN, RSTD, rows64, rmask, cols, cmask, mask, sxs, sdy_r, sdy_c,
-                            RMS, HAS_W, HAS_B, ACT)
-        if HAS_W:
-            dz = dz * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if RMS:
-            dx = dz - xhat * c2[:, None]
-        else:
-            dx = dz - c1[:, None] - xhat * c2[:, None]
-        dx = dx * rstd[:, None]
-        if HAS_DS:
-            dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64[:, None] * sdx + cols[None, :], _to(dx, DX.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def norm_act_dwdb_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, M, N, rows_per_prog, sdy_r, sdy_c, sxs,
-                         BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         ACT: tl.constexpr):
-    # Grid (P, column chunks): dW/dB partials of the looped path; program (p, c) sums its
-    # row range over one chunk of columns.
-    pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    dw_acc = tl.zeros((1, BLOCK_N), tl.float32)
-    db_acc = tl.zeros((1, BLOCK_N), tl.float32)
-    row_start = pid * rows_per_prog
-    for i in range(0, rows_per_prog):
-        rows64 = (row_start + i + tl.arange(0, 1)).to(tl.int64)
-        rmask = rows64 < M
-        mask = rmask[:, None] & cmask[None, :]
-        dz, xhat = _dz_xhat(XS, DY, W, B, MEAN, RSTD, rows64, rmask, cols, cmask, mask, sxs, sdy_r, sdy_c,
-                            RMS, HAS_W, HAS_B, ACT)
-        dw_acc += dz * xhat
-        db_acc += dz
-    if HAS_W:
-        tl.store(DWP + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
-    if HAS_B:
-        tl.store(DBP + pid.to(tl.int64) * N + cols, tl.sum(db_acc, axis=0), mask=cmask)
 
 
 # ---- launch helpers ------------------------------------------------------------------------
@@ -521,46 +479,60 @@ def fwd(x, r, s, y, w, b, mean, rstd, eps: float, act: str, rms: bool) -> None:
 class BwdConfig:
     """Launch shape of the on-chip backward: a tile of ROWS x BLOCK_N elements per loop
     step (about 16 a thread), num_warps, STAGES-deep pipelined loads, RELOAD (recompute
-    xhat/dz from a second, cached read of the row instead of holding them beside the
-    dW/dB accumulators), W_IN_LOOP (w/b re-read per step instead of held); split > 1:
-    the column-split kernel for the longest rows."""
+    xhat/dz from a second, cached read of the row instead of holding them beside the dW/dB
+    accumulators), W_IN_LOOP (w/b re-read per step instead of held); or (twopass) of the
+    two-pass backward's first pass, BLOCK_N its column chunk."""
     rows: int
     block_n: int
     num_warps: int
     stages: int = 1
     reload: bool = False
     w_in_loop: bool = False
-    split: int = 1          # > 1: norm_act_bwd_split_kernel, SPLIT programs per row range
+    twopass: bool = False   # the two-pass kernels; rows, block_n (the column chunk), num_warps,
+    #                         stages: the first pass's shape
     per_sm: int = 0         # > 0: at most this many programs an SM (fewer dW/dB partial rows); 0: as
     #                         many as are resident
 
 
-# Rows of N <= CONFIG.bwd_max_block elements run the on-chip backward; longer ones the
-# looped kernels. `FUSEDOPS_NORM_BWD` (rows,warps,stages,reload,w_in_loop[,split[,per_sm]],
-# e.g. "1,16,2,0,0") overrides the shape for experiments (benchmark sweeps).
+# Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; longer
+# ones the two passes. `FUSEDOPS_NORM_BWD` ("rows,warps,stages[,per_sm]", e.g. "1,16,2", or
+# "2p:..." for the two passes) overrides the shape for experiments (benchmark sweeps).
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
 
-def bwd_config(n: int, m: int) -> BwdConfig:
+def twopass_config(n: int, m: int) -> BwdConfig:
+    """First-pass shape of the two-pass backward: 1 row x 4096 columns a step on 8 warps (16
+    elements a thread), loads pipelined 2 deep; `FUSEDOPS_NORM_BWD` "2p:rows,block,warps,stages"
+    overrides it."""
+    if _BWD_OVERRIDE and _BWD_OVERRIDE.startswith("2p:"):
+        r, blk, w, st = (int(t) for t in _BWD_OVERRIDE[3:].split(","))
+        return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=min(blk, next_power_of_2(n)),
+                         num_warps=w, stages=st, twopass=True)
+    block = min(next_power_of_2(n), 4096)
+    return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else max(1, min(8, block // 512)),
+                     stages=1 if INTERPRET else 2, twopass=True)
+
+
+def bwd_config(n: int, m: int, has_b: bool = True) -> BwdConfig:
     block = next_power_of_2(n)
-    if block >= CONFIG.split_block:
-        if CONFIG.long_rows == "split":
-            return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, split=2)
+    two_pass_forced = (_BWD_OVERRIDE or "").startswith("2p:")  # (a sweep of the first pass)
+    if block == CONFIG.reload_block and not has_b and not two_pass_forced:
+        # H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 µs (2026-11-22); LN+GELU(tanh), two
+        # accumulator rows: 3676 against 3148 for the two passes (2026-12-05)
         return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, stages=2, reload=True,
                          w_in_loop=True)
+    if block >= CONFIG.twopass_block:
+        return twopass_config(n, m)
+    if _BWD_OVERRIDE and not INTERPRET and not two_pass_forced:
+        r, w, st, ps = ([int(t) for t in _BWD_OVERRIDE.split(",")] + [0])[:4]  # per_sm 0 unless given
+        return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
+                         per_sm=ps)
     if INTERPRET:
         return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4)
-    if _BWD_OVERRIDE:
-        f = [int(t) for t in _BWD_OVERRIDE.split(",")]
-        r, w, st, rl, wl, sp, ps = f + [1, 0][len(f) - 5:]  # split 1, per_sm 0 unless given
-        return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
-                         reload=bool(rl), w_in_loop=bool(wl), split=sp, per_sm=ps)
     # 16 elements a thread (two 16-byte loads of bf16); H100 sweep (bench/sweep_norm_bwd.py,
     # LN+GELU(tanh) bf16 32768 rows): N <= 1024 best as 2 x 1024 tiles on 4 warps (768: 113 µs
-    # vs 138 for 4 x 1024 on 8), 2048-8192 as below (65% of copy); at 16384 the one-program
-    # kernel with pipelined loads and a second read of the row (3.0 ms) beat the column split
-    # (3.5 ms).
+    # vs 138 for 4 x 1024 on 8), 2048-8192 as below (65% of copy).
     tile = max(2048 if block <= 1024 else 4096, block)
     warps = min(32, tile // 512)
     rows = min(tile // block, next_power_of_2(max(m, 1)))
@@ -590,16 +562,6 @@ def _ctas_per_sm(kernel, key, num_warps: int, device: torch.device) -> int:
     return occ
 
 
-def bwd_programs(m: int, n: int, device: torch.device) -> int:
-    """Programs of the looped backward's dW/dB kernel (rows split in contiguous ranges):
-    the number of fp32 dW/dB partial rows."""
-    if INTERPRET:
-        cap = CONFIG.interp_programs
-    else:
-        cap = sm_count(device) * CONFIG.bwd_programs_per_sm
-    return max(1, min(m, cap))
-
-
 def _finalize(dwp, dbp, dw, db, n: int) -> None:
     p = (dwp if dwp is not None else dbp).shape[0]
     block_c = min(next_power_of_2(n), 256 if INTERPRET else 64)
@@ -608,6 +570,57 @@ def _finalize(dwp, dbp, dw, db, n: int) -> None:
         dwp if dwp is not None else dbp, dbp if dbp is not None else dwp, dw if dw is not None else db,
         db if db is not None else dw, p, n, HAS_W=dwp is not None, HAS_B=dbp is not None, BLOCK_P=block_p,
         BLOCK_C=block_c, num_warps=4)
+
+
+def _partials(blocks: int, p: int, xs, n: int, dw, db):
+    """(programs, row blocks a program, dW and dB outputs of the programs) for `blocks` row
+    blocks over at most p programs (no program without rows): one program writes dW/dB
+    directly in the parameters' dtypes, more write one fp32 partial row each."""
+    bpp = cdiv(blocks, p)
+    p = cdiv(blocks, bpp)
+    if p == 1:
+        return p, bpp, dw, db
+    rows = [xs.new_empty((p, n), dtype=torch.float32) if t is not None else None for t in (dw, db)]
+    return p, bpp, rows[0], rows[1]
+
+
+def _bwd_twopass(cfg, ptrs, ds, dx, dw, db, flags, dy, xs, m: int, n: int) -> None:
+    """The two-pass backward: norm_act_bwd_sums_kernel (grid: P row ranges x column chunks;
+    dW/dB partial rows, the rows' per-chunk sums) then norm_act_bwd_dx_kernel (one program a
+    row x 4096 columns)."""
+    dev = xs.device
+    rstd = ptrs[5]
+    nchunks = cdiv(n, cfg.block_n)
+    blocks = cdiv(m, cfg.rows)
+    c1 = xs.new_empty((m, nchunks), dtype=torch.float32) if not flags["RMS"] else rstd
+    c2 = xs.new_empty((m, nchunks), dtype=torch.float32)
+    args = [*ptrs, rstd, rstd, c1, c2, m, n, 1, dy.stride(0), dy.stride(1), xs.stride(0)]
+    meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, num_warps=cfg.num_warps,
+                num_stages=cfg.stages, **flags)
+    if INTERPRET:
+        p = max(1, min(blocks, CONFIG.interp_programs))
+    elif m * n <= SMALL_BWD_ELEMS:
+        p = 1
+    else:
+        key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ptrs[2].dtype, ptrs[3].dtype,
+               tuple(sorted(flags.items())), dev.index)
+        occ = _OCCUPANCY.get(key)
+        if occ is None:
+            occ = _ctas_per_sm(norm_act_bwd_sums_kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
+        p = max(1, min(blocks, sm_count(dev) * occ // nchunks))
+    p, bpp, dwp, dbp = _partials(blocks, p, xs, n, dw, db)
+    args[6] = dwp if dwp is not None else rstd
+    args[7] = dbp if dbp is not None else rstd
+    args[12] = bpp
+    launch(norm_act_bwd_sums_kernel, (p, nchunks), *args, **meta)
+    block2 = min(next_power_of_2(n), 4096)
+    sds = (ds.stride(0), ds.stride(1)) if ds is not None else (0, 0)
+    launch(norm_act_bwd_dx_kernel, (m, cdiv(n, block2)), *ptrs, ds if ds is not None else rstd, dx, c1, c2, m, n,
+           nchunks, dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0), ROWS=1, BLOCK_N=block2,
+           BLOCK_K=next_power_of_2(nchunks), HAS_DS=ds is not None, num_warps=4 if INTERPRET else block2 // 512,
+           **flags)
+    if p > 1 and (dw is not None or db is not None):
+        _finalize(dwp, dbp, dw, db, n)
 
 
 def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
@@ -627,59 +640,35 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             mean if mean is not None else dummy, rstd)
     flags = dict(RMS=rms, HAS_W=w is not None, HAS_B=b is not None, ACT=ACT_CODES[act])
     sds = (ds.stride(0), ds.stride(1)) if ds is not None else (0, 0)
-    block = next_power_of_2(n)
-    params = w is not None or b is not None
-    if block <= min(CONFIG.bwd_max_block, CONFIG.max_block):
-        cfg = bwd_config(n, m)
-        blocks = cdiv(m, cfg.rows)
-        args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, m, n, 2,
-                dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
-        if cfg.split > 1:
-            kernel = norm_act_bwd_split_kernel
-            meta = dict(BLOCK_N=cfg.block_n, SPLIT=cfg.split, HAS_DS=ds is not None, num_warps=cfg.num_warps,
-                        num_stages=1, **flags)
-        else:
-            kernel = norm_act_bwd_kernel
-            meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=ds is not None, STAGES=cfg.stages,
-                        W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, num_warps=cfg.num_warps, num_stages=cfg.stages,
-                        **flags)
-        if INTERPRET:
-            p = max(1, min(blocks, CONFIG.interp_programs))
-        elif m * n <= SMALL_BWD_ELEMS:
-            p = 1
-        else:
-            key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, w is not None and w.dtype,
-                   b is not None and b.dtype, tuple(sorted(flags.items())), dev.index)
-            occ = _OCCUPANCY.get(key)
-            if occ is None:
-                occ = _ctas_per_sm(kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
-            if cfg.per_sm:
-                occ = min(occ, cfg.per_sm)
-            p = max(1, min(blocks, sm_count(dev) * occ // cfg.split))
-        bpp = cdiv(blocks, p)
-        p = cdiv(blocks, bpp)            # no program without rows
-        if p == 1:                              # dW/dB written directly in the parameters' dtypes
-            dwp, dbp = dw, db
-        else:
-            dwp = xs.new_empty((p, n), dtype=torch.float32) if w is not None else None
-            dbp = xs.new_empty((p, n), dtype=torch.float32) if b is not None else None
-        args[8] = dwp if dwp is not None else dummy
-        args[9] = dbp if dbp is not None else dummy
-        args[12] = bpp
-        launch(kernel, (p, cfg.split) if cfg.split > 1 else (p,), *args, **meta)
-        if p > 1 and params:
-            _finalize(dwp, dbp, dw, db, n)
+    cfg = bwd_config(n, m, b is not None)
+    if cfg.twopass:
+        _bwd_twopass(cfg, ptrs, ds, dx, dw, db, flags, dy, xs, m, n)
         return dw, db
-    chunk = CONFIG.loop_block
-    launch(norm_act_bwd_looped_kernel, (m,), *ptrs, ds if ds is not None else dummy, dx, m, n, dy.stride(0),
-           dy.stride(1), xs.stride(0), *sds, dx.stride(0), BLOCK_N=chunk, HAS_DS=ds is not None,
-           num_warps=_warps(chunk), **flags)
-    if params:
-        p = bwd_programs(m, n, dev)
-        dwp = xs.new_empty((p, n), dtype=torch.float32) if w is not None else None
-        dbp = xs.new_empty((p, n), dtype=torch.float32) if b is not None else None
-        launch(norm_act_dwdb_kernel, (p, cdiv(n, chunk)),
-            *ptrs, dwp if dwp is not None else dummy, dbp if dbp is not None else dummy, m, n, cdiv(m, p),
-            dy.stride(0), dy.stride(1), xs.stride(0), BLOCK_N=chunk, num_warps=_warps(chunk), **flags)
+    blocks = cdiv(m, cfg.rows)
+    args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, m, n, 2,
+            dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
+    kernel = norm_act_bwd_kernel
+    meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=ds is not None, STAGES=cfg.stages,
+                W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, num_warps=cfg.num_warps, num_stages=cfg.stages,
+                **flags)
+    if INTERPRET:
+        p = max(1, min(blocks, CONFIG.interp_programs))
+    elif m * n <= SMALL_BWD_ELEMS:
+        p = 1
+    else:
+        key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, w is not None and w.dtype,
+               b is not None and b.dtype, tuple(sorted(flags.items())), dev.index)
+        occ = _OCCUPANCY.get(key)
+        if occ is None:
+            occ = _ctas_per_sm(kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
+        if cfg.per_sm:
+            occ = min(occ, cfg.per_sm)
+        p = max(1, min(blocks, sm_count(dev) * occ))
+    p, bpp, dwp, dbp = _partials(blocks, p, xs, n, dw, db)
+    args[8] = dwp if dwp is not None else dummy
+    args[9] = dbp if dbp is not None else dummy
+    args[12] = bpp
+    launch(kernel, (p,), *args, **meta)
+    if p > 1 and (w is not None or b is not None):
         _finalize(dwp, dbp, dw, db, n)
     return dw, db

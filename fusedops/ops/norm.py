@@ -25,7 +25,8 @@ differentiates that (_grads_graph): the backward kernels' results have no deriva
 Layout: any leading dims. x (and residual) are read through a row stride when their rows
 have unit column stride, else copied once; dy and ds are read through any strides (a
 stride-0 gradient from `.sum()` is never materialised). Rows up to 65536 elements are
-held on chip in the forward, up to 16384 in the backward; longer rows take looped
+held on chip in the forward, up to 16384 in the CUDA C++ backward and 8192 in the Triton
+one (16384 without a bias; longer rows: two passes); longer rows take looped / streaming
 (slower, correct) paths.
 
 Autocast: eager F.layer_norm (and F.rms_norm, in the torch versions whose CUDA autocast
