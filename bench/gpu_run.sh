@@ -5,7 +5,10 @@
 # Stages: build, tests (GPU-marked tests), tests-all, bench-<families> (e.g. bench-norm,
 # bench-add_,foreach_add_), report-<model>, host-convbn, profile-convbn,
 # profile-report_<model> (variants from PROFILE_VARIANTS), host-norm (bench/profile_norm_host.py),
-# sweep-norm (bench/sweep_norm_bwd.py with SWEEP_ARGS; output appended to sweep-norm.txt).
+# sweep-norm (bench/sweep_norm_bwd.py with SWEEP_ARGS; output appended to sweep-norm.txt),
+# ab-norm (bench/norm_kernels.py time, one process a case of AB_CASES="backend:[ROWSx]N:VAR=value ...;...",
+# e.g. "cuda:16384:FUSEDOPS_NORM_CUDA_BWD=wide;cuda:16384:", into ab-norm.txt), cluster-occupancy
+# (bench/cluster_occupancy.cu).
 set -uo pipefail
 out="${1:?output folder}"; shift
 mkdir -p "$out"
@@ -36,6 +39,16 @@ for spec in "$@"; do
     sweep-norm) extra=(); [[ -n "${SWEEP_ARGS:-}" ]] && read -ra extra <<<"$SWEEP_ARGS"
       timeout "$limit" python3 bench/sweep_norm_bwd.py "${extra[@]}" >>"$out/sweep-norm.txt" 2>&1; rc=$?
       grep -E "^N=|failed|WRONG" "$out/sweep-norm.txt" | tail -12 ;;
+    ab-norm) IFS=';' read -ra cases <<<"${AB_CASES:?}"; rc=0
+      for c in "${cases[@]}"; do
+        IFS=: read -r be n vars <<<"$c"; rows=32768; [[ "$n" == *x* ]] && { rows="${n%x*}"; n="${n#*x}"; }
+        echo "== $be ${rows}x$n ${vars:-default}" >>"$out/ab-norm.txt"
+        # shellcheck disable=SC2086
+        env $vars timeout "$limit" python3 bench/norm_kernels.py time --backend "$be" --rows "$rows" --n "$n" \
+          >>"$out/ab-norm.txt" 2>&1 || rc=$?
+      done
+      grep -E "^==|total device" "$out/ab-norm.txt" | paste - - | sed 's/: *\([0-9.]*\) us  total.*/ \1 us/' ;;
+    cluster-occupancy) nvcc -arch=sm_90a -o /tmp/cluster_occupancy bench/cluster_occupancy.cu && /tmp/cluster_occupancy | tee "$out/cluster_occupancy.txt"; rc=$? ;;
     profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
       tail -25 "$out/profile_convbn.log" ;;
     profile-report_*) model="${stage#profile-report_}"
