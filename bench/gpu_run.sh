@@ -7,7 +7,7 @@
 # profile-report_<model> (variants from PROFILE_VARIANTS), host-norm (bench/profile_norm_host.py),
 # sweep-norm (bench/sweep_norm_bwd.py with SWEEP_ARGS; output appended to sweep-norm.txt),
 # ab-norm (bench/norm_kernels.py time, one process a case of AB_CASES="backend:[ROWSx]N:VAR=value ...;...",
-# e.g. "cuda:16384:FUSEDOPS_NORM_CUDA_BWD=wide;cuda:16384:", into ab-norm.txt), cluster-occupancy
+# e.g. "cuda:1024:FUSEDOPS_NORM_CUDA_BWD=blocksync;cuda:1024:", into ab-norm.txt), cluster-occupancy
 # (bench/cluster_occupancy.cu).
 set -uo pipefail
 out="${1:?output folder}"; shift

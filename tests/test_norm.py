@@ -155,6 +155,7 @@ def test_triton_looped_path(monkeypatch, device, kind, n):
     monkeypatch.setattr(tk.CONFIG, "max_block", 256)
     monkeypatch.setattr(tk.CONFIG, "loop_block", 128)
     monkeypatch.setattr(tk.CONFIG, "twopass_block", 256)
+    monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)  # (under the interpreter) 2 row blocks a program
     monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:1,256,4,1")
     assert tk.bwd_config(n, 3).twopass
     with fusedops.use_backend("triton"):
@@ -180,11 +181,13 @@ def test_triton_bwd_partials(monkeypatch, kind):
 @pytest.mark.parametrize("n", [1000, 600])
 def test_triton_bwd_two_pass(monkeypatch, kind, n):
     """The two-pass backward (by default rows padded to 16384 or more), forced here at N ~
-    1000 by a small twopass_block: 3 row blocks of 2 rows over 4 column chunks of 256 (N not
-    a multiple of the chunk)."""
+    1000 by a small twopass_block: 7 rows = 4 row blocks of 2 (the last one short) over 2
+    programs of 2 blocks each, column chunks of 256 (4 at N = 1000, 3 at 600: N not a
+    multiple of the chunk)."""
     require("cpu", "triton")
     from fusedops.triton_kernels import norm as tk
     monkeypatch.setattr(tk.CONFIG, "twopass_block", 512)
+    monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)
     monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:2,256,4,1")
     cfg = tk.bwd_config(n, 7)
     assert cfg.twopass and cfg.block_n == 256 and cfg.rows == 2

@@ -204,25 +204,6 @@ def norm_act_fwd_looped_kernel(X, R, S, Y, W, B, MEAN, RSTD, M, N, sx, sr, ss, s
 
 
 @triton.jit
-def _dz_xhat(XS, DY, W, B, MEAN, RSTD, rows64, rmask, cols, cmask, mask, sxs, sdy_r, sdy_c,
-             RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
-    """(dz, xhat) of a tile, recomputed from the saved statistics; 0 outside mask."""
-    x = tl.load(XS + rows64[:, None] * sxs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
-    if not RMS:
-        x = x - tl.load(MEAN + rows64, mask=rmask, other=0.0)[:, None]
-    xhat = tl.where(mask, x * rstd[:, None], 0.0)
-    z = xhat
-    if HAS_W:
-        z = z * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        z = z + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    dy = tl.load(DY + rows64[:, None] * sdy_r + cols[None, :] * sdy_c, mask=mask, other=0.0).to(tl.float32)
-    dz = tl.where(mask, dy * _act_grad(z, ACT), 0.0)
-    return dz, xhat
-
-
-@triton.jit
 def _load_param(P, cols, cmask, HAS: tl.constexpr):
     if HAS:
         v = tl.load(P + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -495,8 +476,11 @@ class BwdConfig:
 
 
 # Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; longer
-# ones the two passes. `FUSEDOPS_NORM_BWD` ("rows,warps,stages[,per_sm]", e.g. "1,16,2", or
-# "2p:..." for the two passes) overrides the shape for experiments (benchmark sweeps).
+# ones the two passes, except rows padded to CONFIG.reload_block without a bias (one kernel
+# re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments (benchmark
+# sweeps): "rows,warps,stages[,per_sm]" (e.g. "1,16,2") the on-chip kernel's below
+# twopass_block; "2p:rows,chunk,warps,stages" the first pass's from twopass_block up (there
+# for every row, the re-read rows included; below it ignored).
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
@@ -572,10 +556,25 @@ def _finalize(dwp, dbp, dw, db, n: int) -> None:
         BLOCK_C=block_c, num_warps=4)
 
 
-def _partials(blocks: int, p: int, xs, n: int, dw, db):
-    """(programs, row blocks a program, dW and dB outputs of the programs) for `blocks` row
-    blocks over at most p programs (no program without rows): one program writes dW/dB
-    directly in the parameters' dtypes, more write one fp32 partial row each."""
+def _plan(kernel, args, meta, key, cfg, blocks: int, per: int, xs, m: int, n: int, dw, db):
+    """(programs, row blocks a program, dW and dB outputs of the programs) of a persistent
+    launch over `blocks` row blocks, `per` programs sharing a row range (the first pass's
+    column chunks): as many as are resident at once (SMs x programs an SM of the compiled
+    kernel, at most cfg.per_sm when set), the interpreter's cap, or one for small problems;
+    no program without rows. One program writes dW/dB directly in the parameters' dtypes,
+    more write one fp32 partial row each. The row-block count in args must not be 1 (an int
+    argument of 1 is compiled as a constant: another kernel than the one launched)."""
+    if INTERPRET:
+        p = max(1, min(blocks, CONFIG.interp_programs))
+    elif m * n <= SMALL_BWD_ELEMS:
+        p = 1
+    else:
+        occ = _OCCUPANCY.get(key)
+        if occ is None:
+            occ = _ctas_per_sm(kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, xs.device)
+        if cfg.per_sm:
+            occ = min(occ, cfg.per_sm)
+        p = max(1, min(blocks, sm_count(xs.device) * occ // per))
     bpp = cdiv(blocks, p)
     p = cdiv(blocks, bpp)
     if p == 1:
@@ -584,37 +583,26 @@ def _partials(blocks: int, p: int, xs, n: int, dw, db):
     return p, bpp, rows[0], rows[1]
 
 
-def _bwd_twopass(cfg, ptrs, ds, dx, dw, db, flags, dy, xs, m: int, n: int) -> None:
+def _bwd_twopass(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m: int, n: int) -> None:
     """The two-pass backward: norm_act_bwd_sums_kernel (grid: P row ranges x column chunks;
     dW/dB partial rows, the rows' per-chunk sums) then norm_act_bwd_dx_kernel (one program a
     row x 4096 columns)."""
-    dev = xs.device
     rstd = ptrs[5]
     nchunks = cdiv(n, cfg.block_n)
     blocks = cdiv(m, cfg.rows)
     c1 = xs.new_empty((m, nchunks), dtype=torch.float32) if not flags["RMS"] else rstd
     c2 = xs.new_empty((m, nchunks), dtype=torch.float32)
-    args = [*ptrs, rstd, rstd, c1, c2, m, n, 1, dy.stride(0), dy.stride(1), xs.stride(0)]
+    args = [*ptrs, rstd, rstd, c1, c2, m, n, 2, dy.stride(0), dy.stride(1), xs.stride(0)]
     meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, num_warps=cfg.num_warps,
                 num_stages=cfg.stages, **flags)
-    if INTERPRET:
-        p = max(1, min(blocks, CONFIG.interp_programs))
-    elif m * n <= SMALL_BWD_ELEMS:
-        p = 1
-    else:
-        key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ptrs[2].dtype, ptrs[3].dtype,
-               tuple(sorted(flags.items())), dev.index)
-        occ = _OCCUPANCY.get(key)
-        if occ is None:
-            occ = _ctas_per_sm(norm_act_bwd_sums_kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
-        p = max(1, min(blocks, sm_count(dev) * occ // nchunks))
-    p, bpp, dwp, dbp = _partials(blocks, p, xs, n, dw, db)
+    key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ptrs[2].dtype, ptrs[3].dtype, tuple(sorted(flags.items())),
+           xs.device.index)
+    p, bpp, dwp, dbp = _plan(norm_act_bwd_sums_kernel, args, meta, key, cfg, blocks, nchunks, xs, m, n, dw, db)
     args[6] = dwp if dwp is not None else rstd
     args[7] = dbp if dbp is not None else rstd
     args[12] = bpp
     launch(norm_act_bwd_sums_kernel, (p, nchunks), *args, **meta)
     block2 = min(next_power_of_2(n), 4096)
-    sds = (ds.stride(0), ds.stride(1)) if ds is not None else (0, 0)
     launch(norm_act_bwd_dx_kernel, (m, cdiv(n, block2)), *ptrs, ds if ds is not None else rstd, dx, c1, c2, m, n,
            nchunks, dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0), ROWS=1, BLOCK_N=block2,
            BLOCK_K=next_power_of_2(nchunks), HAS_DS=ds is not None, num_warps=4 if INTERPRET else block2 // 512,
@@ -627,7 +615,6 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
     """dy, ds (or None): 2-D (M, N), any strides; xs, dx: unit column stride. Writes dx;
     returns (dW, dB) in the parameters' dtypes (None where w/b is None)."""
     m, n = xs.shape
-    dev = xs.device
     dw = torch.empty_like(w) if w is not None else None
     db = torch.empty_like(b) if b is not None else None
     if m == 0 or n == 0:
@@ -642,7 +629,7 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
     sds = (ds.stride(0), ds.stride(1)) if ds is not None else (0, 0)
     cfg = bwd_config(n, m, b is not None)
     if cfg.twopass:
-        _bwd_twopass(cfg, ptrs, ds, dx, dw, db, flags, dy, xs, m, n)
+        _bwd_twopass(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m, n)
         return dw, db
     blocks = cdiv(m, cfg.rows)
     args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, m, n, 2,
@@ -651,20 +638,9 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
     meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=ds is not None, STAGES=cfg.stages,
                 W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, num_warps=cfg.num_warps, num_stages=cfg.stages,
                 **flags)
-    if INTERPRET:
-        p = max(1, min(blocks, CONFIG.interp_programs))
-    elif m * n <= SMALL_BWD_ELEMS:
-        p = 1
-    else:
-        key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, w is not None and w.dtype,
-               b is not None and b.dtype, tuple(sorted(flags.items())), dev.index)
-        occ = _OCCUPANCY.get(key)
-        if occ is None:
-            occ = _ctas_per_sm(kernel.warmup(*args, grid=(1,), **meta), key, cfg.num_warps, dev)
-        if cfg.per_sm:
-            occ = min(occ, cfg.per_sm)
-        p = max(1, min(blocks, sm_count(dev) * occ))
-    p, bpp, dwp, dbp = _partials(blocks, p, xs, n, dw, db)
+    key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, w is not None and w.dtype,
+           b is not None and b.dtype, tuple(sorted(flags.items())), xs.device.index)
+    p, bpp, dwp, dbp = _plan(kernel, args, meta, key, cfg, blocks, 1, xs, m, n, dw, db)
     args[8] = dwp if dwp is not None else dummy
     args[9] = dbp if dbp is not None else dummy
     args[12] = bpp
