@@ -547,8 +547,12 @@ def _ctas_per_sm(kernel, key, num_warps: int, device: torch.device) -> int:
 
 
 def _finalize(dwp, dbp, dw, db, n: int) -> None:
-    p = (dwp if dwp is not None else dbp).shape[0]
-    block_c = min(next_power_of_2(n), 256 if INTERPRET else 64)
+    part = dwp if dwp is not None else dbp
+    p = part.shape[0]
+    # columns a program: at most 64, fewer where that leaves SMs idle (N = 1024: 16 columns,
+    # 64 programs instead of 16)
+    block_c = min(next_power_of_2(n), 256 if INTERPRET else
+                  max(16, min(64, next_power_of_2(cdiv(n, sm_count(part.device))))))
     block_p = min(64, next_power_of_2(p))
     launch(partials_sum_kernel, (cdiv(n, block_c),),
         dwp if dwp is not None else dbp, dbp if dbp is not None else dwp, dw if dw is not None else db,
