@@ -242,11 +242,10 @@ def test_gpu_cuda_bwd_cluster(shape):
 @pytest.mark.parametrize("kind", ["rms", "add_rms", "ln"])
 def test_triton_bwd_reload(monkeypatch, kind):
     """Rows of 16384 without a bias: one kernel re-reading the row (w per step), forced
-    here at N = 1000 by a small reload_block (rows with a bias: the two passes)."""
+    here at N = 1000 by a small twopass_block (rows with a bias: the two passes)."""
     require("cpu", "triton")
     from fusedops.triton_kernels import norm as tk
-    monkeypatch.setattr(tk.CONFIG, "twopass_block", 512)
-    monkeypatch.setattr(tk.CONFIG, "reload_block", 1024)
+    monkeypatch.setattr(tk.CONFIG, "twopass_block", 1024)
     cfg = tk.bwd_config(1000, 7, has_b=False)
     assert cfg.reload and cfg.w_in_loop and not cfg.twopass
     assert tk.bwd_config(1000, 7, has_b=True).twopass

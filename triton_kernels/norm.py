@@ -66,7 +66,7 @@ class NormConfig:
     max_rows: int           # at most this many rows per program
     interp_programs: int    # backward programs under the interpreter
     twopass_block: int = 16384   # rows padded to this many elements or more: the two-pass backward,
-    reload_block: int = 16384    # except rows padded to exactly this without a bias: one kernel
+    #                              except rows padded to exactly this without a bias: one kernel
     #                              re-reading the row (its one dW accumulator row fits the registers)
 
 
@@ -476,8 +476,8 @@ class BwdConfig:
 
 
 # Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; longer
-# ones the two passes, except rows padded to CONFIG.reload_block without a bias (one kernel
-# re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments (benchmark
+# ones the two passes, except rows padded to exactly twopass_block without a bias (one
+# kernel re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments (benchmark
 # sweeps): "rows,warps,stages[,per_sm]" (e.g. "1,16,2") the on-chip kernel's below
 # twopass_block; "2p:rows,chunk,warps,stages" the first pass's from twopass_block up (there
 # for every row, the re-read rows included; below it ignored).
@@ -501,7 +501,7 @@ def twopass_config(n: int, m: int) -> BwdConfig:
 def bwd_config(n: int, m: int, has_b: bool = True) -> BwdConfig:
     block = next_power_of_2(n)
     two_pass_forced = (_BWD_OVERRIDE or "").startswith("2p:")  # (a sweep of the first pass)
-    if block == CONFIG.reload_block and not has_b and not two_pass_forced:
+    if block == CONFIG.twopass_block and not has_b and not two_pass_forced:
         # H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 µs (2026-11-22); LN+GELU(tanh), two
         # accumulator rows: 3676 against 3148 for the two passes (2026-12-05)
         return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, stages=2, reload=True,

@@ -102,19 +102,23 @@ __device__ __forceinline__ float act_grad(float z, int act) {
   }
 }
 
-// Sum over the block; every thread gets the result. `red` holds 33 floats.
-__device__ __forceinline__ float block_sum(float v, float* red) {
+// Sum over the warp by a butterfly: every lane gets the same bits.
+__device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `red` holds 33 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int warps = (blockDim.x + 31) >> 5;
   __syncthreads();  // red may still be read from the previous call
   if (lane == 0) red[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    float t = lane < warps ? red[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    const float t = warp_sum(lane < warps ? red[lane] : 0.f);
     if (lane == 0) red[32] = t;
   }
   __syncthreads();
@@ -126,16 +130,12 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 // not be written again before every thread has passed another barrier: callers alternate
 // two buffers.
 __device__ __forceinline__ float block_sum1(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int warps = (blockDim.x + 31) >> 5;
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  float t = lane < warps ? red[lane] : 0.f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-  return t;
+  return warp_sum(lane < warps ? red[lane] : 0.f);
 }
 
 template <typename T, int V>
