@@ -27,6 +27,7 @@ struct BwdParams {
   bool rms, has_w, has_b, has_ds;
   bool ds_packed;  // ds read in 16-byte packets (unit column stride, aligned rows)
   bool group_sync; // the on-chip kernel with ty > 1 row groups: each group syncs alone
+  bool cluster_async;  // the cluster kernel: row sums by st.async + mbarrier, no cluster barrier a row
   int64_t ncols;   // the cluster kernel: columns per block (block r of a cluster: [r * ncols, ...))
 };
 
@@ -163,6 +164,64 @@ __device__ __forceinline__ void cluster_store2(float* local, int rank, float v0,
   __trap();
 #endif
 }
+// The per-row exchange without a cluster barrier: each warp's row sums go into every block
+// of the cluster as an asynchronous store (st.async) that completes on the receiving block's
+// mbarrier (a transaction count of the expected bytes); a block waits on its own mbarrier
+// only. Two buffers (and two mbarriers) by row parity; a buffer is written again two rows
+// later only by a warp that has received this block's sums of the row between, i.e. after
+// every warp here has read the buffer.
+[[maybe_unused]] __device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  }
+#else
+  __trap();
+#endif
+}
+// (v0, v1) into block `rank`'s copy of `local` (8 bytes), completing on its copy of `bar`
+__device__ __forceinline__ void cluster_store2_async(float* local, uint64_t* bar, int rank, float v0, float v1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned raddr, rbar;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(raddr) : "r"(smem_u32(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rbar) : "r"(smem_u32(bar)), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];\n" ::"r"(raddr),
+               "f"(v0), "f"(v1), "r"(rbar)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
 __device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
@@ -196,6 +255,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   extern __shared__ float dyn[];   // kSmemAcc: dW, dB float4 slots [2][PK][V / 4][tx]; kRing: the
                                    // ring, then the combine buffer [ty][n]; else the combine buffer
   __shared__ __align__(8) float red[2][16 * kCl][2];  // [step parity][warp of the row's blocks][c1, c2]
+  __shared__ uint64_t xbar[2];                          // kCl > 1, p.cluster_async: the mbarriers by parity
   const int tx = blockDim.x, ty = blockDim.y, tix = threadIdx.x, tiy = threadIdx.y;
   const int lane = tix & 31, warps_x = tx >> 5;
   const int rank = kCl > 1 ? cluster_rank() : 0;
@@ -234,6 +294,16 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   const int64_t begin = part * p.rows_per_block;
   const int64_t end = min(p.m, begin + p.rows_per_block);
   const int64_t steps = end > begin ? (end - begin + ty - 1) / ty : 0;
+  if constexpr (kCl > 1) {
+    if (p.cluster_async) {  // every block's mbarriers initialised before any block stores into them
+      if (tix == 0 && tiy == 0) {
+        mbar_init(&xbar[0], 1);
+        mbar_init(&xbar[1], 1);
+        mbar_init_fence();
+      }
+      cluster_sync();
+    }
+  }
   const T* xs = static_cast<const T*>(p.xs);
   const Y* dyp = static_cast<const Y*>(p.dy);
   int64_t row = begin + tiy;
@@ -362,10 +432,18 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     }
     const int par = static_cast<int>(step & 1);
     if constexpr (kCl > 1) {
-      if (lane == 0)
+      if (p.cluster_async) {
+        if (tix == 0) mbar_arrive_expect_tx(&xbar[par], static_cast<unsigned>(row_warps) * 8u);
+        if (lane == 0)
 #pragma unroll
-        for (int r = 0; r < kCl; ++r) cluster_store2(&red[par][wid][0], r, c1, c2);
-      cluster_sync();  // red[par] is next written two steps later, after another barrier
+          for (int r = 0; r < kCl; ++r) cluster_store2_async(&red[par][wid][0], &xbar[par], r, c1, c2);
+        mbar_wait_parity(&xbar[par], static_cast<unsigned>((step >> 1) & 1));
+      } else {
+        if (lane == 0)
+#pragma unroll
+          for (int r = 0; r < kCl; ++r) cluster_store2(&red[par][wid][0], r, c1, c2);
+        cluster_sync();  // red[par] is next written two steps later, after another barrier
+      }
     } else {
       if (lane == 0) {
         red[par][wid][0] = c1;
@@ -421,6 +499,10 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
       load_row(next, xr, dr, mean, rstd);
     }
     row = next;
+  }
+  if constexpr (kCl > 1) {
+    // no block leaves while its last asynchronous stores into the others may be in flight
+    if (p.cluster_async) cluster_sync();
   }
   // the block's partial rows
   float* dwp = p.has_w ? p.dwp + part * n : nullptr;
@@ -490,7 +572,9 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 // below (the number of blocks = partial rows). The first two stream their rows through the
 // shared-memory ring of asynchronous copies.
 // FUSEDOPS_NORM_CUDA_BWD (read once) picks a path for experiments: "stream" forces the
-// streaming kernel; "blocksync" one block-wide barrier a step where a block holds several
+// streaming kernel; "clusterbarrier" the cluster kernel's row sums exchanged with a cluster
+// barrier a row (default: asynchronous stores completing on the receiver's mbarrier);
+// "blocksync" one block-wide barrier a step where a block holds several
 // row groups (n <= 2048; default: each group's own named barrier: H100, LN+GELU(tanh) bf16
 // 32768 x 1024 backward 94.4 vs 98.6 µs); "pk8" / "pk16" 8 / 16 elements a thread for the
 // rows of n <= 4096 (default: 16 for n > 2048; H100, LN+GELU(tanh) bf16: 309 vs 335 µs at
@@ -633,6 +717,7 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
     BwdParams q = p;
     q.ds_packed = p.has_ds && p.sds1 == 1 && can_pack<V>(n, {{p.ds, p.sds0}}, sizeof(T));
     q.group_sync = bwd_mode() != "blocksync";
+    q.cluster_async = bwd_mode() != "clusterbarrier";
     // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
     // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
     if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), xs.get_device_index(), stream))) {
