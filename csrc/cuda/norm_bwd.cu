@@ -244,7 +244,9 @@ __device__ __forceinline__ void cluster_sync() {
 // kCl = 2 (sm_90+, rows of 8192 < n <= 16384): a cluster of two blocks shares each row, a
 // block p.ncols of its columns (the ring and register dW/dB of the rows of n <= 8192),
 // the row sums exchanged through distributed shared memory: every warp stores its sums into
-// both blocks, one cluster barrier, and both blocks add the same values in the same order.
+// both blocks (st.async, completing on the receiving block's mbarrier: no cluster barrier a
+// row), and both blocks add the same values in the same order. H100, LN+GELU(tanh) bf16
+// 32768 x 16384 backward: 1637 µs, against 2153 with a cluster barrier a row.
 constexpr int kRingStages = 3;
 
 template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kCl = 1>
@@ -788,8 +790,8 @@ int dtype_code(ScalarType t) {
 // (dW, dB). A block (32, kSumGroups) owns 32 columns: thread row g sums the partial rows
 // g, g + kSumGroups, ... in order, then thread row 0 adds the groups' sums in order.
 // Deterministic: no atomics, a fixed order per column. 32 groups (1024 threads): ~8 loads a
-// thread for the 264 partial rows of N <= 2048 on an H100 (8 groups: 33 in a chain, 4.0 µs
-// at N = 1024, a few % of that backward; not measured yet).
+// thread for the 264 partial rows of N <= 2048 on an H100. At N = 1024: 3.7 µs, against 4.0
+// with 8 groups (33 loads in a chain a thread); most of what is left is the launch.
 constexpr int kSumGroups = 32;
 
 __global__ void __launch_bounds__(32 * kSumGroups) norm_partials_sum_kernel(const SumParams q) {
