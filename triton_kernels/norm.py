@@ -236,7 +236,8 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
                         W_IN_LOOP: tl.constexpr, RELOAD: tl.constexpr):
     # Persistent: program p owns the row blocks [p*blocks_per_prog, (p+1)*blocks_per_prog)
     # of ROWS rows each (a contiguous range of rows), reads s and dy once, writes dx once,
-    # and accumulates dW = sum(dz*xhat), dB = sum(dz) in fp32 registers; at the end one
+    # and accumulates dW = sum(dz*xhat), dB = sum(dz) in fp32 registers (one row each: a
+    # step's rows summed as it goes, fewer registers than a tile's worth); at the end one
     # row of partials (fp32, or directly the parameter dtype when the grid is one program).
     # w and b are loaded once per program; the loop's loads are pipelined STAGES deep.
     pid = tl.program_id(0)
@@ -245,8 +246,8 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
     if not W_IN_LOOP:
         w = _load_param(W, cols, cmask, HAS_W)
         bias = _load_param(B, cols, cmask, HAS_B)
-    dw_acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
-    db_acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), tl.float32)
     first = pid * blocks_per_prog
     for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
         rows = (first + i) * ROWS + tl.arange(0, ROWS)
@@ -268,12 +269,12 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
         dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c,
                              "evict_last" if RELOAD else "", HAS_W, HAS_B, ACT)
         if HAS_W:
-            dw_acc += dz * xhat
+            dw_acc += tl.sum(dz * xhat, axis=0)
             g = dz * wv[None, :]
         else:
             g = dz
         if HAS_B:
-            db_acc += dz
+            db_acc += tl.sum(dz, axis=0)
         c2 = tl.sum(g * xhat, axis=1) / N
         if RMS:
             c1 = tl.zeros((ROWS,), tl.float32)
@@ -290,9 +291,9 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
             dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * sdx + cols[None, :], _to(dx, DX.dtype.element_ty), mask=mask)
     if HAS_W:
-        tl.store(DWP + pid.to(tl.int64) * N + cols, _to(tl.sum(dw_acc, axis=0), DWP.dtype.element_ty), mask=cmask)
+        tl.store(DWP + pid.to(tl.int64) * N + cols, _to(dw_acc, DWP.dtype.element_ty), mask=cmask)
     if HAS_B:
-        tl.store(DBP + pid.to(tl.int64) * N + cols, _to(tl.sum(db_acc, axis=0), DBP.dtype.element_ty), mask=cmask)
+        tl.store(DBP + pid.to(tl.int64) * N + cols, _to(db_acc, DBP.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -312,8 +313,8 @@ def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, b
     cmask = cols < N
     w = _load_param(W, cols, cmask, HAS_W)
     bias = _load_param(B, cols, cmask, HAS_B)
-    dw_acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
-    db_acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), tl.float32)
     first = pid * blocks_per_prog
     for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
         rows = (first + i) * ROWS + tl.arange(0, ROWS)
@@ -328,19 +329,19 @@ def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, b
         dz, xhat = _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, "",
                              HAS_W, HAS_B, ACT)
         if HAS_W:
-            dw_acc += dz * xhat
+            dw_acc += tl.sum(dz * xhat, axis=0)
             g = dz * w[None, :]
         else:
             g = dz
         if HAS_B:
-            db_acc += dz
+            db_acc += tl.sum(dz, axis=0)
         tl.store(C2 + rows64 * nchunks + chunk, tl.sum(g * xhat, axis=1), mask=rmask)
         if not RMS:
             tl.store(C1 + rows64 * nchunks + chunk, tl.sum(g, axis=1), mask=rmask)
     if HAS_W:
-        tl.store(DWP + pid.to(tl.int64) * N + cols, _to(tl.sum(dw_acc, axis=0), DWP.dtype.element_ty), mask=cmask)
+        tl.store(DWP + pid.to(tl.int64) * N + cols, _to(dw_acc, DWP.dtype.element_ty), mask=cmask)
     if HAS_B:
-        tl.store(DBP + pid.to(tl.int64) * N + cols, _to(tl.sum(db_acc, axis=0), DBP.dtype.element_ty), mask=cmask)
+        tl.store(DBP + pid.to(tl.int64) * N + cols, _to(db_acc, DBP.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -514,13 +515,19 @@ def bwd_config(n: int, m: int, has_b: bool = True) -> BwdConfig:
                          per_sm=ps)
     if INTERPRET:
         return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4)
-    # 16 elements a thread (two 16-byte loads of bf16); H100 sweep (bench/sweep_norm_bwd.py,
-    # LN+GELU(tanh) bf16 32768 rows): N <= 1024 best as 2 x 1024 tiles on 4 warps (768: 113 µs
-    # vs 138 for 4 x 1024 on 8), 2048-8192 as below (65% of copy).
-    tile = max(2048 if block <= 1024 else 4096, block)
-    warps = min(32, tile // 512)
-    rows = min(tile // block, next_power_of_2(max(m, 1)))
-    return BwdConfig(rows=rows, block_n=block, num_warps=warps)
+    if block <= 2048:
+        # 4 warps, loads pipelined 2 deep, 1 row of 512 or 2 of 1024-2048: 4 warps x 32 lanes x
+        # 8 bf16 span 1024 columns, so the tile's rows sit in the same thread and the step's
+        # dW/dB row sum needs no shared memory. H100 sweep (bench/sweep_norm_bwd.py, LN+GELU(tanh)
+        # bf16 32768 rows, µs with the finalize, 2026-12-05; the earlier shapes in brackets):
+        # 2048 178 (2 x 2048 on 8 warps, 1 stage: 243), 1024 96 (2 x 1024, 1 stage: 105), 512 74
+        # (4 x 512, 1 stage: 135). Below 512 far from the floor either way (128: 53, 8 x 128 on
+        # one warp 31; 256: 59): the finalize and the partial rows dominate; not tuned.
+        rows = min(2 if block >= 1024 else 1, next_power_of_2(max(m, 1)))
+        return BwdConfig(rows=rows, block_n=block, num_warps=4, stages=2)
+    # 16 elements a thread (two 16-byte loads of bf16) on 8 warps at 4096, 16 at 8192 (65% of
+    # copy; 2 stages measured no faster)
+    return BwdConfig(rows=1, block_n=block, num_warps=min(32, block // 512))
 
 
 _OCCUPANCY: dict = {}
@@ -539,7 +546,7 @@ def _ctas_per_sm(kernel, key, num_warps: int, device: torch.device) -> int:
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
         by_regs = regs_sm // max(1, kernel.n_regs * 32 * num_warps)
         by_smem = smem_sm // max(1, kernel.metadata.shared + 1024)
-        occ = max(1, min(by_regs, by_smem, 64 // num_warps))
+        occ = max(1, min(by_regs, by_smem, 64 // num_warps, 32))  # (32: the SM's block limit)
     except Exception:  # keep the estimate
         pass
     _OCCUPANCY[key] = occ
