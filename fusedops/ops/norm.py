@@ -55,7 +55,10 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 # 120 vs 96 at 2048, 191 vs 187 at 4096, 390 vs 387 at 8192, 756 vs 728 at 16384, and on a
 # launch-bound call (16x4096) 35 vs 115 µs of host wall — CUDA C++ up to N = 8192; backward
 # CUDA C++ vs Triton 309 vs 393 at 4096, 595 vs 840 at 8192 — CUDA C++ up to N = 8192, and up
-# to 16384 for norms with a bias (_bwd_size).
+# to 16384 for norms with a bias (_bwd_size). Kept where Triton's backward became the faster on
+# the device (H100, 2026-12-05: 92 vs 100 µs with the dW/dB sum at 1024, 174 vs 184 at 2048):
+# its launches cost more host time (16 x 4096 fwd+bwd: 367 vs 256 µs a call), which decides
+# small models' steps.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=("cuda", 8192)) for op in FWD_OPS}
@@ -66,8 +69,8 @@ def _bwd_size(n: int, bias) -> int:
     """The size the backward's default is chosen by: the hidden size, doubled without a bias.
     Above N = 8192, with one accumulator row (no bias, e.g. RMSNorm) Triton's one-kernel
     backward is the faster (H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 vs 2787 µs,
-    2026-11-22; Triton 2364 on 2026-12-05); with two, the CUDA C++ one (LN+GELU(tanh) 2885 vs
-    Triton's two passes 3142, 2026-12-05)."""
+    2026-11-22; Triton 2364 on 2026-12-05); with two, the CUDA C++ one (LN+GELU(tanh) 2420 vs
+    Triton's two passes 3140, 2026-12-05)."""
     return n if bias is not None else 2 * n
 
 
