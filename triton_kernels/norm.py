@@ -13,7 +13,7 @@ output is saved):
     dz = dy * act'(z), g = dz * w
     ds = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: no mean(g) term)
 One persistent kernel (`norm_act_bwd_kernel`): P = SMs x resident programs, each owning a
-contiguous range of row blocks (ROWS x BLOCK_N tiles, ~16 elements a thread), reading s
+contiguous range of row blocks (ROWS x BLOCK_N tiles, 4-32 elements a thread), reading s
 and dy once and writing dx once, accumulating dW = sum(dz * xhat), dB = sum(dz) in fp32
 registers and writing one partial row; `partials_sum_kernel` sums the P partial rows in a
 fixed order (deterministic, no atomics). Small problems run one program that writes dW/dB
@@ -233,12 +233,13 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
                         sdy_r, sdy_c, sxs, sds_r, sds_c, sdx,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
                         HAS_B: tl.constexpr, HAS_DS: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr,
-                        W_IN_LOOP: tl.constexpr, RELOAD: tl.constexpr):
+                        W_IN_LOOP: tl.constexpr, RELOAD: tl.constexpr, ROW_ACC: tl.constexpr):
     # Persistent: program p owns the row blocks [p*blocks_per_prog, (p+1)*blocks_per_prog)
     # of ROWS rows each (a contiguous range of rows), reads s and dy once, writes dx once,
-    # and accumulates dW = sum(dz*xhat), dB = sum(dz) in fp32 registers (one row each: a
-    # step's rows summed as it goes, fewer registers than a tile's worth); at the end one
-    # row of partials (fp32, or directly the parameter dtype when the grid is one program).
+    # and accumulates dW = sum(dz*xhat), dB = sum(dz) in fp32 registers: ROW_ACC, one row
+    # each (the step's rows summed as it goes: fewer registers, for tiles whose rows sit in
+    # the same threads), else a ROWS x BLOCK_N tile each, summed at the end; then one row of
+    # partials (fp32, or directly the parameter dtype when the grid is one program).
     # w and b are loaded once per program; the loop's loads are pipelined STAGES deep.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -246,8 +247,8 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
     if not W_IN_LOOP:
         w = _load_param(W, cols, cmask, HAS_W)
         bias = _load_param(B, cols, cmask, HAS_B)
-    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,) if ROW_ACC else (ROWS, BLOCK_N), tl.float32)
+    db_acc = tl.zeros((BLOCK_N,) if ROW_ACC else (ROWS, BLOCK_N), tl.float32)
     first = pid * blocks_per_prog
     for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
         rows = (first + i) * ROWS + tl.arange(0, ROWS)
@@ -269,12 +270,12 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
         dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c,
                              "evict_last" if RELOAD else "", HAS_W, HAS_B, ACT)
         if HAS_W:
-            dw_acc += tl.sum(dz * xhat, axis=0)
+            dw_acc += tl.sum(dz * xhat, axis=0) if ROW_ACC else dz * xhat
             g = dz * wv[None, :]
         else:
             g = dz
         if HAS_B:
-            db_acc += tl.sum(dz, axis=0)
+            db_acc += tl.sum(dz, axis=0) if ROW_ACC else dz
         c2 = tl.sum(g * xhat, axis=1) / N
         if RMS:
             c1 = tl.zeros((ROWS,), tl.float32)
@@ -290,6 +291,9 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
         if HAS_DS:
             dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * sdx + cols[None, :], _to(dx, DX.dtype.element_ty), mask=mask)
+    if not ROW_ACC:
+        dw_acc = tl.sum(dw_acc, axis=0)
+        db_acc = tl.sum(db_acc, axis=0)
     if HAS_W:
         tl.store(DWP + pid.to(tl.int64) * N + cols, _to(dw_acc, DWP.dtype.element_ty), mask=cmask)
     if HAS_B:
@@ -460,7 +464,7 @@ def fwd(x, r, s, y, w, b, mean, rstd, eps: float, act: str, rms: bool) -> None:
 @dataclasses.dataclass(frozen=True)
 class BwdConfig:
     """Launch shape of the on-chip backward: a tile of ROWS x BLOCK_N elements per loop
-    step (about 16 a thread), num_warps, STAGES-deep pipelined loads, RELOAD (recompute
+    step (4-32 a thread), num_warps, STAGES-deep pipelined loads, RELOAD (recompute
     xhat/dz from a second, cached read of the row instead of holding them beside the dW/dB
     accumulators), W_IN_LOOP (w/b re-read per step instead of held); or (twopass) of the
     two-pass backward's first pass, BLOCK_N its column chunk."""
@@ -474,6 +478,7 @@ class BwdConfig:
     #                         stages: the first pass's shape
     per_sm: int = 0         # > 0: at most this many programs an SM (fewer dW/dB partial rows); 0: as
     #                         many as are resident
+    row_acc: bool = False   # one dW/dB accumulator row summed over each step's rows, not a tile
 
 
 # Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; longer
@@ -512,22 +517,27 @@ def bwd_config(n: int, m: int, has_b: bool = True) -> BwdConfig:
     if _BWD_OVERRIDE and not INTERPRET and not two_pass_forced:
         r, w, st, ps = ([int(t) for t in _BWD_OVERRIDE.split(",")] + [0])[:4]  # per_sm 0 unless given
         return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
-                         per_sm=ps)
-    if INTERPRET:
-        return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4)
-    if block <= 2048:
-        # 4 warps, loads pipelined 2 deep, 1 row of 512 or 2 of 1024-2048: 4 warps x 32 lanes x
-        # 8 bf16 span 1024 columns, so the tile's rows sit in the same thread and the step's
-        # dW/dB row sum needs no shared memory. H100 sweep (bench/sweep_norm_bwd.py, LN+GELU(tanh)
-        # bf16 32768 rows, µs with the finalize, 2026-12-05; the earlier shapes in brackets):
-        # 2048 178 (2 x 2048 on 8 warps, 1 stage: 243), 1024 96 (2 x 1024, 1 stage: 105), 512 74
-        # (4 x 512, 1 stage: 135). Below 512 far from the floor either way (128: 53, 8 x 128 on
-        # one warp 31; 256: 59): the finalize and the partial rows dominate; not tuned.
+                         per_sm=ps, row_acc=True)
+    if INTERPRET:  # (both accumulator forms under test)
+        return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4, row_acc=block >= 512)
+    if 512 <= block <= 2048 and m * n > SMALL_BWD_ELEMS:
+        # 4 warps, loads pipelined 2 deep, 1 row of 512 or 2 of 1024-2048, one accumulator row:
+        # 4 warps x 32 lanes x 8 bf16 span 1024 columns, so the tile's rows sit in the same
+        # threads and the step's dW/dB row sum needs no shared memory. H100 sweep
+        # (bench/sweep_norm_bwd.py, LN+GELU(tanh) bf16 32768 rows, µs with the finalize,
+        # 2026-12-05; the earlier shapes, with this accumulator, in brackets): 2048 178 (2 x 2048
+        # on 8 warps, 1 stage: 243), 1024 96 (2 x 1024, 1 stage: 105), 512 74 (4 x 512, 1 stage:
+        # 135). The earlier shapes with the accumulator tile, kernel sums with L2 warm: 200 at
+        # 2048 and 104 at 1024 (now 174 and 92).
         rows = min(2 if block >= 1024 else 1, next_power_of_2(max(m, 1)))
-        return BwdConfig(rows=rows, block_n=block, num_warps=4, stages=2)
-    # 16 elements a thread (two 16-byte loads of bf16) on 8 warps at 4096, 16 at 8192 (65% of
-    # copy; 2 stages measured no faster)
-    return BwdConfig(rows=1, block_n=block, num_warps=min(32, block // 512))
+        return BwdConfig(rows=rows, block_n=block, num_warps=4, stages=2, row_acc=True)
+    # Below 512 (rows spread over warps) and small problems (one program: more rows a step,
+    # fewer steps): 16 elements a thread (two 16-byte loads of bf16), ROWS x BLOCK_N ~ 2048 up
+    # to 1024 and 4096 above, an accumulator tile. 4096 / 8192: 1 row on 8 / 16 warps (65% of
+    # copy; 2 stages measured no faster).
+    tile = max(2048 if block <= 1024 else 4096, block)
+    rows = min(tile // block, next_power_of_2(max(m, 1)))
+    return BwdConfig(rows=rows, block_n=block, num_warps=min(32, tile // 512))
 
 
 _OCCUPANCY: dict = {}
@@ -647,8 +657,8 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
     kernel = norm_act_bwd_kernel
     meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=ds is not None, STAGES=cfg.stages,
-                W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, num_warps=cfg.num_warps, num_stages=cfg.stages,
-                **flags)
+                W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc, num_warps=cfg.num_warps,
+                num_stages=cfg.stages, **flags)
     key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, w is not None and w.dtype,
            b is not None and b.dtype, tuple(sorted(flags.items())), xs.device.index)
     p, bpp, dwp, dbp = _plan(kernel, args, meta, key, cfg, blocks, 1, xs, m, n, dw, db)
