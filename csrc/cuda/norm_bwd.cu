@@ -194,12 +194,14 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned by
   __trap();
 #endif
 }
+// acquire at cluster scope: the stores it waits for come from the other blocks (st.async's
+// completion releases at cluster scope)
 __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned done = 0;
   while (!done) {
     asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(smem_u32(bar)), "r"(parity)
         : "memory");
@@ -791,7 +793,7 @@ int dtype_code(ScalarType t) {
 // g, g + kSumGroups, ... in order, then thread row 0 adds the groups' sums in order.
 // Deterministic: no atomics, a fixed order per column. 8 groups (256 threads); H100, LN+GELU(tanh)
 // bf16 32768 rows: 32 groups (1024 threads) took 3.7 µs instead of 4.0 at N = 1024 but 11.1
-// instead of 5.3 at 8192 and 20.8 instead of 9.2 at 16384.
+// instead of 5.5 at 8192 and 20.8 instead of 7.3-8.5 at 16384.
 constexpr int kSumGroups = 8;
 
 __global__ void __launch_bounds__(32 * kSumGroups) norm_partials_sum_kernel(const SumParams q) {
