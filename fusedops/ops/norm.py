@@ -56,7 +56,7 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 # launch-bound call (16x4096) 35 vs 115 µs of host wall — CUDA C++ up to N = 8192; backward
 # CUDA C++ vs Triton 309 vs 393 at 4096, 595 vs 840 at 8192 — CUDA C++ up to N = 8192, and up
 # to 16384 for norms with a bias (_bwd_size). Kept where Triton's backward became the faster on
-# the device (H100, 2026-12-05: 92 vs 100 µs with the dW/dB sum at 1024, 174 vs 184 at 2048):
+# the device (H100, 2026-12-05: 92 vs 100 µs with the dW/dB sum at 1024, 174 vs 182 at 2048):
 # its launches cost more host time (16 x 4096 fwd+bwd: 367 vs 256 µs a call), which decides
 # small models' steps.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
