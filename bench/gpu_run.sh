@@ -7,7 +7,8 @@
 # profile-report_<model> (variants from PROFILE_VARIANTS), host-norm (bench/profile_norm_host.py),
 # sweep-norm (bench/sweep_norm_bwd.py with SWEEP_ARGS; output appended to sweep-norm.txt),
 # ab-norm (bench/norm_kernels.py time, one process a case of AB_CASES="backend:[ROWSx]N:VAR=value ...;...",
-# e.g. "cuda:1024:FUSEDOPS_NORM_CUDA_BWD=blocksync;cuda:1024:", into ab-norm.txt), cluster-occupancy
+# e.g. "cuda:1024:FUSEDOPS_NORM_CUDA_BWD=blocksync;cuda:1024:", into ab-norm.txt), ncu-norm (the same
+# cases in NCU_CASES through Nsight Compute, into ncu-norm.txt), cluster-occupancy
 # (bench/cluster_occupancy.cu).
 set -uo pipefail
 out="${1:?output folder}"; shift
@@ -48,6 +49,18 @@ for spec in "$@"; do
           >>"$out/ab-norm.txt" 2>&1 || rc=$?
       done
       grep -E "^==|total device" "$out/ab-norm.txt" | paste - - | sed 's/: *\([0-9.]*\) us  total.*/ \1 us/' ;;
+    ncu-norm) IFS=';' read -ra cases <<<"${NCU_CASES:?}"; rc=0
+      # Nsight Compute sections of the backward kernels of one fwd+bwd a case (as ab-norm)
+      for c in "${cases[@]}"; do
+        IFS=: read -r be n vars <<<"$c"
+        echo "== $be $n ${vars:-default}" >>"$out/ncu-norm.txt"
+        # shellcheck disable=SC2086
+        env $vars timeout "$limit" ncu --clock-control none --profile-from-start off --kernel-name regex:bwd \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats \
+          --section WarpStateStats python3 bench/norm_kernels.py ncu --backend "$be" --n "$n" >>"$out/ncu-norm.txt" 2>&1 || rc=$?
+      done
+      grep -E "^==|  [a-z_]*bwd|DRAM Throughput|Duration|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued" \
+        "$out/ncu-norm.txt" | head -60 ;;
     cluster-occupancy) nvcc -arch=sm_90a -o /tmp/cluster_occupancy bench/cluster_occupancy.cu && /tmp/cluster_occupancy | tee "$out/cluster_occupancy.txt"; rc=$? ;;
     profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
       tail -25 "$out/profile_convbn.log" ;;
