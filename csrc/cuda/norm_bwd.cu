@@ -27,7 +27,6 @@ struct BwdParams {
   bool rms, has_w, has_b, has_ds;
   bool ds_packed;  // ds read in 16-byte packets (unit column stride, aligned rows)
   bool group_sync; // the on-chip kernel with ty > 1 row groups: each group syncs alone
-  bool cluster_async;  // the cluster kernel: row sums by st.async + mbarrier, no cluster barrier a row
   int64_t ncols;   // the cluster kernel: columns per block (block r of a cluster: [r * ncols, ...))
 };
 
@@ -142,9 +141,9 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 }
 
 // Thread-block clusters (sm_90+; the host launches the cluster kernel only there): the
-// block's rank in its cluster, a float pair stored into another block's shared memory
-// (distributed shared memory), and the cluster-wide barrier (release / acquire: the
-// stores before it are seen by every block of the cluster after it).
+// block's rank in its cluster, the exchange of row sums through distributed shared memory
+// below, and the cluster-wide barrier (release / acquire: the stores before it are seen by
+// every block of the cluster after it).
 __device__ __forceinline__ int cluster_rank() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned r;
@@ -154,35 +153,22 @@ __device__ __forceinline__ int cluster_rank() {
   return 0;
 #endif
 }
-__device__ __forceinline__ void cluster_store2(float* local, int rank, float v0, float v1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(local));
-  unsigned remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
-  asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(remote), "f"(v0), "f"(v1) : "memory");
-#else
-  __trap();
-#endif
-}
 // The per-row exchange without a cluster barrier: each warp's row sums go into every block
 // of the cluster as an asynchronous store (st.async) that completes on the receiving block's
 // mbarrier (a transaction count of the expected bytes); a block waits on its own mbarrier
 // only. Two buffers (and two mbarriers) by row parity; a buffer is written again two rows
 // later only by a warp that has received this block's sums of the row between, i.e. after
 // every warp here has read the buffer.
-[[maybe_unused]] __device__ __forceinline__ unsigned smem_u32(const void* p) {
+[[maybe_unused]] __device__ __forceinline__ unsigned smem_u32(const void* p) {  // (unused before sm_90)
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+// bar[0], bar[1] with an arrival count of 1, visible to the cluster's other blocks after
+// the next cluster barrier
+__device__ __forceinline__ void mbar_init2(uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void mbar_init_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\nmbarrier.init.shared::cta.b64 [%1], 1;\n"
+               "fence.mbarrier_init.release.cluster;\n" ::"r"(smem_u32(bar)), "r"(smem_u32(bar + 1))
+               : "memory");
 #else
   __trap();
 #endif
@@ -259,7 +245,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   extern __shared__ float dyn[];   // kSmemAcc: dW, dB float4 slots [2][PK][V / 4][tx]; kRing: the
                                    // ring, then the combine buffer [ty][n]; else the combine buffer
   __shared__ __align__(8) float red[2][16 * kCl][2];  // [step parity][warp of the row's blocks][c1, c2]
-  __shared__ uint64_t xbar[2];                          // kCl > 1, p.cluster_async: the mbarriers by parity
+  __shared__ uint64_t xbar[2];                          // kCl > 1: the mbarriers by parity
   const int tx = blockDim.x, ty = blockDim.y, tix = threadIdx.x, tiy = threadIdx.y;
   const int lane = tix & 31, warps_x = tx >> 5;
   const int rank = kCl > 1 ? cluster_rank() : 0;
@@ -298,15 +284,9 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
   const int64_t begin = part * p.rows_per_block;
   const int64_t end = min(p.m, begin + p.rows_per_block);
   const int64_t steps = end > begin ? (end - begin + ty - 1) / ty : 0;
-  if constexpr (kCl > 1) {
-    if (p.cluster_async) {  // every block's mbarriers initialised before any block stores into them
-      if (tix == 0 && tiy == 0) {
-        mbar_init(&xbar[0], 1);
-        mbar_init(&xbar[1], 1);
-        mbar_init_fence();
-      }
-      cluster_sync();
-    }
+  if constexpr (kCl > 1) {  // every block's mbarriers initialised before any block stores into them
+    if (tix == 0 && tiy == 0) mbar_init2(xbar);
+    cluster_sync();
   }
   const T* xs = static_cast<const T*>(p.xs);
   const Y* dyp = static_cast<const Y*>(p.dy);
@@ -436,18 +416,11 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     }
     const int par = static_cast<int>(step & 1);
     if constexpr (kCl > 1) {
-      if (p.cluster_async) {
-        if (tix == 0) mbar_arrive_expect_tx(&xbar[par], static_cast<unsigned>(row_warps) * 8u);
-        if (lane == 0)
+      if (tix == 0) mbar_arrive_expect_tx(&xbar[par], static_cast<unsigned>(row_warps) * 8u);
+      if (lane == 0)
 #pragma unroll
-          for (int r = 0; r < kCl; ++r) cluster_store2_async(&red[par][wid][0], &xbar[par], r, c1, c2);
-        mbar_wait_parity(&xbar[par], static_cast<unsigned>((step >> 1) & 1));
-      } else {
-        if (lane == 0)
-#pragma unroll
-          for (int r = 0; r < kCl; ++r) cluster_store2(&red[par][wid][0], r, c1, c2);
-        cluster_sync();  // red[par] is next written two steps later, after another barrier
-      }
+        for (int r = 0; r < kCl; ++r) cluster_store2_async(&red[par][wid][0], &xbar[par], r, c1, c2);
+      mbar_wait_parity(&xbar[par], static_cast<unsigned>((step >> 1) & 1));
     } else {
       if (lane == 0) {
         red[par][wid][0] = c1;
@@ -504,10 +477,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
     }
     row = next;
   }
-  if constexpr (kCl > 1) {
-    // no block leaves while its last asynchronous stores into the others may be in flight
-    if (p.cluster_async) cluster_sync();
-  }
+  if constexpr (kCl > 1) cluster_sync();  // no block leaves while stores into it may be in flight
   // the block's partial rows
   float* dwp = p.has_w ? p.dwp + part * n : nullptr;
   float* dbp = p.has_b ? p.dbp + part * n : nullptr;
@@ -576,9 +546,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 // below (the number of blocks = partial rows). The first two stream their rows through the
 // shared-memory ring of asynchronous copies.
 // FUSEDOPS_NORM_CUDA_BWD (read once) picks a path for experiments: "stream" forces the
-// streaming kernel; "clusterbarrier" the cluster kernel's row sums exchanged with a cluster
-// barrier a row (default: asynchronous stores completing on the receiver's mbarrier);
-// "blocksync" one block-wide barrier a step where a block holds several
+// streaming kernel; "blocksync" one block-wide barrier a step where a block holds several
 // row groups (n <= 2048; default: each group's own named barrier: H100, LN+GELU(tanh) bf16
 // 32768 x 1024 backward 94.4 vs 98.6 µs); "pk8" / "pk16" 8 / 16 elements a thread for the
 // rows of n <= 4096 (default: 16 for n > 2048; H100, LN+GELU(tanh) bf16: 309 vs 335 µs at
@@ -721,7 +689,6 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
     BwdParams q = p;
     q.ds_packed = p.has_ds && p.sds1 == 1 && can_pack<V>(n, {{p.ds, p.sds0}}, sizeof(T));
     q.group_sync = bwd_mode() != "blocksync";
-    q.cluster_async = bwd_mode() != "clusterbarrier";
     // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
     // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
     if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), xs.get_device_index(), stream))) {
