@@ -8,7 +8,7 @@
 # sweep-norm (bench/sweep_norm_bwd.py with SWEEP_ARGS; output appended to sweep-norm.txt),
 # ab-norm (bench/norm_kernels.py time, one process a case of AB_CASES="backend:[ROWSx]N:VAR=value ...;...",
 # e.g. "cuda:1024:FUSEDOPS_NORM_CUDA_BWD=blocksync;cuda:1024:", into ab-norm.txt), ncu-norm (the same
-# cases in NCU_CASES through Nsight Compute, into ncu-norm.txt), cluster-occupancy
+# cases through Nsight Compute, into ncu-norm.txt), cluster-occupancy
 # (bench/cluster_occupancy.cu).
 set -uo pipefail
 out="${1:?output folder}"; shift
@@ -40,27 +40,25 @@ for spec in "$@"; do
     sweep-norm) extra=(); [[ -n "${SWEEP_ARGS:-}" ]] && read -ra extra <<<"$SWEEP_ARGS"
       timeout "$limit" python3 bench/sweep_norm_bwd.py "${extra[@]}" >>"$out/sweep-norm.txt" 2>&1; rc=$?
       grep -E "^N=|failed|WRONG" "$out/sweep-norm.txt" | tail -12 ;;
-    ab-norm) IFS=';' read -ra cases <<<"${AB_CASES:?}"; rc=0
+    ab-norm|ncu-norm) IFS=';' read -ra cases <<<"${AB_CASES:?}"; rc=0; log="$out/$stage.txt"
+      # one process a case; ncu-norm: Nsight Compute sections of the backward kernels instead of times
+      mode=time; prefix=()
+      [[ $stage == ncu-norm ]] && { mode=ncu; prefix=(ncu --clock-control none --profile-from-start off
+        --kernel-name regex:bwd --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
+        --section SchedulerStats --section WarpStateStats); }
       for c in "${cases[@]}"; do
         IFS=: read -r be n vars <<<"$c"; rows=32768; [[ "$n" == *x* ]] && { rows="${n%x*}"; n="${n#*x}"; }
-        echo "== $be ${rows}x$n ${vars:-default}" >>"$out/ab-norm.txt"
+        echo "== $be ${rows}x$n ${vars:-default}" >>"$log"
         # shellcheck disable=SC2086
-        env $vars timeout "$limit" python3 bench/norm_kernels.py time --backend "$be" --rows "$rows" --n "$n" \
-          >>"$out/ab-norm.txt" 2>&1 || rc=$?
+        env $vars timeout "$limit" "${prefix[@]}" python3 bench/norm_kernels.py "$mode" --backend "$be" --rows "$rows" \
+          --n "$n" >>"$log" 2>&1 || rc=$?
       done
-      grep -E "^==|total device" "$out/ab-norm.txt" | paste - - | sed 's/: *\([0-9.]*\) us  total.*/ \1 us/' ;;
-    ncu-norm) IFS=';' read -ra cases <<<"${NCU_CASES:?}"; rc=0
-      # Nsight Compute sections of the backward kernels of one fwd+bwd a case (as ab-norm)
-      for c in "${cases[@]}"; do
-        IFS=: read -r be n vars <<<"$c"
-        echo "== $be $n ${vars:-default}" >>"$out/ncu-norm.txt"
-        # shellcheck disable=SC2086
-        env $vars timeout "$limit" ncu --clock-control none --profile-from-start off --kernel-name regex:bwd \
-          --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats \
-          --section WarpStateStats python3 bench/norm_kernels.py ncu --backend "$be" --n "$n" >>"$out/ncu-norm.txt" 2>&1 || rc=$?
-      done
-      grep -E "^==|  [a-z_]*bwd|DRAM Throughput|Duration|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued" \
-        "$out/ncu-norm.txt" | head -60 ;;
+      if [[ $stage == ab-norm ]]; then
+        grep -E "^==|total device" "$log" | paste - - | sed 's/: *\([0-9.]*\) us  total.*/ \1 us/'
+      else
+        grep -E "^==|  [a-z_]*bwd|DRAM Throughput|Duration|Achieved Occupancy|Issue Slots Busy|No Eligible|Warp Cycles Per Issued" \
+          "$log" | head -60
+      fi ;;
     cluster-occupancy) nvcc -arch=sm_90a -o /tmp/cluster_occupancy bench/cluster_occupancy.cu && /tmp/cluster_occupancy | tee "$out/cluster_occupancy.txt"; rc=$? ;;
     profile-convbn) timeout "$limit" python3 bench/profile_convbn.py "$out/profile_convbn.txt" >"$out/profile_convbn.log" 2>&1; rc=$?
       tail -25 "$out/profile_convbn.log" ;;
