@@ -180,14 +180,18 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned by
   __trap();
 #endif
 }
-// acquire at cluster scope: the stores it waits for come from the other blocks (st.async's
-// completion releases at cluster scope)
+// The wait acquires at CTA scope (the default): what it waits for are st.async stores into
+// this block's own shared memory, counted by the mbarrier's transaction count (the completion
+// mechanism of TMA loads, which are waited on the same way), so the phase completes only
+// after they have landed. An acquire at cluster scope also invalidates L1 at every wait: w
+// and b, re-read every row, then came from L2 (H100, LN+GELU(tanh) bf16 32768 x 16384
+// backward: 1918 µs against 1637, L1 hit rate 30%, L2 hit rate 72%).
 __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned done = 0;
   while (!done) {
     asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(smem_u32(bar)), "r"(parity)
         : "memory");
@@ -237,8 +241,9 @@ __device__ __forceinline__ void cluster_sync() {
 // 32768 x 16384 backward: 1637 µs, against 2153 with a cluster barrier a row.
 constexpr int kRingStages = 3;
 
-template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kCl = 1>
-__global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
+template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kCl = 1,
+          int kBlockThreads = 512>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
   constexpr bool kRing = !kSmemAcc;  // the ring and the shared dW/dB slots exclude each other
   constexpr int kStages = kRingStages;
   static_assert(kCl == 1 || kRing, "the cluster kernel keeps dW/dB in registers");
@@ -537,20 +542,22 @@ __global__ void __launch_bounds__(512, kMinBlocks) norm_act_bwd_rows_kernel(cons
 }
 
 // Block shape of the on-chip backward for rows of n elements in packets of V, at most 512
-// threads: 8 elements a thread over ty = 512 / tx rows a step (n <= 2048, 2 blocks an SM),
-// 16 a thread (n <= 8192, one row a step; 2 blocks an SM up to n = 4096, else 1: fewer
-// instructions a row than 8 a thread from n = 4096); n <= 16384: on sm_90+ a cluster of
-// two such blocks a row (H200, LN+GELU(tanh) bf16 32768 x 16384 fwd+bwd: 2476 vs 2716 µs
-// with the shared-memory accumulators), before sm_90 32 a thread with shared-memory dW/dB
-// accumulators; false: the streaming kernel. Mirrored by partial_rows
-// below (the number of blocks = partial rows). The first two stream their rows through the
+// threads: 8 elements a thread over ty = 512 / tx rows a step (n < 512, 2 blocks an SM); 16
+// a thread in 128-thread blocks over 128 / tx rows a step (512 <= n <= 2048, 4 blocks an SM:
+// small_rows); 16 a thread, one row a step (n <= 8192; 2 blocks an SM up to n = 4096, else
+// 1: fewer instructions a row than 8 a thread from n = 4096); n <= 16384: on sm_90+ a
+// cluster of two such blocks a row (H200, LN+GELU(tanh) bf16 32768 x 16384 fwd+bwd: 2476 vs
+// 2716 µs with the shared-memory accumulators), before sm_90 32 a thread with shared-memory
+// dW/dB accumulators; false: the streaming kernel. Mirrored by partial_rows below (the
+// number of blocks = partial rows). All but the last stream their rows through the
 // shared-memory ring of asynchronous copies.
 // FUSEDOPS_NORM_CUDA_BWD (read once) picks a path for experiments: "stream" forces the
 // streaming kernel; "blocksync" one block-wide barrier a step where a block holds several
 // row groups (n <= 2048; default: each group's own named barrier: H100, LN+GELU(tanh) bf16
 // 32768 x 1024 backward 94.4 vs 98.6 µs); "pk8" / "pk16" 8 / 16 elements a thread for the
 // rows of n <= 4096 (default: 16 for n > 2048; H100, LN+GELU(tanh) bf16: 309 vs 335 µs at
-// 4096, 188 vs 178 at 2048).
+// 4096, 188 vs 178 at 2048; either also turns small_rows off); "small" 128-thread blocks for
+// the rows of any n <= 2048 (small_rows).
 const std::string& bwd_mode() {
   static const std::string mode = [] {
     const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
@@ -559,6 +566,15 @@ const std::string& bwd_mode() {
   return mode;
 }
 bool force_stream() { return bwd_mode() == "stream"; }
+// Rows of 512 <= n <= 2048 in 128-thread blocks of 128 / tx rows a step, 16 elements a
+// thread, 4 blocks an SM (Triton's shape there). H100, LN+GELU(tanh) bf16 32768 rows, kernel
+// sums of fwd+bwd against the 512-thread blocks of 8 a thread: 76.9 / 79.3 µs at 512, 113.1 /
+// 113.2 at 768, 141.6 / 148.7 at 1024, 263.3 / 275.7 at 2048; at 256 48.9 / 46.8 (not taken).
+// FUSEDOPS_NORM_CUDA_BWD=small takes it for any n <= 2048, "pk8" / "pk16" never.
+bool small_rows(int64_t n) {
+  const std::string& mode = bwd_mode();
+  return n <= 2048 && (mode == "small" || (n >= 512 && mode != "pk8" && mode != "pk16"));
+}
 
 // Lets `kernel` use all the dynamic shared memory a block may opt in to (the device's
 // opt-in limit less the kernel's static shared memory), once per device and kernel.
@@ -580,12 +596,12 @@ void allow_max_smem() {
 
 int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
 
-template <typename T, typename W, typename Y, int V, int PK, int kMinBlocks, int kAct>
+template <typename T, typename W, typename Y, int V, int PK, int kMinBlocks, int kAct, int kBlockThreads = 512>
 void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStream_t stream) {
   const size_t combine = ty > 1 ? static_cast<size_t>(ty) * p.n * sizeof(float) : 0;
   const size_t ring = kRingStages * static_cast<size_t>(ty) * p.n * (sizeof(T) + sizeof(Y));
   const size_t smem = std::max(ring, combine);
-  constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct>;
+  constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, 1, kBlockThreads>;
   allow_max_smem<kernel>();
   kernel<<<blocks, dim3(tx, ty), smem, stream>>>(p);
 }
@@ -620,7 +636,10 @@ bool launch_bwd_rows(const BwdParams& p, int blocks, int device, cudaStream_t st
   constexpr int PK8 = V >= 8 ? 1 : 8 / V;
   const auto threads = [&](int pk) { return round_warp((p.n + V * pk - 1) / (V * pk)); };
   const bool pk16 = threads(2 * PK8) <= 256 && bwd_mode() != "pk8" && (p.n > 2048 || bwd_mode() == "pk16");
-  if (threads(PK8) <= 512 && !pk16) {
+  if (small_rows(p.n)) {
+    const int tx = threads(2 * PK8);
+    launch_rows_plain<T, W, Y, V, 2 * PK8, 4, kAct, 128>(p, blocks, tx, 128 / tx, stream);
+  } else if (threads(PK8) <= 512 && !pk16) {
     const int tx = threads(PK8);
     launch_rows_plain<T, W, Y, V, PK8, 2, kAct>(p, blocks, tx, 512 / tx, stream);
   } else if (threads(2 * PK8) <= 512) {
@@ -723,13 +742,18 @@ bool rows_packable(int64_t n, const Tensor& s, const Tensor& dy) {
 
 // dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small
 // inputs (launch-bound); else as many as are resident at once (launch_bwd_rows: rows of
-// n <= 4096 run in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
+// 512 <= n <= 2048 in 128-thread blocks over 128 / tx rows a step, 4 blocks an SM; other
+// rows of n <= 4096 in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
 // rows 1 block an SM; rows of 8192 < n <= 16384 on sm_90+ a cluster of two blocks a row).
 int64_t partial_rows(int64_t m, int64_t n, const Tensor& s, const Tensor& dy) {
   if (m * n <= (int64_t{1} << 17)) return 1;
   const int32_t device = s.get_device_index();
   const int64_t sms = sm_count(device);
   const int64_t tx = ((n + 7) / 8 + 31) / 32 * 32;
+  if (small_rows(n)) {
+    const int64_t per_step = 128 / (((n + 15) / 16 + 31) / 32 * 32);
+    return std::max<int64_t>(1, std::min<int64_t>((m + per_step - 1) / per_step, 4 * sms));
+  }
   if (tx <= 512) {
     const int64_t per_step = 512 / tx;
     return std::max<int64_t>(1, std::min<int64_t>((m + per_step - 1) / per_step, 2 * sms));
