@@ -1237,7 +1237,12 @@ def test_train_non_dense_input(dev_backend, layout, memory):
 
 def test_bn_bf16_outputs_are_fp32_results_rounded_to_nearest(dev_backend):
     """z and dy of a bf16 y are the fp32 ones (same inputs upcast) rounded once, to nearest
-    even (the Triton interpreter's own conversion truncates: the kernels round by hand)."""
+    even (the Triton interpreter's own conversion truncates: the kernels round by hand). z
+    exactly; dy also depends on per-channel sums, which the bf16 and fp32 kernels may add in
+    another order (other tile layouts): where those last bits move dy32 across a bf16 rounding
+    boundary (within 2^-20 of it, relative) either rounding is accepted, elsewhere none. (Strict
+    equality failed on an H100 for 1 of 4096 elements; truncation instead of rounding makes
+    about half of them differ.)"""
     device, backend = dev_backend
     if backend == "reference":
         pytest.skip("the reference computes its own way")
@@ -1245,10 +1250,13 @@ def test_bn_bf16_outputs_are_fp32_results_rounded_to_nearest(dev_backend):
     y = (torch.randn(2, 8, 16, 16, generator=g) * 3 + 1).bfloat16().to(device)
     dz = torch.randn(2, 8, 16, 16, generator=g).bfloat16().to(device)
     mean, invstd, _ = bnops.bn_stats(y)
-    w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    w, b = (torch.rand(8, generator=g) + 0.5).to(device), torch.randn(8, generator=g).to(device)
     z = bnops.bn_act_apply(y, mean, invstd, w, b, "silu")
     z32 = bnops.bn_act_apply(y.float(), mean, invstd, w, b, "silu")
     assert torch.equal(z, z32.bfloat16()), f"{(z != z32.bfloat16()).sum().item()} of {z.numel()} differ"
     dy = bnops.bn_act_backward(dz, y, mean, invstd, w, b, "silu")[0]
     dy32 = bnops.bn_act_backward(dz.float(), y.float(), mean, invstd, w, b, "silu")[0]
-    assert torch.equal(dy, dy32.bfloat16()), f"{(dy != dy32.bfloat16()).sum().item()} of {dy.numel()} differ"
+    near_boundary = (dy32 * (1 - 2.0 ** -20)).bfloat16() != (dy32 * (1 + 2.0 ** -20)).bfloat16()
+    wrong = (dy != dy32.bfloat16()) & ~near_boundary
+    assert not wrong.any(), f"{wrong.sum().item()} of {dy.numel()} differ (beyond a rounding boundary)"
+    assert near_boundary.sum().item() < dy.numel() // 100  # (the allowance stays small)
