@@ -65,6 +65,10 @@ def main():
     for name, us in sorted(total.items(), key=lambda kv: -kv[1]):
         print(f"{label}: {us / iters:8.1f} us  {name[:110]}")
     print(f"{label}: {sum(total.values()) / iters:8.1f} us  total device per fwd+bwd")
+    if args.backend == "triton":  # resident programs an SM of each backward launch shape (registers)
+        from fusedops.triton_kernels import norm as tn
+        for key, occ in tn._OCCUPANCY.items():
+            print(f"{label}: triton backward {key[0]}: {occ} programs an SM")
 
 
 if __name__ == "__main__":
