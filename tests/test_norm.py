@@ -198,8 +198,9 @@ def test_triton_bwd_two_pass(monkeypatch, kind, n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("shape", [(1000, 768), (777, 4096), (333, 8192), (260, 16384), (5, 16384), (16, 4096),
-                                   (130, 20000), (3, 12000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1000, 768), (600, 520), (1000, 1288), (300, 2048), (777, 4096), (333, 8192),
+                                   (260, 16384), (5, 16384), (16, 4096), (130, 20000), (3, 12000)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_gpu_bwd_shapes(backend, shape):
     """GPU backward paths: several programs with fp32 partials (M not a multiple of the rows
     per program), one program writing dW/dB directly (small M), the long rows (N = 16384,

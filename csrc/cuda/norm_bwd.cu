@@ -181,11 +181,14 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned by
 #endif
 }
 // The wait acquires at CTA scope (the default): what it waits for are st.async stores into
-// this block's own shared memory, counted by the mbarrier's transaction count (the completion
-// mechanism of TMA loads, which are waited on the same way), so the phase completes only
-// after they have landed. An acquire at cluster scope also invalidates L1 at every wait: w
-// and b, re-read every row, then came from L2 (H100, LN+GELU(tanh) bf16 32768 x 16384
-// backward: 1918 µs against 1637, L1 hit rate 30%, L2 hit rate 72%).
+// this block's own shared memory, counted by the mbarrier's transaction count, so the phase
+// completes only after they have landed, and shared memory has no cache to be stale. This is
+// how CUTLASS's cluster transaction barrier waits for TMA loads that another block issues,
+// and how quack's cluster reductions wait for st.async; the letter of the PTX memory model
+// (the complete-tx releases at cluster scope, from the other block) would ask for a
+// cluster-scope acquire. That acquire also invalidates L1 at every wait: w and b, re-read
+// every row, then came from L2 (H100, LN+GELU(tanh) bf16 32768 x 16384 backward: 1918 µs
+// against 1604, L1 hit rate 30% against 52%, L2 hit rate 72% against 67%).
 __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   unsigned done = 0;
@@ -543,8 +546,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_k
 
 // Block shape of the on-chip backward for rows of n elements in packets of V, at most 512
 // threads: 8 elements a thread over ty = 512 / tx rows a step (n < 512, 2 blocks an SM); 16
-// a thread in 128-thread blocks over 128 / tx rows a step (512 <= n <= 2048, 4 blocks an SM:
-// small_rows); 16 a thread, one row a step (n <= 8192; 2 blocks an SM up to n = 4096, else
+// a thread in blocks of at most 128 threads over 128 / tx rows a step (512 <= n <= 2048, 4
+// blocks an SM: small_rows); 16 a thread, one row a step (n <= 8192; 2 blocks an SM up to n = 4096, else
 // 1: fewer instructions a row than 8 a thread from n = 4096); n <= 16384: on sm_90+ a
 // cluster of two such blocks a row (H200, LN+GELU(tanh) bf16 32768 x 16384 fwd+bwd: 2476 vs
 // 2716 µs with the shared-memory accumulators), before sm_90 32 a thread with shared-memory
@@ -556,8 +559,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_k
 // row groups (n <= 2048; default: each group's own named barrier: H100, LN+GELU(tanh) bf16
 // 32768 x 1024 backward 94.4 vs 98.6 µs); "pk8" / "pk16" 8 / 16 elements a thread for the
 // rows of n <= 4096 (default: 16 for n > 2048; H100, LN+GELU(tanh) bf16: 309 vs 335 µs at
-// 4096, 188 vs 178 at 2048; either also turns small_rows off); "small" 128-thread blocks for
-// the rows of any n <= 2048 (small_rows).
+// 4096, 188 vs 178 at 2048; either also turns small_rows off); "small" the small_rows shape
+// for the rows of any n <= 2048.
 const std::string& bwd_mode() {
   static const std::string mode = [] {
     const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
@@ -566,11 +569,13 @@ const std::string& bwd_mode() {
   return mode;
 }
 bool force_stream() { return bwd_mode() == "stream"; }
-// Rows of 512 <= n <= 2048 in 128-thread blocks of 128 / tx rows a step, 16 elements a
-// thread, 4 blocks an SM (Triton's shape there). H100, LN+GELU(tanh) bf16 32768 rows, kernel
-// sums of fwd+bwd against the 512-thread blocks of 8 a thread: 76.9 / 79.3 µs at 512, 113.1 /
-// 113.2 at 768, 141.6 / 148.7 at 1024, 263.3 / 275.7 at 2048; at 256 48.9 / 46.8 (not taken).
-// FUSEDOPS_NORM_CUDA_BWD=small takes it for any n <= 2048, "pk8" / "pk16" never.
+// Rows of 512 <= n <= 2048 in blocks of at most 128 threads, 128 / tx rows a step (tx = 96 for
+// 1024 < n <= 1536: one row of 3 warps), 16 elements a thread, 4 blocks an SM (Triton's shape
+// at 1024; the count assumes 4 fit, as on sm_90's 228 KB: at most 48 KB a block). H100,
+// LN+GELU(tanh) bf16 32768 rows, kernel sums of fwd+bwd against the 512-thread blocks of 8 a
+// thread: 76.9 / 79.3 µs at 512, 113.1 / 113.2 at 768, 141.6 / 148.7 at 1024, 263.3 / 275.7 at
+// 2048; at 256 48.9 / 46.8 (not taken). FUSEDOPS_NORM_CUDA_BWD=small takes it for any n <=
+// 2048, "pk8" / "pk16" never.
 bool small_rows(int64_t n) {
   const std::string& mode = bwd_mode();
   return n <= 2048 && (mode == "small" || (n >= 512 && mode != "pk8" && mode != "pk16"));
@@ -727,8 +732,8 @@ namespace {
 
 // Whether the rows of s and dy meet the on-chip backward's packing rules on the two inputs
 // (16-byte packets: N a multiple of the packet, aligned rows, dy unit-strided along N), as
-// launch_bwd_rows_act's caller checks them; where they fail the streaming kernel runs, one
-// block an SM, and must not get the cluster path's one partial row per two SMs.
+// launch_bwd_rows_act's caller checks them; where they fail the streaming kernel runs (one
+// block a partial row) and must not get the cluster path's one partial row per two SMs.
 bool rows_packable(int64_t n, const Tensor& s, const Tensor& dy) {
   const auto row_stride = [](const Tensor& t) { return t.dim() < 2 ? int64_t{0} : t.stride(t.dim() - 2); };
   const auto packs = [&]<int V>() {
@@ -742,9 +747,10 @@ bool rows_packable(int64_t n, const Tensor& s, const Tensor& dy) {
 
 // dW / dB partial rows = blocks of the backward: one (dW / dB written directly) for small
 // inputs (launch-bound); else as many as are resident at once (launch_bwd_rows: rows of
-// 512 <= n <= 2048 in 128-thread blocks over 128 / tx rows a step, 4 blocks an SM; other
-// rows of n <= 4096 in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM; longer
-// rows 1 block an SM; rows of 8192 < n <= 16384 on sm_90+ a cluster of two blocks a row).
+// 512 <= n <= 2048 in blocks of at most 128 threads over 128 / tx rows a step, 4 blocks an
+// SM; other rows of n <= 4096 in 512-thread blocks over 512 / tx rows a step, 2 blocks an SM;
+// longer rows 1 block an SM; rows of 8192 < n <= 16384 on sm_90+ a cluster of two blocks a
+// row).
 int64_t partial_rows(int64_t m, int64_t n, const Tensor& s, const Tensor& dy) {
   if (m * n <= (int64_t{1} << 17)) return 1;
   const int32_t device = s.get_device_index();
