@@ -3,8 +3,9 @@ for sm_90 (no GPU needed; the compiler's bundled cuobjdump reads the cubin):
 
     python bench/triton_regs.py --n 1024,2048,4096,8192,16384 [--act gelu_tanh] [--rms]
 
-Compiled as a launch specialises the kernel: pointers and the multiples of 16 among N and the
-row strides marked 16-divisible, a unit column stride of dy as the constant 1. Without those
+Compiled as a launch specialises the kernel: pointers and the integer arguments that are
+multiples of 16 (M, N, the row strides; the zero strides of an absent ds) marked
+16-divisible, a unit column stride of dy as the constant 1. Without those
 marks the counts are much higher (4096 on 8 warps: 204 registers instead of 128) and say
 nothing about the launched kernel. Shapes from `bwd_config` for 32768 rows of bf16 (a LayerNorm
 with weight and bias, or --rms with weight only)."""
@@ -52,7 +53,8 @@ def main():
     for n in (int(t) for t in args.n.split(",")):
         cfg = tn.bwd_config(n, m, has_b=not args.rms)
         flags = dict(RMS=args.rms, HAS_W=True, HAS_B=not args.rms, ACT=tn.ACT_CODES[args.act])
-        div16 = {a for a in ("N", "sdy_r", "sxs", "sdx", "sds_r") if n % 16 == 0}
+        div16 = {"sds_r", "sds_c"} | ({"M"} if m % 16 == 0 else set())  # (no ds: zero strides)
+        div16 |= {a for a in ("N", "sdy_r", "sxs", "sdx") if n % 16 == 0}
         if cfg.twopass:
             fn = tn.norm_act_bwd_sums_kernel
             ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B")},
@@ -64,7 +66,7 @@ def main():
             ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B", "DS", "DX")},
                     **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP")}}
             consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=False, STAGES=cfg.stages,
-                          W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc, sdy_c=1, sds_c=1,
+                          W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc, sdy_c=1,
                           **flags)
             what = "on-chip backward"
         print(f"N={n}: {what}, {cfg.rows} x {cfg.block_n} on {cfg.num_warps} warps, {cfg.stages} stage(s): "
