@@ -26,6 +26,16 @@ def writable(t: torch.Tensor, name: str, op: str) -> None:
         raise RuntimeError(f"fusedops.{op}: {name}: {INFERENCE_WRITE}")
 
 
+def writable_all(ts, name: str, op: str) -> None:
+    """writable for a list (one C-level pass while none is an inference tensor; the error
+    names ts[i])."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    if any(map(torch.Tensor.is_inference, ts)):
+        i = next(i for i, t in enumerate(ts) if t.is_inference())
+        raise RuntimeError(f"fusedops.{op}: {name}[{i}]: {INFERENCE_WRITE}")
+
+
 def plain_call(*ts) -> bool:
     """The host-time fast paths may call the kernels directly: eager (not under tracing or
     a dispatch mode) and every given tensor plain (None allowed)."""

@@ -47,7 +47,7 @@ import re
 
 import torch
 
-from ._validate import KERNEL_DTYPES
+from ._validate import INFERENCE_WRITE, KERNEL_DTYPES
 from .ops.optim8bit import optimizer_step_8bit_
 from .reference import QUANT_BLOCK, blockwise_dequantize, dynamic_map
 
@@ -214,6 +214,13 @@ class _Optimizer8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         states = self.state
+        if not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()):
+            # eager's refusal of in-place writes to inference tensors, before anything changes
+            for gi, group in enumerate(self.param_groups):
+                if any(map(torch.Tensor.is_inference, group["params"])):
+                    j = next(j for j, p in enumerate(group["params"]) if p.is_inference())
+                    raise RuntimeError(f"{type(self).__name__}.step: param {j} of param group {gi}: "
+                                       f"{INFERENCE_WRITE}")
         for gi, group in enumerate(self.param_groups):
             nstates = self._group_states(group)
             one, two = nstates >= 1, nstates == 2

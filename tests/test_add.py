@@ -666,6 +666,26 @@ def test_inference_tensor_outside_inference_mode_is_refused():
     torch.testing.assert_close(x, before + 1)
 
 
+def test_foreach_inference_tensor_outside_inference_mode_is_refused(dev_backend):
+    """As eager's torch._foreach_add_ (which refuses, though after writing): an inference
+    tensor among xs is refused outside inference_mode, named, before any pair is written,
+    through the function's fast path and through the op; inside inference_mode it is written."""
+    device, backend = dev_backend
+    with torch.inference_mode():
+        inf = torch.randn(64, device=device)
+    a = torch.randn(32, device=device)
+    before_a, before_inf = a.clone(), inf.clone()
+    ys = [torch.ones(32, device=device), torch.ones(64, device=device)]
+    for call in (fusedops.foreach_add_, torch.ops.fusedops.foreach_add_):
+        with pytest.raises(RuntimeError, match=r"xs\[1\]: Inplace update to inference tensor outside InferenceMode"):
+            call([a, inf], ys)
+        assert torch.equal(a, before_a) and torch.equal(inf, before_inf), backend
+    with torch.inference_mode():
+        fusedops.foreach_add_([a, inf], ys)
+    torch.testing.assert_close(inf, before_inf + 1)
+    torch.testing.assert_close(a, before_a + 1)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
 @pytest.mark.parametrize("ydtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=str)

@@ -1109,3 +1109,27 @@ def test_meta_params_step_like_torch():
     p.grad, q.grad = torch.empty(5000, device="meta"), torch.empty(10, device="meta")
     opt.step()
     assert opt.state[p]["state1"].device.type == "meta" and opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, SGD8bit, Lion8bit])
+def test_inference_param_outside_inference_mode_is_refused(cls):
+    """As eager's optimizers: a param that is an inference tensor is refused outside
+    inference_mode (named by its place in its param group) before anything changes (params,
+    states, step counts); the op names params[i]. Inside inference_mode the step runs."""
+    with torch.inference_mode():
+        inf = torch.randn(300)
+    inf.grad = torch.randn(300)
+    good = torch.nn.Parameter(torch.randn(300))
+    good.grad = torch.randn(300)
+    before_good, before_inf = good.detach().clone(), inf.clone()
+    opt = cls([good, inf], lr=0.1)
+    with pytest.raises(RuntimeError, match="param 1 of param group 0: Inplace update to inference tensor"):
+        opt.step()
+    assert torch.equal(good.detach(), before_good) and torch.equal(inf, before_inf) and not opt.state
+    with pytest.raises(RuntimeError, match=r"optimizer_step_8bit_: params\[0\]: Inplace update to inference"):
+        O.optimizer_step_8bit_([inf], [inf.grad], [torch.zeros(300)], [torch.empty(0)], [], [], kind="sgd", lr=0.1,
+                               beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, step=1, first=True)
+    assert torch.equal(inf, before_inf)
+    with torch.inference_mode():
+        opt.step()
+    assert not torch.equal(inf, before_inf) and not torch.equal(good.detach(), before_good)

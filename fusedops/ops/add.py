@@ -228,6 +228,7 @@ _add.register("reference")(reference.add_)
 
 def _foreach_impl(xs, ys, alpha=1.0):
     _no_autograd(xs + ys, FOREACH_OP)
+    _validate.writable_all(xs, "xs", FOREACH_OP)
     # Fast path: the backend takes the whole lists in one launch when they are plain
     # (checked natively, once per call); it returns False, having written nothing, if not.
     backend = _foreach.backend_for(xs[0].device.type) if xs else "reference"
@@ -352,6 +353,7 @@ def foreach_add_(xs, ys, alpha: float = 1.0) -> None:
         backend = _foreach.backend_for(xs[0].device.type)
         if backend != "reference":  # the kernel directly: it takes plain lists (checked natively) or
             _no_autograd(xs + ys, FOREACH_OP)  # refuses them, having written nothing
+            _validate.writable_all(xs, "xs", FOREACH_OP)
             try:
                 done = _foreach.get(backend)(xs, ys, float(alpha))
             except RuntimeError:  # e.g. a tensor on another device: the checks name the argument

@@ -307,6 +307,9 @@ def _step_impl(params, grads, state1, absmax1, state2, absmax2, kind, lr, beta1,
         raise ValueError(f"fusedops.{STEP_OP}: step must be >= 1 for {kind}, got {step}")
     if sr_seed < -1 or sr_seed >= 2 ** 32:
         raise ValueError(f"fusedops.{STEP_OP}: sr_seed must be -1 (off) or in [0, 2^32), got {sr_seed}")
+    # (the params alone: one pass over every list would cost ~64 ns a tensor, 5 a param; the
+    # optimizers create their states as normal tensors)
+    _validate.writable_all(params, "params", STEP_OP)
     backend = _step.backend_for(params[0].device.type)
     if backend != "reference" and _native.ops is not None:
         # The extension checks every tensor (dtype, device, shape, layout, state sizes, no
