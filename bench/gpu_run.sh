@@ -8,7 +8,7 @@
 # sweep-norm (bench/sweep_norm_bwd.py with SWEEP_ARGS; output appended to sweep-norm.txt),
 # ab-norm (bench/norm_kernels.py time, one process a case of AB_CASES="backend:[ROWSx]N:VAR=value ...;...",
 # e.g. "cuda:1024:FUSEDOPS_NORM_CUDA_BWD=blocksync;cuda:1024:", into ab-norm.txt), ncu-norm (the same
-# cases through Nsight Compute, into ncu-norm.txt), cluster-occupancy
+# cases through Nsight Compute, into ncu-norm.txt; NCU_ARGS adds options, e.g. "--metrics a,b"), cluster-occupancy
 # (bench/cluster_occupancy.cu).
 set -uo pipefail
 out="${1:?output folder}"; shift
@@ -45,7 +45,8 @@ for spec in "$@"; do
       mode=time; prefix=()
       [[ $stage == ncu-norm ]] && { mode=ncu; prefix=(ncu --clock-control none --profile-from-start off
         --kernel-name regex:bwd --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
-        --section SchedulerStats --section WarpStateStats); }
+        --section SchedulerStats --section WarpStateStats); [[ -n "${NCU_ARGS:-}" ]] && read -ra more <<<"$NCU_ARGS" \
+        && prefix+=("${more[@]}"); }
       for c in "${cases[@]}"; do
         IFS=: read -r be n vars <<<"$c"; rows=32768; [[ "$n" == *x* ]] && { rows="${n%x*}"; n="${n#*x}"; }
         echo "== $be ${rows}x$n ${vars:-default}" >>"$log"
