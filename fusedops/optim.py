@@ -215,12 +215,14 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 loss = closure()
         states = self.state
         if not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()):
-            # eager's refusal of in-place writes to inference tensors, before anything changes
+            # eager's refusal of in-place writes to inference tensors (the params it would step:
+            # those with a grad), before anything changes
             for gi, group in enumerate(self.param_groups):
                 if any(map(torch.Tensor.is_inference, group["params"])):
-                    j = next(j for j, p in enumerate(group["params"]) if p.is_inference())
-                    raise RuntimeError(f"{type(self).__name__}.step: param {j} of param group {gi}: "
-                                       f"{INFERENCE_WRITE}")
+                    for j, p in enumerate(group["params"]):
+                        if p.is_inference() and p.grad is not None:
+                            raise RuntimeError(f"{type(self).__name__}.step: param {j} of param group {gi}: "
+                                               f"{INFERENCE_WRITE}")
         for gi, group in enumerate(self.param_groups):
             nstates = self._group_states(group)
             one, two = nstates >= 1, nstates == 2

@@ -1133,3 +1133,6 @@ def test_inference_param_outside_inference_mode_is_refused(cls):
     with torch.inference_mode():
         opt.step()
     assert not torch.equal(inf, before_inf) and not torch.equal(good.detach(), before_good)
+    # an inference param without a grad is not stepped, so not refused (as eager)
+    inf.grad = None
+    opt.step()
