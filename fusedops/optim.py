@@ -31,10 +31,10 @@ and CUDA (Triton or CUDA C++) alike; nothing in step() synchronises with the hos
   torch AdamW); Adam8bit / SGD8bit as L2 added to the gradient (as torch Adam / SGD).
 - Params must be float32, float16 or bfloat16: others (float64, complex) are refused when
   they are added (constructor, add_param_group) with a TypeError.
-- torch.compile: the step count is a Python int (the kernels take it as one), so a compiled
-  step() is recompiled at every step until Dynamo's recompile limit, after which step()
-  runs uncompiled (with Dynamo's warning; the results are the same). Compile the model's
-  forward and backward and leave step() to run eagerly: it is one launch already.
+- torch.compile does not trace step() (torch.compiler.disable): a compiled training step
+  runs it eagerly, with a graph break at the call (fullgraph=True refuses it). It is one
+  launch a (device, dtype) bucket already, and its step count (a Python int the kernels
+  take) made a traced step() recompile at every step until Dynamo's recompile limit.
 - state_dict(): per param `step` (int), `state1`, `absmax1` (+ `state2`, `absmax2` for
   Adam; SGD8bit with momentum=0 keeps only `step`); load_state_dict() keeps the states'
   dtypes and moves them to the param's device, so a checkpoint moves between CPU and
@@ -207,6 +207,11 @@ class _Optimizer8bit(torch.optim.Optimizer):
     def _hyper(self, group: dict) -> dict:
         raise NotImplementedError
 
+    # Not traced by torch.compile: the step is one kernel launch a (device, dtype) bucket
+    # already, and the step count, a Python int of each param's state, is a kernel argument: a
+    # traced step() recompiled at every step until Dynamo's limit. A compiled training step runs
+    # it eagerly (a graph break at the call; fullgraph=True refuses it).
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -214,7 +219,7 @@ class _Optimizer8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         states = self.state
-        if not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()):
+        if not torch.is_inference_mode_enabled():
             # eager's refusal of in-place writes to inference tensors (the params it would step:
             # those with a grad), before anything changes
             for gi, group in enumerate(self.param_groups):

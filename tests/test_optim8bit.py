@@ -1136,3 +1136,37 @@ def test_inference_param_outside_inference_mode_is_refused(cls):
     # an inference param without a grad is not stepped, so not refused (as eager)
     inf.grad = None
     opt.step()
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, SGD8bit])
+def test_compiled_training_step_runs_step_eagerly(cls):
+    """A compiled training step that calls step() (the whole step under torch.compile) runs
+    step() eagerly: no recompilation at every step (the step count, a Python int, is a kernel
+    argument; a traced step() recompiled on it), and the params of the eager loop."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    kw = dict(lr=1e-2, momentum=0.9) if cls is SGD8bit else dict(lr=1e-2)
+    opts = [cls(m.parameters(), **kw) for m in models]
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+
+    def make_step(m, opt):
+        def train_step():
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return train_step
+
+    eager = make_step(models[0], opts[0])
+    compiled = torch.compile(make_step(models[1], opts[1]), backend="eager")
+    compiled()  # the first call compiles; later calls must reuse what it compiled
+    eager()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):
+            compiled()
+            eager()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert opts[1].state[next(models[1].parameters())]["step"] == 5
+    torch._dynamo.reset()
