@@ -483,10 +483,11 @@ class BwdConfig:
 
 # Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; longer
 # ones the two passes, except rows padded to exactly twopass_block without a bias (one
-# kernel re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments (benchmark
-# sweeps): "rows,warps,stages[,per_sm]" (e.g. "1,16,2") the on-chip kernel's below
-# twopass_block, with the accumulator row (row_acc); "2p:rows,chunk,warps,stages" the first pass's from twopass_block up (there
-# for every row, the re-read rows included; below it ignored).
+# kernel re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments
+# (benchmark sweeps): "rows,warps,stages[,per_sm]" (e.g. "1,16,2") the on-chip kernel's below
+# twopass_block, with the accumulator row (row_acc); "2p:rows,chunk,warps,stages" the first
+# pass's from twopass_block up (there for every row, the re-read rows included; below it
+# ignored).
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
