@@ -560,7 +560,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_k
 // 32768 x 1024 backward 94.4 vs 98.6 µs); "pk8" / "pk16" 8 / 16 elements a thread for the
 // rows of n <= 4096 (default: 16 for n > 2048; H100, LN+GELU(tanh) bf16: 309 vs 335 µs at
 // 4096, 188 vs 178 at 2048; either also turns small_rows off); "small" the small_rows shape
-// for the rows of any n <= 2048.
+// for the rows of any n <= 2048; "sum8" 8 thread rows in the partial-row sum at every n.
 const std::string& bwd_mode() {
   static const std::string mode = [] {
     const char* v = std::getenv("FUSEDOPS_NORM_CUDA_BWD");
@@ -786,27 +786,29 @@ int dtype_code(ScalarType t) {
 }
 
 // out[j] = sum over i of part[i, j] in fp32, cast to the output dtype; blockIdx.y the output
-// (dW, dB). A block (32, kSumGroups) owns 32 columns: thread row g sums the partial rows
-// g, g + kSumGroups, ... in order, then thread row 0 adds the groups' sums in order.
-// Deterministic: no atomics, a fixed order per column. 8 groups (256 threads); H100, LN+GELU(tanh)
-// bf16 32768 rows: 32 groups (1024 threads) took 3.7 µs instead of 4.0 at N = 1024 but 11.1
-// instead of 5.5 at 8192 and 20.8 instead of 7.3-8.5 at 16384.
-constexpr int kSumGroups = 8;
-
-__global__ void __launch_bounds__(32 * kSumGroups) norm_partials_sum_kernel(const SumParams q) {
-  __shared__ float part_sum[kSumGroups][33];
+// (dW, dB). A block (32, kGroups) owns 32 columns: thread row g sums the partial rows
+// g, g + kGroups, ... in order, then thread row 0 adds the groups' sums in order.
+// Deterministic: no atomics, a fixed order per column. kGroups (sum_partials) by n: 32 for
+// n <= 1024, 16 up to 2048, else 8: more threads where there are few column blocks, fewer
+// where the last add's serial terms and the big blocks cost more than they gain. H100,
+// LN+GELU(tanh) bf16 32768 rows, the kernel in the fwd+bwd (528 partial rows): 4.1 µs against
+// 5.1 with 8 groups at 1024, 6.5 against 8.2 at 2048; a microbenchmark (L2 flushed, launch
+// included) had 32 groups at 13.0 against 9.8 µs at 4096 and 22.7 against 12.9 at 16384.
+template <int kGroups>
+__global__ void __launch_bounds__(32 * kGroups) norm_partials_sum_kernel(const SumParams q) {
+  __shared__ float part_sum[kGroups][33];
   const int which = blockIdx.y;
   const float* part = q.part[which];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float acc = 0.f;
   if (j < q.n)
-    for (int64_t i = threadIdx.y; i < q.p; i += kSumGroups) acc += part[i * q.n + j];
+    for (int64_t i = threadIdx.y; i < q.p; i += kGroups) acc += part[i * q.n + j];
   part_sum[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y != 0 || j >= q.n) return;
   acc = 0.f;
 #pragma unroll
-  for (int g = 0; g < kSumGroups; ++g) acc += part_sum[g][threadIdx.x];
+  for (int g = 0; g < kGroups; ++g) acc += part_sum[g][threadIdx.x];
   switch (q.dtype[which]) {
     case 0: static_cast<float*>(q.out[which])[j] = acc; break;
     case 1: static_cast<c10::Half*>(q.out[which])[j] = static_cast<c10::Half>(acc); break;
@@ -831,7 +833,11 @@ void sum_partials(const Tensor& dwp, Tensor& dw, bool sum_w, const Tensor& dbp, 
   torch::stable::accelerator::DeviceGuard guard(device);
   STD_TORCH_CHECK((n + 31) / 32 < (int64_t{1} << 31), "fusedops_C::norm_act_bwd (CUDA): hidden size too large");
   const dim3 grid(static_cast<unsigned>((n + 31) / 32), k);
-  norm_partials_sum_kernel<<<grid, dim3(32, kSumGroups), 0, current_stream(device)>>>(q);
+  cudaStream_t stream = current_stream(device);
+  const int groups = bwd_mode() == "sum8" ? 8 : (n <= 1024 ? 32 : (n <= 2048 ? 16 : 8));
+  if (groups == 32) norm_partials_sum_kernel<32><<<grid, dim3(32, 32), 0, stream>>>(q);
+  else if (groups == 16) norm_partials_sum_kernel<16><<<grid, dim3(32, 16), 0, stream>>>(q);
+  else norm_partials_sum_kernel<8><<<grid, dim3(32, 8), 0, stream>>>(q);
   FUSEDOPS_CHECK_LAUNCH();
 }
 
