@@ -421,6 +421,9 @@ def _rows_per_program(n_block: int, m: int) -> int:
 # `FUSEDOPS_NORM_FWD` ("rows,warps", e.g. "4,8") overrides the on-chip forward's launch shape
 # for experiments (bench/sweep_norm_bwd.py --fwd).
 _FWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_FWD")
+# `FUSEDOPS_NORM_FINALIZE` ("columns,partial rows,warps,stages") overrides the dW/dB partial-row
+# sum's launch shape, for experiments.
+_FINALIZE_OVERRIDE = os.environ.get("FUSEDOPS_NORM_FINALIZE")
 
 
 def fwd_shape(block: int, m: int) -> tuple[int, int]:
@@ -567,15 +570,27 @@ def _ctas_per_sm(kernel, key, num_warps: int, device: torch.device) -> int:
 def _finalize(dwp, dbp, dw, db, n: int) -> None:
     part = dwp if dwp is not None else dbp
     p = part.shape[0]
-    # columns a program: at most 64, fewer where that leaves SMs idle (N = 1024: 16 columns,
-    # 64 programs instead of 16)
-    block_c = min(next_power_of_2(n), 256 if INTERPRET else
-                  max(16, min(64, next_power_of_2(cdiv(n, sm_count(part.device))))))
-    block_p = min(64, next_power_of_2(p))
+    # Rows of n <= 4096: 16 columns a program (more programs), 32 partial rows a step, loads
+    # not pipelined; longer rows: 64 columns, 64 partial rows, pipelined 3 deep. H100,
+    # LN+GELU(tanh) bf16 32768 rows, the kernel in the fwd+bwd (656 / 391 / 263 partial rows
+    # at 1024 / 2048 / 4096) against the earlier shapes (16 / 16 / 32 columns, 64 partial
+    # rows, 3 stages): 6.9 / 5.2 / 5.1 µs against 7.2 / 5.3 / 8.5. bench/sweep_partials_sum.py
+    # (L2 flushed, launch included) had 32 columns the slowest at 4096: 16.6 µs against 11.1
+    # with 16 and 11.4 with 64.
+    if INTERPRET:
+        block_c, block_p, meta = min(next_power_of_2(n), 256), min(64, next_power_of_2(p)), dict(num_warps=4)
+    elif n <= 4096:
+        block_c, block_p, meta = 16, min(32, next_power_of_2(p)), dict(num_warps=4, num_stages=1)
+    else:
+        block_c, block_p, meta = 64, min(64, next_power_of_2(p)), dict(num_warps=4)
+    if _FINALIZE_OVERRIDE:
+        block_c, block_p, warps, stages = (int(t) for t in _FINALIZE_OVERRIDE.split(","))
+        meta = dict(num_warps=warps, num_stages=stages)
+    block_c = min(block_c, next_power_of_2(n))
     launch(partials_sum_kernel, (cdiv(n, block_c),),
         dwp if dwp is not None else dbp, dbp if dbp is not None else dwp, dw if dw is not None else db,
         db if db is not None else dw, p, n, HAS_W=dwp is not None, HAS_B=dbp is not None, BLOCK_P=block_p,
-        BLOCK_C=block_c, num_warps=4)
+        BLOCK_C=block_c, **meta)
 
 
 def _plan(kernel, args, meta, key, cfg, blocks: int, per: int, xs, m: int, n: int, dw, db):
