@@ -474,7 +474,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_k
             for (int e = 0; e < V; ++e) dx[e] += static_cast<float>(d[(col[k] + e) * p.sds1]);
           }
         }
-        store_pack<T, V>(static_cast<T*>(p.dx) + row * p.sdx + col[k], dx);
+        store_pack<T, V, (kCl > 1)>(static_cast<T*>(p.dx) + row * p.sdx + col[k], dx);
       }
     }
     if constexpr (kRing) {

@@ -3,8 +3,12 @@
 #pragma once
 #include "cuda_utils.cuh"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <algorithm>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 namespace fusedops {
@@ -145,12 +149,56 @@ __device__ __forceinline__ void load_pack(const T* p, float* out) {
   for (int k = 0; k < V; ++k) out[k] = static_cast<float>(v.v[k]);
 }
 
-template <typename T, int V>
+// Two floats rounded to T (16-bit) as the 32 bits of the pair, the first in the low half: one
+// conversion instruction (cvt.rn.bf16x2 / f16x2), the same rounding as static_cast<T>.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  uint32_t u;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    memcpy(&u, &h, 4);
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>, "pack2: 16-bit T");
+    const __half2 h = __floats2half2_rn(a, b);
+    memcpy(&u, &h, 4);
+  }
+  return u;
+}
+
+// 16 bytes to global memory in one st.global.v4 (p 16-byte aligned); the memory clobber keeps
+// the compiler's ordering of the store against other memory accesses.
+__device__ __forceinline__ void store16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
+// A packet of V elements from fp32. kVec: through store16 (inline PTX), for the cluster
+// backward (8192 < n <= 16384), whose plain dx stores the compiler split into 16-bit stores
+// (st.global.u16 / .v2.u16 in the PTX where a 16-byte packet was written: several store
+// instructions and partial-sector writes a packet). H100, LN+GELU(tanh) bf16 32768 x 16384:
+// backward 1490 µs against 1604-1630 (128 registers, as before). The forward's block kernel
+// has the same split stores at 4 and 8 packets a thread (the packets after the first two),
+// but the inline store there, built together with launch bounds of two blocks an SM, measured
+// slower (16384: 931 against 759 µs; 4096 / 8192, bounds only: 214 / 459 against 192 / 392)
+// and is not used; the other kernels' plain stores are whole.
+template <typename T, int V, bool kVec = false>
 __device__ __forceinline__ void store_pack(T* p, const float* in) {
-  Packed<T, V> v;
+  if constexpr (kVec && std::is_same_v<T, float> && V % 4 == 0) {
 #pragma unroll
-  for (int k = 0; k < V; ++k) v.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Packed<T, V>*>(p) = v;
+    for (int i = 0; i < V / 4; ++i)
+      store16(p + 4 * i, __float_as_uint(in[4 * i]), __float_as_uint(in[4 * i + 1]), __float_as_uint(in[4 * i + 2]),
+              __float_as_uint(in[4 * i + 3]));
+  } else if constexpr (kVec && sizeof(T) == 2 && V % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < V / 8; ++i) {
+      const float* f = in + 8 * i;
+      store16(p + 8 * i, pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+    }
+  } else {
+    Packed<T, V> v;
+#pragma unroll
+    for (int k = 0; k < V; ++k) v.v[k] = static_cast<T>(in[k]);
+    *reinterpret_cast<Packed<T, V>*>(p) = v;
+  }
 }
 
 // Launch shape for rows of n elements in packets of V: threads (a multiple of 32, at most
