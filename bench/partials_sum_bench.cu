@@ -4,7 +4,7 @@
 // (P, N) as the backward leaves them on an H100 for 32768 rows. cudaEvent times, launch
 // included, with L2 flushed before each launch (cold) and without (warm).
 //
-//     nvcc -O3 -arch=sm_90a -o /tmp/partials_sum_bench bench/partials_sum_bench.cu && /tmp/partials_sum_bench
+//     nvcc -O3 -arch=sm_90a -o partials_sum_bench bench/partials_sum_bench.cu && ./partials_sum_bench
 #include <cstdio>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>

@@ -1,8 +1,8 @@
 """Sweep the launch shapes of the Triton norm backward's dW/dB partial-row sum
 (`partials_sum_kernel`) on the (partial rows, N) that the real backward leaves on this GPU
 (LN+GELU(tanh), bf16, 32768 rows, N = 1024, 4096, 8192 by default): device time with L2
-flushed (triton.testing.do_bench, launch included), each candidate's dW checked against an
-fp64 sum of the partial rows.
+flushed (triton.testing.do_bench, launch included), each candidate's dW and dB checked
+against fp64 sums of the partial rows.
 
     python bench/sweep_partials_sum.py [--n 1024,4096,8192]
 
@@ -52,8 +52,9 @@ def main():
     args = ap.parse_args()
     for p, n in partial_shapes([int(t) for t in args.n.split(",")]):
         dwp, dbp = torch.randn(p, n, device="cuda"), torch.randn(p, n, device="cuda")
-        ref = dwp.double().sum(0)
-        dw, db = torch.empty(n, device="cuda", dtype=torch.bfloat16), torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        ref_w, ref_b = dwp.double().sum(0), dbp.double().sum(0)
+        dw = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        db = torch.empty_like(dw)
         res = []
         for cand in [None, *CANDIDATES]:
             if cand is None:
@@ -66,14 +67,16 @@ def main():
                 name = f"c{c} p{bp} w{w} s{s}"
                 fn = (lambda c=c, meta=meta: tn.partials_sum_kernel[(cdiv(n, c),)](dwp, dbp, dw, db, p, n, **meta))
             dw.fill_(float("nan"))
+            db.fill_(float("nan"))
             fn()
             torch.cuda.synchronize()
-            err = ((dw.double() - ref).abs() / (ref.abs() + 1)).max().item()
+            err = max(((out.double() - ref).abs() / (ref.abs() + 1)).max().item()
+                      for out, ref in ((dw, ref_w), (db, ref_b)))
             if not err < 1e-2:
                 print(f"WRONG {name}: {err}")
                 continue
             res.append((triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3, name))
-        default = next(t for t, nm in res if nm == "default")
+        default = next((t for t, nm in res if nm == "default"), float("nan"))
         res.sort()
         print(f"p={p} n={n}: default {default:.2f} us; best " + ", ".join(f"{t:.2f} {nm}" for t, nm in res[:5]))
         print("   all: " + ", ".join(f"{nm} {t:.2f}" for t, nm in sorted(res, key=lambda r: r[1])), flush=True)

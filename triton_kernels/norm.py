@@ -575,8 +575,8 @@ def _finalize(dwp, dbp, dw, db, n: int) -> None:
     # LN+GELU(tanh) bf16 32768 rows, the kernel in the fwd+bwd (656 / 391 / 263 partial rows
     # at 1024 / 2048 / 4096) against the earlier shapes (16 / 16 / 32 columns, 64 partial
     # rows, 3 stages): 6.9 / 5.2 / 5.1 µs against 7.2 / 5.3 / 8.5. bench/sweep_partials_sum.py
-    # (L2 flushed, launch included) had 32 columns the slowest at 4096: 16.6 µs against 11.1
-    # with 16 and 11.4 with 64.
+    # (L2 flushed, launch included) at 4096: the old shape 16.6 µs, 16 columns / 32 rows / 1
+    # stage 11.1, 64 / 64 / 1 11.4.
     if INTERPRET:
         block_c, block_p, meta = min(next_power_of_2(n), 256), min(64, next_power_of_2(p)), dict(num_warps=4)
     elif n <= 4096:

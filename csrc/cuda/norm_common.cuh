@@ -150,7 +150,8 @@ __device__ __forceinline__ void load_pack(const T* p, float* out) {
 }
 
 // Two floats rounded to T (16-bit) as the 32 bits of the pair, the first in the low half: one
-// conversion instruction (cvt.rn.bf16x2 / f16x2), the same rounding as static_cast<T>.
+// conversion instruction on sm_80+ (cvt.rn.bf16x2 / f16x2; F2FP...PACK_AB in SASS, as for
+// static_cast<T>: the same bits).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
   uint32_t u;
@@ -175,11 +176,11 @@ __device__ __forceinline__ void store16(void* p, uint32_t a, uint32_t b, uint32_
 // backward (8192 < n <= 16384), whose plain dx stores the compiler split into 16-bit stores
 // (st.global.u16 / .v2.u16 in the PTX where a 16-byte packet was written: several store
 // instructions and partial-sector writes a packet). H100, LN+GELU(tanh) bf16 32768 x 16384:
-// backward 1490 µs against 1604-1630 (128 registers, as before). The forward's block kernel
-// has the same split stores at 4 and 8 packets a thread (the packets after the first two),
-// but the inline store there, built together with launch bounds of two blocks an SM, measured
-// slower (16384: 931 against 759 µs; 4096 / 8192, bounds only: 214 / 459 against 192 / 392)
-// and is not used; the other kernels' plain stores are whole.
+// backward 1490 µs against 1602-1630 (128 registers, as before). The forward's block kernel
+// has the same split stores from 4 packets a thread (the packets after the first two), and
+// so has the pre-sm_90 16384 backward (kSmemAcc); neither uses kVec yet: in the forward the
+// inline store, built together with launch bounds of two blocks an SM, measured slower
+// (bench/NOTES.md, round 16), and the pre-sm_90 kernel has not been measured.
 template <typename T, int V, bool kVec = false>
 __device__ __forceinline__ void store_pack(T* p, const float* in) {
   if constexpr (kVec && std::is_same_v<T, float> && V % 4 == 0) {
