@@ -59,17 +59,19 @@ def main():
             fn = tn.norm_act_bwd_sums_kernel
             ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B")},
                     **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP", "C1", "C2")}}
-            consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, sdy_c=1, **flags)
+            consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, PREFETCH=cfg.prefetch,
+                          W_IN_LOOP=cfg.w_in_loop, sdy_c=1, **flags)
             what = "two-pass first pass"
         else:
             fn = tn.norm_act_bwd_kernel
             ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B", "DS", "DX")},
                     **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP")}}
             consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=False, STAGES=cfg.stages,
-                          W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc, sdy_c=1,
-                          **flags)
+                          W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc,
+                          PREFETCH=cfg.prefetch, sdy_c=1, **flags)
             what = "on-chip backward"
-        print(f"N={n}: {what}, {cfg.rows} x {cfg.block_n} on {cfg.num_warps} warps, {cfg.stages} stage(s): "
+        print(f"N={n}: {what}, {cfg.rows} x {cfg.block_n} on {cfg.num_warps} warps, {cfg.stages} stage(s)"
+              f"{', prefetch' if cfg.prefetch else ''}{', w/b per row' if cfg.w_in_loop else ''}: "
               f"{usage(fn, ptrs, consts, div16, cfg.num_warps, cfg.stages)}", flush=True)
 
 

@@ -6,6 +6,7 @@ path (rows longer than the on-chip block) is exercised on CPU by lowering the Tr
 config's max_block; the C++ CPU kernel has a single path for every N."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -177,20 +178,44 @@ def test_triton_bwd_partials(monkeypatch, kind):
         check(kind, "silu", (9, 300), torch.float32, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
+def test_triton_bwd_prefetch(monkeypatch, kind, prefetch):
+    """The on-chip backward with and without the next step's s and dy loaded ahead
+    (PREFETCH): 7 rows = 4 row blocks of 2 (the last one short) over 2 programs of 2 blocks
+    each: a program's prefetched tile is the one its next step uses, and the short last
+    block's rows past M stay masked."""
+    require("cpu", "triton")
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "row_elems", 2048)
+    monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)
+    config = tk.bwd_config
+    monkeypatch.setattr(tk, "bwd_config", lambda n, m, has_b=True, elem_bytes=2: dataclasses.replace(
+        config(n, m, has_b, elem_bytes), prefetch=prefetch))
+    cfg = tk.bwd_config(1000, 7)
+    assert cfg.rows == 2 and cfg.prefetch == prefetch and not cfg.twopass and not cfg.reload
+    with fusedops.use_backend("triton"):
+        check(kind, "gelu_tanh", (7, 1000), torch.bfloat16, torch.float32, "cpu")
+        check(kind, "relu", (5, 1000), torch.float32, torch.float32, "cpu", has_b=False)
+
+
+@pytest.mark.parametrize("opts", ["", "p", "pw"])
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 @pytest.mark.parametrize("n", [1000, 600])
-def test_triton_bwd_two_pass(monkeypatch, kind, n):
+def test_triton_bwd_two_pass(monkeypatch, kind, n, opts):
     """The two-pass backward (by default rows padded to 16384 or more), forced here at N ~
     1000 by a small twopass_block: 7 rows = 4 row blocks of 2 (the last one short) over 2
     programs of 2 blocks each, column chunks of 256 (4 at N = 1000, 3 at 600: N not a
-    multiple of the chunk)."""
+    multiple of the chunk); the first pass with the next block prefetched ("p") and w, b
+    re-read per block ("w")."""
     require("cpu", "triton")
     from fusedops.triton_kernels import norm as tk
     monkeypatch.setattr(tk.CONFIG, "twopass_block", 512)
     monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)
-    monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:2,256,4,1")
+    monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:2,256,4,1," + opts)
     cfg = tk.bwd_config(n, 7)
     assert cfg.twopass and cfg.block_n == 256 and cfg.rows == 2
+    assert cfg.prefetch == ("p" in opts) and cfg.w_in_loop == ("w" in opts)
     with fusedops.use_backend("triton"):
         check(kind, "gelu_tanh", (7, n), torch.bfloat16, torch.float32, "cpu")
         check(kind, "relu", (3, n), torch.float32, torch.float32, "cpu", has_b=False)

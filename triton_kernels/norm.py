@@ -213,11 +213,16 @@ def _load_param(P, cols, cmask, HAS: tl.constexpr):
 
 
 @triton.jit
-def _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, EVICT: tl.constexpr,
-              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
-    """(dz, xhat) of a tile of rows from s and dy; 0 outside mask."""
+def _bwd_load(XS, DY, rows64, cols, mask, sxs, sdy_r, sdy_c, EVICT: tl.constexpr):
+    """The raw (s, dy) tile of rows (their own dtypes); 0 outside mask."""
     x = tl.load(XS + rows64[:, None] * sxs + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
     dy = tl.load(DY + rows64[:, None] * sdy_r + cols[None, :] * sdy_c, mask=mask, other=0.0, eviction_policy=EVICT)
+    return x, dy
+
+
+@triton.jit
+def _bwd_math(x, dy, w, bias, mean, rstd, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
+    """(dz, xhat) of a loaded (s, dy) tile; 0 outside mask."""
     xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
     z = xhat
     if HAS_W:
@@ -229,18 +234,29 @@ def _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c
 
 
 @triton.jit
+def _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, EVICT: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
+    """(dz, xhat) of a tile of rows from s and dy; 0 outside mask."""
+    x, dy = _bwd_load(XS, DY, rows64, cols, mask, sxs, sdy_r, sdy_c, EVICT)
+    return _bwd_math(x, dy, w, bias, mean, rstd, mask, HAS_W, HAS_B, ACT)
+
+
+@triton.jit
 def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks_per_prog,
                         sdy_r, sdy_c, sxs, sds_r, sds_c, sdx,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
                         HAS_B: tl.constexpr, HAS_DS: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr,
-                        W_IN_LOOP: tl.constexpr, RELOAD: tl.constexpr, ROW_ACC: tl.constexpr):
+                        W_IN_LOOP: tl.constexpr, RELOAD: tl.constexpr, ROW_ACC: tl.constexpr,
+                        PREFETCH: tl.constexpr):
     # Persistent: program p owns the row blocks [p*blocks_per_prog, (p+1)*blocks_per_prog)
     # of ROWS rows each (a contiguous range of rows), reads s and dy once, writes dx once,
     # and accumulates dW = sum(dz*xhat), dB = sum(dz) in fp32 registers: ROW_ACC, one row
     # each (the step's rows summed as it goes: fewer registers, for tiles whose rows sit in
     # the same threads), else a ROWS x BLOCK_N tile each, summed at the end; then one row of
     # partials (fp32, or directly the parameter dtype when the grid is one program).
-    # w and b are loaded once per program; the loop's loads are pipelined STAGES deep.
+    # w and b are loaded once per program (W_IN_LOOP: every step); the loop's loads are
+    # pipelined STAGES deep, or (PREFETCH) the next step's s and dy are loaded into registers
+    # before this step's work.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -250,11 +266,23 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
     dw_acc = tl.zeros((BLOCK_N,) if ROW_ACC else (ROWS, BLOCK_N), tl.float32)
     db_acc = tl.zeros((BLOCK_N,) if ROW_ACC else (ROWS, BLOCK_N), tl.float32)
     first = pid * blocks_per_prog
+    if PREFETCH:
+        rows_n = first * ROWS + tl.arange(0, ROWS)
+        rmask_n = (rows_n < M) & (blocks_per_prog > 0)
+        rows64_n = rows_n.to(tl.int64)
+        x_n, dy_n = _bwd_load(XS, DY, rows64_n, cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r, sdy_c, "")
     for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
         rows = (first + i) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         rows64 = rows.to(tl.int64)
         mask = rmask[:, None] & cmask[None, :]
+        if PREFETCH:  # this step's tile was loaded by the previous one; load the next step's
+            x_t = x_n
+            dy_t = dy_n
+            rows_n = rows + ROWS
+            rmask_n = (rows_n < M) & (i + 1 < blocks_per_prog)
+            rows64_n = rows_n.to(tl.int64)
+            x_n, dy_n = _bwd_load(XS, DY, rows64_n, cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r, sdy_c, "")
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         if RMS:
             mean = tl.zeros((ROWS,), tl.float32)
@@ -266,9 +294,11 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
         else:
             wv = w
             bv = bias
-        # keep s and dy in L1 for the second read when RELOAD
-        dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c,
-                             "evict_last" if RELOAD else "", HAS_W, HAS_B, ACT)
+        if PREFETCH:
+            dz, xhat = _bwd_math(x_t, dy_t, wv, bv, mean, rstd, mask, HAS_W, HAS_B, ACT)
+        else:  # keep s and dy in L1 for the second read when RELOAD
+            dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c,
+                                 "evict_last" if RELOAD else "", HAS_W, HAS_B, ACT)
         if HAS_W:
             dw_acc += tl.sum(dz * xhat, axis=0) if ROW_ACC else dz * xhat
             g = dz * wv[None, :]
@@ -303,35 +333,56 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
 @triton.jit
 def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, blocks_per_prog, sdy_r, sdy_c, sxs,
                              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
-                             HAS_B: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr):
+                             HAS_B: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr,
+                             PREFETCH: tl.constexpr, W_IN_LOOP: tl.constexpr):
     # The two-pass backward's first pass (rows too long to hold beside their dW/dB
     # accumulators). Grid (P, column chunks): program (p, c) owns the row blocks
     # [p*blocks_per_prog, (p+1)*blocks_per_prog) of ROWS rows over the columns of chunk c,
     # accumulates dW/dB of those columns in fp32 registers (one partial row per p, written
     # at the end), and stores each row's two sums over its columns: C1[row, c] = sum(g),
-    # C2[row, c] = sum(g * xhat), g = dz * w (fp32, [M, chunks]).
+    # C2[row, c] = sum(g * xhat), g = dz * w (fp32, [M, chunks]). PREFETCH and W_IN_LOOP as
+    # in norm_act_bwd_kernel.
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     nchunks = tl.num_programs(1)
     cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    w = _load_param(W, cols, cmask, HAS_W)
-    bias = _load_param(B, cols, cmask, HAS_B)
+    if not W_IN_LOOP:
+        w = _load_param(W, cols, cmask, HAS_W)
+        bias = _load_param(B, cols, cmask, HAS_B)
     dw_acc = tl.zeros((BLOCK_N,), tl.float32)
     db_acc = tl.zeros((BLOCK_N,), tl.float32)
     first = pid * blocks_per_prog
+    if PREFETCH:
+        rows_n = first * ROWS + tl.arange(0, ROWS)
+        rmask_n = (rows_n < M) & (blocks_per_prog > 0)
+        x_n, dy_n = _bwd_load(XS, DY, rows_n.to(tl.int64), cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r,
+                              sdy_c, "")
     for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
         rows = (first + i) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         rows64 = rows.to(tl.int64)
         mask = rmask[:, None] & cmask[None, :]
+        if PREFETCH:
+            x_t = x_n
+            dy_t = dy_n
+            rows_n = rows + ROWS
+            rmask_n = (rows_n < M) & (i + 1 < blocks_per_prog)
+            x_n, dy_n = _bwd_load(XS, DY, rows_n.to(tl.int64), cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r,
+                                  sdy_c, "")
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         if RMS:
             mean = tl.zeros((ROWS,), tl.float32)
         else:
             mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
-        dz, xhat = _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, "",
-                             HAS_W, HAS_B, ACT)
+        if W_IN_LOOP:
+            w = _load_param(W, cols, cmask, HAS_W)
+            bias = _load_param(B, cols, cmask, HAS_B)
+        if PREFETCH:
+            dz, xhat = _bwd_math(x_t, dy_t, w, bias, mean, rstd, mask, HAS_W, HAS_B, ACT)
+        else:
+            dz, xhat = _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, "",
+                                 HAS_W, HAS_B, ACT)
         if HAS_W:
             dw_acc += tl.sum(dz * xhat, axis=0)
             g = dz * w[None, :]
@@ -482,33 +533,45 @@ class BwdConfig:
     per_sm: int = 0         # > 0: at most this many programs an SM (fewer dW/dB partial rows); 0: as
     #                         many as are resident
     row_acc: bool = False   # one dW/dB accumulator row summed over each step's rows, not a tile
+    prefetch: bool = False  # the next step's s and dy loaded into registers before this step's work
 
 
 # Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; longer
 # ones the two passes, except rows padded to exactly twopass_block without a bias (one
 # kernel re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments
-# (benchmark sweeps): "rows,warps,stages[,per_sm]" (e.g. "1,16,2") the on-chip kernel's below
-# twopass_block, with the accumulator row (row_acc); "2p:rows,chunk,warps,stages" the first
+# (benchmark sweeps): "rows,warps,stages[,per_sm[,opts]]" (e.g. "1,16,2", "1,8,1,0,pw") the
+# on-chip kernel's below twopass_block, with the accumulator row (row_acc), opts "p" prefetch,
+# "w" w_in_loop; "2p:rows,chunk,warps,stages" the first
 # pass's from twopass_block up (there for every row, the re-read rows included; below it
 # ignored).
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
 
-def twopass_config(n: int, m: int) -> BwdConfig:
+def twopass_config(n: int, m: int, elem_bytes: int = 2) -> BwdConfig:
     """First-pass shape of the two-pass backward: 1 row x 4096 columns a step on 8 warps (16
-    elements a thread), loads pipelined 2 deep; `FUSEDOPS_NORM_BWD` "2p:rows,block,warps,stages"
-    overrides it."""
+    elements a thread); for 16-bit s and dy the next row's chunk prefetched into registers
+    (H100, LN+GELU(tanh) bf16 32768 x 16384, 2026-12-05: first pass 1082.0 µs against 1298.5
+    with loads pipelined 2 deep, 1195.3 with w and b re-read per row as well, 1402.7 on 16
+    warps), else loads pipelined 2 deep; `FUSEDOPS_NORM_BWD`
+    "2p:rows,block,warps,stages[,opts]" overrides it."""
     if _BWD_OVERRIDE and _BWD_OVERRIDE.startswith("2p:"):
-        r, blk, w, st = (int(t) for t in _BWD_OVERRIDE[3:].split(","))
+        fields = _BWD_OVERRIDE[3:].split(",")
+        r, blk, w, st = (int(t) for t in fields[:4])
+        opts = fields[4] if len(fields) > 4 else ""  # "p": prefetch, "w": w/b re-read per step
         return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=min(blk, next_power_of_2(n)),
-                         num_warps=w, stages=st, twopass=True)
+                         num_warps=w, stages=st, twopass=True, prefetch="p" in opts, w_in_loop="w" in opts)
     block = min(next_power_of_2(n), 4096)
-    return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else max(1, min(8, block // 512)),
-                     stages=1 if INTERPRET else 2, twopass=True)
+    if INTERPRET:
+        return BwdConfig(rows=1, block_n=block, num_warps=4, twopass=True)
+    prefetch = elem_bytes <= 2
+    return BwdConfig(rows=1, block_n=block, num_warps=max(1, min(8, block // 512)), stages=1 if prefetch else 2,
+                     twopass=True, prefetch=prefetch)
 
 
-def bwd_config(n: int, m: int, has_b: bool = True) -> BwdConfig:
+def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdConfig:
+    """Launch shape of the backward for rows of n, m rows, with or without a bias;
+    elem_bytes: the wider element of s and dy (the prefetch holds one more tile of each)."""
     block = next_power_of_2(n)
     two_pass_forced = (_BWD_OVERRIDE or "").startswith("2p:")  # (a sweep of the first pass)
     if block == CONFIG.twopass_block and not has_b and not two_pass_forced:
@@ -517,13 +580,16 @@ def bwd_config(n: int, m: int, has_b: bool = True) -> BwdConfig:
         return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, stages=2, reload=True,
                          w_in_loop=True)
     if block >= CONFIG.twopass_block:
-        return twopass_config(n, m)
+        return twopass_config(n, m, elem_bytes)
     if _BWD_OVERRIDE and not INTERPRET and not two_pass_forced:
-        r, w, st, ps = ([int(t) for t in _BWD_OVERRIDE.split(",")] + [0])[:4]  # per_sm 0 unless given
+        fields = _BWD_OVERRIDE.split(",")
+        r, w, st, ps = ([int(t) for t in fields[:4]] + [0])[:4]  # per_sm 0 unless given
+        opts = fields[4] if len(fields) > 4 else ""  # "p": prefetch, "w": w/b re-read per step
         return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
-                         per_sm=ps, row_acc=True)
-    if INTERPRET:  # (both accumulator forms under test)
-        return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4, row_acc=block >= 512)
+                         per_sm=ps, row_acc=True, prefetch="p" in opts, w_in_loop="w" in opts)
+    if INTERPRET:  # (both accumulator forms, and both load forms, under test)
+        return BwdConfig(rows=_rows_per_program(block, m), block_n=block, num_warps=4, row_acc=block >= 512,
+                         prefetch=block >= 1024)
     if 512 <= block <= 2048 and m * n > SMALL_BWD_ELEMS:
         # 4 warps, loads pipelined 2 deep, 1 row of 512 or 2 of 1024-2048, one accumulator row:
         # 4 warps x 32 lanes x 8 bf16 span 1024 columns, so the tile's rows sit in the same
@@ -535,10 +601,20 @@ def bwd_config(n: int, m: int, has_b: bool = True) -> BwdConfig:
         # 2048 and 104 at 1024 (now 174 and 92).
         rows = min(2 if block >= 1024 else 1, next_power_of_2(max(m, 1)))
         return BwdConfig(rows=rows, block_n=block, num_warps=4, stages=2, row_acc=True)
+    if block in (4096, 8192) and elem_bytes <= 2:
+        # 1 row on 8 / 16 warps (16 elements a thread), the next row's s and dy loaded into
+        # registers before this row's work (2 stages instead: 153 registers at 4096, one
+        # program an SM); at 4096 w and b re-read per row (128 registers: two programs an SM;
+        # held, 165). H100, LN+GELU(tanh) bf16 32768 rows, backward kernel (2026-12-05):
+        # 4096 345.3 µs against 391.3 without the prefetch, 8192 620.4 against 843.8
+        # (with w and b re-read: 686.1). fp32 rows keep the shapes below (4096: 183 registers,
+        # 8192: spills).
+        return BwdConfig(rows=1, block_n=block, num_warps=block // 512, row_acc=True, prefetch=True,
+                         w_in_loop=block == 4096)
     # Below 512 (rows spread over warps) and small problems (one program: more rows a step,
     # fewer steps): 16 elements a thread (two 16-byte loads of bf16), ROWS x BLOCK_N ~ 2048 up
-    # to 1024 and 4096 above, an accumulator tile. 4096 / 8192: 1 row on 8 / 16 warps (65% of
-    # copy; 2 stages measured no faster).
+    # to 1024 and 4096 above, an accumulator tile. 4096 / 8192 with fp32 rows: 1 row on 8 / 16
+    # warps (65% of copy with bf16 before the prefetch; 2 stages measured no faster).
     tile = max(2048 if block <= 1024 else 4096, block)
     rows = min(tile // block, next_power_of_2(max(m, 1)))
     return BwdConfig(rows=rows, block_n=block, num_warps=min(32, tile // 512))
@@ -630,8 +706,8 @@ def _bwd_twopass(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m: int, n: int) 
     c1 = xs.new_empty((m, nchunks), dtype=torch.float32) if not flags["RMS"] else rstd
     c2 = xs.new_empty((m, nchunks), dtype=torch.float32)
     args = [*ptrs, rstd, rstd, c1, c2, m, n, 2, dy.stride(0), dy.stride(1), xs.stride(0)]
-    meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, num_warps=cfg.num_warps,
-                num_stages=cfg.stages, **flags)
+    meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, PREFETCH=cfg.prefetch,
+                W_IN_LOOP=cfg.w_in_loop, num_warps=cfg.num_warps, num_stages=cfg.stages, **flags)
     key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ptrs[2].dtype, ptrs[3].dtype, tuple(sorted(flags.items())),
            xs.device.index)
     p, bpp, dwp, dbp = _plan(norm_act_bwd_sums_kernel, args, meta, key, cfg, blocks, nchunks, xs, m, n, dw, db)
@@ -664,7 +740,7 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             mean if mean is not None else dummy, rstd)
     flags = dict(RMS=rms, HAS_W=w is not None, HAS_B=b is not None, ACT=ACT_CODES[act])
     sds = (ds.stride(0), ds.stride(1)) if ds is not None else (0, 0)
-    cfg = bwd_config(n, m, b is not None)
+    cfg = bwd_config(n, m, b is not None, max(xs.element_size(), dy.element_size()))
     if cfg.twopass:
         _bwd_twopass(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m, n)
         return dw, db
@@ -673,7 +749,8 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
             dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
     kernel = norm_act_bwd_kernel
     meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=ds is not None, STAGES=cfg.stages,
-                W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc, num_warps=cfg.num_warps,
+                W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc, PREFETCH=cfg.prefetch,
+                num_warps=cfg.num_warps,
                 num_stages=cfg.stages, **flags)
     key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, w is not None and w.dtype,
            b is not None and b.dtype, tuple(sorted(flags.items())), xs.device.index)
