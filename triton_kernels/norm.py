@@ -17,7 +17,9 @@ contiguous range of row blocks (ROWS x BLOCK_N tiles, 4-32 elements a thread), r
 and dy once and writing dx once, accumulating dW = sum(dz * xhat), dB = sum(dz) in fp32
 registers and writing one partial row; `partials_sum_kernel` sums the P partial rows in a
 fixed order (deterministic, no atomics). Small problems run one program that writes dW/dB
-directly. Rows padded to `CONFIG.twopass_block` (16384) or more do not fit the registers
+directly. For 16-bit rows of 4096 and 8192 (and the first of the two passes below) each
+program loads the next row's s and dy into registers before it reduces and writes the
+current one (PREFETCH; two pipeline stages would cost a program an SM). Rows padded to `CONFIG.twopass_block` (16384) or more do not fit the registers
 beside their dW/dB accumulators: without a bias, rows of 16384 re-read the row from L1/L2
 for dx (RELOAD); the others take two passes, `norm_act_bwd_sums_kernel` (dW/dB
 partials and each row's sums over column chunks) then `norm_act_bwd_dx_kernel` (dx), s
