@@ -543,7 +543,7 @@ class BwdConfig:
 # kernel re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments
 # (benchmark sweeps): "rows,warps,stages[,per_sm[,opts]]" (e.g. "1,16,2", "1,8,1,0,pw") the
 # on-chip kernel's below twopass_block, with the accumulator row (row_acc), opts "p" prefetch,
-# "w" w_in_loop; "2p:rows,chunk,warps,stages" the first
+# "w" w_in_loop; "2p:rows,chunk,warps,stages[,opts]" (the same opts) the first
 # pass's from twopass_block up (there for every row, the re-read rows included; below it
 # ignored).
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly

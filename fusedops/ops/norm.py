@@ -55,12 +55,12 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 # 120 vs 96 at 2048, 191 vs 187 at 4096, 390 vs 387 at 8192, 756 vs 728 at 16384, and on a
 # launch-bound call (16x4096) 35 vs 115 µs of host wall — CUDA C++ up to N = 8192; backward
 # CUDA C++ vs Triton 309 vs 393 at 4096, 595 vs 840 at 8192 — CUDA C++ up to N = 8192, and up
-# to 16384 for norms with a bias (_bwd_size). Kept where Triton's backward became the faster or
-# equal on the device (H100, 2026-12-05: 92 vs 100 µs with the dW/dB sum at 1024, 174 vs 182
-# at 2048; with its next-row prefetch, the fwd+bwd graph 999 vs 1005 at 8192; at 4096 CUDA
-# C++ stays ahead, 511 vs 540):
-# its launches cost more host time (16 x 4096 fwd+bwd: 367 vs 256 µs a call), which decides
-# small models' steps.
+# to 16384 for norms with a bias (_bwd_size). Kept where Triton's backward became the faster on
+# the device (H100, 2026-12-05: 92 vs 100 µs with the dW/dB sum at 1024, 174 vs 182 at 2048;
+# with its next-row prefetch it comes within ~2% at 8192, 620-630 µs, and stays behind at
+# 4096, fwd+bwd 540 vs 511): its launches cost more host time (16 x 4096 fwd+bwd: 170 vs 128 µs
+# a call, eager 106; bench/results/h100-2026-12-05-r5/run3-bench-norm.txt), which decides small
+# models' steps.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=("cuda", 8192)) for op in FWD_OPS}
