@@ -199,6 +199,36 @@ def test_triton_bwd_prefetch(monkeypatch, kind, prefetch):
         check(kind, "relu", (5, 1000), torch.float32, torch.float32, "cpu", has_b=False)
 
 
+@pytest.mark.parametrize("kind", ["ln", "add_rms"])
+def test_triton_bwd_prefetch_same_bits(monkeypatch, kind):
+    """The prefetch moves loads, not arithmetic: dx, dresidual, dW and dB are the same bits
+    with and without it (interpreter; several programs, several steps a program)."""
+    require("cpu", "triton")
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "row_elems", 2048)
+    monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)
+    config = tk.bwd_config
+    n = 1000
+    x, r, dy, ds = (torch.randn(7, n).to(torch.bfloat16) for _ in range(4))
+    w, b = torch.rand(n) + 0.5, 0.5 * torch.randn(n)
+    grads = []
+    for prefetch in (False, True):
+        monkeypatch.setattr(tk, "bwd_config", lambda n, m, has_b=True, elem_bytes=2, pf=prefetch: dataclasses.replace(
+            config(n, m, has_b, elem_bytes), prefetch=pf))
+        leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        with fusedops.use_backend("triton"):
+            y, s = _ours(kind, *leaves, 1e-5, "gelu_tanh")
+        torch.autograd.backward([y] + ([s] if s is not None else []), [dy] + ([ds] if s is not None else []))
+        grads.append([t.grad for t in leaves])
+    used = 0
+    for off, on in zip(*grads):
+        assert (off is None) == (on is None)
+        if off is not None:
+            assert torch.equal(off, on)
+            used += 1
+    assert used == 3  # ln: x, w, b; add_rms: x, r, w
+
+
 @pytest.mark.parametrize("opts", ["", "p", "pw"])
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 @pytest.mark.parametrize("n", [1000, 600])
