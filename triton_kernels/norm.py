@@ -223,6 +223,13 @@ def _bwd_load(XS, DY, rows64, cols, mask, sxs, sdy_r, sdy_c, EVICT: tl.constexpr
 
 
 @triton.jit
+def _load_rows(XS, DY, rows, valid, M, cols, cmask, sxs, sdy_r, sdy_c):
+    """The raw (s, dy) tile of `rows` where `valid` and inside M, 0 elsewhere (the prefetch)."""
+    rmask = (rows < M) & valid
+    return _bwd_load(XS, DY, rows.to(tl.int64), cols, rmask[:, None] & cmask[None, :], sxs, sdy_r, sdy_c, "")
+
+
+@triton.jit
 def _bwd_math(x, dy, w, bias, mean, rstd, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
     """(dz, xhat) of a loaded (s, dy) tile; 0 outside mask."""
     xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
@@ -269,10 +276,8 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
     db_acc = tl.zeros((BLOCK_N,) if ROW_ACC else (ROWS, BLOCK_N), tl.float32)
     first = pid * blocks_per_prog
     if PREFETCH:
-        rows_n = first * ROWS + tl.arange(0, ROWS)
-        rmask_n = (rows_n < M) & (blocks_per_prog > 0)
-        rows64_n = rows_n.to(tl.int64)
-        x_n, dy_n = _bwd_load(XS, DY, rows64_n, cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r, sdy_c, "")
+        x_n, dy_n = _load_rows(XS, DY, first * ROWS + tl.arange(0, ROWS), blocks_per_prog > 0, M, cols, cmask,
+                               sxs, sdy_r, sdy_c)
     for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
         rows = (first + i) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
@@ -281,10 +286,7 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
         if PREFETCH:  # this step's tile was loaded by the previous one; load the next step's
             x_t = x_n
             dy_t = dy_n
-            rows_n = rows + ROWS
-            rmask_n = (rows_n < M) & (i + 1 < blocks_per_prog)
-            rows64_n = rows_n.to(tl.int64)
-            x_n, dy_n = _bwd_load(XS, DY, rows64_n, cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r, sdy_c, "")
+            x_n, dy_n = _load_rows(XS, DY, rows + ROWS, i + 1 < blocks_per_prog, M, cols, cmask, sxs, sdy_r, sdy_c)
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         if RMS:
             mean = tl.zeros((ROWS,), tl.float32)
@@ -356,10 +358,8 @@ def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, b
     db_acc = tl.zeros((BLOCK_N,), tl.float32)
     first = pid * blocks_per_prog
     if PREFETCH:
-        rows_n = first * ROWS + tl.arange(0, ROWS)
-        rmask_n = (rows_n < M) & (blocks_per_prog > 0)
-        x_n, dy_n = _bwd_load(XS, DY, rows_n.to(tl.int64), cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r,
-                              sdy_c, "")
+        x_n, dy_n = _load_rows(XS, DY, first * ROWS + tl.arange(0, ROWS), blocks_per_prog > 0, M, cols, cmask,
+                               sxs, sdy_r, sdy_c)
     for i in tl.range(0, blocks_per_prog, num_stages=STAGES):
         rows = (first + i) * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
@@ -368,10 +368,7 @@ def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, b
         if PREFETCH:
             x_t = x_n
             dy_t = dy_n
-            rows_n = rows + ROWS
-            rmask_n = (rows_n < M) & (i + 1 < blocks_per_prog)
-            x_n, dy_n = _bwd_load(XS, DY, rows_n.to(tl.int64), cols, rmask_n[:, None] & cmask[None, :], sxs, sdy_r,
-                                  sdy_c, "")
+            x_n, dy_n = _load_rows(XS, DY, rows + ROWS, i + 1 < blocks_per_prog, M, cols, cmask, sxs, sdy_r, sdy_c)
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         if RMS:
             mean = tl.zeros((ROWS,), tl.float32)
