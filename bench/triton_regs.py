@@ -59,8 +59,8 @@ def main():
             fn = tn.norm_act_bwd_sums_kernel
             ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B")},
                     **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP", "C1", "C2")}}
-            consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, PREFETCH=cfg.prefetch,
-                          W_IN_LOOP=cfg.w_in_loop, sdy_c=1, **flags)
+            consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, PREFETCH=cfg.prefetch, sdy_c=1,
+                          **flags)
             what = "two-pass first pass"
         else:
             fn = tn.norm_act_bwd_kernel

@@ -178,6 +178,18 @@ def test_triton_bwd_partials(monkeypatch, kind):
         check(kind, "silu", (9, 300), torch.float32, torch.float32, "cpu")
 
 
+def _force_prefetch(monkeypatch, prefetch: bool):
+    """The Triton on-chip backward with (or without) PREFETCH, in 2-row blocks over 2 programs
+    under the interpreter; returns the Triton norm module."""
+    from fusedops.triton_kernels import norm as tk
+    monkeypatch.setattr(tk.CONFIG, "row_elems", 2048)
+    monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)
+    config = tk.bwd_config  # (a second call wraps the first wrapper: the outer prefetch wins)
+    monkeypatch.setattr(tk, "bwd_config", lambda n, m, has_b=True, elem_bytes=2: dataclasses.replace(
+        config(n, m, has_b, elem_bytes), prefetch=prefetch))
+    return tk
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 def test_triton_bwd_prefetch(monkeypatch, kind, prefetch):
@@ -186,12 +198,7 @@ def test_triton_bwd_prefetch(monkeypatch, kind, prefetch):
     each: a program's prefetched tile is the one its next step uses, and the short last
     block's rows past M stay masked."""
     require("cpu", "triton")
-    from fusedops.triton_kernels import norm as tk
-    monkeypatch.setattr(tk.CONFIG, "row_elems", 2048)
-    monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)
-    config = tk.bwd_config
-    monkeypatch.setattr(tk, "bwd_config", lambda n, m, has_b=True, elem_bytes=2: dataclasses.replace(
-        config(n, m, has_b, elem_bytes), prefetch=prefetch))
+    tk = _force_prefetch(monkeypatch, prefetch)
     cfg = tk.bwd_config(1000, 7)
     assert cfg.rows == 2 and cfg.prefetch == prefetch and not cfg.twopass and not cfg.reload
     with fusedops.use_backend("triton"):
@@ -204,17 +211,12 @@ def test_triton_bwd_prefetch_same_bits(monkeypatch, kind):
     """The prefetch moves loads, not arithmetic: dx, dresidual, dW and dB are the same bits
     with and without it (interpreter; several programs, several steps a program)."""
     require("cpu", "triton")
-    from fusedops.triton_kernels import norm as tk
-    monkeypatch.setattr(tk.CONFIG, "row_elems", 2048)
-    monkeypatch.setattr(tk.CONFIG, "interp_programs", 2)
-    config = tk.bwd_config
     n = 1000
     x, r, dy, ds = (torch.randn(7, n).to(torch.bfloat16) for _ in range(4))
     w, b = torch.rand(n) + 0.5, 0.5 * torch.randn(n)
     grads = []
     for prefetch in (False, True):
-        monkeypatch.setattr(tk, "bwd_config", lambda n, m, has_b=True, elem_bytes=2, pf=prefetch: dataclasses.replace(
-            config(n, m, has_b, elem_bytes), prefetch=pf))
+        assert _force_prefetch(monkeypatch, prefetch).bwd_config(n, 7).prefetch == prefetch
         leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
         with fusedops.use_backend("triton"):
             y, s = _ours(kind, *leaves, 1e-5, "gelu_tanh")
@@ -229,15 +231,14 @@ def test_triton_bwd_prefetch_same_bits(monkeypatch, kind):
     assert used == 3  # ln: x, w, b; add_rms: x, r, w
 
 
-@pytest.mark.parametrize("opts", ["", "p", "pw"])
+@pytest.mark.parametrize("opts", ["", "p"])
 @pytest.mark.parametrize("kind", ["ln", "rms", "add_ln_", "add_rms"])
 @pytest.mark.parametrize("n", [1000, 600])
 def test_triton_bwd_two_pass(monkeypatch, kind, n, opts):
     """The two-pass backward (by default rows padded to 16384 or more), forced here at N ~
     1000 by a small twopass_block: 7 rows = 4 row blocks of 2 (the last one short) over 2
     programs of 2 blocks each, column chunks of 256 (4 at N = 1000, 3 at 600: N not a
-    multiple of the chunk); the first pass with the next block prefetched ("p") and w, b
-    re-read per block ("w")."""
+    multiple of the chunk); the first pass with and without the next block prefetched."""
     require("cpu", "triton")
     from fusedops.triton_kernels import norm as tk
     monkeypatch.setattr(tk.CONFIG, "twopass_block", 512)
@@ -245,7 +246,7 @@ def test_triton_bwd_two_pass(monkeypatch, kind, n, opts):
     monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:2,256,4,1," + opts)
     cfg = tk.bwd_config(n, 7)
     assert cfg.twopass and cfg.block_n == 256 and cfg.rows == 2
-    assert cfg.prefetch == ("p" in opts) and cfg.w_in_loop == ("w" in opts)
+    assert cfg.prefetch == ("p" in opts)
     with fusedops.use_backend("triton"):
         check(kind, "gelu_tanh", (7, n), torch.bfloat16, torch.float32, "cpu")
         check(kind, "relu", (3, n), torch.float32, torch.float32, "cpu", has_b=False)

@@ -338,22 +338,21 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
 def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, blocks_per_prog, sdy_r, sdy_c, sxs,
                              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
                              HAS_B: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr,
-                             PREFETCH: tl.constexpr, W_IN_LOOP: tl.constexpr):
+                             PREFETCH: tl.constexpr):
     # The two-pass backward's first pass (rows too long to hold beside their dW/dB
     # accumulators). Grid (P, column chunks): program (p, c) owns the row blocks
     # [p*blocks_per_prog, (p+1)*blocks_per_prog) of ROWS rows over the columns of chunk c,
     # accumulates dW/dB of those columns in fp32 registers (one partial row per p, written
     # at the end), and stores each row's two sums over its columns: C1[row, c] = sum(g),
-    # C2[row, c] = sum(g * xhat), g = dz * w (fp32, [M, chunks]). PREFETCH and W_IN_LOOP as
-    # in norm_act_bwd_kernel.
+    # C2[row, c] = sum(g * xhat), g = dz * w (fp32, [M, chunks]). PREFETCH as in
+    # norm_act_bwd_kernel.
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     nchunks = tl.num_programs(1)
     cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    if not W_IN_LOOP:
-        w = _load_param(W, cols, cmask, HAS_W)
-        bias = _load_param(B, cols, cmask, HAS_B)
+    w = _load_param(W, cols, cmask, HAS_W)
+    bias = _load_param(B, cols, cmask, HAS_B)
     dw_acc = tl.zeros((BLOCK_N,), tl.float32)
     db_acc = tl.zeros((BLOCK_N,), tl.float32)
     first = pid * blocks_per_prog
@@ -374,9 +373,6 @@ def norm_act_bwd_sums_kernel(DY, XS, W, B, MEAN, RSTD, DWP, DBP, C1, C2, M, N, b
             mean = tl.zeros((ROWS,), tl.float32)
         else:
             mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
-        if W_IN_LOOP:
-            w = _load_param(W, cols, cmask, HAS_W)
-            bias = _load_param(B, cols, cmask, HAS_B)
         if PREFETCH:
             dz, xhat = _bwd_math(x_t, dy_t, w, bias, mean, rstd, mask, HAS_W, HAS_B, ACT)
         else:
@@ -540,11 +536,18 @@ class BwdConfig:
 # kernel re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments
 # (benchmark sweeps): "rows,warps,stages[,per_sm[,opts]]" (e.g. "1,16,2", "1,8,1,0,pw") the
 # on-chip kernel's below twopass_block, with the accumulator row (row_acc), opts "p" prefetch,
-# "w" w_in_loop; "2p:rows,chunk,warps,stages[,opts]" (the same opts) the first
+# "w" w_in_loop; "2p:rows,chunk,warps,stages[,p]" (p: prefetch) the first
 # pass's from twopass_block up (there for every row, the re-read rows included; below it
 # ignored).
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
+
+
+def _override_fields(text: str) -> tuple[list[int], str]:
+    """The integer fields of a FUSEDOPS_NORM_BWD shape and its option letters (a fifth field
+    after four integers, "" if none)."""
+    fields = text.split(",")
+    return [int(t) for t in fields[:4]], (fields[4] if len(fields) > 4 else "")
 
 
 def twopass_config(n: int, m: int, elem_bytes: int = 2) -> BwdConfig:
@@ -555,11 +558,9 @@ def twopass_config(n: int, m: int, elem_bytes: int = 2) -> BwdConfig:
     warps), else loads pipelined 2 deep; `FUSEDOPS_NORM_BWD`
     "2p:rows,block,warps,stages[,opts]" overrides it."""
     if _BWD_OVERRIDE and _BWD_OVERRIDE.startswith("2p:"):
-        fields = _BWD_OVERRIDE[3:].split(",")
-        r, blk, w, st = (int(t) for t in fields[:4])
-        opts = fields[4] if len(fields) > 4 else ""  # "p": prefetch, "w": w/b re-read per step
+        (r, blk, w, st), opts = _override_fields(_BWD_OVERRIDE[3:])
         return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=min(blk, next_power_of_2(n)),
-                         num_warps=w, stages=st, twopass=True, prefetch="p" in opts, w_in_loop="w" in opts)
+                         num_warps=w, stages=st, twopass=True, prefetch="p" in opts)
     block = min(next_power_of_2(n), 4096)
     if INTERPRET:
         return BwdConfig(rows=1, block_n=block, num_warps=4, twopass=True)
@@ -581,9 +582,8 @@ def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdCo
     if block >= CONFIG.twopass_block:
         return twopass_config(n, m, elem_bytes)
     if _BWD_OVERRIDE and not INTERPRET and not two_pass_forced:
-        fields = _BWD_OVERRIDE.split(",")
-        r, w, st, ps = ([int(t) for t in fields[:4]] + [0])[:4]  # per_sm 0 unless given
-        opts = fields[4] if len(fields) > 4 else ""  # "p": prefetch, "w": w/b re-read per step
+        ints, opts = _override_fields(_BWD_OVERRIDE)  # opts "p": prefetch, "w": w/b re-read per step
+        r, w, st, ps = (ints + [0])[:4]  # per_sm 0 unless given
         return BwdConfig(rows=min(r, next_power_of_2(max(m, 1))), block_n=block, num_warps=w, stages=st,
                          per_sm=ps, row_acc=True, prefetch="p" in opts, w_in_loop="w" in opts)
     if INTERPRET:  # (both accumulator forms, and both load forms, under test)
@@ -706,7 +706,7 @@ def _bwd_twopass(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m: int, n: int) 
     c2 = xs.new_empty((m, nchunks), dtype=torch.float32)
     args = [*ptrs, rstd, rstd, c1, c2, m, n, 2, dy.stride(0), dy.stride(1), xs.stride(0)]
     meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, PREFETCH=cfg.prefetch,
-                W_IN_LOOP=cfg.w_in_loop, num_warps=cfg.num_warps, num_stages=cfg.stages, **flags)
+                num_warps=cfg.num_warps, num_stages=cfg.stages, **flags)
     key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ptrs[2].dtype, ptrs[3].dtype, tuple(sorted(flags.items())),
            xs.device.index)
     p, bpp, dwp, dbp = _plan(norm_act_bwd_sums_kernel, args, meta, key, cfg, blocks, nchunks, xs, m, n, dw, db)
