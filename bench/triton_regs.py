@@ -62,13 +62,19 @@ def main():
             consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, STAGES=cfg.stages, PREFETCH=cfg.prefetch, sdy_c=1,
                           **flags)
             what = "two-pass first pass"
+        elif cfg.split > 1:
+            fn = tn.norm_act_bwd_split_kernel
+            ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B", "DS", "DX")},
+                    **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP")}, "XCH": "*i64"}
+            consts = dict(BLOCK_N=cfg.block_n, HAS_DS=False, SPLIT=cfg.split, W_IN_LOOP=cfg.w_in_loop, sdy_c=1,
+                          **flags)
+            what = f"split, {cfg.split} programs a row"
         else:
             fn = tn.norm_act_bwd_kernel
             ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B", "DS", "DX")},
                     **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP")}}
             consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=False, STAGES=cfg.stages,
-                          W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc,
-                          PREFETCH=cfg.prefetch, sdy_c=1, **flags)
+                          W_IN_LOOP=cfg.w_in_loop, ROW_ACC=cfg.row_acc, PREFETCH=cfg.prefetch, sdy_c=1, **flags)
             what = "on-chip backward"
         print(f"N={n}: {what}, {cfg.rows} x {cfg.block_n} on {cfg.num_warps} warps, {cfg.stages} stage(s)"
               f"{', prefetch' if cfg.prefetch else ''}{', w/b per row' if cfg.w_in_loop else ''}: "

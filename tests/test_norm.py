@@ -200,7 +200,7 @@ def test_triton_bwd_prefetch(monkeypatch, kind, prefetch):
     require("cpu", "triton")
     tk = _force_prefetch(monkeypatch, prefetch)
     cfg = tk.bwd_config(1000, 7)
-    assert cfg.rows == 2 and cfg.prefetch == prefetch and not cfg.twopass and not cfg.reload
+    assert cfg.rows == 2 and cfg.prefetch == prefetch and not cfg.twopass
     with fusedops.use_backend("triton"):
         check(kind, "gelu_tanh", (7, 1000), torch.bfloat16, torch.float32, "cpu")
         check(kind, "relu", (5, 1000), torch.float32, torch.float32, "cpu", has_b=False)
@@ -260,12 +260,14 @@ def test_triton_bwd_two_pass(monkeypatch, kind, n, opts):
 def test_gpu_bwd_shapes(backend, shape):
     """GPU backward paths: several programs with fp32 partials (M not a multiple of the rows
     per program), one program writing dW/dB directly (small M), the long rows (N = 16384,
-    12000, 20000: Triton's two passes; CUDA C++ clusters of two blocks, streaming past 16384)."""
+    12000, 20000: Triton's split kernel for 16-bit rows, its two passes for fp32; CUDA C++
+    clusters of two blocks, streaming past 16384); fp32 rows on every shape."""
     require("cuda", backend)
     with fusedops.use_backend(backend):
         check("ln", "gelu_tanh", shape, torch.bfloat16, torch.bfloat16, "cuda")
         check("add_rms", "silu", shape, torch.bfloat16, torch.float32, "cuda")
         check("add_ln_", "gelu", shape, torch.float16, torch.float16, "cuda", has_b=False)
+        check("ln", "silu", shape, torch.float32, torch.float32, "cuda")
 
 
 @pytest.mark.gpu
@@ -296,30 +298,79 @@ def test_gpu_cuda_bwd_cluster(shape):
                 assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("kind", ["rms", "add_rms", "ln"])
-def test_triton_bwd_reload(monkeypatch, kind):
-    """Rows of 16384 without a bias: one kernel re-reading the row (w per step), forced
-    here at N = 1000 by a small twopass_block (rows with a bias: the two passes)."""
-    require("cpu", "triton")
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["", "x:8192,16,w"])
+@pytest.mark.parametrize("shape", [(700, 16384), (131, 12008), (9, 8200), (1, 16384), (5, 32768), (3, 65536)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_triton_bwd_split(monkeypatch, shape, variant):
+    """16-bit rows padded to 16384 (Triton): one pass, two programs a row exchanging the row
+    sums through global memory (under the override, next_pow2(N) / 8192 programs a row: 32768,
+    65536); columns split unevenly (12008, 8200: the second program of a row has 8 columns),
+    several rows a group, one row. The same bits on a second run, and from a CUDA graph
+    replayed twice with new dy (the exchange words are zeroed inside the graph: stale tags
+    from a previous replay would hand over old sums). The default and, through the override,
+    w and b re-read every row (w)."""
+    require("cuda", "triton")
     from fusedops.triton_kernels import norm as tk
-    monkeypatch.setattr(tk.CONFIG, "twopass_block", 1024)
-    cfg = tk.bwd_config(1000, 7, has_b=False)
-    assert cfg.reload and cfg.w_in_loop and not cfg.twopass
-    assert tk.bwd_config(1000, 7, has_b=True).twopass
+    m, n = shape
+    if not variant and n > 16384:
+        pytest.skip("the two passes by default")
+    monkeypatch.setattr(tk, "_BWD_OVERRIDE", variant or None)
+    assert tk.bwd_config(n, m).split == tk.next_power_of_2(n) // 8192 > 1
+    if not variant:
+        assert tk.bwd_config(n, m, elem_bytes=4).split == 1  # fp32 rows: the two passes
     with fusedops.use_backend("triton"):
-        check(kind, "gelu_tanh", (7, 1000), torch.bfloat16, torch.float32, "cpu", has_b=False)
-        check(kind, "relu", (3, 1000), torch.float32, torch.float32, "cpu", has_b=False)
+        check("ln", "gelu_tanh", shape, torch.bfloat16, torch.float32, "cuda")
+        check("rms", "silu", shape, torch.float16, torch.float16, "cuda")
+        check("add_ln", "relu", shape, torch.bfloat16, torch.bfloat16, "cuda")
+        check("add_rms_", "gelu", shape, torch.bfloat16, torch.float32, "cuda")
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.rand(n, device="cuda") + 0.5, torch.randn(n, device="cuda")
+    y = torch.empty_like(x)
+    mean, rstd = (torch.empty(m, device="cuda") for _ in range(2))
+    tk.fwd(x, None, None, y, w, b, mean, rstd, 1e-5, "silu", False)
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    dx = torch.full_like(x, float("nan"))
+
+    def backward():
+        return (dx, *tk.bwd(dy, x, w, b, mean, rstd, None, dx, "silu", False))
+
+    first = [t.clone() for t in backward()]
+    assert torch.equal(first[0], torch.nan_to_num(first[0]))  # every element written, finite
+    assert all(torch.equal(a, c) for a, c in zip(first, backward()))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = backward()
+    for _ in range(2):
+        dy.copy_(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
+        dx.fill_(float("nan"))
+        graph.replay()
+        replayed = [t.clone() for t in static]
+        fresh = backward()
+        assert all(torch.equal(a, c) for a, c in zip(replayed, fresh))
 
 
 @pytest.mark.gpu
-def test_gpu_triton_long_rows():
-    """The Triton long-row backwards, several programs, several row blocks a program: the
-    two passes (N = 16384 with a bias), the row re-read (N = 12000 and 16384 without one)."""
+def test_gpu_triton_long_rows(monkeypatch):
+    """The Triton two-pass backward (fp32 rows padded to 16384 or more), several programs,
+    several row blocks a program, with and without a bias; then 16-bit rows through the two
+    passes with the first pass prefetching (forced by the override; their default is the
+    split kernel)."""
     require("cuda", "triton")
+    from fusedops.triton_kernels import norm as tk
     with fusedops.use_backend("triton"):
+        check("ln", "gelu_tanh", (260, 16384), torch.float32, torch.float32, "cuda")
+        check("add_rms", "silu", (133, 12000), torch.float32, torch.float32, "cuda")
+        check("rms", "gelu_tanh", (260, 16384), torch.float32, torch.float32, "cuda")
+        monkeypatch.setattr(tk, "_BWD_OVERRIDE", "2p:1,4096,8,1,p")
+        assert tk.bwd_config(16384, 260).twopass and tk.bwd_config(16384, 260).prefetch
         check("ln", "gelu_tanh", (260, 16384), torch.bfloat16, torch.bfloat16, "cuda")
         check("add_rms", "silu", (133, 12000), torch.bfloat16, torch.float32, "cuda")
-        check("rms", "gelu_tanh", (260, 16384), torch.bfloat16, torch.bfloat16, "cuda")
 
 
 def test_fast_path_matches_ops(dev_backend):

@@ -17,15 +17,20 @@ contiguous range of row blocks (ROWS x BLOCK_N tiles, 4-32 elements a thread), r
 and dy once and writing dx once, accumulating dW = sum(dz * xhat), dB = sum(dz) in fp32
 registers and writing one partial row; `partials_sum_kernel` sums the P partial rows in a
 fixed order (deterministic, no atomics). Small problems run one program that writes dW/dB
-directly. For 16-bit rows of 4096 and 8192 (and the first of the two passes below) each
-program loads the next row's s and dy into registers before it reduces and writes the
-current one (PREFETCH; two pipeline stages would cost a program an SM). Rows padded to `CONFIG.twopass_block` (16384) or more do not fit the registers
-beside their dW/dB accumulators: without a bias, rows of 16384 re-read the row from L1/L2
-for dx (RELOAD); the others take two passes, `norm_act_bwd_sums_kernel` (dW/dB
-partials and each row's sums over column chunks) then `norm_act_bwd_dx_kernel` (dx), s
-and dy read twice (H100, LN+GELU(tanh) bf16 32768 x 16384: 2.41 ms against 2.94 for one
-kernel re-reading the row from L1/L2; 4096 x 65536: 1.30 against 1.88 for the earlier
-looped kernels).
+directly. For 16-bit rows of 4096 and 8192 (and the kernels below) each program loads the
+next row's s and dy into registers before it reduces and writes the current one
+(PREFETCH; two pipeline stages would cost a program an SM). Rows padded to
+`CONFIG.twopass_block` (16384) or more do not fit one program's registers beside their
+dW/dB accumulators. 16-bit rows padded to 16384 take `norm_act_bwd_split_kernel`: the
+8192-column kernel with two programs a row (any power of two under the override), which
+exchange each row's two sums through global memory (tagged words; a cooperative launch
+keeps every program resident), so s and dy are still read once (H100, LN+GELU(tanh) bf16
+32768 x 16384: backward 1.74 ms against 2.19 for the two passes). Longer rows and fp32
+rows take two passes,
+`norm_act_bwd_sums_kernel` (dW/dB partials and each row's sums over column chunks) then
+`norm_act_bwd_dx_kernel` (dx), s and dy read twice. Under the interpreter, which runs
+programs one after another (a program would wait forever for its partner), every long
+row takes the two passes.
 All math in fp32 (bf16/fp16 upcast right after tl.load); gelu_tanh through exp (as a sigmoid).
 """
 from __future__ import annotations
@@ -251,12 +256,71 @@ def _bwd_tile(XS, DY, w, bias, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c
 
 
 @triton.jit
+def _post(slot, v, tag):
+    """Store the fp32 scalar v in the low half of the int64 slot, tag in the high half: one
+    single-copy-atomic word, so a reader that sees the tag sees the value with it."""
+    bits = v.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    tl.atomic_xchg(slot, tag | bits, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _value(word):
+    return (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _post_sums(XCH, group, part, step, c2, c1, SPLIT: tl.constexpr, RMS: tl.constexpr):
+    """Post this program's part of step `step`'s row sums (c2, c1: shape (1,)) into slot
+    step % 2 of its group: XCH holds int64 words [group, slot, part, (c2, c1)], zero before
+    the launch, each a value tagged with step + 1. Two slots suffice: a program posts step
+    s + 1 only after it has read every partner's step s, which each partner posted after
+    reading this program's step s - 1 (the words step s + 1 overwrites)."""
+    words = XCH + ((group.to(tl.int64) * 2 + step % 2) * SPLIT + part) * 2
+    tag = (step + 1).to(tl.int64) << 32
+    _post(words, tl.sum(c2, axis=0), tag)
+    if not RMS:
+        _post(words + 1, tl.sum(c1, axis=0), tag)
+
+
+@triton.jit
+def _wait_sums(XCH, group, part, step, c2, c1, SPLIT: tl.constexpr, RMS: tl.constexpr):
+    """Step `step`'s row sums over the SPLIT programs of the group, added in part order (the
+    same bits in every program); this program's own part from c2, c1, the others' read from
+    their words, re-read until they carry the step's tag."""
+    slot = XCH + (group.to(tl.int64) * 2 + step % 2) * (SPLIT * 2)
+    tag = (step + 1).to(tl.int64)
+    a2 = tl.sum(c2, axis=0)
+    a1 = tl.sum(c1, axis=0)
+    t2 = 0.0
+    t1 = 0.0
+    for j in tl.static_range(SPLIT):
+        if j == part:
+            v2 = a2
+            v1 = a1
+        else:  # part j's words (one thread's atomic reads, broadcast), re-read until tagged
+            w2 = tl.atomic_add(slot + j * 2, 0, sem="relaxed", scope="gpu")
+            if RMS:
+                while (w2 >> 32) != tag:
+                    w2 = tl.atomic_add(slot + j * 2, 0, sem="relaxed", scope="gpu")
+                v1 = a1
+            else:
+                w1 = tl.atomic_add(slot + j * 2 + 1, 0, sem="relaxed", scope="gpu")
+                while ((w2 >> 32) != tag) | ((w1 >> 32) != tag):
+                    w2 = tl.atomic_add(slot + j * 2, 0, sem="relaxed", scope="gpu")
+                    w1 = tl.atomic_add(slot + j * 2 + 1, 0, sem="relaxed", scope="gpu")
+                v1 = _value(w1)
+            v2 = _value(w2)
+        t2 += v2
+        t1 += v1
+    return t2, t1
+
+
+@triton.jit
 def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks_per_prog,
                         sdy_r, sdy_c, sxs, sds_r, sds_c, sdx,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
                         HAS_B: tl.constexpr, HAS_DS: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr,
-                        W_IN_LOOP: tl.constexpr, RELOAD: tl.constexpr, ROW_ACC: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        W_IN_LOOP: tl.constexpr, ROW_ACC: tl.constexpr, PREFETCH: tl.constexpr):
     # Persistent: program p owns the row blocks [p*blocks_per_prog, (p+1)*blocks_per_prog)
     # of ROWS rows each (a contiguous range of rows), reads s and dy once, writes dx once,
     # and accumulates dW = sum(dz*xhat), dB = sum(dz) in fp32 registers: ROW_ACC, one row
@@ -300,9 +364,9 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
             bv = bias
         if PREFETCH:
             dz, xhat = _bwd_math(x_t, dy_t, wv, bv, mean, rstd, mask, HAS_W, HAS_B, ACT)
-        else:  # keep s and dy in L1 for the second read when RELOAD
-            dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c,
-                                 "evict_last" if RELOAD else "", HAS_W, HAS_B, ACT)
+        else:
+            dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c, "",
+                                 HAS_W, HAS_B, ACT)
         if HAS_W:
             dw_acc += tl.sum(dz * xhat, axis=0) if ROW_ACC else dz * xhat
             g = dz * wv[None, :]
@@ -315,12 +379,6 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
             c1 = tl.zeros((ROWS,), tl.float32)
         else:
             c1 = tl.sum(g, axis=1) / N
-        if RELOAD:
-            # rows too long to keep xhat and g in registers beside the dW/dB accumulators:
-            # recompute them from a second read of s and dy (L1/L2 hits, no DRAM traffic)
-            dz, xhat = _bwd_tile(XS, DY, wv, bv, mean, rstd, rows64, cols, mask, sxs, sdy_r, sdy_c,
-                                 "evict_first", HAS_W, HAS_B, ACT)
-            g = dz * wv[None, :] if HAS_W else dz
         dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
@@ -332,6 +390,83 @@ def norm_act_bwd_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, M, N, blocks
         tl.store(DWP + pid.to(tl.int64) * N + cols, _to(dw_acc, DWP.dtype.element_ty), mask=cmask)
     if HAS_B:
         tl.store(DBP + pid.to(tl.int64) * N + cols, _to(db_acc, DBP.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _store_dx(DS, DX, g, xhat, rstd, c2, c1, rows64, mask, cols, N, sds_r, sds_c, sdx, RMS: tl.constexpr,
+              HAS_DS: tl.constexpr):
+    """dx = rstd * (g - c1 / N - xhat * c2 / N) (+ ds) of a tile of rows; c2, c1: the rows' sums."""
+    if RMS:
+        dx = (g - xhat * (c2 / N)[:, None]) * rstd[:, None]
+    else:
+        dx = (g - (c1 / N)[:, None] - xhat * (c2 / N)[:, None]) * rstd[:, None]
+    if HAS_DS:
+        dx += tl.load(DS + rows64[:, None] * sds_r + cols[None, :] * sds_c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows64[:, None] * sdx + cols[None, :], _to(dx, DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def norm_act_bwd_split_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, XCH, M, N, rows_per_group,
+                              sdy_r, sdy_c, sxs, sds_r, sds_c, sdx,
+                              BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                              HAS_DS: tl.constexpr, ACT: tl.constexpr, SPLIT: tl.constexpr,
+                              W_IN_LOOP: tl.constexpr):
+    # Rows too long for one program's registers, read once: SPLIT programs share each row,
+    # program p taking columns [(p % SPLIT) * BLOCK_N, +BLOCK_N) of the rows_per_group rows of
+    # group p // SPLIT, one row a step, the next row's s and dy loaded before the step's work
+    # (as PREFETCH in norm_act_bwd_kernel), dW/dB accumulated in fp32 registers (one partial
+    # row a group, the group's programs writing its column ranges). Each step's two row
+    # sums are exchanged through XCH (_post_sums, _wait_sums); the grid is launched
+    # cooperatively, so every program is resident and none waits on one that cannot start.
+    # A step posts its row's sums, adds to dW/dB, then waits for the partners' sums.
+    pid = tl.program_id(0)
+    group = pid // SPLIT
+    part = pid % SPLIT
+    cols = part * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    one = tl.arange(0, 1)
+    if not W_IN_LOOP:
+        w = _load_param(W, cols, cmask, HAS_W)
+        bias = _load_param(B, cols, cmask, HAS_B)
+    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), tl.float32)
+    first = group * rows_per_group
+    x_n, dy_n = _load_rows(XS, DY, first + one, rows_per_group > 0, M, cols, cmask, sxs, sdy_r, sdy_c)
+    for i in range(0, rows_per_group):
+        rows = first + i + one
+        rmask = rows < M
+        rows64 = rows.to(tl.int64)
+        mask = rmask[:, None] & cmask[None, :]
+        x_t = x_n
+        dy_t = dy_n
+        x_n, dy_n = _load_rows(XS, DY, rows + 1, i + 1 < rows_per_group, M, cols, cmask, sxs, sdy_r, sdy_c)
+        rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
+        if RMS:
+            mean = tl.zeros((1,), tl.float32)
+        else:
+            mean = tl.load(MEAN + rows64, mask=rmask, other=0.0)
+        if W_IN_LOOP:
+            wv = _load_param(W, cols, cmask, HAS_W)
+            bv = _load_param(B, cols, cmask, HAS_B)
+        else:
+            wv = w
+            bv = bias
+        dz, xhat = _bwd_math(x_t, dy_t, wv, bv, mean, rstd, mask, HAS_W, HAS_B, ACT)
+        g = dz * wv[None, :] if HAS_W else dz
+        c2 = tl.sum(g * xhat, axis=1)
+        c1 = tl.zeros((1,), tl.float32) if RMS else tl.sum(g, axis=1)
+        _post_sums(XCH, group, part, i, c2, c1, SPLIT, RMS)
+        if HAS_W:
+            dw_acc += tl.sum(dz * xhat, axis=0)
+        if HAS_B:
+            db_acc += tl.sum(dz, axis=0)
+        t2, t1 = _wait_sums(XCH, group, part, i, c2, c1, SPLIT, RMS)
+        _store_dx(DS, DX, g, xhat, rstd, tl.full((1,), t2, tl.float32), tl.full((1,), t1, tl.float32), rows64,
+                  mask, cols, N, sds_r, sds_c, sdx, RMS, HAS_DS)
+    if HAS_W:
+        tl.store(DWP + group.to(tl.int64) * N + cols, _to(dw_acc, DWP.dtype.element_ty), mask=cmask)
+    if HAS_B:
+        tl.store(DBP + group.to(tl.int64) * N + cols, _to(db_acc, DBP.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -513,15 +648,13 @@ def fwd(x, r, s, y, w, b, mean, rstd, eps: float, act: str, rms: bool) -> None:
 @dataclasses.dataclass(frozen=True)
 class BwdConfig:
     """Launch shape of the on-chip backward: a tile of ROWS x BLOCK_N elements per loop
-    step (4-32 a thread), num_warps, STAGES-deep pipelined loads, RELOAD (recompute
-    xhat/dz from a second, cached read of the row instead of holding them beside the dW/dB
-    accumulators), W_IN_LOOP (w/b re-read per step instead of held); or (twopass) of the
-    two-pass backward's first pass, BLOCK_N its column chunk."""
+    step (4-32 a thread), num_warps, STAGES-deep pipelined loads, W_IN_LOOP (w/b re-read per
+    step instead of held); or (split) of the split kernel, BLOCK_N columns a program; or
+    (twopass) of the two-pass backward's first pass, BLOCK_N its column chunk."""
     rows: int
     block_n: int
     num_warps: int
     stages: int = 1
-    reload: bool = False
     w_in_loop: bool = False
     twopass: bool = False   # the two-pass kernels; rows, block_n (the column chunk), num_warps,
     #                         stages: the first pass's shape
@@ -529,25 +662,28 @@ class BwdConfig:
     #                         many as are resident
     row_acc: bool = False   # one dW/dB accumulator row summed over each step's rows, not a tile
     prefetch: bool = False  # the next step's s and dy loaded into registers before this step's work
+    split: int = 1          # > 1: norm_act_bwd_split_kernel, this many programs a row (block_n columns each)
 
 
-# Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; longer
-# ones the two passes, except rows padded to exactly twopass_block without a bias (one
-# kernel re-reading the row). `FUSEDOPS_NORM_BWD` overrides the shape for experiments
-# (benchmark sweeps): "rows,warps,stages[,per_sm[,opts]]" (e.g. "1,16,2", "1,8,1,0,pw") the
-# on-chip kernel's below twopass_block, with the accumulator row (row_acc), opts "p" prefetch,
-# "w" w_in_loop; "2p:rows,chunk,warps,stages[,p]" (p: prefetch) the first
-# pass's from twopass_block up (there for every row, the re-read rows included; below it
-# ignored).
+# Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; 16-bit
+# rows padded to twopass_block the split kernel (two programs a row); the others the two
+# passes.
+# `FUSEDOPS_NORM_BWD` overrides the shape for experiments (benchmark sweeps):
+# "rows,warps,stages[,per_sm[,opts]]" (e.g. "1,16,2", "1,8,1,0,pw") the on-chip kernel's
+# below twopass_block, with the accumulator row (row_acc), opts "p" prefetch, "w"
+# w_in_loop; "2p:rows,chunk,warps,stages[,p]" (p: prefetch) the two passes, with this first
+# pass, for every row from twopass_block up (below it ignored); "x:block,warps[,opts]" the
+# split kernel, block columns a program, for every row (GPU only), opts "w" w_in_loop.
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
 
 def _override_fields(text: str) -> tuple[list[int], str]:
-    """The integer fields of a FUSEDOPS_NORM_BWD shape and its option letters (a fifth field
-    after four integers, "" if none)."""
+    """The integer fields of a FUSEDOPS_NORM_BWD shape and its option letters (the field after
+    the integers, "" if none)."""
     fields = text.split(",")
-    return [int(t) for t in fields[:4]], (fields[4] if len(fields) > 4 else "")
+    ints = [int(t) for t in fields if t.isdigit()]
+    return ints, ",".join(fields[len(ints):])
 
 
 def twopass_config(n: int, m: int, elem_bytes: int = 2) -> BwdConfig:
@@ -574,11 +710,20 @@ def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdCo
     elem_bytes: the wider element of s and dy (the prefetch holds one more tile of each)."""
     block = next_power_of_2(n)
     two_pass_forced = (_BWD_OVERRIDE or "").startswith("2p:")  # (a sweep of the first pass)
-    if block == CONFIG.twopass_block and not has_b and not two_pass_forced:
-        # H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 µs (2026-11-22); LN+GELU(tanh), two
-        # accumulator rows: 3676 against 3148 for the two passes (2026-12-05)
-        return BwdConfig(rows=1, block_n=block, num_warps=4 if INTERPRET else 32, stages=2, reload=True,
-                         w_in_loop=True)
+    if _BWD_OVERRIDE and _BWD_OVERRIDE.startswith("x:") and not INTERPRET:
+        (blk, w), opts = _override_fields(_BWD_OVERRIDE[2:])
+        blk = min(blk, block)
+        return BwdConfig(rows=1, block_n=blk, num_warps=w, prefetch=True, w_in_loop="w" in opts,
+                         split=block // blk)
+    if block == CONFIG.twopass_block and elem_bytes <= 2 and not INTERPRET and not two_pass_forced:
+        # 16-bit rows padded to 16384: the kernel of 8192 below, two programs a row exchanging
+        # each row's sums (s and dy read once; the two passes read them twice). H100,
+        # LN+GELU(tanh) bf16, backward kernels (2026-12-05): 32768 x 16384 1735.5 µs against
+        # 2185.3 for the two passes; 8192 x 32768 (four programs a row) 1140.5 against 1134.1;
+        # 4096 x 65536 (eight) 1678.1 against 1188.5: each row waits on more partners, read
+        # one after another. Not under the interpreter, which runs programs one after another:
+        # the first would wait forever for its partner.
+        return BwdConfig(rows=1, block_n=8192, num_warps=16, prefetch=True, split=2)
     if block >= CONFIG.twopass_block:
         return twopass_config(n, m, elem_bytes)
     if _BWD_OVERRIDE and not INTERPRET and not two_pass_forced:
@@ -607,7 +752,8 @@ def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdCo
         # held, 165). H100, LN+GELU(tanh) bf16 32768 rows, backward kernel (2026-12-05):
         # 4096 345.3 µs against 391.3 without the prefetch, 8192 620.4 against 843.8
         # (with w and b re-read: 686.1). fp32 rows keep the shapes below (4096: 183 registers,
-        # 8192: spills).
+        # 8192: spills; measured with the prefetch, 2026-12-05: 4096 639.3 against 651.1 µs,
+        # 8192 1336.4 against 1429.0, not yet GPU-tested so not taken).
         return BwdConfig(rows=1, block_n=block, num_warps=block // 512, row_acc=True, prefetch=True,
                          w_in_loop=block == 4096)
     # Below 512 (rows spread over warps) and small problems (one program: more rows a step,
@@ -723,6 +869,29 @@ def _bwd_twopass(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m: int, n: int) 
         _finalize(dwp, dbp, dw, db, n)
 
 
+def _bwd_split(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m: int, n: int) -> None:
+    """norm_act_bwd_split_kernel: P row groups of cfg.split programs each (as many as are
+    resident at once), launched cooperatively; then the P dW/dB partial rows summed."""
+    dummy = ptrs[5]
+    xch = torch.empty(0, dtype=torch.int64, device=xs.device)  # (its type, for the compile in _plan)
+    args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, xch, m, n, 2,
+            dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
+    meta = dict(BLOCK_N=cfg.block_n, HAS_DS=ds is not None, SPLIT=cfg.split, W_IN_LOOP=cfg.w_in_loop,
+                num_warps=cfg.num_warps, num_stages=1, launch_cooperative_grid=True, **flags)
+    key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, ptrs[2].dtype, ptrs[3].dtype,
+           tuple(sorted(flags.items())), xs.device.index)
+    p, rows, dwp, dbp = _plan(norm_act_bwd_split_kernel, args, meta, key, cfg, m, cfg.split, xs, m, n, dw, db)
+    args[8] = dwp if dwp is not None else dummy
+    args[9] = dbp if dbp is not None else dummy
+    # the groups' exchange words, zero (a tag of 0 is no step's), allocated per call: stream-
+    # ordered, and inside a captured graph re-zeroed on every replay
+    args[10] = torch.zeros(p * 2 * cfg.split * 2, dtype=torch.int64, device=xs.device)
+    args[13] = rows
+    launch(norm_act_bwd_split_kernel, (p * cfg.split,), *args, **meta)
+    if p > 1 and (dw is not None or db is not None):
+        _finalize(dwp, dbp, dw, db, n)
+
+
 def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
     """dy, ds (or None): 2-D (M, N), any strides; xs, dx: unit column stride. Writes dx;
     returns (dW, dB) in the parameters' dtypes (None where w/b is None)."""
@@ -743,12 +912,15 @@ def bwd(dy, xs, w, b, mean, rstd, ds, dx, act: str, rms: bool):
     if cfg.twopass:
         _bwd_twopass(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m, n)
         return dw, db
+    if cfg.split > 1:
+        _bwd_split(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m, n)
+        return dw, db
     blocks = cdiv(m, cfg.rows)
     args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, m, n, 2,
             dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
     kernel = norm_act_bwd_kernel
     meta = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=ds is not None, STAGES=cfg.stages,
-                W_IN_LOOP=cfg.w_in_loop, RELOAD=cfg.reload, ROW_ACC=cfg.row_acc, PREFETCH=cfg.prefetch,
+                W_IN_LOOP=cfg.w_in_loop, ROW_ACC=cfg.row_acc, PREFETCH=cfg.prefetch,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.stages, **flags)
     key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, w is not None and w.dtype,

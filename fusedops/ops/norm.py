@@ -26,8 +26,8 @@ Layout: any leading dims. x (and residual) are read through a row stride when th
 have unit column stride, else copied once; dy and ds are read through any strides (a
 stride-0 gradient from `.sum()` is never materialised). Rows up to 65536 elements are
 held on chip in the forward, up to 16384 in the CUDA C++ backward and 8192 in the Triton
-one (16384 without a bias; longer rows: two passes); longer rows take looped / streaming
-(slower, correct) paths.
+one (16-bit rows of 8193-16384: two programs a row; longer and fp32 rows: two passes);
+longer rows take looped / streaming (slower, correct) paths.
 
 Autocast: eager F.layer_norm (and F.rms_norm, in the torch versions whose CUDA autocast
 lists it) run in fp32 under CUDA autocast (and in the
@@ -70,9 +70,11 @@ _bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("c
 def _bwd_size(n: int, bias) -> int:
     """The size the backward's default is chosen by: the hidden size, doubled without a bias.
     Above N = 8192, with one accumulator row (no bias, e.g. RMSNorm) Triton's one-kernel
-    backward is the faster (H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 vs 2787 µs,
-    2026-11-22; Triton 2364 on 2026-12-05); with two, the CUDA C++ one (LN+GELU(tanh) 2420 vs
-    Triton's two passes 3140, 2026-12-05)."""
+    backward was the faster (H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 vs 2787 µs,
+    2026-11-22, the row re-read; Triton 2364 on 2026-12-05; since then two programs a row,
+    2213-2227 µs of kernels); with two, the CUDA C++ one (LN+GELU(tanh) 2420 vs Triton's two
+    passes 3140, 2026-12-05; 2236 vs Triton's two programs a row 2473 from a CUDA graph, later
+    the same day)."""
     return n if bias is not None else 2 * n
 
 
