@@ -73,8 +73,8 @@ class NormConfig:
     max_rows: int           # at most this many rows per program
     interp_programs: int    # backward programs under the interpreter
     twopass_block: int = 16384   # rows padded to this many elements or more: the two-pass backward,
-    #                              except rows padded to exactly this without a bias: one kernel
-    #                              re-reading the row (its one dW accumulator row fits the registers)
+    #                              except 16-bit rows padded to exactly this on a GPU: the split
+    #                              kernel (two programs a row)
 
 
 CONFIG = (NormConfig(max_block=65536, loop_block=4096, row_elems=1 << 16, max_rows=64,
