@@ -55,6 +55,8 @@ def main():
         flags = dict(RMS=args.rms, HAS_W=True, HAS_B=not args.rms, ACT=tn.ACT_CODES[args.act])
         div16 = {"sds_r", "sds_c"} | ({"M"} if m % 16 == 0 else set())  # (no ds: zero strides)
         div16 |= {a for a in ("N", "sdy_r", "sxs", "sdx") if n % 16 == 0}
+        onchip_ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B", "DS", "DX")},
+                       **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP")}}
         if cfg.twopass:
             fn = tn.norm_act_bwd_sums_kernel
             ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B")},
@@ -64,15 +66,13 @@ def main():
             what = "two-pass first pass"
         elif cfg.split > 1:
             fn = tn.norm_act_bwd_split_kernel
-            ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B", "DS", "DX")},
-                    **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP")}, "XCH": "*i64"}
+            ptrs = {**onchip_ptrs, "XCH": "*i64"}
             consts = dict(BLOCK_N=cfg.block_n, HAS_DS=False, SPLIT=cfg.split, W_IN_LOOP=cfg.w_in_loop, sdy_c=1,
                           **flags)
             what = f"split, {cfg.split} programs a row"
         else:
             fn = tn.norm_act_bwd_kernel
-            ptrs = {**{a: "*bf16" for a in ("DY", "XS", "W", "B", "DS", "DX")},
-                    **{a: "*fp32" for a in ("MEAN", "RSTD", "DWP", "DBP")}}
+            ptrs = onchip_ptrs
             consts = dict(ROWS=cfg.rows, BLOCK_N=cfg.block_n, HAS_DS=False, STAGES=cfg.stages,
                           W_IN_LOOP=cfg.w_in_loop, ROW_ACC=cfg.row_acc, PREFETCH=cfg.prefetch, sdy_c=1, **flags)
             what = "on-chip backward"

@@ -269,28 +269,26 @@ def _value(word):
 
 
 @triton.jit
-def _post_sums(XCH, group, part, step, c2, c1, SPLIT: tl.constexpr, RMS: tl.constexpr):
-    """Post this program's part of step `step`'s row sums (c2, c1: shape (1,)) into slot
+def _post_sums(XCH, group, part, step, a2, a1, SPLIT: tl.constexpr, RMS: tl.constexpr):
+    """Post this program's part of step `step`'s row sums (a2, a1: scalars) into slot
     step % 2 of its group: XCH holds int64 words [group, slot, part, (c2, c1)], zero before
     the launch, each a value tagged with step + 1. Two slots suffice: a program posts step
     s + 1 only after it has read every partner's step s, which each partner posted after
     reading this program's step s - 1 (the words step s + 1 overwrites)."""
     words = XCH + ((group.to(tl.int64) * 2 + step % 2) * SPLIT + part) * 2
     tag = (step + 1).to(tl.int64) << 32
-    _post(words, tl.sum(c2, axis=0), tag)
+    _post(words, a2, tag)
     if not RMS:
-        _post(words + 1, tl.sum(c1, axis=0), tag)
+        _post(words + 1, a1, tag)
 
 
 @triton.jit
-def _wait_sums(XCH, group, part, step, c2, c1, SPLIT: tl.constexpr, RMS: tl.constexpr):
+def _wait_sums(XCH, group, part, step, a2, a1, SPLIT: tl.constexpr, RMS: tl.constexpr):
     """Step `step`'s row sums over the SPLIT programs of the group, added in part order (the
-    same bits in every program); this program's own part from c2, c1, the others' read from
+    same bits in every program); this program's own part from a2, a1, the others' read from
     their words, re-read until they carry the step's tag."""
     slot = XCH + (group.to(tl.int64) * 2 + step % 2) * (SPLIT * 2)
     tag = (step + 1).to(tl.int64)
-    a2 = tl.sum(c2, axis=0)
-    a1 = tl.sum(c1, axis=0)
     t2 = 0.0
     t1 = 0.0
     for j in tl.static_range(SPLIT):
@@ -453,8 +451,8 @@ def norm_act_bwd_split_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, XCH, M
             bv = bias
         dz, xhat = _bwd_math(x_t, dy_t, wv, bv, mean, rstd, mask, HAS_W, HAS_B, ACT)
         g = dz * wv[None, :] if HAS_W else dz
-        c2 = tl.sum(g * xhat, axis=1)
-        c1 = tl.zeros((1,), tl.float32) if RMS else tl.sum(g, axis=1)
+        c2 = tl.sum(g * xhat)  # (the tile is one row: the row's sums as scalars)
+        c1 = 0.0 if RMS else tl.sum(g)
         _post_sums(XCH, group, part, i, c2, c1, SPLIT, RMS)
         if HAS_W:
             dw_acc += tl.sum(dz * xhat, axis=0)
