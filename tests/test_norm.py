@@ -299,7 +299,7 @@ def test_gpu_cuda_bwd_cluster(shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["", "x:8192,16,w"])
+@pytest.mark.parametrize("variant", ["", "x:8192,16,w", "x:8192,16,a"])
 @pytest.mark.parametrize("shape", [(700, 16384), (131, 12008), (9, 8200), (1, 16384), (5, 32768), (3, 65536)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_gpu_triton_bwd_split(monkeypatch, shape, variant):

@@ -269,6 +269,15 @@ def _value(word):
 
 
 @triton.jit
+def _read_word(word, LD: tl.constexpr):
+    """One exchange word, read from L2: by a volatile load in every thread (LD), else by one
+    thread's atomic (broadcast through shared memory)."""
+    if LD:
+        return tl.load(word, volatile=True)
+    return tl.atomic_add(word, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _post_sums(XCH, group, part, step, a2, a1, SPLIT: tl.constexpr, RMS: tl.constexpr):
     """Post this program's part of step `step`'s row sums (a2, a1: scalars) into slot
     step % 2 of its group: XCH holds int64 words [group, slot, part, (c2, c1)], zero before
@@ -283,7 +292,7 @@ def _post_sums(XCH, group, part, step, a2, a1, SPLIT: tl.constexpr, RMS: tl.cons
 
 
 @triton.jit
-def _wait_sums(XCH, group, part, step, a2, a1, SPLIT: tl.constexpr, RMS: tl.constexpr):
+def _wait_sums(XCH, group, part, step, a2, a1, SPLIT: tl.constexpr, RMS: tl.constexpr, LD: tl.constexpr):
     """Step `step`'s row sums over the SPLIT programs of the group, added in part order (the
     same bits in every program); this program's own part from a2, a1, the others' read from
     their words, re-read until they carry the step's tag."""
@@ -295,17 +304,17 @@ def _wait_sums(XCH, group, part, step, a2, a1, SPLIT: tl.constexpr, RMS: tl.cons
         if j == part:
             v2 = a2
             v1 = a1
-        else:  # part j's words (one thread's atomic reads, broadcast), re-read until tagged
-            w2 = tl.atomic_add(slot + j * 2, 0, sem="relaxed", scope="gpu")
+        else:  # part j's words, both read at once, until both carry the tag (0 is no step's)
+            w2 = tl.zeros((), tl.int64)
             if RMS:
                 while (w2 >> 32) != tag:
-                    w2 = tl.atomic_add(slot + j * 2, 0, sem="relaxed", scope="gpu")
+                    w2 = _read_word(slot + j * 2, LD)
                 v1 = a1
             else:
-                w1 = tl.atomic_add(slot + j * 2 + 1, 0, sem="relaxed", scope="gpu")
+                w1 = tl.zeros((), tl.int64)
                 while ((w2 >> 32) != tag) | ((w1 >> 32) != tag):
-                    w2 = tl.atomic_add(slot + j * 2, 0, sem="relaxed", scope="gpu")
-                    w1 = tl.atomic_add(slot + j * 2 + 1, 0, sem="relaxed", scope="gpu")
+                    w2 = _read_word(slot + j * 2, LD)
+                    w1 = _read_word(slot + j * 2 + 1, LD)
                 v1 = _value(w1)
             v2 = _value(w2)
         t2 += v2
@@ -408,7 +417,7 @@ def norm_act_bwd_split_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, XCH, M
                               sdy_r, sdy_c, sxs, sds_r, sds_c, sdx,
                               BLOCK_N: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                               HAS_DS: tl.constexpr, ACT: tl.constexpr, SPLIT: tl.constexpr,
-                              W_IN_LOOP: tl.constexpr):
+                              W_IN_LOOP: tl.constexpr, LD: tl.constexpr):
     # Rows too long for one program's registers, read once: SPLIT programs share each row,
     # program p taking columns [(p % SPLIT) * BLOCK_N, +BLOCK_N) of the rows_per_group rows of
     # group p // SPLIT, one row a step, the next row's s and dy loaded before the step's work
@@ -458,7 +467,7 @@ def norm_act_bwd_split_kernel(DY, XS, W, B, MEAN, RSTD, DS, DX, DWP, DBP, XCH, M
             dw_acc += tl.sum(dz * xhat, axis=0)
         if HAS_B:
             db_acc += tl.sum(dz, axis=0)
-        t2, t1 = _wait_sums(XCH, group, part, i, c2, c1, SPLIT, RMS)
+        t2, t1 = _wait_sums(XCH, group, part, i, c2, c1, SPLIT, RMS, LD)
         _store_dx(DS, DX, g, xhat, rstd, tl.full((1,), t2, tl.float32), tl.full((1,), t1, tl.float32), rows64,
                   mask, cols, N, sds_r, sds_c, sdx, RMS, HAS_DS)
     if HAS_W:
@@ -661,6 +670,7 @@ class BwdConfig:
     row_acc: bool = False   # one dW/dB accumulator row summed over each step's rows, not a tile
     prefetch: bool = False  # the next step's s and dy loaded into registers before this step's work
     split: int = 1          # > 1: norm_act_bwd_split_kernel, this many programs a row (block_n columns each)
+    poll_ld: bool = True    # (split) the exchange words polled by volatile loads, not atomics
 
 
 # Rows padded to fewer than CONFIG.twopass_block elements run the on-chip backward; 16-bit
@@ -671,7 +681,8 @@ class BwdConfig:
 # below twopass_block, with the accumulator row (row_acc), opts "p" prefetch, "w"
 # w_in_loop; "2p:rows,chunk,warps,stages[,p]" (p: prefetch) the two passes, with this first
 # pass, for every row from twopass_block up (below it ignored); "x:block,warps[,opts]" the
-# split kernel, block columns a program, for every row (GPU only), opts "w" w_in_loop.
+# split kernel, block columns a program, for every row (GPU only), opts "w" w_in_loop, "a"
+# the exchange polled by atomics.
 SMALL_BWD_ELEMS = 1 << 17   # at most this many elements: one program, dW/dB written directly
 _BWD_OVERRIDE = os.environ.get("FUSEDOPS_NORM_BWD")
 
@@ -712,14 +723,15 @@ def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdCo
         (blk, w), opts = _override_fields(_BWD_OVERRIDE[2:])
         blk = min(blk, block)
         return BwdConfig(rows=1, block_n=blk, num_warps=w, prefetch=True, w_in_loop="w" in opts,
-                         split=block // blk)
+                         split=block // blk, poll_ld="a" not in opts)
     if block == CONFIG.twopass_block and elem_bytes <= 2 and not INTERPRET and not two_pass_forced:
         # 16-bit rows padded to 16384: the kernel of 8192 below, two programs a row exchanging
         # each row's sums (s and dy read once; the two passes read them twice). H100,
-        # LN+GELU(tanh) bf16, backward kernels (2026-12-05): 32768 x 16384 1735.5 µs against
-        # 2185.3 for the two passes; 8192 x 32768 (four programs a row) 1140.5 against 1134.1;
-        # 4096 x 65536 (eight) 1678.1 against 1188.5: each row waits on more partners, read
-        # one after another. Not under the interpreter, which runs programs one after another:
+        # LN+GELU(tanh) bf16, backward kernels: 32768 x 16384 1515.3-1516.7 µs with the
+        # partner's words polled by volatile loads (2026-12-06), 1732.5 polled by atomics,
+        # 2185.3 for the two passes (2026-12-05); 8192 x 32768 (four programs a row, atomics)
+        # 1140.5 against 1134.1; 4096 x 65536 (eight) 1678.1 against 1188.5: each row waits
+        # on more partners, read one after another. Not under the interpreter, which runs programs one after another:
         # the first would wait forever for its partner.
         return BwdConfig(rows=1, block_n=8192, num_warps=16, prefetch=True, split=2)
     if block >= CONFIG.twopass_block:
@@ -743,21 +755,19 @@ def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdCo
         # 2048 and 104 at 1024 (now 174 and 92).
         rows = min(2 if block >= 1024 else 1, next_power_of_2(max(m, 1)))
         return BwdConfig(rows=rows, block_n=block, num_warps=4, stages=2, row_acc=True)
-    if block in (4096, 8192) and elem_bytes <= 2:
+    if block in (4096, 8192):
         # 1 row on 8 / 16 warps (16 elements a thread), the next row's s and dy loaded into
         # registers before this row's work (2 stages instead: 153 registers at 4096, one
         # program an SM); at 4096 w and b re-read per row (128 registers: two programs an SM;
-        # held, 165). H100, LN+GELU(tanh) bf16 32768 rows, backward kernel (2026-12-05):
+        # held, 165). H100, LN+GELU(tanh) 32768 rows, backward kernel (2026-12-05): bf16
         # 4096 345.3 µs against 391.3 without the prefetch, 8192 620.4 against 843.8
-        # (with w and b re-read: 686.1). fp32 rows keep the shapes below (4096: 183 registers,
-        # 8192: spills; measured with the prefetch, 2026-12-05: 4096 639.3 against 651.1 µs,
-        # 8192 1336.4 against 1429.0, not yet GPU-tested so not taken).
+        # (with w and b re-read: 686.1); fp32 4096 639.3 against 651.1, 8192 1336.4 against
+        # 1429.0 (the prefetched tile spills there, and is still faster).
         return BwdConfig(rows=1, block_n=block, num_warps=block // 512, row_acc=True, prefetch=True,
                          w_in_loop=block == 4096)
     # Below 512 (rows spread over warps) and small problems (one program: more rows a step,
     # fewer steps): 16 elements a thread (two 16-byte loads of bf16), ROWS x BLOCK_N ~ 2048 up
-    # to 1024 and 4096 above, an accumulator tile. 4096 / 8192 with fp32 rows: 1 row on 8 / 16
-    # warps (65% of copy with bf16 before the prefetch; 2 stages measured no faster).
+    # to 1024 and 4096 above, an accumulator tile.
     tile = max(2048 if block <= 1024 else 4096, block)
     rows = min(tile // block, next_power_of_2(max(m, 1)))
     return BwdConfig(rows=rows, block_n=block, num_warps=min(32, tile // 512))
@@ -871,19 +881,21 @@ def _bwd_split(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m: int, n: int) ->
     """norm_act_bwd_split_kernel: P row groups of cfg.split programs each (as many as are
     resident at once), launched cooperatively; then the P dW/dB partial rows summed."""
     dummy = ptrs[5]
-    xch = torch.empty(0, dtype=torch.int64, device=xs.device)  # (its type, for the compile in _plan)
+    # the groups' exchange words, zero (a tag of 0 is no step's), for as many groups as can be
+    # resident (_plan launches no more), allocated per call: stream-ordered, and inside a
+    # captured graph re-zeroed on every replay
+    groups = max(1, min(m, sm_count(xs.device) * (64 // cfg.num_warps) // cfg.split))
+    xch = torch.zeros(groups * 2 * cfg.split * 2, dtype=torch.int64, device=xs.device)
     args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, xch, m, n, 2,
             dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
     meta = dict(BLOCK_N=cfg.block_n, HAS_DS=ds is not None, SPLIT=cfg.split, W_IN_LOOP=cfg.w_in_loop,
-                num_warps=cfg.num_warps, num_stages=1, launch_cooperative_grid=True, **flags)
+                LD=cfg.poll_ld, num_warps=cfg.num_warps, num_stages=1, launch_cooperative_grid=True, **flags)
     key = (cfg, xs.dtype, dy.dtype, dy.stride(1) == 1, ds is not None, ptrs[2].dtype, ptrs[3].dtype,
            tuple(sorted(flags.items())), xs.device.index)
     p, rows, dwp, dbp = _plan(norm_act_bwd_split_kernel, args, meta, key, cfg, m, cfg.split, xs, m, n, dw, db)
+    assert p <= groups, (p, groups)
     args[8] = dwp if dwp is not None else dummy
     args[9] = dbp if dbp is not None else dummy
-    # the groups' exchange words, zero (a tag of 0 is no step's), allocated per call: stream-
-    # ordered, and inside a captured graph re-zeroed on every replay
-    args[10] = torch.zeros(p * 2 * cfg.split * 2, dtype=torch.int64, device=xs.device)
     args[13] = rows
     launch(norm_act_bwd_split_kernel, (p * cfg.split,), *args, **meta)
     if p > 1 and (dw is not None or db is not None):
