@@ -731,8 +731,8 @@ def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdCo
         # partner's words polled by volatile loads (2026-12-06), 1732.5 polled by atomics,
         # 2185.3 for the two passes (2026-12-05); 8192 x 32768 (four programs a row, atomics)
         # 1140.5 against 1134.1; 4096 x 65536 (eight) 1678.1 against 1188.5: each row waits
-        # on more partners, read one after another. Not under the interpreter, which runs programs one after another:
-        # the first would wait forever for its partner.
+        # on more partners, read one after another. Not under the interpreter, which runs
+        # programs one after another: the first would wait forever for its partner.
         return BwdConfig(rows=1, block_n=8192, num_warps=16, prefetch=True, split=2)
     if block >= CONFIG.twopass_block:
         return twopass_config(n, m, elem_bytes)
