@@ -774,6 +774,7 @@ def bwd_config(n: int, m: int, has_b: bool = True, elem_bytes: int = 2) -> BwdCo
 
 
 _OCCUPANCY: dict = {}
+MAX_WARPS_SM = 64  # resident warps an SM (sm_80 / sm_90): no more programs than this allows
 
 
 def _ctas_per_sm(kernel, key, num_warps: int, device: torch.device) -> int:
@@ -789,7 +790,7 @@ def _ctas_per_sm(kernel, key, num_warps: int, device: torch.device) -> int:
         smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
         by_regs = regs_sm // max(1, kernel.n_regs * 32 * num_warps)
         by_smem = smem_sm // max(1, kernel.metadata.shared + 1024)
-        occ = max(1, min(by_regs, by_smem, 64 // num_warps, 32))  # (32: the SM's block limit)
+        occ = max(1, min(by_regs, by_smem, MAX_WARPS_SM // num_warps, 32))  # (32: the SM's block limit)
     except Exception:  # keep the estimate
         pass
     _OCCUPANCY[key] = occ
@@ -884,7 +885,7 @@ def _bwd_split(cfg, ptrs, ds, sds, dx, dw, db, flags, dy, xs, m: int, n: int) ->
     # the groups' exchange words, zero (a tag of 0 is no step's), for as many groups as can be
     # resident (_plan launches no more), allocated per call: stream-ordered, and inside a
     # captured graph re-zeroed on every replay
-    groups = max(1, min(m, sm_count(xs.device) * (64 // cfg.num_warps) // cfg.split))
+    groups = max(1, min(m, sm_count(xs.device) * (MAX_WARPS_SM // cfg.num_warps) // cfg.split))
     xch = torch.zeros(groups * 2 * cfg.split * 2, dtype=torch.int64, device=xs.device)
     args = [*ptrs, ds if ds is not None else dummy, dx, dummy, dummy, xch, m, n, 2,
             dy.stride(0), dy.stride(1), xs.stride(0), *sds, dx.stride(0)]
