@@ -308,8 +308,9 @@ def test_gpu_triton_bwd_split(monkeypatch, shape, variant):
     65536); columns split unevenly (12008, 8200: the second program of a row has 8 columns),
     several rows a group, one row. The same bits on a second run, and from a CUDA graph
     replayed twice with new dy (the exchange words are zeroed inside the graph: stale tags
-    from a previous replay would hand over old sums). The default and, through the override,
-    w and b re-read every row (w)."""
+    from a previous replay would hand over old sums). The default (the partner's words polled
+    by volatile loads) and, through the override, w and b re-read every row (w) and the words
+    polled by atomics (a)."""
     require("cuda", "triton")
     from fusedops.triton_kernels import norm as tk
     m, n = shape

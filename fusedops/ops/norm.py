@@ -72,9 +72,11 @@ def _bwd_size(n: int, bias) -> int:
     Above N = 8192, with one accumulator row (no bias, e.g. RMSNorm) Triton's one-kernel
     backward was the faster (H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 vs 2787 µs,
     2026-11-22, the row re-read; Triton 2364 on 2026-12-05; since then two programs a row,
-    2213-2227 µs of kernels); with two, the CUDA C++ one (LN+GELU(tanh) 2420 vs Triton's two
-    passes 3140, 2026-12-05; 2236 vs Triton's two programs a row 2473 from a CUDA graph, later
-    the same day)."""
+    2012 µs of kernels on 2026-12-06); with two, the CUDA C++ one (LN+GELU(tanh) 2420 vs
+    Triton's two passes 3140, 2026-12-05; 2236 from a CUDA graph, against Triton's two
+    programs a row 2473 that day and 2247 on 2026-12-06, in another run). The rule was set
+    by the row re-read, since removed: fp32 rows without a bias above 8192 now take Triton's
+    two passes, not measured against CUDA C++."""
     return n if bias is not None else 2 * n
 
 
