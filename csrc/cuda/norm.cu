@@ -63,6 +63,7 @@ __device__ __forceinline__ void store_y(const FwdParams& p, int64_t row, int64_t
 // Row in registers: P packets of V elements per thread; the activation a template argument.
 template <typename T, typename W, typename Y, int V, int P, int kAct>
 __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdParams p) {
+  grid_dep_wait();
   __shared__ float red[2][32];  // alternated between reductions (block_sum1)
   int par = 0;
   const int64_t n = p.n;
@@ -114,6 +115,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_kernel(const FwdPara
 // Long rows: three passes over the row (mean, variance, output), s recomputed per pass.
 template <typename T, typename W, typename Y, int V>
 __global__ void __launch_bounds__(kMaxThreads) norm_act_fwd_stream_kernel(const FwdParams p) {
+  grid_dep_wait();
   __shared__ float red[33];
   const int64_t n = p.n;
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
@@ -160,6 +162,7 @@ constexpr int kWarpRows = 4;
 
 template <typename T, typename W, typename Y, int V, int P, int kAct>
 __global__ void __launch_bounds__(32 * kWarpRows) norm_act_fwd_warp_kernel(const FwdParams p) {
+  grid_dep_wait();
   const int64_t n = p.n;
   const float inv_n = 1.f / static_cast<float>(n);
   const int64_t lane = threadIdx.x;
@@ -216,33 +219,38 @@ bool fwd_warp_rows() {
 // resident an SM; H100 bf16 32768 x 2048: 95 µs vs 122 with 8 a thread): P from 16 / V up,
 // only those kernels compiled.
 template <typename T, typename W, typename Y, int V>
-void launch_fwd(const FwdParams& p, cudaStream_t stream) {
+void launch_fwd(const FwdParams& p, cudaStream_t stream, bool pdl) {
   constexpr int kMinPacks = V >= 16 ? 1 : 16 / V;
   if (p.n <= 32 * 4 * V && fwd_warp_rows()) {
     const dim3 grid(grid_rows((p.m + kWarpRows - 1) / kWarpRows)), block(32, kWarpRows);
     norm::dispatch_act(p.act, [&]<int kAct>() {
-      if (p.n <= 32 * V) norm_act_fwd_warp_kernel<T, W, Y, V, 1, kAct><<<grid, block, 0, stream>>>(p);
-      else if (p.n <= 64 * V) norm_act_fwd_warp_kernel<T, W, Y, V, 2, kAct><<<grid, block, 0, stream>>>(p);
-      else norm_act_fwd_warp_kernel<T, W, Y, V, 4, kAct><<<grid, block, 0, stream>>>(p);
+      const auto warp = [&]<int P>() {
+        launch_norm(norm_act_fwd_warp_kernel<T, W, Y, V, P, kAct>, grid, block, 0, stream, pdl, 1, p);
+      };
+      if (p.n <= 32 * V) warp.template operator()<1>();
+      else if (p.n <= 64 * V) warp.template operator()<2>();
+      else warp.template operator()<4>();
     });
-    FUSEDOPS_CHECK_LAUNCH();
     return;
   }
   const Shape sh = pick_shape(p.n, V, kMinPacks, kMaxPacks);
   const dim3 grid(grid_rows(p.m));
   norm::dispatch_act(p.act, [&]<int kAct>() {
     const auto rows = [&]<int P>() {
-      if constexpr (P >= kMinPacks) norm_act_fwd_kernel<T, W, Y, V, P, kAct><<<grid, sh.threads, 0, stream>>>(p);
+      if constexpr (P >= kMinPacks) {
+        launch_norm(norm_act_fwd_kernel<T, W, Y, V, P, kAct>, grid, dim3(sh.threads), 0, stream, pdl, 1, p);
+      }
     };
     switch (sh.packs) {
       case 2: rows.template operator()<2>(); break;
       case 4: rows.template operator()<4>(); break;
       case 8: rows.template operator()<8>(); break;
       case 16: rows.template operator()<16>(); break;
-      default: norm_act_fwd_stream_kernel<T, W, Y, V><<<grid, kMaxThreads, 0, stream>>>(p); break;
+      default:
+        launch_norm(norm_act_fwd_stream_kernel<T, W, Y, V>, grid, dim3(kMaxThreads), 0, stream, pdl, 1, p);
+        break;
     }
   });
-  FUSEDOPS_CHECK_LAUNCH();
 }
 
 void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Tensor mean, Tensor rstd, double eps,
@@ -273,11 +281,12 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
     // (weight packets too: V of W may be wider than 16 bytes, which Packed allows).
     const bool packed = can_pack<V>(p.n, {{p.x, p.sx}, {p.r, p.sr}, {p.s, p.ss}}, sizeof(T)) &&
                         can_pack<V>(p.n, {{p.y, p.sy}}, sizeof(Y)) && can_pack<V>(p.n, {{p.w, 0}, {p.b, 0}}, sizeof(W));
+    const bool pdl = norm_pdl(x.get_device_index());
     if (packed) {
-      launch_fwd<T, W, Y, V>(p, stream);
+      launch_fwd<T, W, Y, V>(p, stream, pdl);
     } else {  // odd N or unaligned rows: element accesses, streaming path
-      norm_act_fwd_stream_kernel<T, W, Y, 1><<<dim3(grid_rows(p.m)), kMaxThreads, 0, stream>>>(p);
-      FUSEDOPS_CHECK_LAUNCH();
+      launch_norm(norm_act_fwd_stream_kernel<T, W, Y, 1>, dim3(grid_rows(p.m)), dim3(kMaxThreads), 0, stream, pdl,
+                  1, p);
     }
   });
 }

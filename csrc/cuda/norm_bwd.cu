@@ -71,6 +71,7 @@ __device__ __forceinline__ void store_dx(const BwdParams& p, int64_t row, int64_
 // in global memory, each column read-modified-written only by the thread that owns it.
 template <typename T, typename W, typename Y, int V, bool kDenseDy>
 __global__ void __launch_bounds__(kMaxThreads) norm_act_bwd_stream_kernel(const BwdParams p) {
+  grid_dep_wait();
   __shared__ float red[33];
   const int64_t n = p.n;
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
@@ -247,6 +248,7 @@ constexpr int kRingStages = 3;
 template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kCl = 1,
           int kBlockThreads = 512>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
+  grid_dep_wait();
   constexpr bool kRing = !kSmemAcc;  // the ring and the shared dW/dB slots exclude each other
   constexpr int kStages = kRingStages;
   static_assert(kCl == 1 || kRing, "the cluster kernel keeps dW/dB in registers");
@@ -602,38 +604,26 @@ void allow_max_smem() {
 int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
 
 template <typename T, typename W, typename Y, int V, int PK, int kMinBlocks, int kAct, int kBlockThreads = 512>
-void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStream_t stream) {
+void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStream_t stream, bool pdl) {
   const size_t combine = ty > 1 ? static_cast<size_t>(ty) * p.n * sizeof(float) : 0;
   const size_t ring = kRingStages * static_cast<size_t>(ty) * p.n * (sizeof(T) + sizeof(Y));
   const size_t smem = std::max(ring, combine);
   constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, 1, kBlockThreads>;
   allow_max_smem<kernel>();
-  kernel<<<blocks, dim3(tx, ty), smem, stream>>>(p);
+  launch_norm(kernel, dim3(blocks), dim3(tx, ty), smem, stream, pdl, 1, p);
 }
 
 // Rows of 8192 < n <= 16384 on sm_90+: `parts` clusters of two blocks, each block half the
 // columns (rounded up to a packet) at 16 elements a thread.
 template <typename T, typename W, typename Y, int V, int PK, int kAct>
-void launch_rows_cluster(const BwdParams& p, int parts, cudaStream_t stream) {
+void launch_rows_cluster(const BwdParams& p, int parts, cudaStream_t stream, bool pdl) {
   BwdParams q = p;
   q.ncols = (p.n + 2 * V - 1) / (2 * V) * V;
   const int tx = round_warp((q.ncols + V * PK - 1) / (V * PK));
   const size_t smem = kRingStages * static_cast<size_t>(q.ncols) * (sizeof(T) + sizeof(Y));
   constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, 1, kAct, 2>;
   allow_max_smem<kernel>();
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(2 * static_cast<unsigned>(parts));
-  cfg.blockDim = dim3(tx, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 2;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
-  FUSEDOPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, q));
+  launch_norm(kernel, dim3(2 * static_cast<unsigned>(parts)), dim3(tx, 1), smem, stream, pdl, 2, q);
 }
 
 template <typename T, typename W, typename Y, int V, int kAct>
@@ -641,26 +631,26 @@ bool launch_bwd_rows(const BwdParams& p, int blocks, int device, cudaStream_t st
   constexpr int PK8 = V >= 8 ? 1 : 8 / V;
   const auto threads = [&](int pk) { return round_warp((p.n + V * pk - 1) / (V * pk)); };
   const bool pk16 = threads(2 * PK8) <= 256 && bwd_mode() != "pk8" && (p.n > 2048 || bwd_mode() == "pk16");
+  const bool pdl = norm_pdl(device);
   if (small_rows(p.n)) {
     const int tx = threads(2 * PK8);
-    launch_rows_plain<T, W, Y, V, 2 * PK8, 4, kAct, 128>(p, blocks, tx, 128 / tx, stream);
+    launch_rows_plain<T, W, Y, V, 2 * PK8, 4, kAct, 128>(p, blocks, tx, 128 / tx, stream, pdl);
   } else if (threads(PK8) <= 512 && !pk16) {
     const int tx = threads(PK8);
-    launch_rows_plain<T, W, Y, V, PK8, 2, kAct>(p, blocks, tx, 512 / tx, stream);
+    launch_rows_plain<T, W, Y, V, PK8, 2, kAct>(p, blocks, tx, 512 / tx, stream, pdl);
   } else if (threads(2 * PK8) <= 512) {
-    launch_rows_plain<T, W, Y, V, 2 * PK8, 1, kAct>(p, blocks, threads(2 * PK8), 1, stream);
+    launch_rows_plain<T, W, Y, V, 2 * PK8, 1, kAct>(p, blocks, threads(2 * PK8), 1, stream, pdl);
   } else if (threads(4 * PK8) <= 512 && has_clusters(device)) {
-    launch_rows_cluster<T, W, Y, V, 2 * PK8, kAct>(p, blocks, stream);
+    launch_rows_cluster<T, W, Y, V, 2 * PK8, kAct>(p, blocks, stream, pdl);
   } else if (threads(4 * PK8) <= 512) {  // before sm_90: dW/dB in shared memory
     const size_t smem = 2 * static_cast<size_t>(4 * PK8) * V * threads(4 * PK8) * sizeof(float);
     auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, 4 * PK8, true, 1, kAct>;
     FUSEDOPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
-    kernel<<<blocks, dim3(threads(4 * PK8), 1), smem, stream>>>(p);
+    launch_norm(kernel, dim3(blocks), dim3(threads(4 * PK8), 1), smem, stream, pdl, 1, p);
   } else {
     return false;
   }
-  FUSEDOPS_CHECK_LAUNCH();
   return true;
 }
 
@@ -716,8 +706,8 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
     // strided dy (e.g. stride 0 from .sum()), odd N, unaligned rows or N > 16384: streaming
     // (FUSEDOPS_NORM_CUDA_BWD=stream forces it, to compare the two paths)
     if (!(packed && !force_stream() && launch_bwd_rows_act<T, W, Y, V>(q, static_cast<int>(blocks), xs.get_device_index(), stream))) {
-      norm_act_bwd_stream_kernel<T, W, Y, 1, false><<<static_cast<int>(blocks), kMaxThreads, 0, stream>>>(p);
-      FUSEDOPS_CHECK_LAUNCH();
+      launch_norm(norm_act_bwd_stream_kernel<T, W, Y, 1, false>, dim3(static_cast<unsigned>(blocks)),
+                  dim3(kMaxThreads), 0, stream, norm_pdl(xs.get_device_index()), 1, p);
     }
   });
 }
@@ -796,9 +786,10 @@ int dtype_code(ScalarType t) {
 // included) had 32 groups at 13.0 against 9.8 µs at 4096 and 22.7 against 12.9 at 16384.
 template <int kGroups>
 __global__ void __launch_bounds__(32 * kGroups) norm_partials_sum_kernel(const SumParams q) {
+  grid_dep_wait();
   __shared__ float part_sum[kGroups][33];
   const int which = blockIdx.y;
-  const float* part = q.part[which];
+  const float* part = which ? q.part[1] : q.part[0];  // (no dynamic index: q stays in parameter space)
   const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   float acc = 0.f;
   if (j < q.n)
@@ -809,10 +800,11 @@ __global__ void __launch_bounds__(32 * kGroups) norm_partials_sum_kernel(const S
   acc = 0.f;
 #pragma unroll
   for (int g = 0; g < kGroups; ++g) acc += part_sum[g][threadIdx.x];
-  switch (q.dtype[which]) {
-    case 0: static_cast<float*>(q.out[which])[j] = acc; break;
-    case 1: static_cast<c10::Half*>(q.out[which])[j] = static_cast<c10::Half>(acc); break;
-    default: static_cast<c10::BFloat16*>(q.out[which])[j] = static_cast<c10::BFloat16>(acc); break;
+  void* out = which ? q.out[1] : q.out[0];
+  switch (which ? q.dtype[1] : q.dtype[0]) {
+    case 0: static_cast<float*>(out)[j] = acc; break;
+    case 1: static_cast<c10::Half*>(out)[j] = static_cast<c10::Half>(acc); break;
+    default: static_cast<c10::BFloat16*>(out)[j] = static_cast<c10::BFloat16>(acc); break;
   }
 }
 
@@ -835,10 +827,10 @@ void sum_partials(const Tensor& dwp, Tensor& dw, bool sum_w, const Tensor& dbp, 
   const dim3 grid(static_cast<unsigned>((n + 31) / 32), k);
   cudaStream_t stream = current_stream(device);
   const int groups = bwd_mode() == "sum8" ? 8 : (n <= 1024 ? 32 : (n <= 2048 ? 16 : 8));
-  if (groups == 32) norm_partials_sum_kernel<32><<<grid, dim3(32, 32), 0, stream>>>(q);
-  else if (groups == 16) norm_partials_sum_kernel<16><<<grid, dim3(32, 16), 0, stream>>>(q);
-  else norm_partials_sum_kernel<8><<<grid, dim3(32, 8), 0, stream>>>(q);
-  FUSEDOPS_CHECK_LAUNCH();
+  const bool pdl = norm_pdl(device);
+  if (groups == 32) launch_norm(norm_partials_sum_kernel<32>, grid, dim3(32, 32), 0, stream, pdl, 1, q);
+  else if (groups == 16) launch_norm(norm_partials_sum_kernel<16>, grid, dim3(32, 16), 0, stream, pdl, 1, q);
+  else launch_norm(norm_partials_sum_kernel<8>, grid, dim3(32, 8), 0, stream, pdl, 1, q);
 }
 
 std::tuple<Tensor, Tensor, Tensor> norm_act_backward(Tensor dy, Tensor s, std::optional<Tensor> w,

@@ -7,7 +7,9 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <initializer_list>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -16,6 +18,58 @@ namespace {
 
 constexpr int kMaxThreads = 512;  // forward and streaming kernels: __launch_bounds__(512)
 constexpr int kMaxPacks = 16;
+
+// Programmatic dependent launch (sm_90+): a norm kernel launched with it may be made resident
+// while the kernel before it in the stream finishes, instead of after; grid_dep_wait(), the
+// first statement of every norm kernel (before any global memory access, reads and writes
+// alike), waits for that kernel's completion and its memory. Without the launch attribute
+// (or before sm_90) it returns at once. The kernels never signal their dependents early
+// (griddepcontrol.launch_dependents): a waiting grid would hold SM slots that their own
+// blocks still need.
+__device__ __forceinline__ void grid_dep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Whether the norm kernels launch with programmatic dependent launch on `device` (sm_90+;
+// FUSEDOPS_NORM_CUDA_PDL=0 turns it off, read once).
+inline bool norm_pdl(int32_t device) {
+  static const bool on = [] {
+    const char* v = std::getenv("FUSEDOPS_NORM_CUDA_PDL");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on && has_clusters(device);
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...) through cudaLaunchKernelEx: with
+// programmatic dependent launch when `pdl`, as a cluster of `cluster` blocks when > 1.
+template <typename... KArgs, typename... Args>
+void launch_norm(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                 unsigned cluster, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attrs[2]{};
+  unsigned count = 0;
+  if (pdl) {
+    attrs[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  if (cluster > 1) {
+    attrs[count].id = cudaLaunchAttributeClusterDimension;
+    attrs[count].val.clusterDim.x = cluster;
+    attrs[count].val.clusterDim.y = 1;
+    attrs[count].val.clusterDim.z = 1;
+    ++count;
+  }
+  cfg.attrs = attrs;
+  cfg.numAttrs = count;
+  FUSEDOPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
 
 // 1 / x through the hardware reciprocal (relative error < 2^-22; 1 / inf = 0).
 __device__ __forceinline__ float fast_rcp(float x) {
