@@ -55,29 +55,28 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 # 120 vs 96 at 2048, 191 vs 187 at 4096, 390 vs 387 at 8192, 756 vs 728 at 16384, and on a
 # launch-bound call (16x4096) 35 vs 115 µs of host wall — CUDA C++ up to N = 8192; backward
 # CUDA C++ vs Triton 309 vs 393 at 4096, 595 vs 840 at 8192 — CUDA C++ up to N = 8192, and up
-# to 16384 for norms with a bias (_bwd_size). Kept where Triton's backward became the faster on
-# the device (H100, 2026-12-05: 92 vs 100 µs with the dW/dB sum at 1024, 174 vs 182 at 2048;
-# with its next-row prefetch it comes within ~2% at 8192, 620-630 µs, and stays behind at
-# 4096, fwd+bwd 540 vs 511): its launches cost more host time (16 x 4096 fwd+bwd: 170 vs 128 µs
-# a call, eager 106; bench/results/h100-2026-12-05-r5/run3-bench-norm.txt), which decides small
-# models' steps.
+# to 16384 for norms with a bias and for fp32 rows (_bwd_size). Kept where Triton's backward
+# became the faster on the device (H100, 2026-12-05: 92 vs 100 µs with the dW/dB sum at 1024,
+# 174 vs 182 at 2048; with its next-row prefetch it comes within ~2% at 8192, 620-630 µs, and
+# stays behind at 4096, fwd+bwd 540 vs 511): its launches cost more host time (16 x 4096
+# fwd+bwd: 170 vs 128 µs a call, eager 106; bench/results/h100-2026-12-05-r5/
+# run3-bench-norm.txt), which decides small models' steps.
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=("cuda", 8192)) for op in FWD_OPS}
 _bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("cuda", 16384))
 
 
-def _bwd_size(n: int, bias) -> int:
-    """The size the backward's default is chosen by: the hidden size, doubled without a bias.
-    Above N = 8192, with one accumulator row (no bias, e.g. RMSNorm) Triton's one-kernel
-    backward was the faster (H100, bf16 32768 x 16384 fwd+bwd: RMS+SiLU 2380 vs 2787 µs,
-    2026-11-22, the row re-read; Triton 2364 on 2026-12-05; since then two programs a row,
-    2012 µs of kernels on 2026-12-06); with two, the CUDA C++ one (LN+GELU(tanh) 2420 vs
-    Triton's two passes 3140, 2026-12-05; 2236 from a CUDA graph, against Triton's two
-    programs a row 2473 that day and 2247 on 2026-12-06, in another run). The rule was set
-    by the row re-read, since removed: fp32 rows without a bias above 8192 now take Triton's
-    two passes, not measured against CUDA C++."""
-    return n if bias is not None else 2 * n
+def _bwd_size(n: int, bias, elem_bytes: int) -> int:
+    """The size the backward's default is chosen by: the hidden size, doubled for 16-bit rows
+    (s and dy) without a bias, so that those take Triton's backward above N = 8192. There
+    Triton reads 16-bit rows padded to 16384 once (two programs a row) and was the faster
+    without a bias (H100, bf16 32768 x 16384 fwd+bwd from a CUDA graph, 2026-12-06: RMS+SiLU
+    1914 vs 1996 µs, Add+RMS+SiLU 3002 vs 3307), within ~2% either way with one (LN+SiLU 2143
+    vs 2187, LN+GELU(tanh) 2246 vs 2221, CUDA C++ kept). fp32 rows take Triton's two passes
+    (s and dy read twice), and CUDA C++ is the faster: RMS+GELU(tanh) fp32 fwd+bwd kernels
+    4214 vs 5080 µs at 16384, 2965 vs 3900 at 12288 (bench/results/h100-2026-12-06-r8)."""
+    return 2 * n if bias is None and elem_bytes <= 2 else n
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
@@ -210,7 +209,8 @@ def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
     if not _kernel_ok(s, weight, bias, dy.dtype) or (ds is not None and ds.dtype not in _validate.KERNEL_DTYPES):
         run = _bwd.reference(f"no kernel for s {s.dtype} / dy {dy.dtype}")
     else:
-        run = _bwd.get(_bwd.backend_for(s.device.type, _bwd_size(s.shape[-1], bias)))
+        size = _bwd_size(s.shape[-1], bias, max(s.element_size(), dy.element_size()))
+        run = _bwd.get(_bwd.backend_for(s.device.type, size))
     dx, dw, db = run(dy, s, weight, bias, mean, rstd, activation, ds)
     empty = None if dw is not None and db is not None else s.new_empty(0)
     return dx, (empty if dw is None else dw), (empty if db is None else db)
@@ -524,21 +524,23 @@ class _AddNormActInplace(torch.autograd.Function):
 _FAST: dict = {}
 
 
-def _fast_kernels(op, x, weight, bias, out_dtype):
+def _fast_kernels(op, x, residual, weight, bias, out_dtype):
     """(forward kernel, backward kernel) for a plain call, or None where the reference would
     run (a dtype without kernels, the reference backend forced): decided once per (op,
     device type, dtypes, hidden size, forced backend)."""
     if x.dim() == 0:
         return None  # (the op's checks give the error)
     n = x.shape[-1]
-    key = (op, x.device.type, x.dtype, None if weight is None else weight.dtype,
-           None if bias is None else bias.dtype, out_dtype, n, _backend_forced())
+    key = (op, x.device.type, x.dtype, None if residual is None else residual.dtype,
+           None if weight is None else weight.dtype, None if bias is None else bias.dtype, out_dtype, n,
+           _backend_forced())
     hit = _FAST.get(key, False)
     if hit is False:
         hit = None
         if _kernel_ok(x, weight, bias, out_dtype or x.dtype):
             fwd = _kernels[op].backend_for(key[1], n)
-            bwd = _bwd.backend_for(key[1], _bwd_size(n, bias))
+            sdt = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # (s's dtype)
+            bwd = _bwd.backend_for(key[1], _bwd_size(n, bias, max(sdt.itemsize, (out_dtype or x.dtype).itemsize)))
             if fwd != "reference" and bwd != "reference":
                 hit = (_kernels[op].get(fwd), _bwd.get(bwd))
         if len(_FAST) >= 4096:  # (one entry a hidden size and dtypes: bounded for shape-varying callers)
@@ -593,7 +595,7 @@ def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
     """(y, s) through the fast path, or None when the call is not plain."""
     if not _validate.plain_call(x, residual, weight, bias):
         return None
-    kernels = _fast_kernels(op, x, weight, bias, od)
+    kernels = _fast_kernels(op, x, residual, weight, bias, od)
     if kernels is None:
         return None
     _check(op, x, residual, weight, bias, activation, od)
