@@ -115,7 +115,7 @@ def cmd_info(args) -> int:
                     if upto is not None and dev == "cuda" and not forced:  # chosen by size (see README)
                         small = k.backend_for(dev, upto[1])
                         if small != chosen:
-                            chosen = f"{small} for sizes up to {upto[1]}, {chosen} above"
+                            chosen = f"{small} for sizes up to {upto[1]}, {chosen} above (size: {k.size})"
                 except RuntimeError:  # a forced backend that cannot run here (its reason: above)
                     chosen = f"none: the forced backend {forced!r} cannot run on {dev}"
                 print(f"  {dev:4s} {op}: {chosen}")

@@ -111,14 +111,17 @@ class Kernels:
     module records the numbers beside it.
     """
 
-    def __init__(self, op: str, *, cuda_default: str, cuda_default_upto: tuple | None = None):
+    def __init__(self, op: str, *, cuda_default: str, cuda_default_upto: tuple | None = None,
+                 size: str = "the hidden size"):
         """cuda_default_upto=(backend, limit): that backend instead for calls whose size (the
-        op's own measure, passed to backend_for; e.g. the hidden size) is <= limit."""
+        op's own measure, passed to backend_for; `size` says what it is, for `fusedops info`)
+        is <= limit."""
         assert cuda_default in ("triton", "cuda")
         assert cuda_default_upto is None or cuda_default_upto[0] in ("triton", "cuda")
         self.op = op
         self.cuda_default = cuda_default
         self.cuda_default_upto = cuda_default_upto
+        self.size = size
         self._impls: dict = {}
         self._chosen: dict = {}
         REGISTRY[op] = self

@@ -374,14 +374,18 @@ def test_gpu_triton_long_rows(monkeypatch):
         check("add_rms", "silu", (133, 12000), torch.bfloat16, torch.float32, "cuda")
 
 
-def test_backward_default_by_row_width():
+def test_backward_default_by_row_width(monkeypatch):
     """On CUDA the backward's default is CUDA C++ up to N = 8192, and above it up to 16384 for
     norms with a bias (the two backends within 2%) and for fp32 rows (Triton's backward takes
     two passes over those); 16-bit rows without a bias take Triton's there, as do all rows
     above 16384."""
-    def bwd(n, bias, elem_bytes):  # the preferred CUDA backend (Kernels.backend_for's rule)
-        upto = norm_ops._bwd.cuda_default_upto
-        return upto[0] if norm_ops._bwd_size(n, bias, elem_bytes) <= upto[1] else norm_ops._bwd.cuda_default
+    from fusedops import _backend
+    monkeypatch.setattr(_backend, "available", lambda name, device_type: True)  # (a simulated CUDA device)
+    monkeypatch.setattr(norm_ops._bwd, "_chosen", {})
+    monkeypatch.setattr(_backend, "_forced", lambda: None)
+
+    def bwd(n, bias, elem_bytes):
+        return norm_ops._bwd.backend_for("cuda", norm_ops._bwd_size(n, bias, elem_bytes))
 
     bias = torch.zeros(1)
     assert [bwd(n, None, 2) for n in (768, 8192, 8193, 16384)] == ["cuda", "cuda", "triton", "triton"]

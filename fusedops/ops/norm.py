@@ -64,7 +64,8 @@ _ACT_CODE = {a: i for i, a in enumerate(ACTIVATIONS)}
 FWD_OPS = ("layer_norm_act", "rms_norm_act", "add_layer_norm_act", "add_rms_norm_act",
            "add_layer_norm_act_", "add_rms_norm_act_")
 _kernels = {op: Kernels(op, cuda_default="triton", cuda_default_upto=("cuda", 8192)) for op in FWD_OPS}
-_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("cuda", 16384))
+_bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("cuda", 16384),
+               size="the hidden size, doubled for 16-bit rows without a bias")
 
 
 def _bwd_size(n: int, bias, elem_bytes: int) -> int:
