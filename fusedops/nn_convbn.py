@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import _validate, reference
+from ._backend import _forced as _backend_forced
 from ._backend import warn_once
 from .converter import CALL_HOOKS, plain_sequential
 from .ops import batchnorm as bnops
-from .ops.convbn import check_step_shapes, no_autocast, train_backward, train_forward, train_op
+from .ops.convbn import _native_call, check_step_shapes, no_autocast, train_backward, train_forward, train_op
 
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
 MEMORY_MODES = ("recompute", "fast")
@@ -97,7 +98,7 @@ def _hooks_active() -> bool:
 
 class _ConvBNActTrain(torch.autograd.Function):
     """act(BN_batch(conv(x, w))) with batch statistics; saves x, w and per-channel stats
-    (and y in memory="fast"). Returns (z, mean, var) — mean/var not differentiable.
+    (and y in memory="fast"). Returns z (the running statistics are updated inside).
     conf = (stride, padding, dilation, groups, eps, act, slope, memory) (tuples/lists of
     ints, made once per module).
 
@@ -107,15 +108,23 @@ class _ConvBNActTrain(torch.autograd.Function):
     at the peak one activation less than keeping x to the end."""
 
     @staticmethod
-    def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None, bn=None):
+    def forward(ctx, x, weight, gamma, beta, conv_bias, conf, running=None, bn=None, plan=None):
         stride, padding, dilation, groups, eps, act, slope, memory = conf
         # running: [running_mean, running_var, momentum, done] or None; bn: the BN module whose
-        # running statistics this step updates, or None
+        # running statistics this step updates, or None; plan: a _NativePlan (the native step,
+        # running statistics updated in its stats launch) or None
         check_step_shapes(x, weight, stride, padding, dilation, groups)
-        z, mean, invstd, var, y = train_forward(x, weight, gamma, beta, (stride, padding, dilation, groups), eps, act,
-                                                slope, running)
-        if bn is not None:  # before save_for_backward: a checkpoint's recompute may stop there
-            _update_running(bn, running, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
+        if plan is not None:
+            z, mean, invstd, var, y = _native_call(plan.fwd, (x, weight, stride, padding, dilation, groups, eps,
+                                                              *plan.fwd_args), x, weight, conf[:4])
+            plan.nbt.add_(1)  # (a buffer: no grad mode needed)
+            torch.autograd.graph.increment_version(plan.running)  # as eager's in-place update does
+        else:
+            z, mean, invstd, var, y = train_forward(x, weight, gamma, beta, (stride, padding, dilation, groups), eps,
+                                                    act, slope, running)
+            if bn is not None:  # before save_for_backward: a checkpoint's recompute may stop there
+                _update_running(bn, running, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
+        ctx.native = None if plan is None else plan.affine
         dev = x.device
         ctx.x = None
         if memory == "fast":
@@ -128,16 +137,49 @@ class _ConvBNActTrain(torch.autograd.Function):
             ctx.save_for_backward(x, weight, mean, invstd, gamma, beta)
         ctx.conf = conf
         ctx.has_bias = conv_bias is not None
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)  # no zero tensors for mean and var (dz: never None, z is the
-        # only differentiable output)
-        return z, mean, var
+        return z
 
     @staticmethod
-    def backward(ctx, dz, _dmean, _dvar):
+    def backward(ctx, dz):
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable in turn
             return _train_backward_differentiable(ctx, dz)
         return _train_backward(ctx, dz)
+
+
+class _NativePlan:
+    """A module's training step by the native kernels (C++ / CUDA C++: one call per
+    direction, the running statistics updated in the stats launch), decided once per key
+    (ConvBNAct2d._native_plan): the forward op's arguments after x, w and the geometry
+    (eps, γ and β in fp32, activation, slope, momentum, the running buffers), the autocast
+    dtype of the conv, and γ, β as the Function takes them. fwd is None where the native
+    step cannot take the module's calls: the general path decides each call then."""
+
+    __slots__ = ("key", "fwd", "fwd_args", "affine", "cast", "gamma", "beta", "nbt", "running", "refs")
+
+    def __init__(self, key, x, w, cd, conf, conv_bias, bn, gamma, beta, rm, rv, nbt):
+        self.key, self.fwd, self.cast = key, None, cd
+        self.refs = (w, gamma, beta, rm, rv, nbt)  # the ids in key stay theirs while the plan lives
+        self.gamma, self.beta, self.nbt, self.running = gamma, beta, nbt, [rm, rv]
+        if (conv_bias is not None or not bn.track_running_stats or bn.momentum is None or nbt is None or rm is None
+                or type(x) not in _validate.PLAIN_TYPES or type(w) not in _validate.PLAIN_TYPES or w.shape[0] == 0):
+            return
+        xd = cd if cd is not None and x.dtype != torch.float64 else x.dtype
+        wd = cd if cd is not None and w.dtype != torch.float64 else w.dtype
+        if xd != wd:
+            return  # eager's conv raises its own error for these: the general path runs it
+        # stand-ins with the dtypes, device and channel count of the call's operands
+        running = [rm, rv, float(bn.momentum), False]
+        native = bnops.train_native_args(x.new_empty(1, dtype=xd), x.device, w.new_empty(w.shape[0], dtype=wd),
+                                         gamma, beta, running)
+        if native is None or not running[3]:
+            return
+        g32, b32, _, _, momentum = native
+        if (gamma is not None and g32 is not gamma) or (beta is not None and b32 is not beta):
+            return  # γ / β not fp32 and dense: the general path casts them each call
+        _stride, _padding, _dilation, _groups, _eps, act, slope, _memory = conf
+        self.affine = (g32, b32)
+        self.fwd_args = (g32, b32, bnops.ACT_CODES[act], slope, momentum, rm, rv)
+        self.fwd = bnops.op_train_fwd()
 
 
 def _update_running(bn, running, conv_bias, mean, var, count: int) -> None:
@@ -202,7 +244,7 @@ def _train_backward_differentiable(ctx, dz):
             grads[i] = torch.zeros_like(t) if g is None else g
     if needs[4] and ctx.has_bias:
         grads[4] = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 def _train_backward(ctx, dz):
@@ -221,7 +263,7 @@ def _train_backward(ctx, dz):
     # conv recompute (unless y was kept), BN backward, dW and (unless x goes first) dX
     dy, dx, dw, dgamma, dbeta = train_backward(dz, x, weight, y, mean, invstd, gamma, beta,
                                                (stride, padding, dilation, groups), act, slope, needs[0], needs[1],
-                                               split=early)
+                                               split=early, native=ctx.native)
     del y
     if early:  # x goes before dX is allocated
         in_hw = x.shape[2:]
@@ -239,7 +281,7 @@ def _train_backward(ctx, dz):
         db = dbeta if dbeta.dtype == beta.dtype else dbeta.to(beta.dtype)
     if ctx.has_bias:
         dcb = torch.zeros(weight.shape[0], device=weight.device, dtype=dz.dtype)
-    return dx, dw, dg, db, dcb, None, None, None
+    return dx, dw, dg, db, dcb, None, None, None, None
 
 
 def _output_padding(in_hw, out_shape, w_shape, stride, padding, dilation) -> list:
@@ -319,6 +361,14 @@ class ConvBNAct2d(nn.Module):
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, memory={self.memory!r}"
 
+    def __getstate__(self) -> dict:
+        """Pickled / deep-copied without the per-process caches (the native plan holds op
+        handles, which do not pickle; the copy derives its own)."""
+        state = super().__getstate__()
+        for cache in _CACHES:
+            state.pop(cache, None)
+        return state
+
     # ---- forward ----------------------------------------------------------------------
 
     def _act(self, z):
@@ -357,6 +407,30 @@ class ConvBNAct2d(nn.Module):
                   f"{type(bn).__name__} and the activation as separate modules (no fused kernels, no memory saving)")
         return self._act(bn(conv(x)))
 
+    def _native_plan(self, x, w, conf, bn, conv_bias):
+        """The _NativePlan of this call, or None where the general path runs it (traced, a
+        dispatch mode, tensor subclasses, an empty input, a conv bias, a BN that does not
+        update fp32 running statistics with a momentum, other kernels than the native ones).
+        Cached on the module, rebuilt when a tensor or setting it was derived from changed."""
+        if x.numel() == 0 or torch.compiler.is_compiling() or _validate._dispatch_mode() is not None:
+            return None
+        bparams, bbufs = bn._parameters, bn._buffers
+        gamma, beta = bparams.get("weight"), bparams.get("bias")
+        rm, rv, nbt = bbufs.get("running_mean"), bbufs.get("running_var"), bbufs.get("num_batches_tracked")
+        dev = x.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        # ids: the plan holds the tensors, so an id cannot be reused while it is cached;
+        # dtypes and devices: module.to() / .half() change them in place
+        key = (type(x), x.dtype, x.device, cd, type(w), w.dtype, id(w), id(conf), conv_bias is None, id(gamma),
+               id(beta), id(rm), id(rv), id(nbt), None if gamma is None else gamma.dtype,
+               None if beta is None else beta.dtype, None if rm is None else (rm.dtype, rm.device, rv.dtype),
+               bn.momentum, bn.track_running_stats, _backend_forced())
+        plan = self.__dict__.get("_native_plan_cache")
+        if plan is None or plan.key != key:
+            plan = self.__dict__["_native_plan_cache"] = _NativePlan(key, x, w, cd, conf, conv_bias, bn, gamma, beta,
+                                                                       rm, rv, nbt)
+        return plan if plan.fwd is not None else None
+
     def _train_conf(self, conv, bn):
         """The Function's constant arguments, rebuilt only when a setting changed."""
         key = (conv.stride, self._padding, conv.dilation, conv.groups, bn.eps, self.activation,
@@ -381,13 +455,24 @@ class ConvBNAct2d(nn.Module):
             if bn is not None:
                 _update_running(bn, None, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
             return z
-        return _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf, running, bn)[0]
+        return _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf, running, bn)
 
     def _forward_train(self, x, conv, bn):
         cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
         w = cparams["weight"]
         conv_bias = cparams.get("bias")
         conf = self._train_conf(conv, bn)
+        plan = self._native_plan(x, w, conf, bn, conv_bias)
+        if plan is not None:  # the common case, decided once per module (host time)
+            cd = plan.cast
+            if cd is not None:  # what autocast does to the eager conv: each eligible operand in cd
+                if x.dtype != cd:
+                    x = x.to(cd)
+                if w.dtype != cd:
+                    w = w.to(cd)
+                with no_autocast(x.device.type):
+                    return _ConvBNActTrain.apply(x, w, plan.gamma, plan.beta, None, conf, None, None, plan)
+            return _ConvBNActTrain.apply(x, w, plan.gamma, plan.beta, None, conf, None, None, plan)
         rm = bbufs.get("running_mean")
         update = bn.training and bn.track_running_stats and rm is not None
         # the running statistics updated in the stats launch where a native kernel can
@@ -456,6 +541,9 @@ class ConvBNAct2d(nn.Module):
                     w, b = w.to(cast), b.to(cast)
             hit = cache[cast] = (key, w, b, b32)
         return hit[1], hit[2], hit[3]
+
+
+_CACHES = ("_native_plan_cache", "_fold_cache", "_cast_cache", "_conf_cache")
 
 
 def _drop_caches(module: nn.Module) -> None:

@@ -521,21 +521,60 @@ def test_train_native_step_one_call_per_direction(dev_backend, monkeypatch, memo
     """With the native BN kernels the training step runs one native call per direction
     (conv_bn_act_fwd / _bwd); the Triton backend keeps the op-by-op path. Both match eager."""
     from fusedops import nn_convbn
-    from fusedops.ops import batchnorm as bnops
     device, backend = dev_backend
     if early:
         monkeypatch.setattr(nn_convbn, "EARLY_RELEASE_DEVICES", ("cuda", "cpu"))
     elif device == "cuda":
         monkeypatch.setattr(nn_convbn, "EARLY_RELEASE_DEVICES", ())
-    calls = []
-    for name in ("op_train_fwd", "op_train_bwd"):
-        real = getattr(bnops, name)
-        monkeypatch.setattr(bnops, name, lambda real=real, name=name: calls.append(name) or real())
+    from torch.profiler import ProfilerActivity, profile
     eager = _pair(4, 6, 3, "silu", device, conv_kw=dict(stride=2, padding=1))
-    _train_compare(eager, _fused_from(eager, memory), torch.randn(3, 4, 9, 8, device=device), steps=2,
-                   channels_last=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # the ops as the dispatcher saw them
+        _train_compare(eager, _fused_from(eager, memory), torch.randn(3, 4, 9, 8, device=device), steps=2,
+                       channels_last=True)
+    ops = ("fusedops_C::conv_bn_act_fwd", "fusedops_C::conv_bn_act_bwd")
+    calls = [e.name for e in prof.events() if e.name in ops]
     native = backend in ("cpp", "cuda")
-    assert calls == (["op_train_fwd", "op_train_bwd"] * 2 if native else []), calls
+    assert calls == (list(ops) * 2 if native else []), calls
+
+
+def test_train_follows_module_changes(dev_backend):
+    """The training step's arguments are derived once per module (host time) and rederived
+    when what they came from changes: BN momentum / eps, a new γ, the activation's slope,
+    the memory mode, a dtype change in place (module.double()). Each step still matches
+    eager's; a trained module pickles (its caches are not part of it)."""
+    import io
+    device, backend = dev_backend
+    eager = _pair(4, 6, 3, "leaky_relu", device, conv_kw=dict(padding=1))
+    fused = _fused_from(eager)
+    x = torch.randn(3, 4, 7, 5, device=device)
+    changes = [lambda m, bn: None,
+               lambda m, bn: (setattr(bn, "momentum", 0.3), setattr(bn, "eps", 1e-2)),
+               lambda m, bn: setattr(bn, "weight", nn.Parameter(torch.rand_like(bn.weight) + 0.5)),
+               lambda m, bn: setattr(m, "negative_slope", 0.2) if isinstance(m, ConvBNAct2d) else None,
+               lambda m, bn: setattr(m, "memory", "fast") if isinstance(m, ConvBNAct2d) else None]
+    for change in changes:
+        torch.manual_seed(len(fused.__dict__))
+        change(fused, fused.bn)
+        change(eager, eager[1])
+        if isinstance(eager[2], nn.LeakyReLU):
+            eager[2].negative_slope = fused.negative_slope
+        if fused.bn.weight is not eager[1].weight and fused.bn.weight.shape == eager[1].weight.shape:
+            eager[1].weight = nn.Parameter(fused.bn.weight.detach().clone())
+        for m in (eager[1], fused.bn):
+            m.num_batches_tracked.zero_()
+        eager, fused, _ = _train_compare(eager, fused, x, steps=2)
+        plan = fused.__dict__.get("_native_plan_cache")
+        assert (plan is not None and plan.fwd is not None) == (backend in ("cpp", "cuda")), "native plan not used"
+    eager[1].num_batches_tracked.zero_()
+    fused.bn.num_batches_tracked.zero_()
+    # .to(dtype) keeps the parameter objects (their .data changes)
+    eager, fused, _ = _train_compare(eager, fused, x, steps=1, dtype=torch.bfloat16)
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    xi = x.to(torch.bfloat16)
+    torch.testing.assert_close(loaded(xi), fused(xi), rtol=0, atol=0)
 
 
 def test_input_modified_in_place_after_forward_raises(dev_backend, early_release):

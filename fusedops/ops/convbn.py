@@ -88,18 +88,21 @@ def train_forward(x, w, gamma, beta, geometry, eps: float, act: str, slope: floa
 
 
 def train_backward(dz, x, w, y, mean, invstd, gamma, beta, geometry, act: str, slope: float, needs_dx: bool,
-                   needs_dw: bool, split: bool = False):
+                   needs_dw: bool, split: bool = False, native=None):
     """(dy or None, dx or None, dw or None, dgamma, dbeta), dgamma/dbeta fp32 sums. y: the
     forward's conv output, or None: recomputed from x (in the saved dtypes) and dy written
-    over it. split: dX is left to the caller (who releases x first): dy is returned."""
+    over it. split: dX is left to the caller (who releases x first): dy is returned.
+    native: (γ, β in fp32) where the forward ran the native step (its kernels run the
+    backward too), else None: decided here."""
     stride, padding, dilation, groups = geometry
     dev = x.device.type
     if torch.is_autocast_enabled(dev):  # the recompute conv runs in the saved dtypes
         with no_autocast(dev):
             return train_backward(dz, x, w, y, mean, invstd, gamma, beta, geometry, act, slope, needs_dx, needs_dw,
-                                  split)
-    native = None
-    if type(dz) is torch.Tensor and dz.dtype in _validate.KERNEL_DTYPES:
+                                  split, native)
+    if type(dz) is not torch.Tensor or dz.dtype not in _validate.KERNEL_DTYPES:
+        native = None
+    elif native is None:
         native = bnops.train_native_args(x, x.device, w, gamma, beta, None)
     if native is not None:  # conv recompute, BN backward, dW and (unless split) dX: one native call
         mask = (1 if needs_dx else 0) | (2 if needs_dw else 0) | (4 if split else 0)
