@@ -152,6 +152,10 @@ def main(argv=None) -> int:
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     r.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: bf16 dense peak of a known GPU, e.g. H100 989)")
+    r.add_argument("--backward-thread", default="worker", choices=("worker", "caller"),
+                   help="where each variant's CUDA backward runs: the autograd engine's device thread (worker, "
+                        "torch's default) or the calling thread (caller: "
+                        "torch.autograd.set_multithreading_enabled(False))")
     r.add_argument("--out", default=None, help="output folder for report.json/.md/.png (default report-out/<device>)")
     r.add_argument("--render", default=None, metavar="REPORT_JSON[,...]",
                    help="run nothing: re-render the table, report.md and report.png from report.json files "

@@ -433,3 +433,28 @@ def test_report_tiny_cuda_eager_and_fusedops(name):
         assert r["ok"], (r["variant"], r["traceback"])
         assert r["peak_bytes"] > 0 and r["saved_bytes"] > 0
         assert r["agreement"]["agrees"], (r["variant"], r["agreement"], m["convert"])
+
+
+def test_backward_thread_option(monkeypatch):
+    """--backward-thread caller runs every variant with autograd's multithreading off (a
+    CUDA backward then runs on the calling thread), restored afterwards, and says so in the
+    metadata; anything else is refused before a model is built."""
+    import fusedops.report as report
+    seen = []
+    real = report.measure_workload
+
+    def measure(*args, **kwargs):
+        seen.append(torch._C._is_multithreading_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report, "measure_workload", measure)
+    for thread, enabled in (("caller", False), ("worker", True)):
+        res = run_report(["mlp"], torch.device("cpu"), ["eager"], tiny=True, steps=2, progress=False,
+                         backward_thread=thread)
+        assert res["meta"]["backward_thread"] == thread and res["models"][0]["runs"][0]["ok"]
+        assert seen.pop() is enabled
+        assert torch._C._is_multithreading_enabled()  # restored
+    with pytest.raises(ValueError, match="backward-thread"):
+        run_report(["mlp"], torch.device("cpu"), ["eager"], tiny=True, steps=2, progress=False,
+                   backward_thread="main")
+    assert not seen

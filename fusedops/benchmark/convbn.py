@@ -7,8 +7,11 @@ rest cout→cout), channels_last, bf16 autocast on GPU (fp32 on CPU):
   delta) in Case.params["extra_peak_MiB"]; on CPU, where no allocator peak is kept, the
   bytes of the storages autograd saves for backward in one step (conv weights and the
   block input included; not a peak) in Case.params["autograd_saved_MiB"];
-  on GPU also "train ... graph": the step replayed from a CUDA graph, the device's work
-  without the host time (these steps are host-bound at batch 64);
+  on GPU also "train ... caller thread": the same step with the backward run on the
+  calling thread (torch.autograd.set_multithreading_enabled(False)) rather than handed to
+  the autograd engine's CUDA worker thread, and "train ... graph": the step replayed from
+  a CUDA graph, the device's work without the host time (these steps are host-bound at
+  batch 64);
 - "eval": forward under no_grad; fused = fusedops.fold_conv_bn (conv with the folded
   bias + fused bias/ReLU epilogue).
 Bytes are the activations the fused kernels must move (no floor for the convs).
@@ -68,12 +71,19 @@ def block_input(batch, cin, hw, device, autocast) -> torch.Tensor:
     return (x.bfloat16() if autocast else x).requires_grad_()
 
 
-def _step(model, x, gout, autocast):
+def _step(model, x, gout, autocast, caller_thread=False):
+    """One forward + backward. caller_thread: the backward runs on the calling thread
+    (torch.autograd.set_multithreading_enabled(False)) instead of the device's autograd
+    worker thread, which every CUDA backward is otherwise handed to."""
     def run():
         x.grad = None  # the gradient goes to the previous layer: nothing accumulates
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x)
-        out.backward(gout)
+        if caller_thread:
+            with torch.autograd.set_multithreading_enabled(False):
+                out.backward(gout)
+        else:
+            out.backward(gout)
         x.grad = None
     return run
 
@@ -136,15 +146,18 @@ def convbn_cases(ctx) -> list:
         # fused BN part per block: stats read y, apply reads y + writes z; backward: reduce
         # reads (dz, y), dy reads (dz, y) + writes dy -> 8 passes over y (convs not counted)
         nbytes = 8 * act_elems * elem
-        impls, memory = {}, {}
+        impls, memory, caller = {}, {}, {}
         impls["eager"] = Impl(_step(eager, x, gout, autocast))
+        caller["eager"] = Impl(_step(eager, x, gout, autocast, True))
         if ctx.compile:
             comp = compile_fn(copy.deepcopy(eager))
             impls["torch.compile"] = Impl(_step(comp, x, gout, autocast), compiled=True)
+            caller["torch.compile"] = Impl(_step(comp, x, gout, autocast, True), compiled=True)
         for mode in ("recompute", "fast"):
             model = fused_blocks(eager, mode)
             for b in _backends(dev):
                 impls[f"fusedops:{b}:{mode}"] = Impl(_step(model, x, gout, autocast), backend=b)
+                caller[f"fusedops:{b}:{mode}"] = Impl(_step(model, x, gout, autocast, True), backend=b)
         for name, impl in impls.items():
             try:
                 memory[name] = round(run_impl(impl, lambda fn: extra_peak_mib(fn, dev)), 1)
@@ -155,7 +168,10 @@ def convbn_cases(ctx) -> list:
         cases.append(Case("convbn", f"train {label}", {"shape": label, mem_key: memory,
                                                         "dtype": "bf16 autocast" if autocast else "fp32"},
                           nbytes, impls))
-        if ctx.cuda:  # the device's work alone (the steps are host-bound at these sizes)
+        if ctx.cuda:
+            # the backward on the calling thread: no hand-off to the autograd worker thread
+            cases.append(Case("convbn", f"train {label} caller thread", {"shape": label}, nbytes, caller))
+            # the device's work alone (the steps are host-bound at these sizes)
             cases.append(Case("convbn", f"train {label} graph", {"shape": label}, nbytes, dict(impls),
                               timer="graph"))
 

@@ -66,8 +66,13 @@ def environment(device: torch.device) -> dict:
 
 def run_report(model_specs: list, device: torch.device, variants=VARIANTS, tiny: bool = False,
                steps: int | None = None, warmup: int | None = None, peak_tflops: float | None = None,
-               progress: bool = True) -> dict:
-    """Run the report; return the results dict (what report.json holds)."""
+               progress: bool = True, backward_thread: str = "worker") -> dict:
+    """Run the report; return the results dict (what report.json holds). backward_thread:
+    "worker" (torch's default: a CUDA backward runs on the autograd engine's device thread)
+    or "caller" (every variant's backward on the calling thread:
+    torch.autograd.set_multithreading_enabled(False))."""
+    if backward_thread not in ("worker", "caller"):
+        raise ValueError(f"--backward-thread {backward_thread}: choose worker or caller")
     from ..benchmark.harness import Progress
 
     bad = [v for v in variants if v not in VARIANTS]
@@ -91,9 +96,11 @@ def run_report(model_specs: list, device: torch.device, variants=VARIANTS, tiny:
     bar = Progress(len(workloads) * (len(variants) + 1)) if progress else None
     meta = environment(device)
     meta["methods"] = METHODS
+    meta["backward_thread"] = backward_thread
     results = {"meta": meta, "models": []}
-    for w in workloads:
-        results["models"].append(measure_workload(w, device, variants, steps, warmup, peak_tflops, bar))
+    with torch.autograd.set_multithreading_enabled(backward_thread == "worker"):
+        for w in workloads:
+            results["models"].append(measure_workload(w, device, variants, steps, warmup, peak_tflops, bar))
     return results
 
 
@@ -103,7 +110,8 @@ __all__ = ["BUILTIN", "METHODS", "REFERENCE", "VARIANTS", "Workload", "agreement
 
 def _print_results(results: dict) -> None:
     meta = results["meta"]
-    print(f"\n{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · fusedops {meta['fusedops']}")
+    print(f"\n{meta['device']} · torch {meta['torch']} · triton {meta['triton']} · fusedops {meta['fusedops']} · "
+          f"backward on the {meta.get('backward_thread', 'worker')} thread")
     print(output.render_text(results))
     for m in results["models"]:
         flops = f"{m['flops_per_step']:.4g}" if m["flops_per_step"] else f"n/a ({m['flop_error']})"
@@ -162,7 +170,7 @@ def cmd_report(args) -> int:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
         results = run_report(specs, device, variants, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
-                             peak_tflops=args.peak_tflops)
+                             peak_tflops=args.peak_tflops, backward_thread=args.backward_thread)
     except ValueError as exc:
         print(f"fusedops report: {exc}", file=sys.stderr)
         return 2
