@@ -161,8 +161,9 @@ class _NativePlan:
         self.refs = (w, gamma, beta, rm, rv, nbt)  # the ids in key stay theirs while the plan lives
         self.gamma, self.beta, self.nbt, self.running = gamma, beta, nbt, [rm, rv]
         if (conv_bias is not None or not bn.track_running_stats or bn.momentum is None or nbt is None or rm is None
-                or type(x) not in _validate.PLAIN_TYPES or type(w) not in _validate.PLAIN_TYPES or w.shape[0] == 0):
-            return
+                or type(x) not in _validate.PLAIN_TYPES or type(w) not in _validate.PLAIN_TYPES or w.shape[0] == 0
+                or not x.is_floating_point()):
+            return  # (an integer input keeps eager's error: autocast casts floating tensors only)
         xd = cd if cd is not None and x.dtype != torch.float64 else x.dtype
         wd = cd if cd is not None and w.dtype != torch.float64 else w.dtype
         if xd != wd:
