@@ -154,12 +154,12 @@ class _NativePlan:
     dtype of the conv, and γ, β as the Function takes them. fwd is None where the native
     step cannot take the module's calls: the general path decides each call then."""
 
-    __slots__ = ("key", "fwd", "fwd_args", "affine", "cast", "gamma", "beta", "nbt", "running", "refs")
+    __slots__ = ("key", "fwd", "fwd_args", "affine", "cast", "weight", "gamma", "beta", "nbt", "running")
 
     def __init__(self, key, x, w, cd, conf, conv_bias, bn, gamma, beta, rm, rv, nbt):
         self.key, self.fwd, self.cast = key, None, cd
-        self.refs = (w, gamma, beta, rm, rv, nbt)  # the ids in key stay theirs while the plan lives
-        self.gamma, self.beta, self.nbt, self.running = gamma, beta, nbt, [rm, rv]
+        # held here, every tensor whose id is in key: no id can be reused while the plan lives
+        self.weight, self.gamma, self.beta, self.nbt, self.running = w, gamma, beta, nbt, [rm, rv]
         if (conv_bias is not None or not bn.track_running_stats or bn.momentum is None or nbt is None or rm is None
                 or type(x) not in _validate.PLAIN_TYPES or type(w) not in _validate.PLAIN_TYPES or w.shape[0] == 0
                 or not x.is_floating_point()):
