@@ -124,7 +124,7 @@ class _ConvBNActTrain(torch.autograd.Function):
                                                     act, slope, running)
             if bn is not None:  # before save_for_backward: a checkpoint's recompute may stop there
                 _update_running(bn, running, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
-        ctx.native = None if plan is None else plan.affine
+        ctx.native = None if plan is None else plan.fwd_args[:2]  # (γ, β in fp32: the backward's kernels too)
         dev = x.device
         ctx.x = None
         if memory == "fast":
@@ -150,21 +150,19 @@ class _NativePlan:
     """A module's training step by the native kernels (C++ / CUDA C++: one call per
     direction, the running statistics updated in the stats launch), decided once per key
     (ConvBNAct2d._native_plan): the forward op's arguments after x, w and the geometry
-    (eps, γ and β in fp32, activation, slope, momentum, the running buffers), the autocast
-    dtype of the conv, and γ, β as the Function takes them. fwd is None where the native
-    step cannot take the module's calls: the general path decides each call then."""
+    (γ and β in fp32, activation, slope, momentum, the running buffers). fwd is None where
+    the native step cannot take the module's calls: the general path decides each call
+    then."""
 
-    __slots__ = ("key", "fwd", "fwd_args", "affine", "cast", "weight", "gamma", "beta", "nbt", "running")
+    __slots__ = ("key", "fwd", "fwd_args", "held", "nbt", "running")
 
     def __init__(self, key, x, w, cd, conf, conv_bias, bn, gamma, beta, rm, rv, nbt):
-        self.key, self.fwd, self.cast = key, None, cd
-        # held here, every tensor whose id is in key: no id can be reused while the plan lives
-        self.weight, self.gamma, self.beta, self.nbt, self.running = w, gamma, beta, nbt, [rm, rv]
+        self.key, self.fwd, self.nbt, self.running = key, None, nbt, [rm, rv]
+        self.held = (w, gamma, beta)  # with nbt and running: every tensor whose id is in key (no id reused)
         if (conv_bias is not None or not bn.track_running_stats or bn.momentum is None or nbt is None or rm is None
-                or type(x) not in _validate.PLAIN_TYPES or type(w) not in _validate.PLAIN_TYPES or w.shape[0] == 0
-                or not x.is_floating_point()):
-            return  # (an integer input keeps eager's error: autocast casts floating tensors only)
-        xd = cd if cd is not None and x.dtype != torch.float64 else x.dtype
+                or type(x) not in _validate.PLAIN_TYPES or type(w) not in _validate.PLAIN_TYPES or w.shape[0] == 0):
+            return
+        xd = cd or x.dtype  # (cd is None for an integer or float64 input: autocast leaves those)
         wd = cd if cd is not None and w.dtype != torch.float64 else w.dtype
         if xd != wd:
             return  # eager's conv raises its own error for these: the general path runs it
@@ -178,7 +176,6 @@ class _NativePlan:
         if (gamma is not None and g32 is not gamma) or (beta is not None and b32 is not beta):
             return  # γ / β not fp32 and dense: the general path casts them each call
         _stride, _padding, _dilation, _groups, _eps, act, slope, _memory = conf
-        self.affine = (g32, b32)
         self.fwd_args = (g32, b32, bnops.ACT_CODES[act], slope, momentum, rm, rv)
         self.fwd = bnops.op_train_fwd()
 
@@ -408,18 +405,17 @@ class ConvBNAct2d(nn.Module):
                   f"{type(bn).__name__} and the activation as separate modules (no fused kernels, no memory saving)")
         return self._act(bn(conv(x)))
 
-    def _native_plan(self, x, w, conf, bn, conv_bias):
-        """The _NativePlan of this call, or None where the general path runs it (traced, a
-        dispatch mode, tensor subclasses, an empty input, a conv bias, a BN that does not
-        update fp32 running statistics with a momentum, other kernels than the native ones).
-        Cached on the module, rebuilt when a tensor or setting it was derived from changed."""
+    def _native_plan(self, x, w, cd, conf, bn, conv_bias):
+        """The _NativePlan of this call (cd: the conv's autocast dtype, _conv_dtype(x)), or
+        None where the general path runs it (traced, a dispatch mode, tensor subclasses, an
+        empty input, a conv bias, a BN that does not update fp32 running statistics with a
+        momentum, other kernels than the native ones). Cached on the module, rebuilt when a
+        tensor or setting it was derived from changed."""
         if x.numel() == 0 or torch.compiler.is_compiling() or _validate._dispatch_mode() is not None:
             return None
         bparams, bbufs = bn._parameters, bn._buffers
         gamma, beta = bparams.get("weight"), bparams.get("bias")
         rm, rv, nbt = bbufs.get("running_mean"), bbufs.get("running_var"), bbufs.get("num_batches_tracked")
-        dev = x.device.type
-        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         # ids: the plan holds the tensors, so an id cannot be reused while it is cached;
         # dtypes and devices: module.to() / .half() change them in place
         key = (type(x), x.dtype, x.device, cd, type(w), w.dtype, id(w), id(conf), conv_bias is None, id(gamma),
@@ -444,11 +440,11 @@ class ConvBNAct2d(nn.Module):
         return cached[1]
 
     @staticmethod
-    def _train_step(x, w, bparams, conv_bias, conf, running, bn):
+    def _train_step(x, w, bparams, conv_bias, conf, running, bn, plan):
         """z: eager, the autograd.Function (its memory modes, the early release of x);
         traced by torch.compile, the fusedops::conv_bn_act_train op, whose conv output the
         compiled graph cannot keep (see fusedops/ops/convbn.py). bn: the BN whose running
-        statistics the step updates, or None."""
+        statistics the step updates, or None; plan: the module's _NativePlan or None."""
         if torch.compiler.is_compiling():
             stride, padding, dilation, groups, eps, act, slope, memory = conf
             z, mean, _, var, _ = train_op(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, stride,
@@ -456,42 +452,36 @@ class ConvBNAct2d(nn.Module):
             if bn is not None:
                 _update_running(bn, None, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
             return z
-        return _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf, running, bn)
+        return _ConvBNActTrain.apply(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, conf, running, bn,
+                                     plan)
 
     def _forward_train(self, x, conv, bn):
         cparams, bparams, bbufs = conv._parameters, bn._parameters, bn._buffers
         w = cparams["weight"]
         conv_bias = cparams.get("bias")
         conf = self._train_conf(conv, bn)
-        plan = self._native_plan(x, w, conf, bn, conv_bias)
-        if plan is not None:  # the common case, decided once per module (host time)
-            cd = plan.cast
-            if cd is not None:  # what autocast does to the eager conv: each eligible operand in cd
-                if x.dtype != cd:
-                    x = x.to(cd)
-                if w.dtype != cd:
-                    w = w.to(cd)
-                with no_autocast(x.device.type):
-                    return _ConvBNActTrain.apply(x, w, plan.gamma, plan.beta, None, conf, None, None, plan)
-            return _ConvBNActTrain.apply(x, w, plan.gamma, plan.beta, None, conf, None, None, plan)
-        rm = bbufs.get("running_mean")
-        update = bn.training and bn.track_running_stats and rm is not None
-        # the running statistics updated in the stats launch where a native kernel can
-        # (fp32 buffers, a momentum, no conv bias to add to the mean)
-        running = None
-        if (update and conv_bias is None and bn.momentum is not None and bbufs.get("num_batches_tracked") is not None
-                and not torch.compiler.is_compiling()):
-            running = [rm, bbufs["running_var"], float(bn.momentum), False]
         cd = _conv_dtype(x)
-        owner = bn if update else None
+        # the common case: the native step with its arguments decided once (host time); the
+        # running statistics are then updated in its stats launch
+        plan = self._native_plan(x, w, cd, conf, bn, conv_bias)
+        running = owner = None
+        if plan is None:
+            rm = bbufs.get("running_mean")
+            update = bn.training and bn.track_running_stats and rm is not None
+            # the running statistics updated in the stats launch where a native kernel can
+            # (fp32 buffers, a momentum, no conv bias to add to the mean)
+            if (update and conv_bias is None and bn.momentum is not None
+                    and bbufs.get("num_batches_tracked") is not None and not torch.compiler.is_compiling()):
+                running = [rm, bbufs["running_var"], float(bn.momentum), False]
+            owner = bn if update else None
         if cd is not None:  # what autocast does to the eager conv: each eligible operand in cd
             if x.dtype != cd:
                 x = x.to(cd)
             if w.dtype != cd and w.dtype != torch.float64:
                 w = w.to(cd)
             with no_autocast(x.device.type):
-                return self._train_step(x, w, bparams, conv_bias, conf, running, owner)
-        return self._train_step(x, w, bparams, conv_bias, conf, running, owner)
+                return self._train_step(x, w, bparams, conv_bias, conf, running, owner, plan)
+        return self._train_step(x, w, bparams, conv_bias, conf, running, owner, plan)
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b') of the conv with BN (running stats) folded in: computed in fp32, cast
