@@ -384,13 +384,14 @@ def test_backward_default_by_row_width(monkeypatch):
     monkeypatch.setattr(norm_ops._bwd, "_chosen", {})
     monkeypatch.setattr(_backend, "_forced", lambda: None)
 
-    def bwd(n, bias, elem_bytes):
-        return norm_ops._bwd.backend_for("cuda", norm_ops._bwd_size(n, bias, elem_bytes))
+    def bwd(n, bias, s_dtype, dy_dtype=torch.bfloat16):
+        return norm_ops._bwd.backend_for("cuda", norm_ops._bwd_size(n, bias, s_dtype, dy_dtype))
 
-    bias = torch.zeros(1)
-    assert [bwd(n, None, 2) for n in (768, 8192, 8193, 16384)] == ["cuda", "cuda", "triton", "triton"]
-    assert [bwd(n, None, 4) for n in (8192, 12288, 16384, 16385)] == ["cuda", "cuda", "cuda", "triton"]
-    assert [bwd(n, bias, 2) for n in (8193, 16384, 16385)] == ["cuda", "cuda", "triton"]
+    bias, f32, bf16 = torch.zeros(1), torch.float32, torch.bfloat16
+    assert [bwd(n, None, bf16) for n in (768, 8192, 8193, 16384)] == ["cuda", "cuda", "triton", "triton"]
+    assert [bwd(n, None, f32, f32) for n in (8192, 12288, 16384, 16385)] == ["cuda", "cuda", "cuda", "triton"]
+    assert [bwd(n, None, f32) for n in (12288, 16384)] == ["cuda", "cuda"]  # fp32 s (e.g. Add+RMS's sum)
+    assert [bwd(n, bias, bf16) for n in (8193, 16384, 16385)] == ["cuda", "cuda", "triton"]
 
 
 def test_fast_path_matches_ops(dev_backend):

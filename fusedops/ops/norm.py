@@ -68,16 +68,16 @@ _bwd = Kernels("norm_act_backward", cuda_default="triton", cuda_default_upto=("c
                size="the hidden size, doubled for 16-bit rows without a bias")
 
 
-def _bwd_size(n: int, bias, elem_bytes: int) -> int:
+def _bwd_size(n: int, bias, s_dtype: torch.dtype, dy_dtype: torch.dtype) -> int:
     """The size the backward's default is chosen by: the hidden size, doubled for 16-bit rows
-    (s and dy) without a bias, so that those take Triton's backward above N = 8192. There
+    (s and dy both) without a bias, so that those take Triton's backward above N = 8192. There
     Triton reads 16-bit rows padded to 16384 once (two programs a row) and was the faster
     without a bias (H100, bf16 32768 x 16384 fwd+bwd from a CUDA graph, 2026-12-06: RMS+SiLU
     1914 vs 1996 µs, Add+RMS+SiLU 3002 vs 3307), within ~2% either way with one (LN+SiLU 2143
     vs 2187, LN+GELU(tanh) 2246 vs 2221, CUDA C++ kept). fp32 rows take Triton's two passes
     (s and dy read twice), and CUDA C++ is the faster: RMS+GELU(tanh) fp32 fwd+bwd kernels
     4214 vs 5080 µs at 16384, 2965 vs 3900 at 12288 (bench/results/h100-2026-12-06-r8)."""
-    return 2 * n if bias is None and elem_bytes <= 2 else n
+    return 2 * n if bias is None and max(s_dtype.itemsize, dy_dtype.itemsize) <= 2 else n
 
 
 # ---- checks (shared by the real kernels and the fake ones) ------------------------------
@@ -210,8 +210,7 @@ def _backward_impl(dy, s, weight, bias, mean, rstd, activation, ds=None):
     if not _kernel_ok(s, weight, bias, dy.dtype) or (ds is not None and ds.dtype not in _validate.KERNEL_DTYPES):
         run = _bwd.reference(f"no kernel for s {s.dtype} / dy {dy.dtype}")
     else:
-        size = _bwd_size(s.shape[-1], bias, max(s.element_size(), dy.element_size()))
-        run = _bwd.get(_bwd.backend_for(s.device.type, size))
+        run = _bwd.get(_bwd.backend_for(s.device.type, _bwd_size(s.shape[-1], bias, s.dtype, dy.dtype)))
     dx, dw, db = run(dy, s, weight, bias, mean, rstd, activation, ds)
     empty = None if dw is not None and db is not None else s.new_empty(0)
     return dx, (empty if dw is None else dw), (empty if db is None else db)
@@ -541,7 +540,7 @@ def _fast_kernels(op, x, residual, weight, bias, out_dtype):
         if _kernel_ok(x, weight, bias, out_dtype or x.dtype):
             fwd = _kernels[op].backend_for(key[1], n)
             sdt = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # (s's dtype)
-            bwd = _bwd.backend_for(key[1], _bwd_size(n, bias, max(sdt.itemsize, (out_dtype or x.dtype).itemsize)))
+            bwd = _bwd.backend_for(key[1], _bwd_size(n, bias, sdt, out_dtype or x.dtype))
             if fwd != "reference" and bwd != "reference":
                 hit = (_kernels[op].get(fwd), _bwd.get(bwd))
         if len(_FAST) >= 4096:  # (one entry a hidden size and dtypes: bounded for shape-varying callers)
