@@ -32,6 +32,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fusedops_C, m) {
   m.def("conv_bn_act_bwd(Tensor dz, Tensor x, Tensor w, Tensor? y, int[] stride, int[] padding, int[] dilation, "
         "int groups, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, int act, float slope, int mask) "
         "-> (Tensor?, Tensor?, Tensor?, Tensor, Tensor)");
+  // The forward torch.compile traces (fusedops/ops/convbn.py registers its fake and autograd
+  // formula, whose backward is conv_bn_act_bwd): conv_bn_act_fwd without running statistics
+  // (the compiled graph updates them) and nothing mutated; y is returned only when keep_y,
+  // else an empty tensor, so that the compiled graph cannot keep the conv output.
+  m.def("conv_bn_act_train(Tensor x, Tensor w, int[] stride, int[] padding, int[] dilation, int groups, float eps, "
+        "Tensor weight, Tensor bias, int act, float slope, bool keep_y) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace fusedops {
@@ -158,10 +164,22 @@ std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::optional<Tensor>, 
   return {dy_out, dx, dw, sum_gx, sum_g};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_act_train(Tensor x, Tensor w, IntList stride,
+                                                                    IntList padding, IntList dilation, int64_t groups,
+                                                                    double eps, Tensor weight, Tensor bias,
+                                                                    int64_t act, double slope, bool keep_y) {
+  auto [z, mean, invstd, var, y] = conv_bn_act_fwd(x, w, std::move(stride), std::move(padding), std::move(dilation),
+                                                   groups, eps, weight, bias, act, slope, 0.0, std::nullopt,
+                                                   std::nullopt);
+  if (!keep_y) y = torch::stable::new_empty(x, {0});
+  return {z, mean, invstd, var, y};
+}
+
 }  // namespace
 }  // namespace fusedops
 
 STABLE_TORCH_LIBRARY_IMPL(fusedops_C, CompositeExplicitAutograd, m) {
   m.impl("conv_bn_act_fwd", TORCH_BOX(&fusedops::conv_bn_act_fwd));
   m.impl("conv_bn_act_bwd", TORCH_BOX(&fusedops::conv_bn_act_bwd));
+  m.impl("conv_bn_act_train", TORCH_BOX(&fusedops::conv_bn_act_train));
 }

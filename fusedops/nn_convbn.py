@@ -16,8 +16,10 @@ silu/gelu, z). Running statistics are updated as eager does. With the native BN 
 (the C++ / CUDA C++ backends) each direction is one native call (csrc/convbn.cpp: the
 convs through the dispatcher, then the kernels): less host time between the ops; the
 Triton backend runs the same steps op by op (fusedops/ops/convbn.py). Traced by
-torch.compile, the step is the op fusedops::conv_bn_act_train, so that the compiled graph
-saves what the memory mode says.
+torch.compile, the step is one op whose conv output stays inside it, so that the compiled
+graph saves what the memory mode says: the C++ op fusedops_C::conv_bn_act_train where the
+native kernels serve (no Python runs per call in the compiled graph), else
+fusedops::conv_bn_act_train.
 
 Eval with running statistics: BN is folded into the conv weight and bias in fp32 (cast
 back to the weight's dtype), then the activation (one conv + one fused epilogue, or a
@@ -38,7 +40,7 @@ from ._backend import _forced as _backend_forced
 from ._backend import warn_once
 from .converter import CALL_HOOKS, plain_sequential
 from .ops import batchnorm as bnops
-from .ops.convbn import _native_call, check_step_shapes, no_autocast, train_backward, train_forward, train_op
+from .ops.convbn import _native_call, check_step_shapes, no_autocast, train_backward, train_forward, train_traced
 
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
 MEMORY_MODES = ("recompute", "fast")
@@ -442,13 +444,13 @@ class ConvBNAct2d(nn.Module):
     @staticmethod
     def _train_step(x, w, bparams, conv_bias, conf, running, bn, plan):
         """z: eager, the autograd.Function (its memory modes, the early release of x);
-        traced by torch.compile, the fusedops::conv_bn_act_train op, whose conv output the
-        compiled graph cannot keep (see fusedops/ops/convbn.py). bn: the BN whose running
-        statistics the step updates, or None; plan: the module's _NativePlan or None."""
+        traced by torch.compile, one op whose conv output the compiled graph cannot keep
+        (train_traced in fusedops/ops/convbn.py). bn: the BN whose running statistics the
+        step updates, or None; plan: the module's _NativePlan or None."""
         if torch.compiler.is_compiling():
             stride, padding, dilation, groups, eps, act, slope, memory = conf
-            z, mean, _, var, _ = train_op(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, stride,
-                                          padding, dilation, groups, eps, act, slope, memory == "fast")
+            z, mean, var = train_traced(x, w, bparams.get("weight"), bparams.get("bias"), conv_bias, stride,
+                                        padding, dilation, groups, eps, act, slope, memory == "fast")
             if bn is not None:
                 _update_running(bn, None, conv_bias, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
             return z

@@ -310,6 +310,30 @@ def test_train_ops_opcheck(dev_backend):
                                             1, 1e-5, "relu", 0.01, False))
 
 
+def test_native_train_ops_opcheck(dev_backend):
+    """The C++ ops a compiled graph calls where the native kernels serve (their fake and
+    autograd formula are registered in fusedops/ops/convbn.py); conv_bn_act_bwd is only
+    called inside that formula (not differentiable itself)."""
+    from fusedops.ops import convbn
+
+    device, backend = dev_backend
+    if backend not in ("cpp", "cuda") or convbn.native_train_op is None:
+        pytest.skip("the native ops run with the native backends")
+    x = torch.randn(2, 3, 6, 5, device=device)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    g, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    act = bnops.ACT_CODES["silu"]
+    for xx, keep, geom in ((x, False, ([1, 1], [1, 1], [1, 1], 1)),
+                           (x.contiguous(memory_format=torch.channels_last), True, ([2, 1], [0, 1], [1, 1], 1))):
+        torch.library.opcheck(convbn.native_train_op, (xx, w, *geom, 1e-5, g, b, act, 0.01, keep))
+        z, mean, invstd, var, y = convbn.native_train_op(xx, w, *geom, 1e-5, g, b, act, 0.01, keep)
+        assert y.numel() == (z.numel() if keep else 0)
+        for mask in (1, 2, 3, 7):
+            torch.library.opcheck(bnops.op_train_bwd(), (torch.randn_like(z), xx, w, y if keep else None, *geom, mean,
+                                                         invstd, g, b, act, 0.01, mask),
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def test_ops_empty(dev_backend):
     device, _ = dev_backend
     y = torch.randn(0, 3, 4, 4, device=device)
@@ -635,25 +659,36 @@ def _compare_step(ref, model, x, ref_weight, weight):
     torch.testing.assert_close(weight.grad, ref_weight.grad, atol=1e-5, rtol=1e-5)
 
 
+def _step_ops(gm) -> list:
+    """The training-step ops in a traced graph: their qualified names."""
+    return [str(n.target).rsplit(".", 1)[0] for n in gm.graph.nodes
+            if n.op == "call_function" and "conv_bn_act_train" in str(n.target)]
+
+
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["no-conv-bias", "conv-bias"])
 @pytest.mark.parametrize("memory", ["recompute", "fast"])
-def test_compiled_graph_keeps_the_memory_mode(memory):
+def test_compiled_graph_keeps_the_memory_mode(memory, conv_bias):
     """Under torch.compile the step is one op whose conv output stays inside it: with the
     partitioner inductor uses (min-cut), the compiled forward saves x and the per-channel
     statistics in memory="recompute" and the conv output only in "fast"; values and
-    gradients (the conv bias's too: zeros) equal eager."""
+    gradients (a conv bias's too: zeros) equal eager. With the native kernels (the CPU
+    default) and no conv bias the op is the C++ one, fusedops_C::conv_bn_act_train; a conv
+    bias takes fusedops::conv_bn_act_train."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     eager = _pair(4, 6, 3, "relu", conv_kw=dict(padding=1))
-    eager[0].bias = nn.Parameter(torch.randn(6))
+    if conv_bias:
+        eager[0].bias = nn.Parameter(torch.randn(6))
     fused = _fused_from(eager, memory)
     twin = copy.deepcopy(fused)
     x = torch.randn(2, 4, 8, 8)
-    outputs = []
+    outputs, ops = [], []
 
     def fw(gm, _example):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         outputs.extend(tuple(a.meta["val"].shape) for a in out.args[0] if a is not None and "val" in a.meta)
+        ops.extend(_step_ops(gm))
         return torch._functorch.aot_autograd.make_boxed_func(gm.forward)
 
     backend = aot_autograd(fw_compiler=fw, bw_compiler=lambda gm, _: torch._functorch.aot_autograd.make_boxed_func(
@@ -661,27 +696,60 @@ def test_compiled_graph_keeps_the_memory_mode(memory):
     _compare_step(fused, torch.compile(twin, fullgraph=True, backend=backend), x, fused.conv.weight, twin.conv.weight)
     for a, b in ((twin.bn.weight, fused.bn.weight), (twin.bn.bias, fused.bn.bias)):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
-    assert torch.equal(twin.conv.bias.grad, torch.zeros(6)) and torch.equal(fused.conv.bias.grad, torch.zeros(6))
+    if conv_bias:
+        assert torch.equal(twin.conv.bias.grad, torch.zeros(6)) and torch.equal(fused.conv.bias.grad, torch.zeros(6))
     torch.testing.assert_close(twin.bn.running_mean, fused.bn.running_mean)
+    torch.testing.assert_close(twin.bn.running_var, fused.bn.running_var)
+    assert ops == ["fusedops.conv_bn_act_train" if conv_bias or not bnops.has_native_train_ops()
+                   else "fusedops_C.conv_bn_act_train"]
     # forward-graph outputs of the conv output's shape: z itself, plus y where it is kept
     assert outputs.count((2, 6, 8, 8)) == (2 if memory == "fast" else 1), outputs
     assert (2, 4, 8, 8) in outputs  # x, for the recompute / for dW
 
 
-def test_compile_fullgraph(triton_dev):
-    eager = _pair(4, 6, 3, "relu", triton_dev, conv_kw=dict(padding=1), bn_kw=dict(momentum=None))
-    fused = _fused_from(eager)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_compile_fullgraph(dev_backend, affine, dtype):
+    """A compiled step equals the eager module's, for several steps (running statistics,
+    eval), through the op the backend decides at trace time: the C++ op where the native
+    kernels serve (cpp, cuda), fusedops::conv_bn_act_train otherwise (triton, reference).
+    A bf16 module's γ / β reach the C++ op as fp32 (their gradients come back as bf16)."""
+    device, backend = dev_backend
+    if dtype == torch.bfloat16 and backend == "reference":
+        pytest.skip("the reference backend is the fp32 / fp64 spec")
+    torch._dynamo.reset()  # (the parametrizations would reach dynamo's recompile limit)
+    eager = _pair(4, 6, 3, "relu", device, conv_kw=dict(padding=1), bn_kw=dict(momentum=None, affine=affine))
+    fused = _fused_from(eager).to(dtype)
     twin = copy.deepcopy(fused)
-    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    ops = []
+
+    def backend_fn(gm, example):
+        ops.extend(_step_ops(gm))
+        return gm.forward
+
+    compiled = torch.compile(twin, fullgraph=True, backend=backend_fn if dtype == torch.float32 else "aot_eager")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
     for _ in range(2):
-        _compare_step(fused, compiled, torch.randn(2, 4, 6, 6, device=triton_dev), fused.conv.weight,
-                      twin.conv.weight)
-    torch.testing.assert_close(twin.bn.running_var, fused.bn.running_var)
+        x = torch.randn(2, 4, 6, 6, device=device, dtype=dtype)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = fused(x1), compiled(x2)
+        torch.testing.assert_close(y2, y1, **tol)
+        g = torch.randn_like(y1)
+        y1.backward(g), y2.backward(g)
+        torch.testing.assert_close(x2.grad, x1.grad, **tol)
+        for (name, a), b in zip(fused.named_parameters(), twin.parameters()):
+            assert b.grad is not None and b.grad.dtype == a.dtype, name
+            torch.testing.assert_close(b.grad, a.grad, **tol)
+    torch.testing.assert_close(twin.bn.running_mean, fused.bn.running_mean, **tol)
+    torch.testing.assert_close(twin.bn.running_var, fused.bn.running_var, **tol)
     assert int(twin.bn.num_batches_tracked) == 2
+    if dtype == torch.float32:  # (bf16 runs aot_eager: the dtype casts in its backward)
+        native = backend in ("cpp", "cuda") and bnops.has_native_train_ops()
+        assert ops == ["fusedops_C.conv_bn_act_train" if native else "fusedops.conv_bn_act_train"]
     fused.eval(), twin.eval()
     with torch.no_grad():
-        x = torch.randn(2, 4, 6, 6, device=triton_dev)
-        torch.testing.assert_close(compiled(x), fused(x), atol=1e-5, rtol=1e-5)
+        x = torch.randn(2, 4, 6, 6, device=device, dtype=dtype)
+        torch.testing.assert_close(compiled(x), fused(x), **tol)
 
 
 # ---- eval and folding ------------------------------------------------------------------------

@@ -467,6 +467,7 @@ def backward_direct(dz, y, mean, invstd, weight, bias, act: str, slope: float, d
 # (csrc/convbn.cpp: the conv through the dispatcher, then the kernels of this file's ops)
 
 TRAIN_FWD, TRAIN_BWD = "conv_bn_act_fwd", "conv_bn_act_bwd"
+TRAIN_TRACED = "conv_bn_act_train"  # the forward torch.compile traces (fusedops/ops/convbn.py)
 
 
 def train_native_args(x: torch.Tensor, device: torch.device, weight: torch.Tensor, gamma, beta, running):
@@ -477,25 +478,41 @@ def train_native_args(x: torch.Tensor, device: torch.device, weight: torch.Tenso
     done is set when the op will update the buffers (fp32, dense, on x's device). The
     backend and dtype part is decided once per (device type, dtypes, forced backend): host
     time."""
-    if not _validate.plain_call(x, weight, gamma, beta) or x.numel() == 0 or weight.numel() == 0:
-        return None
-    key = (device.type, x.dtype, None if gamma is None else gamma.dtype, None if beta is None else beta.dtype,
-           _backend_forced())
-    ready = _TRAIN_READY.get(key)
-    if ready is None:
-        dt = key[0]
-        ready = _TRAIN_READY[key] = bool(
-            _kernel_dtype(x, gamma, beta)
-            and _stats.backend_for(dt) in _NATIVE and _apply.backend_for(dt) in _NATIVE
-            and _backward.backend_for(dt) in _NATIVE and _native_ready(RUNNING, dt) and _native_ready(STATS, dt)
-            and _native_ready(APPLY, dt) and _native_ready(BACKWARD, dt) and hasattr(_native.ops, TRAIN_FWD))
-    if not ready:
+    if (not _validate.plain_call(x, weight, gamma, beta) or x.numel() == 0 or weight.numel() == 0
+            or not train_native_ready(device.type, x.dtype, gamma, beta)):
         return None
     g32, b32 = affine32(gamma, beta, weight.shape[0], x)
     if running is not None and running_ok(device, running):
         running[3] = True
         return g32, b32, running[0], running[1], running[2]
     return g32, b32, None, None, 0.0
+
+
+def train_native_ready(device_type: str, dtype: torch.dtype, gamma, beta) -> bool:
+    """The native step serves a conv input of `dtype` with this γ / β (tensors or None) on
+    this device type: kernel dtypes, the native BN kernels selected and built."""
+    return train_native_ready_dtypes(device_type, dtype, None if gamma is None else gamma.dtype,
+                                     None if beta is None else beta.dtype)
+
+
+def train_native_ready_dtypes(device_type: str, dtype: torch.dtype, gamma_dtype, beta_dtype) -> bool:
+    """train_native_ready by γ's and β's dtypes (None: absent). Decided once per (device
+    type, dtypes, forced backend): host time."""
+    key = (device_type, dtype, gamma_dtype, beta_dtype, _backend_forced())
+    ready = _TRAIN_READY.get(key)
+    if ready is None:
+        ready = _TRAIN_READY[key] = bool(
+            all(d is None or d in _validate.KERNEL_DTYPES for d in key[1:4])
+            and _stats.backend_for(device_type) in _NATIVE and _apply.backend_for(device_type) in _NATIVE
+            and _backward.backend_for(device_type) in _NATIVE and _native_ready(RUNNING, device_type)
+            and _native_ready(STATS, device_type) and _native_ready(APPLY, device_type)
+            and _native_ready(BACKWARD, device_type) and has_native_train_ops())
+    return ready
+
+
+def has_native_train_ops() -> bool:
+    """The extension has the native training step's ops (csrc/convbn.cpp)."""
+    return _native.ops is not None and all(hasattr(_native.ops, n) for n in (TRAIN_FWD, TRAIN_BWD, TRAIN_TRACED))
 
 
 _TRAIN_READY: dict = {}
@@ -507,6 +524,10 @@ def op_train_fwd():
 
 def op_train_bwd():
     return _native.op(TRAIN_BWD)
+
+
+def op_train_traced():
+    return _native.op(TRAIN_TRACED)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -5,12 +5,14 @@ native call per direction of csrc/convbn.cpp where the native BN kernels are sel
 (C++ / CUDA C++), else the conv through PyTorch and the BN ops one by one. ConvBNAct2d's
 autograd.Function (fusedops/nn_convbn.py) calls them in eager mode.
 
-Under torch.compile the module calls the op `fusedops::conv_bn_act_train` instead, whose
-backward (`fusedops::conv_bn_act_train_backward`, through register_autograd) recomputes
-the conv output from x: the conv output lives only inside the forward op, so the
-compiled graph cannot save it (traced op by op, the partitioner kept it: the memory
-saving was lost). With keep_y=True (memory="fast") the op returns y and the backward
-reads it.
+Under torch.compile the module calls `train_traced` instead: one op per direction, whose
+backward recomputes the conv output from x. The conv output lives only inside the
+forward op, so the compiled graph cannot save it (traced op by op, the partitioner kept
+it: the memory saving was lost). With keep_y=True (memory="fast") the op returns y and
+the backward reads it. The op is the C++ fusedops_C::conv_bn_act_train where the native
+kernels serve (its backward fusedops_C::conv_bn_act_bwd), else
+`fusedops::conv_bn_act_train` (backward `fusedops::conv_bn_act_train_backward`), whose
+Python kernel picks the kernels each call.
 """
 from __future__ import annotations
 
@@ -153,13 +155,18 @@ def _conv_out_fake(x, w, stride, padding, dilation, groups):
         return torch.ops.aten.convolution(x, w, None, stride, padding, dilation, False, NO_OUTPUT_PADDING, groups)
 
 
-def _train_fake(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope, keep_y):
-    _check(x, w, gamma, beta, act, "conv_bn_act_train")
-    check_step_shapes(x, w, stride, padding, dilation, groups)
+def _step_fake(x, w, stride, padding, dilation, groups, keep_y):
+    """The forward's outputs (z, mean, invstd, var, y or an empty tensor) as fake tensors."""
     y = _conv_out_fake(x, w, stride, padding, dilation, groups)
     c = y.shape[1]
     stats = [y.new_empty(c, dtype=torch.float32) for _ in range(3)]
     return torch.empty_like(y), *stats, (y if keep_y else x.new_empty(0))
+
+
+def _train_fake(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act, slope, keep_y):
+    _check(x, w, gamma, beta, act, "conv_bn_act_train")
+    check_step_shapes(x, w, stride, padding, dilation, groups)
+    return _step_fake(x, w, stride, padding, dilation, groups, keep_y)
 
 
 # conv_bias: the conv's bias (or None); the batch mean absorbs it (its gradient is zero), it
@@ -208,6 +215,84 @@ train_backward_op = define(
     f"Tensor? beta, {_SCHEMA_GEOMETRY}, str act, float slope, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     _train_backward_impl, _train_backward_fake)
 not_differentiable(train_backward_op)
+
+
+# ---- the step torch.compile traces where the native kernels serve it -----------------------
+# The compiled graph calls the C++ op fusedops_C::conv_bn_act_train (csrc/convbn.cpp) and,
+# in its backward, fusedops_C::conv_bn_act_bwd: no Python runs per call. The op above runs
+# its Python kernel on every call of a compiled graph (~50 µs forward and ~70 backward of
+# host time a layer on a 2-vCPU box, more on the autograd engine's device thread), which
+# left ResNet-50's compiled step host-bound. The native ops get their fake and autograd
+# formula here; eager mode keeps calling conv_bn_act_fwd / _bwd through its Function.
+
+def _native_train_fake(x, w, stride, padding, dilation, groups, eps, weight, bias, act, slope, keep_y):
+    return _step_fake(x, w, stride, padding, dilation, groups, keep_y)
+
+
+def _native_bwd_fake(dz, x, w, y, stride, padding, dilation, groups, mean, invstd, weight, bias, act, slope, mask):
+    dy = torch.empty_like(_conv_out_fake(x, w, stride, padding, dilation, groups) if y is None else y)
+    out = [bool(mask & 1) and not mask & 4, bool(mask & 2), False]
+    dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, stride, padding, dilation, False,
+                                                    NO_OUTPUT_PADDING, groups, out)
+    c = w.shape[0]
+    return (dy if mask & 4 else None, dx if out[0] else None, dw if out[1] else None, mean.new_empty(c),
+            mean.new_empty(c))
+
+
+def _native_setup(ctx, inputs, output):
+    x, w, stride, padding, dilation, groups, _eps, weight, bias, act, slope, keep_y = inputs
+    _z, mean, invstd, _var, y = output
+    ctx.save_for_backward(x, w, y if keep_y else None, mean, invstd, weight, bias)
+    ctx.conf = (stride, padding, dilation, groups, act, slope)
+
+
+def _native_backward(ctx, dz, _dmean, _dinvstd, _dvar, _dy):
+    x, w, y, mean, invstd, weight, bias = ctx.saved_tensors
+    stride, padding, dilation, groups, act, slope = ctx.conf
+    needs = ctx.needs_input_grad
+    mask = (1 if needs[0] else 0) | (2 if needs[1] else 0)
+    _, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(dz, x, w, y, stride, padding, dilation, groups, mean, invstd,
+                                                    weight, bias, act, slope, mask)
+    return dx, dw, None, None, None, None, None, (dgamma if needs[7] else None), (dbeta if needs[8] else None), None, \
+        None, None
+
+
+native_train_op = None
+if bnops.has_native_train_ops():
+    NATIVE_LIB = torch.library.Library("fusedops_C", "FRAGMENT")
+    torch.library.register_fake(f"fusedops_C::{bnops.TRAIN_TRACED}", _native_train_fake, lib=NATIVE_LIB)
+    torch.library.register_fake(f"fusedops_C::{bnops.TRAIN_BWD}", _native_bwd_fake, lib=NATIVE_LIB)
+    torch.library.register_autograd(f"fusedops_C::{bnops.TRAIN_TRACED}", _native_backward,
+                                    setup_context=_native_setup, lib=NATIVE_LIB)
+    native_train_op = bnops.op_train_traced()
+
+
+@torch.compiler.assume_constant_result
+def _native_serves(device_type: str, dtype: torch.dtype, gamma_dtype, beta_dtype) -> bool:
+    """train_native_ready, evaluated once at trace time (a constant of the graph)."""
+    return bnops.train_native_ready_dtypes(device_type, dtype, gamma_dtype, beta_dtype)
+
+
+def train_traced(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps: float, act: str,
+                 slope: float, keep_y: bool):
+    """(z, mean, var) of the training step as torch.compile traces it: the native op where
+    the native kernels serve x's device and dtypes (decided at trace time: a backend forced
+    later does not change a compiled graph) and there is no conv bias, else
+    fusedops::conv_bn_act_train (its Python kernel picks the kernels each call)."""
+    if (native_train_op is not None and conv_bias is None and x.numel() > 0 and w.numel() > 0
+            and _native_serves(x.device.type, x.dtype, None if gamma is None else gamma.dtype,
+                               None if beta is None else beta.dtype)):
+        _check(x, w, gamma, beta, act, "conv_bn_act_train")
+        check_step_shapes(x, w, stride, padding, dilation, groups)
+        c = w.shape[0]
+        g32 = gamma.float() if gamma is not None else x.new_ones(c, dtype=torch.float32)
+        b32 = beta.float() if beta is not None else x.new_zeros(c, dtype=torch.float32)
+        z, mean, _, var, _ = native_train_op(x, w, stride, padding, dilation, groups, eps, g32, b32,
+                                             bnops.ACT_CODES[act], slope, keep_y)
+    else:
+        z, mean, _, var, _ = train_op(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps, act,
+                                      slope, keep_y)
+    return z, mean, var
 
 
 def _setup(ctx, inputs, output):
