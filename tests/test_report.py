@@ -57,9 +57,13 @@ def test_agreement_needs_the_variant_to_train():
     both = agreement(3.2, 2.0, 2.5, initial=3.0, initial_eager=3.0)
     assert both["failed"] == ["loss", "training"]
     assert agreement(2.5, 2.0, 2.5, initial=3.0, initial_eager=3.0)["agrees"]   # fell exactly half
-    # eager's loss did not fall: the training condition is not applied
+    # eager's loss did not fall: the training condition is not applied, and a close loss is
+    # no signal (None), not agreement; a distant one still disagrees
     flat = agreement(3.0, 3.0, 3.0, initial=3.0, initial_eager=3.0)
-    assert flat["agrees"] and flat["trains"] is None
+    assert flat["agrees"] is None and flat["trains"] is None and flat["failed"] == []
+    assert agreement(3.5, 3.0, 3.0, initial=3.0, initial_eager=2.9)["agrees"] is False
+    # without the initial losses (a report.json from before them) the distance rule alone
+    assert agreement(3.0, 3.0, 3.0)["agrees"] is True
 
 
 def test_report_says_which_agreement_condition_failed():
@@ -70,6 +74,8 @@ def test_report_says_which_agreement_condition_failed():
     assert output._agree(run).startswith("NO (Δ 1.2 > 1; loss fell -0.2")
     old_json = {"ok": True, "agreement": {"agrees": False, "diff": 0.5, "tol": 0.2, "spread": 0.1}}
     assert output._agree(old_json) == "NO (Δ 0.5 > 0.2)"
+    run = {"ok": True, "agreement": agreement(3.002, 3.0, 3.0, initial=3.0, initial_eager=2.99)}
+    assert output._agree(run) == "no signal (eager's held-out loss fell -0.01; Δ 0.002 ≤ 0.003)"
 
 
 def test_an_untrained_variant_does_not_agree(monkeypatch):

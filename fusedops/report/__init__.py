@@ -34,7 +34,8 @@ METHODS = {
     "final loss": "loss on a held-out batch after the N steps (training mode, no grad)",
     "agrees": "|loss − loss_eager| ≤ max(2·|loss_eager − loss_eager_reordered|, 1e-3·max(1, |loss_eager|)), "
               "and the variant's held-out loss fell (before the first step − after the last) by at least half "
-              "of eager's fall when eager's fell; eager-reordered = eager from the same init on the same batches "
+              "of eager's fall; where eager's held-out loss did not fall, a loss within that distance is "
+              "'no signal', not agreement; eager-reordered = eager from the same init on the same batches "
               "in reverse order",
     "step ÷ eager, mem ÷ eager": "this variant's median step time (peak memory) ÷ eager's: above 1 is slower "
                                  "(more memory)",

@@ -13,12 +13,15 @@ def _f(v, spec, scale=1.0, suffix=""):
 
 def _agree(run) -> str:
     """yes / NO, and for NO which condition failed: the loss is farther from eager's than
-    tol, or the loss fell by less than half of eager's fall (the variant did not train)."""
+    tol, or the loss fell by less than half of eager's fall (the variant did not train);
+    "no signal" where eager's held-out loss did not fall."""
     a = run.get("agreement")
     if not run["ok"]:
         return "failed"
     if a is None:
         return "n/a"
+    if a["agrees"] is None:
+        return f"no signal (eager's held-out loss fell {a['fall_eager']:.2g}; Δ {a['diff']:.2g} ≤ {a['tol']:.2g})"
     if a["agrees"]:
         return f"yes (Δ {a['diff']:.2g} ≤ {a['tol']:.2g})"
     failed = a.get("failed", ["loss"])   # (a report.json from before the training condition)

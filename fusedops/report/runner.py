@@ -75,7 +75,9 @@ def agreement(loss: float, loss_eager: float, loss_reordered: float,
              the first step minus after the last)
     trains = fall ≥ FALL_FRACTION · fall_eager, checked when eager's loss fell
              (fall_eager > 0) and both initial losses are known; else not applied (None)
-    agrees = close and trains is not False
+    agrees = close and trains is not False; None (no signal) where the run could not
+             tell: the initial losses are known, eager's did not fall, and the loss is
+             within tol (nothing trained measurably, so being close says nothing)
     `failed` names the conditions that failed ("loss" / "training"); a variant that does
     not train can be within tol when the data-order spread exceeds eager's whole fall.
     """
@@ -85,12 +87,14 @@ def agreement(loss: float, loss_eager: float, loss_reordered: float,
     diff = abs(loss - loss_eager) if finite else float("nan")
     close = bool(finite and diff <= tol)
     fall = fall_eager = trains = None
+    signal = True
     if initial is not None and initial_eager is not None:
         fall, fall_eager = initial - loss, initial_eager - loss_eager
-        if finite and math.isfinite(fall_eager) and fall_eager > 0:
+        signal = bool(finite and math.isfinite(fall_eager) and fall_eager > 0)
+        if signal:
             trains = bool(math.isfinite(fall) and fall >= FALL_FRACTION * fall_eager)
     failed = ([] if close else ["loss"]) + (["training"] if trains is False else [])
-    return {"agrees": not failed, "diff": diff, "tol": tol, "spread": spread,
+    return {"agrees": False if failed else (True if signal else None), "diff": diff, "tol": tol, "spread": spread,
             "fall": fall, "fall_eager": fall_eager, "trains": trains, "failed": failed}
 
 
