@@ -714,6 +714,8 @@ def test_compile_fullgraph(dev_backend, affine, dtype):
     eval), through the op the backend decides at trace time: the C++ op where the native
     kernels serve (cpp, cuda), fusedops::conv_bn_act_train otherwise (triton, reference).
     A bf16 module's γ / β reach the C++ op as fp32 (their gradients come back as bf16)."""
+    from torch._dynamo.backends.common import aot_autograd
+
     device, backend = dev_backend
     if dtype == torch.bfloat16 and backend == "reference":
         pytest.skip("the reference backend is the fp32 / fp64 spec")
@@ -723,11 +725,12 @@ def test_compile_fullgraph(dev_backend, affine, dtype):
     twin = copy.deepcopy(fused)
     ops = []
 
-    def backend_fn(gm, example):
+    def fw(gm, _example):  # the forward graph after AOTAutograd, as aot_eager runs it
         ops.extend(_step_ops(gm))
-        return gm.forward
+        return torch._functorch.aot_autograd.make_boxed_func(gm.forward)
 
-    compiled = torch.compile(twin, fullgraph=True, backend=backend_fn if dtype == torch.float32 else "aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, backend=aot_autograd(
+        fw_compiler=fw, bw_compiler=lambda gm, _: torch._functorch.aot_autograd.make_boxed_func(gm.forward)))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
     for _ in range(2):
         x = torch.randn(2, 4, 6, 6, device=device, dtype=dtype)
@@ -743,9 +746,8 @@ def test_compile_fullgraph(dev_backend, affine, dtype):
     torch.testing.assert_close(twin.bn.running_mean, fused.bn.running_mean, **tol)
     torch.testing.assert_close(twin.bn.running_var, fused.bn.running_var, **tol)
     assert int(twin.bn.num_batches_tracked) == 2
-    if dtype == torch.float32:  # (bf16 runs aot_eager: the dtype casts in its backward)
-        native = backend in ("cpp", "cuda") and bnops.has_native_train_ops()
-        assert ops == ["fusedops_C.conv_bn_act_train" if native else "fusedops.conv_bn_act_train"]
+    native = backend in ("cpp", "cuda") and bnops.has_native_train_ops()
+    assert ops == ["fusedops_C.conv_bn_act_train" if native else "fusedops.conv_bn_act_train"]
     fused.eval(), twin.eval()
     with torch.no_grad():
         x = torch.randn(2, 4, 6, 6, device=device, dtype=dtype)
