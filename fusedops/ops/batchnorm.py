@@ -479,7 +479,8 @@ def train_native_args(x: torch.Tensor, device: torch.device, weight: torch.Tenso
     backend and dtype part is decided once per (device type, dtypes, forced backend): host
     time."""
     if (not _validate.plain_call(x, weight, gamma, beta) or x.numel() == 0 or weight.numel() == 0
-            or not train_native_ready(device.type, x.dtype, gamma, beta)):
+            or not train_native_ready(device.type, x.dtype, None if gamma is None else gamma.dtype,
+                                      None if beta is None else beta.dtype)):
         return None
     g32, b32 = affine32(gamma, beta, weight.shape[0], x)
     if running is not None and running_ok(device, running):
@@ -488,16 +489,10 @@ def train_native_args(x: torch.Tensor, device: torch.device, weight: torch.Tenso
     return g32, b32, None, None, 0.0
 
 
-def train_native_ready(device_type: str, dtype: torch.dtype, gamma, beta) -> bool:
-    """The native step serves a conv input of `dtype` with this γ / β (tensors or None) on
-    this device type: kernel dtypes, the native BN kernels selected and built."""
-    return train_native_ready_dtypes(device_type, dtype, None if gamma is None else gamma.dtype,
-                                     None if beta is None else beta.dtype)
-
-
-def train_native_ready_dtypes(device_type: str, dtype: torch.dtype, gamma_dtype, beta_dtype) -> bool:
-    """train_native_ready by γ's and β's dtypes (None: absent). Decided once per (device
-    type, dtypes, forced backend): host time."""
+def train_native_ready(device_type: str, dtype: torch.dtype, gamma_dtype, beta_dtype) -> bool:
+    """The native step serves a conv input of `dtype` with γ / β of these dtypes (None:
+    absent) on this device type: kernel dtypes, the native BN kernels selected and built.
+    Decided once per (device type, dtypes, forced backend): host time."""
     key = (device_type, dtype, gamma_dtype, beta_dtype, _backend_forced())
     ready = _TRAIN_READY.get(key)
     if ready is None:

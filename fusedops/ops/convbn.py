@@ -253,8 +253,9 @@ def _native_backward(ctx, dz, _dmean, _dinvstd, _dvar, _dy):
     mask = (1 if needs[0] else 0) | (2 if needs[1] else 0)
     _, dx, dw, dgamma, dbeta = bnops.op_train_bwd()(dz, x, w, y, stride, padding, dilation, groups, mean, invstd,
                                                     weight, bias, act, slope, mask)
-    return dx, dw, None, None, None, None, None, (dgamma if needs[7] else None), (dbeta if needs[8] else None), None, \
-        None, None
+    # inputs: x, w, stride, padding, dilation, groups, eps, weight (γ), bias (β), act, slope, keep_y
+    return (dx, dw, None, None, None, None, None, dgamma if needs[7] else None, dbeta if needs[8] else None, None,
+            None, None)
 
 
 native_train_op = None
@@ -270,7 +271,7 @@ if bnops.has_native_train_ops():
 @torch.compiler.assume_constant_result
 def _native_serves(device_type: str, dtype: torch.dtype, gamma_dtype, beta_dtype) -> bool:
     """train_native_ready, evaluated once at trace time (a constant of the graph)."""
-    return bnops.train_native_ready_dtypes(device_type, dtype, gamma_dtype, beta_dtype)
+    return bnops.train_native_ready(device_type, dtype, gamma_dtype, beta_dtype)
 
 
 def train_traced(x, w, gamma, beta, conv_bias, stride, padding, dilation, groups, eps: float, act: str,
