@@ -5,36 +5,32 @@ measured (bench/NOTES.md, round 23).
 
     python bench/report_data.py [STEPS]      (default 30, the report's default on CUDA)
 
+(`bench/results/h100-2026-12-06-r10/report-data.txt` was measured by an earlier copy of this
+script with its own batch functions, which give the same batches as the report's.)
+
 Prints, per data option: the held-out loss before the first step and after the last, the
 training loss at 0, 1/3, 2/3 and the end of the run, and the agreement rule's numbers.
 """
-import dataclasses, sys, time, torch
-import torch.nn.functional as F
+import dataclasses
+import sys
+import time
+
+import torch
+
 from fusedops.report import models, runner
 
 dev = torch.device("cuda")
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 
-def cls_batch(shape, classes, used, k, salt=1):
-    g_proto = models._gen(0, dev, salt + 7919)
-    protos = torch.randn((classes, 3, 8, 8), generator=g_proto, device=dev)
-    g = models._gen(k, dev, salt)
-    y = torch.randint(0, used, (shape[0],), generator=g, device=dev)
-    x = F.interpolate(protos[y], size=shape[-2:], mode="nearest") + 0.5 * torch.randn(shape, generator=g, device=dev)
-    return x, y
-
-def tok_batch(batch, ctx, used, k):
-    g = models._gen(k, dev, 2)
-    start = torch.randint(0, used, (batch, 1), generator=g, device=dev)
-    stride = torch.randint(1, 17, (batch, 1), generator=g, device=dev)
-    seq = (start + stride * torch.arange(ctx + 1, device=dev)) % used
-    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-
+# the report's own batch functions, with the number of classes / tokens in the data varied
 opts = []
 for used in (1000, 100, 10):
-    opts.append(("resnet50", f"classes_used={used}", dataclasses.replace(models.resnet50(), batch=lambda k, d, u=used: cls_batch((128, 3, 224, 224), 1000, u, k))))
+    opts.append(("resnet50", f"classes_used={used}", dataclasses.replace(
+        models.resnet50(), batch=lambda k, d, u=used: models._classification_batch(
+            (128, 3, 224, 224), 1000, (3, 8, 8), d, k, salt=1, used=u))))
 for used in (50257, 2048, 256):
-    opts.append(("gpt2", f"vocab_used={used}", dataclasses.replace(models.gpt2(), batch=lambda k, d, u=used: tok_batch(8, 1024, u, k))))
+    opts.append(("gpt2", f"vocab_used={used}", dataclasses.replace(
+        models.gpt2(), batch=lambda k, d, u=used: models._token_batch(8, 1024, 50257, d, k, u))))
 
 for name, label, wl in opts:
     base = wl.build()

@@ -524,23 +524,23 @@ class _AddNormActInplace(torch.autograd.Function):
 _FAST: dict = {}
 
 
-def _fast_kernels(op, x, residual, weight, bias, out_dtype):
+def _fast_kernels(op, x, weight, bias, out_dtype):
     """(forward kernel, backward kernel) for a plain call, or None where the reference would
     run (a dtype without kernels, the reference backend forced): decided once per (op,
-    device type, dtypes, hidden size, forced backend)."""
+    device type, dtypes, hidden size, forced backend). s has x's dtype: a residual reaches
+    the kernels in x's dtype (the public functions promote the pair, _check refuses a
+    mismatch)."""
     if x.dim() == 0:
         return None  # (the op's checks give the error)
     n = x.shape[-1]
-    key = (op, x.device.type, x.dtype, None if residual is None else residual.dtype,
-           None if weight is None else weight.dtype, None if bias is None else bias.dtype, out_dtype, n,
-           _backend_forced())
+    key = (op, x.device.type, x.dtype, None if weight is None else weight.dtype,
+           None if bias is None else bias.dtype, out_dtype, n, _backend_forced())
     hit = _FAST.get(key, False)
     if hit is False:
         hit = None
         if _kernel_ok(x, weight, bias, out_dtype or x.dtype):
             fwd = _kernels[op].backend_for(key[1], n)
-            sdt = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # (s's dtype)
-            bwd = _bwd.backend_for(key[1], _bwd_size(n, bias, sdt, out_dtype or x.dtype))
+            bwd = _bwd.backend_for(key[1], _bwd_size(n, bias, x.dtype, out_dtype or x.dtype))
             if fwd != "reference" and bwd != "reference":
                 hit = (_kernels[op].get(fwd), _bwd.get(bwd))
         if len(_FAST) >= 4096:  # (one entry a hidden size and dtypes: bounded for shape-varying callers)
@@ -595,7 +595,7 @@ def _direct(op, x, residual, weight, bias, eps, activation, od, rms):
     """(y, s) through the fast path, or None when the call is not plain."""
     if not _validate.plain_call(x, residual, weight, bias):
         return None
-    kernels = _fast_kernels(op, x, residual, weight, bias, od)
+    kernels = _fast_kernels(op, x, weight, bias, od)
     if kernels is None:
         return None
     _check(op, x, residual, weight, bias, activation, od)

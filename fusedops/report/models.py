@@ -197,12 +197,12 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(self.blocks(x)))
 
 
-def _token_batch(batch, ctx, vocab, device, k, tiny=False):
-    """Arithmetic progressions (random start, stride in 1..16) modulo VOCAB_USED (or
-    VOCAB_USED_TINY; the vocabulary, if smaller): the model learns first which tokens
-    occur, then the progressions from the context."""
+def _token_batch(batch, ctx, vocab, device, k, used):
+    """Arithmetic progressions (random start, stride in 1..16) modulo `used` (the
+    vocabulary, if smaller): the model learns first which tokens occur, then the
+    progressions from the context."""
     g = _gen(k, device, 2)
-    used = min(vocab, VOCAB_USED_TINY if tiny else VOCAB_USED)
+    used = min(vocab, used)
     start = torch.randint(0, used, (batch, 1), generator=g, device=device)
     stride = torch.randint(1, 17, (batch, 1), generator=g, device=device)
     seq = (start + stride * torch.arange(ctx + 1, device=device)) % used
@@ -227,7 +227,7 @@ def gpt2(tiny: bool = False) -> Workload:
 
     return Workload(
         name="gpt2" + ("-tiny" if tiny else ""), build=build,
-        batch=lambda k, device: _token_batch(batch, ctx, vocab, device, k, tiny),
+        batch=lambda k, device: _token_batch(batch, ctx, vocab, device, k, VOCAB_USED_TINY if tiny else VOCAB_USED),
         loss_fn=_lm_loss, items_per_step=batch * ctx, unit="tokens", lr=6e-4, weight_decay=0.1,
         description=f"GPT-2-{'tiny' if tiny else 'small'}-like: {layers} layers, d={d}, {heads} heads, "
                     f"vocab {vocab} ({min(vocab, VOCAB_USED_TINY if tiny else VOCAB_USED)} in the data), ctx {ctx}, "
@@ -334,7 +334,7 @@ def hf_model(name: str, tiny: bool = False) -> Workload:
 
     return Workload(
         name=f"hf:{name}" + ("-tiny" if tiny else ""), build=build,
-        batch=lambda k, device: _token_batch(batch, ctx, vocab, device, k, tiny),
+        batch=lambda k, device: _token_batch(batch, ctx, vocab, device, k, VOCAB_USED_TINY if tiny else VOCAB_USED),
         loss_fn=loss, items_per_step=batch * ctx, unit="tokens", lr=6e-4, weight_decay=0.1,
         description=f"transformers {name} (random init from config), batch {batch}×{ctx}")
 
