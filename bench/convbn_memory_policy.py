@@ -1,30 +1,26 @@
-"""ResNet-50 (the report's) under torch.compile and in eager mode with per-layer memory
-modes of the converted ConvBNAct2d modules, timed in interleaved rounds (host-bound steps
-drift within a process: timing one variant after another compares the drift). CUDA.
+"""ResNet-50 (the report's) under torch.compile and in eager mode with the converted
+ConvBNAct2d modules in memory="recompute" and in memory="auto" (the default: 1x1 convs
+recompute, the stem's 7x7 and the 3x3s keep y), timed in interleaved rounds (host-bound
+steps drift within a process: timing one variant after another compares the drift). CUDA.
 
     python bench/convbn_memory_policy.py
 
-Variants: compile; fusedops+compile and fusedops with every module in memory="recompute",
-or with the modules whose conv kernel is larger than 1x1 (the stem's 7x7 and the 3x3s) in
-memory="fast" (the recompute of those convs costs the most time per byte it saves).
 Prints each round's median step (8 steps, the first 2 dropped) and the median and minimum
 over rounds 1-5. Peak memory is not comparable here (every model stays alive); the report
-measures it one model at a time.
+and bench/convbn_recompute_cost.py measure it one model at a time.
 """
 import statistics, torch
 from fusedops.report import models, runner
 from fusedops.nn_convbn import ConvBNAct2d
 dev = torch.device("cuda"); wl = models.resnet50(); base = wl.build()
-def pol(name, m):
-    k = m.conv.kernel_size[0] * m.conv.kernel_size[1]
-    return {"recompute": "recompute", "k>1": "fast" if k > 1 else "recompute", "fast": "fast"}[name]
 vs = {}
-for key, variant, p in (("compile", "compile", None), ("fc-recompute", "fusedops+compile", "recompute"),
-                        ("fc-k>1", "fusedops+compile", "k>1"), ("f-recompute", "fusedops", "recompute"), ("f-k>1", "fusedops", "k>1")):
+for key, variant, p in (("eager", "eager", None), ("compile", "compile", None),
+                        ("fc-recompute", "fusedops+compile", "recompute"), ("fc-auto", "fusedops+compile", "auto"),
+                        ("f-recompute", "fusedops", "recompute"), ("f-auto", "fusedops", "auto")):
     fwd, plain, rep, opt, desc = runner.build_variant(wl, base, variant, dev)
     if p:
         for m in plain.modules():
-            if isinstance(m, ConvBNAct2d): m.memory = pol(p, m)
+            if isinstance(m, ConvBNAct2d): m.memory = p
     vs[key] = (fwd, opt)
 times = {k: [] for k in vs}; peaks = {}
 for r in range(6):

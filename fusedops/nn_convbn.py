@@ -8,9 +8,13 @@ after `fusedops.convert`, the parent module saves and loads its original eager k
 (see `StateDictKeyMap`).
 
 Training (batch statistics): y = conv(x); per-channel μ, σ² (fp32, biased) by the
-bn_stats op; z = act(γ(y−μ)r + β) by bn_act_apply. For backward the default
-`memory="recompute"` keeps only the conv input, the weight and the per-channel stats and
-recomputes y = conv(x) in backward (+1 conv forward); `memory="fast"` keeps y as well.
+bn_stats op; z = act(γ(y−μ)r + β) by bn_act_apply. For backward `memory="recompute"`
+keeps only the conv input, the weight and the per-channel stats and recomputes y = conv(x)
+in backward (+1 conv forward); `memory="fast"` keeps y as well. The default,
+`memory="auto"`, recomputes y where the conv is 1x1 and keeps it where the kernel is
+larger: a 1x1 conv's output is cheap to rebuild for the bytes it holds, a larger kernel's
+is not (ResNet-50 at batch 128 in bf16 on an H100: 0.85 µs of conv forward per MiB kept
+for its 1x1 convs, 3.4 µs/MiB for the 7x7 stem and the 3x3s; bench/NOTES.md round 24).
 Neither keeps the activation output or the BN output (eager keeps y and, for
 silu/gelu, z). Running statistics are updated as eager does. With the native BN kernels
 (the C++ / CUDA C++ backends) each direction is one native call (csrc/convbn.cpp: the
@@ -43,7 +47,16 @@ from .ops import batchnorm as bnops
 from .ops.convbn import _native_call, check_step_shapes, no_autocast, train_backward, train_forward, train_traced
 
 ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
-MEMORY_MODES = ("recompute", "fast")
+MEMORY_MODES = ("auto", "recompute", "fast")
+
+
+def resolved_memory(memory: str, conv: nn.Conv2d) -> str:
+    """"recompute" or "fast" for this conv: "auto" keeps y ("fast") where the conv's kernel
+    is larger than 1x1 and recomputes it where it is 1x1 (bench/NOTES.md, round 24: in
+    ResNet-50 the 1x1 convs' outputs are most of the bytes and the cheapest to rebuild)."""
+    if memory != "auto":
+        return memory
+    return "fast" if conv.kernel_size[0] * conv.kernel_size[1] > 1 else "recompute"
 
 
 def activation_of(module) -> tuple[str, float] | None:
@@ -297,7 +310,7 @@ class ConvBNAct2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 activation: str = "relu", negative_slope: float = 0.01, memory: str = "recompute",
+                 activation: str = "relu", negative_slope: float = 0.01, memory: str = "auto",
                  device=None, dtype=None):
         super().__init__()
         if padding_mode != "zeros":
@@ -333,7 +346,7 @@ class ConvBNAct2d(nn.Module):
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: nn.Module | str | None = None,
-                     memory: str = "recompute") -> "ConvBNAct2d":
+                     memory: str = "auto") -> "ConvBNAct2d":
         """Wrap an eager pair (the same parameter and buffer objects: no copy); act is a
         module (ReLU, ReLU6, SiLU, GELU, LeakyReLU, Identity), a name, or None. Modules
         with forward or backward hooks are refused: the fused module never calls them."""
@@ -437,7 +450,7 @@ class ConvBNAct2d(nn.Module):
         cached = self.__dict__.get("_conf_cache")
         if cached is None or cached[0] != key:
             conf = (list(conv.stride), list(self._padding), list(conv.dilation), conv.groups, float(bn.eps),
-                    self.activation, float(self.negative_slope), self.memory)
+                    self.activation, float(self.negative_slope), resolved_memory(self.memory, conv))
             cached = self.__dict__["_conf_cache"] = (key, conf)
         return cached[1]
 

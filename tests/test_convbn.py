@@ -506,7 +506,7 @@ def _saved_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("act", ["relu", "silu"])
-def test_default_mode_saves_less_than_eager(dev_backend, act):
+def test_recompute_saves_less_than_eager(dev_backend, act):
     device, _ = dev_backend
     blocks = [_pair(8, 8, 3, act, device, conv_kw=dict(padding=1)) for _ in range(3)]
     eager = nn.Sequential(*blocks)
@@ -523,6 +523,38 @@ def test_default_mode_saves_less_than_eager(dev_backend, act):
     assert fused_bytes <= 0.55 * eager_bytes, (fused_bytes, eager_bytes)
     assert fused_bytes < fast_bytes <= eager_bytes
     out.sum().backward()  # the recompute path runs
+
+
+def test_auto_mode_recomputes_only_1x1_convs(dev_backend, monkeypatch):
+    """memory="auto" (the default) saves what "recompute" saves for a 1x1 conv and what
+    "fast" saves for a larger kernel; values and gradients equal eager's either way (no
+    TF32 on CUDA)."""
+    device, _ = dev_backend
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    shapes = [(8, 16, 1, {}), (16, 16, 3, dict(padding=1)), (16, 8, 1, {})]
+    blocks = [_pair(ci, co, k, "relu", device, conv_kw=kw) for ci, co, k, kw in shapes]
+    assert ConvBNAct2d(3, 4, 3).memory == "auto"
+    assert ConvBNAct2d.from_modules(copy.deepcopy(blocks[0][0]), copy.deepcopy(blocks[0][1])).memory == "auto"
+    per_layer = ["recompute", "fast", "recompute"]
+    auto = nn.Sequential(*[_fused_from(b, "auto") for b in blocks])
+    mixed = nn.Sequential(*[_fused_from(b, m) for b, m in zip(blocks, per_layer)])
+    recompute = nn.Sequential(*[_fused_from(b) for b in blocks])
+    fast = nn.Sequential(*[_fused_from(b, "fast") for b in blocks])
+    eager = nn.Sequential(*blocks)
+    x = torch.randn(4, 8, 10, 10, device=device)
+    sizes = {}
+    for name, model in (("auto", auto), ("mixed", mixed), ("recompute", recompute), ("fast", fast)):
+        xi = x.clone().requires_grad_()
+        sizes[name], out = _saved_bytes(lambda: model(xi))
+        ref_x = x.clone().requires_grad_()
+        ref = eager(ref_x)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        g = torch.randn_like(ref)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(xi.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+    assert sizes["auto"] == sizes["mixed"], sizes
+    assert sizes["recompute"] < sizes["auto"] < sizes["fast"], sizes
 
 
 @pytest.fixture
@@ -666,7 +698,7 @@ def _step_ops(gm) -> list:
 
 
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["no-conv-bias", "conv-bias"])
-@pytest.mark.parametrize("memory", ["recompute", "fast"])
+@pytest.mark.parametrize("memory", ["recompute", "fast", "auto"])
 def test_compiled_graph_keeps_the_memory_mode(memory, conv_bias):
     """Under torch.compile the step is one op whose conv output stays inside it: with the
     partitioner inductor uses (min-cut), the compiled forward saves x and the per-channel
@@ -703,7 +735,8 @@ def test_compiled_graph_keeps_the_memory_mode(memory, conv_bias):
     assert ops == ["fusedops.conv_bn_act_train" if conv_bias or not bnops.has_native_train_ops()
                    else "fusedops_C.conv_bn_act_train"]
     # forward-graph outputs of the conv output's shape: z itself, plus y where it is kept
-    assert outputs.count((2, 6, 8, 8)) == (2 if memory == "fast" else 1), outputs
+    # (a 3x3 conv: "auto" keeps it)
+    assert outputs.count((2, 6, 8, 8)) == (1 if memory == "recompute" else 2), outputs
     assert (2, 4, 8, 8) in outputs  # x, for the recompute / for dW
 
 
