@@ -14,9 +14,10 @@ and CUDA (Triton or CUDA C++) alike; nothing in step() synchronises with the hos
 - Params fp32 / fp16 / bf16; math in fp32, the param rounded once to its dtype (round
   to nearest even; with `stochastic_rounding=True`, bf16 params are rounded
   stochastically — unbiased, deterministic: random bits from a hash of (`sr_seed`, the
-  group's position, step, the param's position, element index), the same on every
-  backend; no effect on fp32 / fp16 params). A grad of another dtype is cast to the
-  param's. Params without a grad are skipped (their step count does not advance).
+  group's position, step, the param's position, the element's index in the states'
+  memory order), the same on every backend; no effect on fp32 / fp16 params). A grad of
+  another dtype is cast to the param's. Params without a grad are skipped (their step
+  count does not advance).
 - NaN/Inf in a gradient element: that element's states are reset to 0 and the param
   element is left as it was; other elements and the block's absmax are unaffected.
 - A large but finite gradient outlier (a loss spike) is the scheme's weak point, as in
@@ -31,6 +32,12 @@ and CUDA (Triton or CUDA C++) alike; nothing in step() synchronises with the hos
   torch AdamW); Adam8bit / SGD8bit as L2 added to the gradient (as torch Adam / SGD).
 - Params must be float32, float16 or bfloat16: others (float64, complex) are refused when
   they are added (constructor, add_param_group) with a TypeError.
+- Layout: a param's states are created with its memory layout (e.g. channels_last conv
+  weights get channels_last states), and the 256-element blocks run along that memory
+  order (as the kernels see the storage). A param in its states' layout (and a grad in
+  it) is updated in place through a permuted view, with no copy; a param in another
+  layout (changed after the states were made, or not dense) is copied into the states'
+  order for the step and back.
 - torch.compile does not trace step() (torch.compiler.disable): a compiled training step
   runs it eagerly, with a graph break at the call (fullgraph=True refuses it). It is one
   launch a (device, dtype) bucket already, and its step count (a Python int the kernels
@@ -54,6 +61,23 @@ from .reference import QUANT_BLOCK, blockwise_dequantize, dynamic_map
 __all__ = ["Adam8bit", "AdamW8bit", "Lion8bit", "SGD8bit"]
 
 SIGNED_ZERO_CODE = 127  # index of 0.0 in the signed dynamic map
+
+
+def _memory_order(t: torch.Tensor) -> tuple | None:
+    """The permutation of t's dims under which t is contiguous (its memory order), or None
+    where t is contiguous already or has no such order (overlapping or with gaps)."""
+    if t.is_contiguous():
+        return None
+    perm = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    return perm if t.permute(perm).is_contiguous() else None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or _memory_order(t) is not None
+
+
+def _in_order(t: torch.Tensor, order: tuple | None) -> torch.Tensor:
+    return t if order is None else t.permute(order)
 
 
 class _Optimizer8bit(torch.optim.Optimizer):
@@ -120,7 +144,11 @@ class _Optimizer8bit(torch.optim.Optimizer):
                     continue
                 s, a = state[f"state{k}"], state[f"absmax{k}"]
                 if s.dtype == torch.uint8:
-                    state[f"state{k}"] = blockwise_dequantize(s, a, maps[k - 1].to(s.device))
+                    order = _memory_order(s)  # the blocks run along s's memory order
+                    deq = blockwise_dequantize(_in_order(s, order).contiguous(), a, maps[k - 1].to(s.device))
+                    if order is not None:  # back to the param's shape, in s's layout
+                        deq = deq.permute(tuple(sorted(range(len(order)), key=order.__getitem__)))
+                    state[f"state{k}"] = deq
                     state[f"absmax{k}"] = torch.zeros(0, dtype=torch.float32, device=s.device)
 
     def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
@@ -129,11 +157,11 @@ class _Optimizer8bit(torch.optim.Optimizer):
         for k in range(1, self.STATES + 1):
             if q:
                 fill = SIGNED_ZERO_CODE if k == 1 else 0  # codes of 0.0
-                state[f"state{k}"] = torch.full(p.shape, fill, dtype=torch.uint8, device=p.device)
+                state[f"state{k}"] = torch.full_like(p, fill, dtype=torch.uint8)  # p's layout
                 blocks = -(-p.numel() // QUANT_BLOCK)
                 state[f"absmax{k}"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
             else:
-                state[f"state{k}"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state[f"state{k}"] = torch.zeros_like(p, dtype=torch.float32)
                 state[f"absmax{k}"] = torch.zeros(0, dtype=torch.float32, device=p.device)
 
     # -- load_state_dict: keep the state dtypes (uint8 codes, fp32 absmax / fp32 states) --
@@ -181,6 +209,13 @@ class _Optimizer8bit(torch.optim.Optimizer):
                         what = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
                         raise ValueError(f"{name}.load_state_dict: {k} of parameter {pid} (param {j} of param "
                                          f"group {gi}) is {what}; {name} saves uint8 codes or float32")
+                # uint8 codes: their blocks run along their memory order, which must exist and
+                # be the same for both moments (as saved)
+                codes = [st[k] for k in expected[1:] if k.startswith("state") and st[k].dtype == torch.uint8]
+                if any(not _dense(v) for v in codes) or len({v.stride() for v in codes}) > 1:
+                    raise ValueError(f"{name}.load_state_dict: the 8-bit states of parameter {pid} (param {j} of "
+                                     f"param group {gi}) have strides {[v.stride() for v in codes]}: {name} saves "
+                                     f"them dense and in one layout (their blocks run along their memory order)")
         for gi, g in enumerate(state_dict["param_groups"]):
             missing = [k for k in needed if k not in g]
             if missing:
@@ -198,9 +233,19 @@ class _Optimizer8bit(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(ids, params):
             if pid in saved:
+                st = self.state[p]
                 for k, v in saved[pid].items():
                     if isinstance(v, torch.Tensor):
-                        self.state[p][k] = v.to(device=p.device, copy=True)
+                        st[k] = v.to(device=p.device, copy=True)  # (strides kept: the blocks' order)
+                # step() sees the states through state1's memory order: fp32 states (no
+                # blocks: their layout is free) without one are made contiguous, a state2 in
+                # another layout takes state1's (_check_loaded refused such uint8 states)
+                s1 = st.get("state1")
+                if s1 is not None and not _dense(s1):
+                    st["state1"] = s1 = s1.contiguous()
+                s2 = st.get("state2")
+                if s1 is not None and s2 is not None and s2.stride() != s1.stride():
+                    st["state2"] = torch.empty_like(s1, dtype=s2.dtype).copy_(s2)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -246,21 +291,25 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 dtype = p.dtype
                 if g.dtype != dtype:
                     g = g.to(dtype)
-                work = p
-                if not p.is_contiguous():  # the kernels take contiguous params: one copy, copied back
-                    work = p.contiguous()
-                    copies.append((p, work))
+                # the kernels take contiguous tensors: everything is seen in the states' memory
+                # order (p's own without states), through permuted views; a param or grad not
+                # in that layout is copied (the param back after the launch)
+                order = _memory_order(state["state1"] if one else p)
+                work = _in_order(p, order)
+                if not work.is_contiguous():
+                    view, work = work, work.contiguous()
+                    copies.append((view, work))
                 key = (p.device, dtype, step)
                 lists = buckets.get(key)
                 if lists is None:
                     lists = buckets[key] = ([], [], [], [], [], [])
                 lists[0].append(work)
-                lists[1].append(g if g.is_contiguous() else g.contiguous())
+                lists[1].append(_in_order(g, order).contiguous())
                 if one:
-                    lists[2].append(state["state1"])
+                    lists[2].append(_in_order(state["state1"], order))
                     lists[3].append(state["absmax1"])
                 if two:
-                    lists[4].append(state["state2"])
+                    lists[4].append(_in_order(state["state2"], order))
                     lists[5].append(state["absmax2"])
             for key, lists in buckets.items():
                 try:

@@ -1170,3 +1170,137 @@ def test_compiled_training_step_runs_step_eagerly(cls):
         assert torch.equal(a, b)
     assert opts[1].state[next(models[1].parameters())]["step"] == 5
     torch._dynamo.reset()
+
+
+# ---- param layouts: states in the param's memory order ---------------------------------------
+
+CL_SHAPE = (16, 32, 3, 3)   # 4608 elements: 8-bit states
+CL_SMALL = (4, 8, 3, 3)     # 288: fp32 states
+
+
+def _nhwc(t):
+    """A channels_last tensor seen in its memory order (a contiguous view); a contiguous
+    NHWC tensor has the same memory order."""
+    return t.permute(0, 2, 3, 1)
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("cls,kw", [(AdamW8bit, {}), (Lion8bit, {}), (SGD8bit, dict(momentum=0.9))],
+                         ids=["adamw", "lion", "sgd"])
+def test_channels_last_params_step_in_place_in_their_memory_order(dev_backend, cls, kw):
+    """A channels_last param (a conv weight) gets channels_last states and is updated in
+    place, without copies: bitwise the step of a contiguous NHWC param (the same memory
+    order), with grads in either layout."""
+    device, _ = dev_backend
+    torch.manual_seed(0)
+    big, small = torch.randn(CL_SHAPE, device=device), torch.randn(CL_SMALL, device=device)
+    ps = [torch.nn.Parameter(_cl(big)), torch.nn.Parameter(_cl(small))]
+    twins = [torch.nn.Parameter(_nhwc(big).contiguous()), torch.nn.Parameter(_nhwc(small).contiguous())]
+    ours, theirs = cls(ps, lr=1e-2, **kw), cls(twins, lr=1e-2, **kw)
+    ptrs = [p.data_ptr() for p in ps]
+    for step in range(3):
+        for p, t in zip(ps, twins):
+            g = torch.randn(p.shape, device=device)
+            p.grad = g if step == 1 else _cl(g)  # step 1: a contiguous grad (copied into the order)
+            t.grad = _nhwc(g).contiguous()
+        ours.step()
+        theirs.step()
+        for p, t in zip(ps, twins):
+            assert torch.equal(_nhwc(p), t), f"step {step}"
+    assert [p.data_ptr() for p in ps] == ptrs
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in ps)
+    for p, t, dtype in zip(ps, twins, (torch.uint8, torch.float32)):
+        for k in ("state1", "state2") if cls is AdamW8bit else ("state1",):
+            s = ours.state[p][k]
+            assert s.dtype == dtype and s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous()
+            assert torch.equal(_nhwc(s), theirs.state[t][k]), k
+            assert torch.equal(ours.state[p]["absmax" + k[-1]], theirs.state[t]["absmax" + k[-1]])
+    # with channels_last grads the step runs the step op alone: no copy of any tensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    for p in ps:
+        p.grad = _cl(torch.randn(p.shape, device=device))
+    with Ops() as rec:
+        ours.step()
+    assert any("optimizer_step_8bit" in op for op in rec.seen), rec.seen  # (the mode sees the ops)
+    assert not [op for op in rec.seen if "copy" in op or "clone" in op], rec.seen
+
+
+def test_param_layout_changed_after_its_states_keeps_the_states_order(dev_backend):
+    """States made for a contiguous param keep their order when the param turns
+    channels_last: the step copies the param into that order and back, bitwise the step
+    of a param that stayed contiguous."""
+    device, _ = dev_backend
+    torch.manual_seed(1)
+    w = torch.randn(CL_SHAPE, device=device)
+    p, twin = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    ours, theirs = AdamW8bit([p], lr=1e-2), AdamW8bit([twin], lr=1e-2)
+    for step in range(3):
+        if step == 1:
+            p.data = _cl(p.data)
+        g = torch.randn(CL_SHAPE, device=device)
+        p.grad, twin.grad = (_cl(g) if step else g.clone()), g.clone()
+        ours.step()
+        theirs.step()
+        assert torch.equal(p, twin), f"step {step}"
+    assert p.is_contiguous(memory_format=torch.channels_last) and ours.state[p]["state1"].is_contiguous()
+    assert torch.equal(ours.state[p]["state2"], theirs.state[twin]["state2"])
+
+
+def test_channels_last_states_survive_state_dict_and_override_32bit(dev_backend):
+    """A state_dict of channels_last states loads into an optimizer over a contiguous param
+    (the states keep their layout: their blocks' order) and resumes bitwise; a layout
+    mix-up in the uint8 states is refused before anything changes; override_32bit
+    dequantizes in the states' order."""
+    device, _ = dev_backend
+    torch.manual_seed(2)
+    w = torch.randn(CL_SHAPE, device=device)
+    p = torch.nn.Parameter(_cl(w))
+    ours = AdamW8bit([p], lr=1e-2)
+    grads = [torch.randn(CL_SHAPE, device=device) for _ in range(4)]
+    for g in grads[:2]:
+        p.grad = _cl(g)
+        ours.step()
+    sd = ours.state_dict()
+    q = torch.nn.Parameter(p.detach().contiguous())
+    fresh = AdamW8bit([q], lr=1e-2)
+    fresh.load_state_dict(sd)
+    assert fresh.state[q]["state1"].is_contiguous(memory_format=torch.channels_last)
+    for g in grads[2:]:
+        p.grad, q.grad = _cl(g), g.clone()
+        ours.step()
+        fresh.step()
+        assert torch.equal(p, q)
+    bad = copy.deepcopy(ours.state_dict())
+    bad["state"][0]["state2"] = bad["state"][0]["state2"].contiguous()
+    other = AdamW8bit([torch.nn.Parameter(p.detach().clone())], lr=1e-2)
+    with pytest.raises(ValueError, match="8-bit states of parameter 0 .* strides"):
+        other.load_state_dict(bad)
+    assert not other.state
+    # override_32bit: the dequantized states equal those of a contiguous NHWC twin's
+    twin = torch.nn.Parameter(_nhwc(p.detach()).contiguous())
+    theirs = AdamW8bit([twin], lr=1e-2)
+    theirs.load_state_dict({"state": {0: {k: (_nhwc(v).contiguous() if k.startswith("state") else v)
+                                           for k, v in ours.state_dict()["state"][0].items()}},
+                            "param_groups": ours.state_dict()["param_groups"]})
+    ours.override_32bit(p)
+    theirs.override_32bit(twin)
+    for k in ("state1", "state2"):
+        s = ours.state[p][k]
+        assert s.dtype == torch.float32 and s.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(_nhwc(s), theirs.state[twin][k]), k
+    g = torch.randn(CL_SHAPE, device=device)
+    p.grad, twin.grad = _cl(g), _nhwc(g).contiguous()
+    ours.step()
+    theirs.step()
+    assert torch.equal(_nhwc(p), twin)
