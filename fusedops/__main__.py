@@ -146,6 +146,10 @@ def main(argv=None) -> int:
                    help="training steps per variant (default 30 on CUDA, 20 on CPU, 4 with --tiny)")
     r.add_argument("--warmup", type=int, default=None,
                    help="untimed warm-up steps among them (default 5 on CUDA, 3 on CPU, 1 with --tiny)")
+    r.add_argument("--rounds", type=int, default=None,
+                   help="after the training runs, the variants take turns for this many rounds of a few steps "
+                        "each; the step time is the median of the rounds' medians (default 5; 0: the median of "
+                        "each training run's own timed steps)")
     r.add_argument("--variants", default=None,
                    help="comma-separated: eager, compile, fusedops, fusedops+compile (default: all four on CUDA; "
                         "eager,fusedops on CPU, where inductor compilation takes minutes)")

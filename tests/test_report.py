@@ -131,7 +131,9 @@ def test_tiny_report_says_its_step_times_are_noise():
     from fusedops.report import output
     assert output.note_lines({"model": "gpt2-tiny", "steps": 4, "warmup": 1})[0].endswith("noise (not a speed "
                                                                                          "measurement)")
+    assert output.note_lines({"model": "gpt2", "steps": 6, "warmup": 1})[0].startswith("step times from 5 timed")
     assert output.note_lines({"model": "gpt2", "steps": 30, "warmup": 5}) == []
+    assert output.note_lines({"model": "gpt2", "steps": 30, "warmup": 5, "timing": "T"}) == ["step time: T"]
 
 
 def test_flops_of_a_linear_layer():
@@ -323,6 +325,7 @@ def test_unknown_model_and_variant_are_clear_errors(capsys):
     (["--peak-tflops", "-1"], "--peak-tflops -1: must be a positive"),
     (["--peak-tflops", "0"], "--peak-tflops 0: must be a positive"),
     (["--peak-tflops", "nan"], "--peak-tflops nan: must be a positive"),
+    (["--rounds", "-1"], "--rounds -1: must be >= 0"),
 ])
 def test_report_bad_numbers_are_refused_before_running(args, message, tmp_path, capsys, monkeypatch):
     def no_model(*a, **k):
@@ -340,7 +343,7 @@ def test_report_default_warmup_leaves_a_timed_step(monkeypatch):
 
     seen = {}
 
-    def fake_measure(w, device, variants, steps, warmup, peak_tflops, bar):
+    def fake_measure(w, device, variants, steps, warmup, peak_tflops, bar, rounds):
         seen.update(steps=steps, warmup=warmup)
         return {}
 
@@ -464,3 +467,53 @@ def test_backward_thread_option(monkeypatch):
         run_report(["mlp"], torch.device("cpu"), ["eager"], tiny=True, steps=2, progress=False,
                    backward_thread="main")
     assert not seen
+
+
+def test_step_times_come_from_interleaved_rounds(monkeypatch):
+    """After the training runs the variants take turns (round-robin, one untimed step a
+    turn); a step time is the median of the rounds' medians, the training run's own median
+    is kept beside it; the reference run takes no part. --rounds 0 keeps the training
+    run's median, and rounds that fail leave it too, saying why."""
+    import statistics
+
+    from fusedops.report import runner
+
+    turns = []
+    real = runner.timed_step
+
+    def spy(workload, fwd, opt, k, device):
+        turns.append(id(fwd))
+        return real(workload, fwd, opt, k, device)
+
+    monkeypatch.setattr(runner, "timed_step", spy)
+    res = run_report(["mlp"], torch.device("cpu"), ["eager", "fusedops"], tiny=True, steps=7, warmup=1,
+                     progress=False, rounds=3)
+    m = res["models"][0]
+    assert "median of 3 interleaved rounds" in m["timing"] and "(2 timed steps a variant" in m["timing"]
+    for r in m["runs"]:
+        assert len(r["step_ms_rounds"]) == 3 and r["step_ms"] == statistics.median(r["step_ms_rounds"])
+        assert r["step_ms_training"] == statistics.median(r["step_ms_all"][1:])
+        _check_run(r, m)
+    assert m["reference"]["step_ms_rounds"] == [] and m["reference"]["step_ms"] == m["reference"]["step_ms_training"]
+    # the calls: 7 training steps of each variant and of the reference, and between them the
+    # rounds: 3 × (eager 3 steps, fusedops 3 steps)
+    rounds = turns[14:-7]
+    assert len(rounds) == 18 and len(set(rounds[:3])) == 1 and len(set(rounds[3:6])) == 1
+    assert rounds[:6] * 3 == rounds and rounds[0] != rounds[3]
+    assert turns[:7] == [rounds[0]] * 7 and turns[7:14] == [rounds[3]] * 7
+
+    res = run_report(["mlp"], torch.device("cpu"), ["eager", "fusedops"], tiny=True, steps=4, warmup=1,
+                     progress=False, rounds=0)
+    m = res["models"][0]
+    assert m["timing"] == "median over the training run's steps after the warm-up"
+    assert all(r["step_ms_rounds"] == [] and r["step_ms"] == r["step_ms_training"] for r in m["runs"])
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner, "interleaved_rounds", oom)
+    res = run_report(["mlp"], torch.device("cpu"), ["eager", "fusedops"], tiny=True, steps=4, warmup=1,
+                     progress=False, rounds=3)
+    m = res["models"][0]
+    assert "the interleaved rounds failed with 2 variants alive: OutOfMemoryError: CUDA out of memory" in m["timing"]
+    assert all(r["ok"] and r["step_ms"] == r["step_ms_training"] for r in m["runs"])

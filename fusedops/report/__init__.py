@@ -22,11 +22,18 @@ from .runner import REFERENCE, VARIANTS, agreement, count_flops, measure_workloa
 
 DEFAULT_STEPS = {"cuda": (30, 5), "cpu": (20, 3)}   # (steps, warm-up) for the full-size models
 TINY_STEPS = (4, 1)
+DEFAULT_ROUNDS = 5
 
 METHODS = {
-    "step time": "median over the steps after the warm-up (compilation included in the warm-up); CUDA events "
-                 "around zero_grad+forward+backward+optimizer.step on CUDA, perf_counter on CPU",
-    "peak memory": "torch.cuda.max_memory_allocated over the timed steps (reset after the warm-up); n/a on CPU",
+    "step time": "median of the interleaved rounds' medians: after the training runs, every variant alive, "
+                 "the variants take turns for a few steps each, round after round (1 untimed step a turn), so "
+                 "that a host whose speed drifts moves them alike; with --rounds 0 (or where the rounds failed, "
+                 "as the model's 'timing' says), the median over the training run's steps after the warm-up "
+                 "(compilation included in the warm-up); CUDA events around "
+                 "zero_grad+forward+backward+optimizer.step on CUDA, perf_counter on CPU",
+    "peak memory": "torch.cuda.max_memory_allocated over the training run's timed steps (reset after the "
+                   "warm-up), less the bytes allocated before the variant was built (the earlier variants, kept "
+                   "for the rounds); n/a on CPU",
     "saved act": "bytes of the unique storages autograd saves for backward in one forward "
                  "(saved_tensors_hooks, parameters excluded); n/a for compiled variants",
     "opt state": "sum of numel·element_size of the tensors in optimizer.state",
@@ -67,11 +74,12 @@ def environment(device: torch.device) -> dict:
 
 def run_report(model_specs: list, device: torch.device, variants=VARIANTS, tiny: bool = False,
                steps: int | None = None, warmup: int | None = None, peak_tflops: float | None = None,
-               progress: bool = True, backward_thread: str = "worker") -> dict:
+               progress: bool = True, backward_thread: str = "worker", rounds: int | None = None) -> dict:
     """Run the report; return the results dict (what report.json holds). backward_thread:
     "worker" (torch's default: a CUDA backward runs on the autograd engine's device thread)
     or "caller" (every variant's backward on the calling thread:
-    torch.autograd.set_multithreading_enabled(False))."""
+    torch.autograd.set_multithreading_enabled(False)). rounds: the interleaved timing rounds
+    (default DEFAULT_ROUNDS; 0: each training run's own median)."""
     if backward_thread not in ("worker", "caller"):
         raise ValueError(f"--backward-thread {backward_thread}: choose worker or caller")
     from ..benchmark.harness import Progress
@@ -91,6 +99,9 @@ def run_report(model_specs: list, device: torch.device, variants=VARIANTS, tiny:
     elif warmup >= steps:
         raise ValueError(f"--warmup {warmup} with --steps {steps}: the warm-up steps are among the steps and at "
                          f"least one must be timed; give --warmup < --steps")
+    rounds = DEFAULT_ROUNDS if rounds is None else rounds
+    if rounds < 0:
+        raise ValueError(f"--rounds {rounds}: must be >= 0")
     if peak_tflops is not None and not (0 < peak_tflops < float("inf")):
         raise ValueError(f"--peak-tflops {peak_tflops:g}: must be a positive number of TFLOP/s")
     workloads = [models.get(s, tiny) for s in model_specs]
@@ -101,7 +112,8 @@ def run_report(model_specs: list, device: torch.device, variants=VARIANTS, tiny:
     results = {"meta": meta, "models": []}
     with torch.autograd.set_multithreading_enabled(backward_thread == "worker"):
         for w in workloads:
-            results["models"].append(measure_workload(w, device, variants, steps, warmup, peak_tflops, bar))
+            results["models"].append(measure_workload(w, device, variants, steps, warmup, peak_tflops, bar,
+                                                      rounds=rounds))
     return results
 
 
@@ -171,7 +183,8 @@ def cmd_report(args) -> int:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     try:
         results = run_report(specs, device, variants, tiny=args.tiny, steps=args.steps, warmup=args.warmup,
-                             peak_tflops=args.peak_tflops, backward_thread=args.backward_thread)
+                             peak_tflops=args.peak_tflops, backward_thread=args.backward_thread,
+                             rounds=args.rounds)
     except ValueError as exc:
         print(f"fusedops report: {exc}", file=sys.stderr)
         return 2

@@ -86,12 +86,16 @@ MIN_TIMED_STEPS = 10
 
 
 def note_lines(m: dict) -> list:
-    """Caveats of a model's numbers: step times from few timed steps (e.g. --tiny) are noise."""
-    timed = m["steps"] - m["warmup"]
-    if timed < MIN_TIMED_STEPS or m["model"].endswith("-tiny"):
-        return [f"step times: median of {timed} timed step(s)" + (" of a tiny model" if m["model"].endswith("-tiny")
-                else "") + ": their ratios are noise (not a speed measurement)"]
-    return []
+    """How a model's step times were taken, and their caveats: step times from few timed
+    steps (e.g. --tiny) are noise."""
+    out = [f"step time: {m['timing']}"] if m.get("timing") else []   # (reports before the rounds: no key)
+    timed = m["steps"] - m["warmup"]   # a variant's timed steps: the training run's, or as many in the rounds
+    if m["model"].endswith("-tiny"):
+        out.append("step times of a tiny model: their ratios are noise (not a speed measurement)")
+    elif timed < MIN_TIMED_STEPS:
+        out.append(f"step times from {timed} timed step(s) a variant: their ratios are noise (not a speed "
+                   f"measurement)")
+    return out
 
 
 def render_text(results: dict) -> str:

@@ -12,14 +12,22 @@ the variant must also have trained: its held-out loss must have fallen by at lea
 as much as eager's did (see `agreement`).
 
 Measurements (methods are also written into the results):
-  step time     median over the steps after the warm-up steps (the warm-up includes
-                compilation); CUDA events around zero_grad + forward + backward +
-                optimizer step on CUDA, time.perf_counter on CPU. Batch generation is
-                outside the timed region.
+  step time     with rounds (the default, 5): after every variant's training run, the
+                variants (kept alive) take turns, round after round, for a few more
+                steps each (the first step of a turn untimed); a variant's step time is
+                the median of its rounds' medians, so that a host whose speed drifts
+                within the process (busy machines: up to ~40%) moves every variant alike.
+                Without rounds (rounds=0, or where keeping every variant alive runs out
+                of memory, which the results say): the median over the training run's
+                steps after the warm-up (the warm-up includes compilation). CUDA events
+                around zero_grad + forward + backward + optimizer step on CUDA,
+                time.perf_counter on CPU. Batch generation is outside the timed region.
   throughput    items per step (images / tokens / samples) ÷ median step time.
-  peak memory   torch.cuda.max_memory_allocated over the timed steps (stats reset after
-                the warm-up, so optimizer state, weights, gradients and the batch are
-                included, one-time compilation work is not). On CPU: n/a.
+  peak memory   torch.cuda.max_memory_allocated over the training run's timed steps (stats
+                reset after the warm-up, so optimizer state, weights, gradients and the
+                batch are included, one-time compilation work is not), less what was
+                allocated before the variant was built (the earlier variants, kept for the
+                rounds). On CPU: n/a.
   saved bytes   bytes of the tensors autograd saves for backward in one forward pass
                 (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters
                 excluded): the activation memory, on any device. Not measured for
@@ -250,8 +258,10 @@ class Run:
     converted: bool = False
     ok: bool = True
     error: str | None = None
-    step_ms: float | None = None           # median over timed steps
-    step_ms_all: list = dataclasses.field(default_factory=list)
+    step_ms: float | None = None           # median of the rounds' medians (else step_ms_training)
+    step_ms_all: list = dataclasses.field(default_factory=list)   # every step of the training run
+    step_ms_training: float | None = None  # median over the training run's timed steps
+    step_ms_rounds: list = dataclasses.field(default_factory=list)  # each round's median
     throughput: float | None = None        # items / s
     peak_bytes: int | None = None          # torch.cuda.max_memory_allocated (CUDA only)
     saved_bytes: int | None = None         # autograd saved tensors of one forward (eager-mode variants)
@@ -293,6 +303,25 @@ def heldout_loss(workload: Workload, plain: nn.Module, device: torch.device, eva
             return float(plain(*prepare_batch(workload, eval_k, device)))
 
 
+def timed_step(workload: Workload, fwd: nn.Module, opt, k: int, device: torch.device) -> tuple:
+    """One training step on batch k (generated outside the timed region): (its time — ms
+    on CPU, an event pair on CUDA, read after a sync —, the detached loss)."""
+    batch = prepare_batch(workload, k, device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    else:
+        t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = fwd(*batch)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        end.record()
+        return (start, end), loss.detach()
+    return 1e3 * (time.perf_counter() - t0), loss.detach()
+
+
 def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list, warmup: int,
           device: torch.device, eval_k: int, on_step=None) -> dict:
     """Run len(order) training steps; return losses, per-step ms, peak bytes, the held-out
@@ -301,27 +330,13 @@ def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list
     initial = heldout_loss(workload, plain, device, eval_k)
     losses, marks = [], []
     for i, k in enumerate(order):
-        batch = prepare_batch(workload, k, device)
         if i == warmup:
             _sync(device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = fwd(*batch)
-        loss.backward()
-        opt.step()
-        if cuda:
-            end.record()
-            marks.append((start, end))
-        else:
-            marks.append(1e3 * (time.perf_counter() - t0))
-        losses.append(loss.detach())
-        del loss, batch
+        mark, loss = timed_step(workload, fwd, opt, k, device)
+        marks.append(mark)
+        losses.append(loss)
         if on_step is not None:
             on_step(i)
     _sync(device)
@@ -334,9 +349,28 @@ def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list
             "peak": peak, "initial": initial, "final": final}
 
 
+def interleaved_rounds(workload: Workload, alive: dict, device: torch.device, rounds: int, per_round: int,
+                       first_k: int) -> dict:
+    """Each variant of `alive` ({variant: (fwd, opt)}) in turn, `rounds` times: 1 untimed
+    step, then `per_round` timed ones. Returns {variant: [median ms of each round]}."""
+    out = {v: [] for v in alive}
+    k = first_k
+    for _ in range(rounds):
+        for v, (fwd, opt) in alive.items():
+            marks = [timed_step(workload, fwd, opt, k + i, device)[0] for i in range(per_round + 1)]
+            _sync(device)
+            ms = [s.elapsed_time(e) for s, e in marks] if device.type == "cuda" else marks
+            out[v].append(statistics.median(ms[1:]))
+        k += per_round + 1
+    return out
+
+
 def measure_workload(workload: Workload, device: torch.device, variants: list, steps: int, warmup: int,
-                     peak_tflops: float | None = None, progress=None) -> dict:
-    """Run the reference and every variant of one workload; return a JSON-ready dict."""
+                     peak_tflops: float | None = None, progress=None, rounds: int = 0) -> dict:
+    """Run the reference and every variant of one workload; return a JSON-ready dict.
+    rounds > 0: the step times come from interleaved rounds after the training runs (see
+    the module docstring), each round max(1, (steps - warmup) // rounds) timed steps a
+    variant."""
     if "eager" not in variants:
         variants = ["eager"] + list(variants)
     if steps < 2 or not 0 <= warmup < steps:
@@ -375,13 +409,21 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
                           f"{FALL_FRACTION:g}× eager's fall (when eager's fell); losses on a held-out batch before "
                           f"the first step and after {steps} steps",
         "convert": None, "runs": [], "reference": None,
+        "timing": "median over the training run's steps after the warm-up",
     }
+    alive = {}   # variants kept for the interleaved rounds: {variant: (fwd, opt)}
+    per_round = max(1, (steps - warmup) // rounds) if rounds > 0 else 0
+
+    def set_step_ms(run: Run, ms: float) -> None:
+        run.step_ms = ms
+        run.throughput = workload.items_per_step / (ms * 1e-3)
+        run.mfu = flops / (peak * ms * 1e-3) if (peak and flops) else None
 
     def one(variant: str, order_: list) -> Run:
         run = Run(variant=variant, compiled=variant.endswith("compile"), converted=variant.startswith("fusedops"))
         fwd = plain = opt = report = None
         if device.type == "cuda":
-            run.baseline_bytes = torch.cuda.memory_allocated(device)   # leftovers of earlier runs (should be ~0)
+            run.baseline_bytes = torch.cuda.memory_allocated(device)   # the variants kept for the rounds
         try:
             fwd, plain, report, opt, run.optimizer = build_variant(workload, base, variant, device)
             if report is not None and result["convert"] is None:
@@ -394,20 +436,21 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
             out = train(workload, fwd, plain, opt, order_, warmup, device, eval_k)
             timed = out["step_ms"][warmup:]
             run.step_ms_all = out["step_ms"]
-            run.step_ms = statistics.median(timed)
-            run.throughput = workload.items_per_step / (run.step_ms * 1e-3)
-            run.peak_bytes = out["peak"]
+            run.step_ms_training = statistics.median(timed)
+            set_step_ms(run, run.step_ms_training)
+            run.peak_bytes = None if out["peak"] is None else out["peak"] - run.baseline_bytes
             run.state_bytes = optimizer_state_bytes(opt)
-            run.mfu = flops / (peak * run.step_ms * 1e-3) if (peak and flops) else None
             run.losses = out["losses"]
             run.initial_loss = out["initial"]
             run.final_loss = out["final"]
+            if per_round and variant != REFERENCE:
+                alive[variant] = (fwd, opt)
         except Exception as exc:   # a variant that fails is reported, not fatal
             run.ok, run.error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             run.traceback = traceback.format_exc()
         finally:
             del fwd, plain, opt, report
-            if run.compiled:
+            if run.compiled and not alive:
                 torch._dynamo.reset()
             _free(device)
         if progress is not None:
@@ -416,6 +459,24 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
         return run
 
     runs = {v: one(v, order) for v in variants}
+    if alive:
+        try:
+            medians = interleaved_rounds(workload, alive, device, rounds, per_round, eval_k + 1)
+        except Exception as exc:   # e.g. every variant alive did not fit: the training runs' times stay
+            result["timing"] += (f" (the interleaved rounds failed with {len(alive)} variants alive: "
+                                 f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
+        else:
+            for v, ms in medians.items():
+                runs[v].step_ms_rounds = ms
+                set_step_ms(runs[v], statistics.median(ms))
+            result["timing"] = (f"median of {rounds} interleaved rounds' medians ({per_round} timed "
+                                f"step{'s' if per_round > 1 else ''} a variant a round, after 1 untimed), every "
+                                f"variant alive, after the training runs")
+        compiled = any(runs[v].compiled for v in alive)
+        alive.clear()
+        if compiled:
+            torch._dynamo.reset()
+        _free(device)
     ref = one(REFERENCE, list(reversed(order)))
     eager = runs["eager"]
     for run in runs.values():
