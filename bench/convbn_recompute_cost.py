@@ -65,25 +65,17 @@ def step_costs(workload, base, dev, policy, steps):
         if isinstance(m, ConvBNAct2d):
             m.memory = policy
 
-    def step(k):
-        opt.zero_grad(set_to_none=True)
-        fwd(*runner.prepare_batch(workload, k, dev)).backward()
-        opt.step()
+    def step(k):   # the report's timed step (the batch made outside the timed region)
+        return runner.timed_step(workload, fwd, opt, k, dev)[0]
 
     for k in range(3):
         step(k)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for k in range(steps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        step(k)
-        e.record()
-        times.append((s, e))
+    times = [step(k) for k in range(steps)]
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    wall = statistics.median(s.elapsed_time(e) for s, e in times)
+    wall = statistics.median(runner.elapsed_ms(times, dev))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for k in range(3):
             step(k)

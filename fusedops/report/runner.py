@@ -322,6 +322,11 @@ def timed_step(workload: Workload, fwd: nn.Module, opt, k: int, device: torch.de
     return 1e3 * (time.perf_counter() - t0), loss.detach()
 
 
+def elapsed_ms(marks: list, device: torch.device) -> list:
+    """timed_step's times in ms (CUDA: the event pairs read; call after a sync)."""
+    return [s.elapsed_time(e) for s, e in marks] if device.type == "cuda" else marks
+
+
 def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list, warmup: int,
           device: torch.device, eval_k: int, on_step=None) -> dict:
     """Run len(order) training steps; return losses, per-step ms, peak bytes, the held-out
@@ -340,7 +345,7 @@ def train(workload: Workload, fwd: nn.Module, plain: nn.Module, opt, order: list
         if on_step is not None:
             on_step(i)
     _sync(device)
-    step_ms = [s.elapsed_time(e) for s, e in marks] if cuda else marks
+    step_ms = elapsed_ms(marks, device)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     torch.manual_seed(4321)    # the same dropout masks (if any) in every variant's held-out loss
     with torch.no_grad():
@@ -359,8 +364,7 @@ def interleaved_rounds(workload: Workload, alive: dict, device: torch.device, ro
         for v, (fwd, opt) in alive.items():
             marks = [timed_step(workload, fwd, opt, k + i, device)[0] for i in range(per_round + 1)]
             _sync(device)
-            ms = [s.elapsed_time(e) for s, e in marks] if device.type == "cuda" else marks
-            out[v].append(statistics.median(ms[1:]))
+            out[v].append(statistics.median(elapsed_ms(marks, device)[1:]))
         k += per_round + 1
     return out
 
@@ -472,9 +476,8 @@ def measure_workload(workload: Workload, device: torch.device, variants: list, s
             result["timing"] = (f"median of {rounds} interleaved rounds' medians ({per_round} timed "
                                 f"step{'s' if per_round > 1 else ''} a variant a round, after 1 untimed), every "
                                 f"variant alive, after the training runs")
-        compiled = any(runs[v].compiled for v in alive)
         alive.clear()
-        if compiled:
+        if any(r.compiled for r in runs.values()):   # (the resets were held back while variants were alive)
             torch._dynamo.reset()
         _free(device)
     ref = one(REFERENCE, list(reversed(order)))
