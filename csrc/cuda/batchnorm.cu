@@ -12,6 +12,9 @@
 //   N·H·W elements, in VEC-element vectors along H·W (VEC > 1 when H·W and the strides
 //   allow it).
 // Grid: (splits, channel groups), sized for a few resident blocks per SM.
+// The apply and backward kernels are built twice: for the piecewise-linear activations
+// only (kSmooth = false: ReLU and the like, no SiLU / GELU code in the per-element switch)
+// and for all of them (csrc/batchnorm_act.h).
 // Reductions are deterministic: per-thread accumulation in a fixed order (Welford for the
 // statistics), a fixed tree over the block's row groups in shared memory, one fp32
 // partial per split, and finalize kernels that combine the splits in order. No atomics.
@@ -285,7 +288,7 @@ struct Affine {
 
 // y and z may be the same tensor (in-place epilogue): each thread reads its elements
 // before it writes them, so no __restrict__ on them.
-template <typename T, bool kCL, int V>
+template <typename T, bool kCL, int V, bool kSmooth>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(const T* y, T* z, Geo g, Tile tl, Affine a, int act, float slope) {
   constexpr int NC = kCL ? V : 1;
@@ -303,7 +306,7 @@ apply_kernel(const T* y, T* z, Geo g, Tile tl, Affine a, int act, float slope) {
   }
   auto op = [&](float (&v)[V]) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) v[k] = bn_act(v[k] * scale[kCL ? k : 0] + shift[kCL ? k : 0], act, slope);
+    for (int k = 0; k < V; ++k) v[k] = bn_act<kSmooth>(v[k] * scale[kCL ? k : 0] + shift[kCL ? k : 0], act, slope);
   };
   for (; u + (kUnroll - 1) * step < end; u += kUnroll * step) {
     Packed<T, V> r[kUnroll];
@@ -347,7 +350,7 @@ struct BwdParams {
   }
 };
 
-template <typename T, typename TD, bool kCL, int V>
+template <typename T, typename TD, bool kCL, int V, bool kSmooth>
 __global__ void __launch_bounds__(kThreads, 2)
 bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Geo gd, Tile tl, Affine a, int act,
                    float slope, float* __restrict__ part) {
@@ -370,7 +373,7 @@ bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Ge
       for (int k = 0; k < V; ++k) {
         const int j = kCL ? k : 0;
         const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
-        const float gg = dv[k] * bn_act_grad(xhat * p.w[j] + p.b[j], act, slope);
+        const float gg = dv[k] * bn_act_grad<kSmooth>(xhat * p.w[j] + p.b[j], act, slope);
         sg[j] += gg;
         sgx[j] += gg * xhat;
       }
@@ -455,7 +458,7 @@ bwd_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t spl
 
 // dy may be y itself (the recompute backward writes dy over its scratch y): each thread
 // reads its elements of y before it writes them, so no __restrict__ on y and dy.
-template <typename T, typename TD, bool kCL, int V>
+template <typename T, typename TD, bool kCL, int V, bool kSmooth>
 __global__ void __launch_bounds__(kThreads, 2)
 dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, Affine a, int act, float slope,
           const float* __restrict__ sum_g, const float* __restrict__ sum_gx) {
@@ -481,7 +484,7 @@ dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, 
     for (int k = 0; k < V; ++k) {
       const int j = kCL ? k : 0;
       const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
-      const float gg = dv[k] * bn_act_grad(xhat * p.w[j] + p.b[j], act, slope);
+      const float gg = dv[k] * bn_act_grad<kSmooth>(xhat * p.w[j] + p.b[j], act, slope);
       yv[k] = p.w[j] * p.invstd[j] * (gg - mg[j] - xhat * mgx[j]);
     }
   };
@@ -690,21 +693,24 @@ void bn_act_apply(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bi
   dispatch_float(y.scalar_type(), "y", [&]<typename T>() {
     constexpr int VW = static_cast<int>(16 / sizeof(T));
     const int vec = vector_width<T>(cl, g, {{&z, sizeof(T)}}, y);
-    const int per_sm = cl ? (vec > 1 ? resident_blocks<apply_kernel<T, true, VW>>()
-                                     : resident_blocks<apply_kernel<T, true, 1>>())
-                          : (vec > 1 ? resident_blocks<apply_kernel<T, false, VW>>()
-                                     : resident_blocks<apply_kernel<T, false, 1>>());
-    int64_t groups;
-    const Tile tl = make_tile(cl, g, vec, dev, per_sm, groups);
-    const int64_t splits = splits_of(tl);
-    check_grid(splits, groups, "bn_act_apply");
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
     const T* yp = y.const_data_ptr<T>();
     T* zp = z.mutable_data_ptr<T>();
-    if (cl && vec > 1) apply_kernel<T, true, VW><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
-    else if (cl) apply_kernel<T, true, 1><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
-    else if (vec > 1) apply_kernel<T, false, VW><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
-    else apply_kernel<T, false, 1><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
+    auto launch = [&]<bool kCL, int V, bool kSmooth>() {
+      int64_t groups;
+      const Tile tl = make_tile(cl, g, vec, dev, resident_blocks<apply_kernel<T, kCL, V, kSmooth>>(), groups);
+      const int64_t splits = splits_of(tl);
+      check_grid(splits, groups, "bn_act_apply");
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
+      apply_kernel<T, kCL, V, kSmooth><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
+    };
+    auto by_act = [&]<bool kCL, int V>() {
+      if (bn_act_piecewise_linear(ai)) launch.template operator()<kCL, V, false>();
+      else launch.template operator()<kCL, V, true>();
+    };
+    if (cl && vec > 1) by_act.template operator()<true, VW>();
+    else if (cl) by_act.template operator()<true, 1>();
+    else if (vec > 1) by_act.template operator()<false, VW>();
+    else by_act.template operator()<false, 1>();
     FUSEDOPS_CHECK_LAUNCH();
   });
 }
@@ -745,10 +751,10 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
     T* dyp = dy.mutable_data_ptr<T>();
     float* sg = sum_g.mutable_data_ptr<float>();
     float* sgx = sum_gx.mutable_data_ptr<float>();
-    auto launch = [&]<bool kCL, int V>() {
+    auto launch = [&]<bool kCL, int V, bool kSmooth>() {
       // one tile for both passes (the partial kernel bounds the blocks per SM)
-      const int per_sm = std::min(resident_blocks<bwd_partial_kernel<T, TD, kCL, V>>(),
-                                  resident_blocks<dy_kernel<T, TD, kCL, V>>());
+      const int per_sm = std::min(resident_blocks<bwd_partial_kernel<T, TD, kCL, V, kSmooth>>(),
+                                  resident_blocks<dy_kernel<T, TD, kCL, V, kSmooth>>());
       int64_t groups;
       Tile tl = make_tile(cl, g, V, dev, per_sm, groups);
       if (m == 0) tl.per_split = 1;  // one empty split: the sums are zeros
@@ -757,24 +763,28 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
       Tensor part = empty_f32(2 * splits, g.c, y);
       float* pp = part.mutable_data_ptr<float>();
       const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
-      bwd_partial_kernel<T, TD, kCL, V><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, tl, a, ai, sl, pp);
+      bwd_partial_kernel<T, TD, kCL, V, kSmooth><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, tl, a, ai, sl, pp);
       FUSEDOPS_CHECK_LAUNCH();
       bwd_finalize_kernel<<<static_cast<unsigned>((g.c + kFinLanes - 1) / kFinLanes), kFinThreads, 0, stream>>>(
           pp, g.c, splits, sg, sgx);
       FUSEDOPS_CHECK_LAUNCH();
       if (m == 0) return;
-      dy_kernel<T, TD, kCL, V><<<grid, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, tl, a, ai, sl, sg, sgx);
+      dy_kernel<T, TD, kCL, V, kSmooth><<<grid, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, tl, a, ai, sl, sg, sgx);
       FUSEDOPS_CHECK_LAUNCH();
+    };
+    auto by_act = [&]<bool kCL, int V>() {
+      if (bn_act_piecewise_linear(ai)) launch.template operator()<kCL, V, false>();
+      else launch.template operator()<kCL, V, true>();
     };
     if constexpr (std::is_same_v<T, TD>) {
       if (vec > 1) {
-        if (cl) launch.template operator()<true, VW>();
-        else launch.template operator()<false, VW>();
+        if (cl) by_act.template operator()<true, VW>();
+        else by_act.template operator()<false, VW>();
         return;
       }
     }
-    if (cl) launch.template operator()<true, 1>();
-    else launch.template operator()<false, 1>();
+    if (cl) by_act.template operator()<true, 1>();
+    else by_act.template operator()<false, 1>();
   });
 }
 
