@@ -10,7 +10,9 @@ training step meets them (so a kernel rarely finds its inputs in L2). Prints, pe
 name, the device time a step (torch.profiler, mean of --iters steps), its bytes a step
 (y read once for the statistics; y read and z written for apply; y and dz read for the
 backward's reduction; y and dz read and dy written for dy) and the share of the copy
-bandwidth that makes.
+bandwidth that makes; then the same per layer shape (a layer's kernels found by their
+order in the step: the k-th statistics kernel of a step is layer k's, the k-th backward
+kernel layer 53 − 1 − k's).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ KIND_BYTES = {"stats": 2, "apply": 4, "bwd_partial": 4, "dy": 6}
 
 def kind_of(name: str) -> str | None:
     for key, kind in (("stats_partial", "stats"), ("apply", "apply"), ("bwd_partial", "bwd_partial"),
-                      ("dy_kernel", "dy")):
+                      ("bwd_reduce", "bwd_partial"), ("dy_kernel", "dy")):
         if key in name:
             return kind
     return None
@@ -93,9 +95,12 @@ def main():
                 step()
             torch.cuda.synchronize()
     per_name = defaultdict(float)
+    kernels = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation:
             per_name[e.name] += e.time_range.elapsed_us() / args.iters
+            if kind_of(e.name) is not None:
+                kernels.append(e)
     bw = copy_gbps(dev)
     print(f"backend {args.backend}, act {args.act}, {len(layers)} layers, "
           f"{elems * 2 / 2**30:.2f} GiB of y, copy {bw:.0f} GB/s")
@@ -113,6 +118,34 @@ def main():
         floor_us = KIND_BYTES[kind] * elems / bw / 1e3
         print(f"{kind:12s} {us:9.1f} µs a step, floor {floor_us:8.1f} µs ({floor_us / us:.1%})")
     print(f"total        {total:9.1f} µs a step (all kernels of the step)")
+    per_shape(layers, kernels, args.iters, bw)
+
+
+def per_shape(layers, kernels, iters, bw):
+    """Mean µs a layer and % of the copy floor, per kernel kind and layer shape."""
+    n = len(layers)
+    seen = defaultdict(int)
+    us = defaultdict(float)  # (layer, kind) -> µs a step
+    for e in sorted(kernels, key=lambda e: e.time_range.start):
+        kind = kind_of(e.name)
+        i = seen[kind] % n
+        seen[kind] += 1
+        us[(i if kind in ("stats", "apply") else n - 1 - i, kind)] += e.time_range.elapsed_us() / iters
+    if any(v != iters * n for v in seen.values()):
+        print(f"per shape: kernel counts {dict(seen)} are not {iters} × {n} a kind: not attributed")
+        return
+    kinds = [k for k in KIND_BYTES if k in seen]
+    print(f"\n{'C':>5s} {'H=W':>4s} {'layers':>6s} {'MiB':>6s}" + "".join(f" {k + ' µs (%)':>21s}" for k in kinds))
+    shapes = defaultdict(list)
+    for i, (y, *_rest) in enumerate(layers):
+        shapes[(y.shape[1], y.shape[2])].append(i)
+    for (c, hw), idx in shapes.items():
+        numel = layers[idx[0]][0].numel()
+        row = f"{c:5d} {hw:4d} {len(idx):6d} {numel * 2 / 2**20:6.1f}"
+        for k in kinds:
+            t = sum(us[(i, k)] for i in idx) / len(idx)
+            row += f" {t:13.1f} ({KIND_BYTES[k] * numel / bw / 1e3 / t:5.1%})"
+        print(row)
 
 
 if __name__ == "__main__":
