@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fusedops
+from fusedops.benchmark.harness import copy_bandwidth
 from fusedops.ops import batchnorm as bn
 
 # (channels, height = width, layers) of ResNet-50's conv outputs at 224² input
@@ -38,21 +39,6 @@ def kind_of(name: str) -> str | None:
         if key in name:
             return kind
     return None
-
-
-def copy_gbps(dev) -> float:
-    a = torch.empty(2**28, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(20):
-        b.copy_(a)
-    e.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 20 / (s.elapsed_time(e) * 1e-3) / 1e9
 
 
 def main():
@@ -101,7 +87,7 @@ def main():
             per_name[e.name] += e.time_range.elapsed_us() / args.iters
             if kind_of(e.name) is not None:
                 kernels.append(e)
-    bw = copy_gbps(dev)
+    bw = copy_bandwidth(dev) / 1e9
     print(f"backend {args.backend}, act {args.act}, {len(layers)} layers, "
           f"{elems * 2 / 2**30:.2f} GiB of y, copy {bw:.0f} GB/s")
     total = 0.0
