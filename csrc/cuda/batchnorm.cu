@@ -12,9 +12,8 @@
 //   N·H·W elements, in VEC-element vectors along H·W (VEC > 1 when H·W and the strides
 //   allow it).
 // Grid: (splits, channel groups), sized for a few resident blocks per SM.
-// The apply and backward kernels are built twice: for the piecewise-linear activations
-// only (kSmooth = false: ReLU and the like, no SiLU / GELU code in the per-element switch)
-// and for all of them (csrc/batchnorm_act.h).
+// The apply and backward kernels are built once for the piecewise-linear activations
+// (switched on per element) and once for each smooth one (csrc/batchnorm_act.h).
 // Reductions are deterministic: per-thread accumulation in a fixed order (Welford for the
 // statistics), a fixed tree over the block's row groups in shared memory, one fp32
 // partial per split, and finalize kernels that combine the splits in order. No atomics.
@@ -288,7 +287,7 @@ struct Affine {
 
 // y and z may be the same tensor (in-place epilogue): each thread reads its elements
 // before it writes them, so no __restrict__ on them.
-template <typename T, bool kCL, int V, bool kSmooth>
+template <typename T, bool kCL, int V, int kBuild>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(const T* y, T* z, Geo g, Tile tl, Affine a, int act, float slope) {
   constexpr int NC = kCL ? V : 1;
@@ -306,7 +305,7 @@ apply_kernel(const T* y, T* z, Geo g, Tile tl, Affine a, int act, float slope) {
   }
   auto op = [&](float (&v)[V]) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) v[k] = bn_act<kSmooth>(v[k] * scale[kCL ? k : 0] + shift[kCL ? k : 0], act, slope);
+    for (int k = 0; k < V; ++k) v[k] = bn_act<kBuild>(v[k] * scale[kCL ? k : 0] + shift[kCL ? k : 0], act, slope);
   };
   for (; u + (kUnroll - 1) * step < end; u += kUnroll * step) {
     Packed<T, V> r[kUnroll];
@@ -350,7 +349,7 @@ struct BwdParams {
   }
 };
 
-template <typename T, typename TD, bool kCL, int V, bool kSmooth>
+template <typename T, typename TD, bool kCL, int V, int kBuild>
 __global__ void __launch_bounds__(kThreads, 2)
 bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Geo gd, Tile tl, Affine a, int act,
                    float slope, float* __restrict__ part) {
@@ -373,7 +372,7 @@ bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Ge
       for (int k = 0; k < V; ++k) {
         const int j = kCL ? k : 0;
         const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
-        const float gg = dv[k] * bn_act_grad<kSmooth>(xhat * p.w[j] + p.b[j], act, slope);
+        const float gg = dv[k] * bn_act_grad<kBuild>(xhat * p.w[j] + p.b[j], act, slope);
         sg[j] += gg;
         sgx[j] += gg * xhat;
       }
@@ -458,7 +457,7 @@ bwd_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t spl
 
 // dy may be y itself (the recompute backward writes dy over its scratch y): each thread
 // reads its elements of y before it writes them, so no __restrict__ on y and dy.
-template <typename T, typename TD, bool kCL, int V, bool kSmooth>
+template <typename T, typename TD, bool kCL, int V, int kBuild>
 __global__ void __launch_bounds__(kThreads, 2)
 dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, Affine a, int act, float slope,
           const float* __restrict__ sum_g, const float* __restrict__ sum_gx) {
@@ -484,7 +483,7 @@ dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, 
     for (int k = 0; k < V; ++k) {
       const int j = kCL ? k : 0;
       const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
-      const float gg = dv[k] * bn_act_grad<kSmooth>(xhat * p.w[j] + p.b[j], act, slope);
+      const float gg = dv[k] * bn_act_grad<kBuild>(xhat * p.w[j] + p.b[j], act, slope);
       yv[k] = p.w[j] * p.invstd[j] * (gg - mg[j] - xhat * mgx[j]);
     }
   };
@@ -600,6 +599,17 @@ void check_grid(int64_t splits, int64_t groups, const char* op) {
                   " (CUDA): too many channels for the grid");
 }
 
+// Calls f.template operator()<kBuild>() with the kernel build for activation `act`
+// (csrc/batchnorm_act.h).
+template <typename F>
+void with_act_build(int act, F&& f) {
+  switch (bn_act_build(act)) {
+    case kSilu: return f.template operator()<kSilu>();
+    case kGelu: return f.template operator()<kGelu>();
+    case kGeluTanh: return f.template operator()<kGeluTanh>();
+    default: return f.template operator()<kPiecewise>();
+  }
+}
 
 void stats_impl(Tensor& y, double eps, Tensor& mean, Tensor& invstd, Tensor& var, float* run_mean, float* run_var,
                 double momentum) {
@@ -695,17 +705,16 @@ void bn_act_apply(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bi
     const int vec = vector_width<T>(cl, g, {{&z, sizeof(T)}}, y);
     const T* yp = y.const_data_ptr<T>();
     T* zp = z.mutable_data_ptr<T>();
-    auto launch = [&]<bool kCL, int V, bool kSmooth>() {
+    auto launch = [&]<bool kCL, int V, int kBuild>() {
       int64_t groups;
-      const Tile tl = make_tile(cl, g, vec, dev, resident_blocks<apply_kernel<T, kCL, V, kSmooth>>(), groups);
+      const Tile tl = make_tile(cl, g, vec, dev, resident_blocks<apply_kernel<T, kCL, V, kBuild>>(), groups);
       const int64_t splits = splits_of(tl);
       check_grid(splits, groups, "bn_act_apply");
       const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
-      apply_kernel<T, kCL, V, kSmooth><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
+      apply_kernel<T, kCL, V, kBuild><<<grid, kThreads, 0, stream>>>(yp, zp, g, tl, a, ai, sl);
     };
     auto by_act = [&]<bool kCL, int V>() {
-      if (bn_act_piecewise_linear(ai)) launch.template operator()<kCL, V, false>();
-      else launch.template operator()<kCL, V, true>();
+      with_act_build(ai, [&]<int kBuild>() { launch.template operator()<kCL, V, kBuild>(); });
     };
     if (cl && vec > 1) by_act.template operator()<true, VW>();
     else if (cl) by_act.template operator()<true, 1>();
@@ -751,10 +760,10 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
     T* dyp = dy.mutable_data_ptr<T>();
     float* sg = sum_g.mutable_data_ptr<float>();
     float* sgx = sum_gx.mutable_data_ptr<float>();
-    auto launch = [&]<bool kCL, int V, bool kSmooth>() {
+    auto launch = [&]<bool kCL, int V, int kBuild>() {
       // one tile for both passes (the partial kernel bounds the blocks per SM)
-      const int per_sm = std::min(resident_blocks<bwd_partial_kernel<T, TD, kCL, V, kSmooth>>(),
-                                  resident_blocks<dy_kernel<T, TD, kCL, V, kSmooth>>());
+      const int per_sm = std::min(resident_blocks<bwd_partial_kernel<T, TD, kCL, V, kBuild>>(),
+                                  resident_blocks<dy_kernel<T, TD, kCL, V, kBuild>>());
       int64_t groups;
       Tile tl = make_tile(cl, g, V, dev, per_sm, groups);
       if (m == 0) tl.per_split = 1;  // one empty split: the sums are zeros
@@ -763,18 +772,17 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
       Tensor part = empty_f32(2 * splits, g.c, y);
       float* pp = part.mutable_data_ptr<float>();
       const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
-      bwd_partial_kernel<T, TD, kCL, V, kSmooth><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, tl, a, ai, sl, pp);
+      bwd_partial_kernel<T, TD, kCL, V, kBuild><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, tl, a, ai, sl, pp);
       FUSEDOPS_CHECK_LAUNCH();
       bwd_finalize_kernel<<<static_cast<unsigned>((g.c + kFinLanes - 1) / kFinLanes), kFinThreads, 0, stream>>>(
           pp, g.c, splits, sg, sgx);
       FUSEDOPS_CHECK_LAUNCH();
       if (m == 0) return;
-      dy_kernel<T, TD, kCL, V, kSmooth><<<grid, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, tl, a, ai, sl, sg, sgx);
+      dy_kernel<T, TD, kCL, V, kBuild><<<grid, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, tl, a, ai, sl, sg, sgx);
       FUSEDOPS_CHECK_LAUNCH();
     };
     auto by_act = [&]<bool kCL, int V>() {
-      if (bn_act_piecewise_linear(ai)) launch.template operator()<kCL, V, false>();
-      else launch.template operator()<kCL, V, true>();
+      with_act_build(ai, [&]<int kBuild>() { launch.template operator()<kCL, V, kBuild>(); });
     };
     if constexpr (std::is_same_v<T, TD>) {
       if (vec > 1) {
