@@ -7,7 +7,10 @@
 //   256); each thread owns VEC neighbouring channels (VEC = 16 bytes / element size when
 //   C, the strides and the pointers allow one 16-byte access, else 1) and walks the rows
 //   of its block's split, kUnroll rows' loads in flight. Its channels' parameters sit in
-//   registers; there is no per-element index arithmetic.
+//   registers; there is no per-element index arithmetic. With 16-byte accesses the
+//   backward kernels, whose per-channel constants leave registers for only 2 rows of loads,
+//   stage the rows ahead in a shared-memory ring instead (ring_rows: cp.async,
+//   kRingStages − 1 rows in flight).
 // - NCHW (stride(3) is the H·W stride): a block is one channel (grid.y) and a split of its
 //   N·H·W elements, in VEC-element vectors along H·W (VEC > 1 when H·W and the strides
 //   allow it).
@@ -37,6 +40,9 @@ constexpr int kBwdUnroll = V >= 8 ? 2 : 4;
 constexpr int kFinLanes = 8;                      // finalize: channels per block
 constexpr int kFinThreads = 1024;
 constexpr int kFinRows = kFinThreads / kFinLanes;  // finalize: split groups per block
+// Stages of the shared-memory ring that feeds the channels_last 16-byte backward kernels
+// (ring_rows): kRingStages − 1 rows a thread in flight, held in no register.
+constexpr int kRingStages = 6;
 
 struct Geo {
   int64_t n, c, hw, sn, sc, shw;
@@ -90,11 +96,6 @@ __device__ __forceinline__ void slot(const Tile& tl, int64_t& c0, int64_t& u, in
 }
 
 template <typename T, int V>
-__device__ __forceinline__ Packed<T, V> load_raw(const T* p) {
-  return *reinterpret_cast<const Packed<T, V>*>(p);
-}
-
-template <typename T, int V>
 __device__ __forceinline__ void to_float(const Packed<T, V>& v, float (&out)[V]) {
 #pragma unroll
   for (int k = 0; k < V; ++k) out[k] = static_cast<float>(v.v[k]);
@@ -143,6 +144,37 @@ __device__ __forceinline__ void block_tree(int lanes, int rows, Combine&& combin
     if (idx < width) combine(t, t + width * lanes);
   }
   __syncthreads();
+}
+
+// Streams a thread's rows u, u + step, ... (< end) through a ring of kStages slots in shared
+// memory, kStages − 1 rows ahead (cp.async: the loads in flight hold no registers, so the
+// bytes in flight are not bounded by the kernel's register count). A row is kStreams 16-byte
+// packets, stream k's at src(k, row); body(row, slot) reads them at slot[k * kThreads]. A
+// thread touches only its own slots, and refills the slot it read a row earlier.
+template <int kStages, int kStreams, typename Src, typename Body>
+__device__ __forceinline__ void ring_rows(uint4* ring, int64_t u, int64_t end, int64_t step, Src&& src, Body&& body) {
+  uint4* mine = ring + threadIdx.x;
+  auto issue = [&](int s, int64_t r) {
+    if (r < end) {
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) cp_async16(mine + (s * kStreams + k) * kThreads, src(k, r));
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s, u + s * step);
+  for (int s = 0; u < end; u += step) {
+    issue(s == 0 ? kStages - 1 : s - 1, u + (kStages - 1) * step);
+    cp_async_wait<kStages - 1>();
+    body(u, static_cast<const uint4*>(mine + s * kStreams * kThreads));
+    s = s + 1 == kStages ? 0 : s + 1;
+  }
+  cp_async_wait<0>();
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void from_slot(const uint4* slot, float (&out)[V]) {
+  to_float<T, V>(*reinterpret_cast<const Packed<T, V>*>(slot), out);
 }
 
 // ---- statistics ----------------------------------------------------------------------------
@@ -349,13 +381,14 @@ struct BwdParams {
   }
 };
 
-template <typename T, typename TD, bool kCL, int V, int kBuild>
+template <typename T, typename TD, bool kCL, int V, int kBuild, int kStages>
 __global__ void __launch_bounds__(kThreads, 2)
 bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Geo gd, Tile tl, Affine a, int act,
                    float slope, float* __restrict__ part) {
   constexpr int NC = kCL ? V : 1;
   constexpr int kU = kBwdUnroll<V>;
-  __shared__ float sh[2 * NC * kThreads];
+  __shared__ uint4 smem[std::max(2 * NC * kThreads / 4, 2 * kStages * kThreads)];  // the ring, then the tree
+  float* sh = reinterpret_cast<float*>(smem);
   int64_t c0, u, step;
   slot<kCL, V>(tl, c0, u, step);
   const int64_t start = static_cast<int64_t>(blockIdx.x) * tl.per_split;
@@ -377,29 +410,45 @@ bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Ge
         sgx[j] += gg * xhat;
       }
     };
-    for (; u + (kU - 1) * step < end; u += kU * step) {
-      Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
-      Packed<TD, V> rd[kU];
+    if constexpr (kStages > 0) {
+      ring_rows<kStages, 2>(
+          smem, u, end, step,
+          [&](int k, int64_t r) -> const void* {
+            return k == 0 ? static_cast<const void*>(y + offset_of<kCL, V>(g, tl, r, c0))
+                          : static_cast<const void*>(dz + offset_of<kCL, V>(gd, tl, r, c0));
+          },
+          [&](int64_t, const uint4* slot) {
+            float yv[V], dv[V];
+            from_slot<T, V>(slot, yv);
+            from_slot<TD, V>(slot + kThreads, dv);
+            add(yv, dv);
+          });
+    } else {
+      for (; u + (kU - 1) * step < end; u += kU * step) {
+        Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
+        Packed<TD, V> rd[kU];
 #pragma unroll
-      for (int q = 0; q < kU; ++q) {
-        ry[q] = load_raw<T, V>(y + offset_of<kCL, V>(g, tl, u + q * step, c0));
-        rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
+        for (int q = 0; q < kU; ++q) {
+          ry[q] = load_raw<T, V>(y + offset_of<kCL, V>(g, tl, u + q * step, c0));
+          rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
+        }
+#pragma unroll
+        for (int q = 0; q < kU; ++q) {
+          float yv[V], dv[V];
+          to_float<T, V>(ry[q], yv);
+          to_float<TD, V>(rd[q], dv);
+          add(yv, dv);
+        }
       }
-#pragma unroll
-      for (int q = 0; q < kU; ++q) {
+      for (; u < end; u += step) {
         float yv[V], dv[V];
-        to_float<T, V>(ry[q], yv);
-        to_float<TD, V>(rd[q], dv);
+        load<T, V>(y + offset_of<kCL, V>(g, tl, u, c0), yv);
+        load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
         add(yv, dv);
       }
     }
-    for (; u < end; u += step) {
-      float yv[V], dv[V];
-      load<T, V>(y + offset_of<kCL, V>(g, tl, u, c0), yv);
-      load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
-      add(yv, dv);
-    }
   }
+  if constexpr (kStages > 0) __syncthreads();  // every thread's ring reads done before the tree writes over it
   const int t = threadIdx.x;
 #pragma unroll
   for (int k = 0; k < NC; ++k) {
@@ -457,7 +506,7 @@ bwd_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t spl
 
 // dy may be y itself (the recompute backward writes dy over its scratch y): each thread
 // reads its elements of y before it writes them, so no __restrict__ on y and dy.
-template <typename T, typename TD, bool kCL, int V, int kBuild>
+template <typename T, typename TD, bool kCL, int V, int kBuild, int kStages>
 __global__ void __launch_bounds__(kThreads, 2)
 dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, Affine a, int act, float slope,
           const float* __restrict__ sum_g, const float* __restrict__ sum_gx) {
@@ -487,32 +536,49 @@ dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, 
       yv[k] = p.w[j] * p.invstd[j] * (gg - mg[j] - xhat * mgx[j]);
     }
   };
-  for (; u + (kU - 1) * step < end; u += kU * step) {
-    Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
-    Packed<TD, V> rd[kU];
-    int64_t o[kU];
+  if constexpr (kStages > 0) {
+    __shared__ uint4 ring[2 * kStages * kThreads];
+    ring_rows<kStages, 2>(
+        ring, u, end, step,
+        [&](int k, int64_t r) -> const void* {
+          return k == 0 ? static_cast<const void*>(y + offset_of<kCL, V>(g, tl, r, c0))
+                        : static_cast<const void*>(dz + offset_of<kCL, V>(gd, tl, r, c0));
+        },
+        [&](int64_t r, const uint4* slot) {
+          float yv[V], dv[V];
+          from_slot<T, V>(slot, yv);
+          from_slot<TD, V>(slot + kThreads, dv);
+          op(yv, dv);
+          store<T, V>(dy + offset_of<kCL, V>(g, tl, r, c0), yv);
+        });
+  } else {
+    for (; u + (kU - 1) * step < end; u += kU * step) {
+      Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
+      Packed<TD, V> rd[kU];
+      int64_t o[kU];
 #pragma unroll
-    for (int q = 0; q < kU; ++q) {
-      o[q] = offset_of<kCL, V>(g, tl, u + q * step, c0);
-      ry[q] = load_raw<T, V>(y + o[q]);
-      rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
+      for (int q = 0; q < kU; ++q) {
+        o[q] = offset_of<kCL, V>(g, tl, u + q * step, c0);
+        ry[q] = load_raw<T, V>(y + o[q]);
+        rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
+      }
+#pragma unroll
+      for (int q = 0; q < kU; ++q) {
+        float yv[V], dv[V];
+        to_float<T, V>(ry[q], yv);
+        to_float<TD, V>(rd[q], dv);
+        op(yv, dv);
+        store<T, V>(dy + o[q], yv);
+      }
     }
-#pragma unroll
-    for (int q = 0; q < kU; ++q) {
+    for (; u < end; u += step) {
       float yv[V], dv[V];
-      to_float<T, V>(ry[q], yv);
-      to_float<TD, V>(rd[q], dv);
+      const int64_t o = offset_of<kCL, V>(g, tl, u, c0);
+      load<T, V>(y + o, yv);
+      load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
       op(yv, dv);
-      store<T, V>(dy + o[q], yv);
+      store<T, V>(dy + o, yv);
     }
-  }
-  for (; u < end; u += step) {
-    float yv[V], dv[V];
-    const int64_t o = offset_of<kCL, V>(g, tl, u, c0);
-    load<T, V>(y + o, yv);
-    load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
-    op(yv, dv);
-    store<T, V>(dy + o, yv);
   }
 }
 
@@ -760,10 +826,10 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
     T* dyp = dy.mutable_data_ptr<T>();
     float* sg = sum_g.mutable_data_ptr<float>();
     float* sgx = sum_gx.mutable_data_ptr<float>();
-    auto launch = [&]<bool kCL, int V, int kBuild>() {
+    auto launch = [&]<bool kCL, int V, int kBuild, int kS>() {
       // one tile for both passes (the partial kernel bounds the blocks per SM)
-      const int per_sm = std::min(resident_blocks<bwd_partial_kernel<T, TD, kCL, V, kBuild>>(),
-                                  resident_blocks<dy_kernel<T, TD, kCL, V, kBuild>>());
+      const int per_sm = std::min(resident_blocks<bwd_partial_kernel<T, TD, kCL, V, kBuild, kS>>(),
+                                  resident_blocks<dy_kernel<T, TD, kCL, V, kBuild, kS>>());
       int64_t groups;
       Tile tl = make_tile(cl, g, V, dev, per_sm, groups);
       if (m == 0) tl.per_split = 1;  // one empty split: the sums are zeros
@@ -772,17 +838,19 @@ void bn_act_backward(Tensor dz, Tensor y, Tensor mean, Tensor invstd, Tensor wei
       Tensor part = empty_f32(2 * splits, g.c, y);
       float* pp = part.mutable_data_ptr<float>();
       const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(groups));
-      bwd_partial_kernel<T, TD, kCL, V, kBuild><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, tl, a, ai, sl, pp);
+      bwd_partial_kernel<T, TD, kCL, V, kBuild, kS><<<grid, kThreads, 0, stream>>>(yp, dzp, g, gd, tl, a, ai, sl, pp);
       FUSEDOPS_CHECK_LAUNCH();
       bwd_finalize_kernel<<<static_cast<unsigned>((g.c + kFinLanes - 1) / kFinLanes), kFinThreads, 0, stream>>>(
           pp, g.c, splits, sg, sgx);
       FUSEDOPS_CHECK_LAUNCH();
       if (m == 0) return;
-      dy_kernel<T, TD, kCL, V, kBuild><<<grid, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, tl, a, ai, sl, sg, sgx);
+      dy_kernel<T, TD, kCL, V, kBuild, kS><<<grid, kThreads, 0, stream>>>(yp, dzp, dyp, g, gd, tl, a, ai, sl, sg, sgx);
       FUSEDOPS_CHECK_LAUNCH();
     };
     auto by_act = [&]<bool kCL, int V>() {
-      with_act_build(ai, [&]<int kBuild>() { launch.template operator()<kCL, V, kBuild>(); });
+      with_act_build(ai, [&]<int kBuild>() {
+        launch.template operator()<kCL, V, kBuild, (kCL && V > 1) ? kRingStages : 0>();
+      });
     };
     if constexpr (std::is_same_v<T, TD>) {
       if (vec > 1) {

@@ -56,6 +56,25 @@ struct alignas(sizeof(T) * N) Packed {
   T v[N];
 };
 
+// One packed access of N elements of T.
+template <typename T, int N>
+__device__ __forceinline__ Packed<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Packed<T, N>*>(p);
+}
+
+// Asynchronous 16-byte global -> shared copies (sm_80+): a thread stages its own packets of
+// the rows ahead and later reads back only what it copied, so a wait on its own copy groups
+// is all the synchronisation the ring needs.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __host__ __device__ inline bool aligned_to(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }

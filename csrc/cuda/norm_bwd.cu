@@ -116,25 +116,6 @@ __global__ void __launch_bounds__(kMaxThreads) norm_act_bwd_stream_kernel(const 
   }
 }
 
-
-template <typename T, int V>
-__device__ __forceinline__ Packed<T, V> load_raw(const T* p) {
-  return *reinterpret_cast<const Packed<T, V>*>(p);
-}
-
-// Asynchronous 16-byte global -> shared copies (sm_80+): a thread stages its own packets of
-// the rows ahead and later reads back only what it copied, so a wait on its own copy groups
-// is all the synchronisation the ring needs.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // bar.sync on barrier `id` (1-15; 0 is __syncthreads') for `threads` threads (a multiple of
 // 32): memory ordering among them as __syncthreads gives the whole block.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
