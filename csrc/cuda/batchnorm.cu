@@ -33,8 +33,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
-// The backward kernels hold more per-channel constants: 8-wide vectors keep 2 rows'
-// loads in flight (2 × 32 bytes a thread, 2 blocks of 256 a SM) to stay within 128 registers.
+// Rows in flight of the backward kernels where they load into registers (no ring: NCHW, or
+// channels_last without 16-byte accesses): they hold more per-channel constants, so 8-wide
+// vectors keep 2 rows' loads in flight to stay within 128 registers (2 blocks of 256 a SM).
 template <int V>
 constexpr int kBwdUnroll = V >= 8 ? 2 : 4;
 constexpr int kFinLanes = 8;                      // finalize: channels per block
