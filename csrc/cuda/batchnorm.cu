@@ -43,7 +43,7 @@ constexpr int kFinThreads = 1024;
 constexpr int kFinRows = kFinThreads / kFinLanes;  // finalize: split groups per block
 // Stages of the shared-memory ring that feeds the channels_last 16-byte backward kernels
 // (ring_rows): kRingStages − 1 rows a thread in flight, held in no register.
-constexpr int kRingStages = 6;
+constexpr int kRingStages = 4;
 
 struct Geo {
   int64_t n, c, hw, sn, sc, shw;
@@ -382,12 +382,60 @@ struct BwdParams {
   }
 };
 
+// Walks a thread's rows u, u + step, ... (< end) of y and dz for the backward kernels:
+// body(r, yv, dv) gets each row r's values in fp32. With kStages > 0
+// (channels_last, 16-byte accesses) the rows come through the shared-memory ring
+// (ring_rows, `ring`: 2 · kStages · kThreads packets), else kBwdUnroll rows' loads are
+// held in registers.
+template <typename T, typename TD, bool kCL, int V, int kStages, typename Body>
+__device__ __forceinline__ void bwd_rows(uint4* ring, const T* y, const TD* dz, const Geo& g, const Geo& gd,
+                                         const Tile& tl, int64_t c0, int64_t u, int64_t end, int64_t step,
+                                         Body&& body) {
+  if constexpr (kStages > 0) {
+    ring_rows<kStages, 2>(
+        ring, u, end, step,
+        [&](int k, int64_t r) -> const void* {
+          return k == 0 ? static_cast<const void*>(y + offset_of<kCL, V>(g, tl, r, c0))
+                        : static_cast<const void*>(dz + offset_of<kCL, V>(gd, tl, r, c0));
+        },
+        [&](int64_t r, const uint4* slot) {
+          float yv[V], dv[V];
+          from_slot<T, V>(slot, yv);
+          from_slot<TD, V>(slot + kThreads, dv);
+          body(r, yv, dv);
+        });
+  } else {
+    constexpr int kU = kBwdUnroll<V>;
+    for (; u + (kU - 1) * step < end; u += kU * step) {
+      Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
+      Packed<TD, V> rd[kU];
+#pragma unroll
+      for (int q = 0; q < kU; ++q) {
+        ry[q] = load_raw<T, V>(y + offset_of<kCL, V>(g, tl, u + q * step, c0));
+        rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
+      }
+#pragma unroll
+      for (int q = 0; q < kU; ++q) {
+        float yv[V], dv[V];
+        to_float<T, V>(ry[q], yv);
+        to_float<TD, V>(rd[q], dv);
+        body(u + q * step, yv, dv);
+      }
+    }
+    for (; u < end; u += step) {
+      float yv[V], dv[V];
+      load<T, V>(y + offset_of<kCL, V>(g, tl, u, c0), yv);
+      load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
+      body(u, yv, dv);
+    }
+  }
+}
+
 template <typename T, typename TD, bool kCL, int V, int kBuild, int kStages>
 __global__ void __launch_bounds__(kThreads, 2)
 bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Geo gd, Tile tl, Affine a, int act,
                    float slope, float* __restrict__ part) {
   constexpr int NC = kCL ? V : 1;
-  constexpr int kU = kBwdUnroll<V>;
   __shared__ uint4 smem[std::max(2 * NC * kThreads / 4, 2 * kStages * kThreads)];  // the ring, then the tree
   float* sh = reinterpret_cast<float*>(smem);
   int64_t c0, u, step;
@@ -401,53 +449,17 @@ bwd_partial_kernel(const T* __restrict__ y, const TD* __restrict__ dz, Geo g, Ge
   if (c0 < g.c) {
     BwdParams<NC> p;
     p.load(a, c0);
-    auto add = [&](const float (&yv)[V], const float (&dv)[V]) {
+    bwd_rows<T, TD, kCL, V, kStages>(smem, y, dz, g, gd, tl, c0, u, end, step,
+                                     [&](int64_t, const float (&yv)[V], const float (&dv)[V]) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const int j = kCL ? k : 0;
-        const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
-        const float gg = dv[k] * bn_act_grad<kBuild>(xhat * p.w[j] + p.b[j], act, slope);
-        sg[j] += gg;
-        sgx[j] += gg * xhat;
-      }
-    };
-    if constexpr (kStages > 0) {
-      ring_rows<kStages, 2>(
-          smem, u, end, step,
-          [&](int k, int64_t r) -> const void* {
-            return k == 0 ? static_cast<const void*>(y + offset_of<kCL, V>(g, tl, r, c0))
-                          : static_cast<const void*>(dz + offset_of<kCL, V>(gd, tl, r, c0));
-          },
-          [&](int64_t, const uint4* slot) {
-            float yv[V], dv[V];
-            from_slot<T, V>(slot, yv);
-            from_slot<TD, V>(slot + kThreads, dv);
-            add(yv, dv);
-          });
-    } else {
-      for (; u + (kU - 1) * step < end; u += kU * step) {
-        Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
-        Packed<TD, V> rd[kU];
-#pragma unroll
-        for (int q = 0; q < kU; ++q) {
-          ry[q] = load_raw<T, V>(y + offset_of<kCL, V>(g, tl, u + q * step, c0));
-          rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
-        }
-#pragma unroll
-        for (int q = 0; q < kU; ++q) {
-          float yv[V], dv[V];
-          to_float<T, V>(ry[q], yv);
-          to_float<TD, V>(rd[q], dv);
-          add(yv, dv);
-        }
-      }
-      for (; u < end; u += step) {
-        float yv[V], dv[V];
-        load<T, V>(y + offset_of<kCL, V>(g, tl, u, c0), yv);
-        load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
-        add(yv, dv);
-      }
-    }
+                                       for (int k = 0; k < V; ++k) {
+                                         const int j = kCL ? k : 0;
+                                         const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
+                                         const float gg = dv[k] * bn_act_grad<kBuild>(xhat * p.w[j] + p.b[j], act, slope);
+                                         sg[j] += gg;
+                                         sgx[j] += gg * xhat;
+                                       }
+                                     });
   }
   if constexpr (kStages > 0) __syncthreads();  // every thread's ring reads done before the tree writes over it
   const int t = threadIdx.x;
@@ -512,7 +524,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, Affine a, int act, float slope,
           const float* __restrict__ sum_g, const float* __restrict__ sum_gx) {
   constexpr int NC = kCL ? V : 1;
-  constexpr int kU = kBwdUnroll<V>;
   int64_t c0, u, step;
   slot<kCL, V>(tl, c0, u, step);
   if (c0 >= g.c) return;
@@ -528,59 +539,18 @@ dy_kernel(const T* y, const TD* __restrict__ dz, T* dy, Geo g, Geo gd, Tile tl, 
     mg[k] = sum_g[c0 + k] * inv_m;
     mgx[k] = sum_gx[c0 + k] * inv_m;
   }
-  auto op = [&](float (&yv)[V], const float (&dv)[V]) {
+  __shared__ uint4 ring[kStages > 0 ? 2 * kStages * kThreads : 1];
+  bwd_rows<T, TD, kCL, V, kStages>(ring, y, dz, g, gd, tl, c0, u, end, step,
+                                   [&](int64_t r, float (&yv)[V], const float (&dv)[V]) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int j = kCL ? k : 0;
-      const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
-      const float gg = dv[k] * bn_act_grad<kBuild>(xhat * p.w[j] + p.b[j], act, slope);
-      yv[k] = p.w[j] * p.invstd[j] * (gg - mg[j] - xhat * mgx[j]);
-    }
-  };
-  if constexpr (kStages > 0) {
-    __shared__ uint4 ring[2 * kStages * kThreads];
-    ring_rows<kStages, 2>(
-        ring, u, end, step,
-        [&](int k, int64_t r) -> const void* {
-          return k == 0 ? static_cast<const void*>(y + offset_of<kCL, V>(g, tl, r, c0))
-                        : static_cast<const void*>(dz + offset_of<kCL, V>(gd, tl, r, c0));
-        },
-        [&](int64_t r, const uint4* slot) {
-          float yv[V], dv[V];
-          from_slot<T, V>(slot, yv);
-          from_slot<TD, V>(slot + kThreads, dv);
-          op(yv, dv);
-          store<T, V>(dy + offset_of<kCL, V>(g, tl, r, c0), yv);
-        });
-  } else {
-    for (; u + (kU - 1) * step < end; u += kU * step) {
-      Packed<T, V> ry[kU];  // raw loads in flight; converted one row at a time
-      Packed<TD, V> rd[kU];
-      int64_t o[kU];
-#pragma unroll
-      for (int q = 0; q < kU; ++q) {
-        o[q] = offset_of<kCL, V>(g, tl, u + q * step, c0);
-        ry[q] = load_raw<T, V>(y + o[q]);
-        rd[q] = load_raw<TD, V>(dz + offset_of<kCL, V>(gd, tl, u + q * step, c0));
-      }
-#pragma unroll
-      for (int q = 0; q < kU; ++q) {
-        float yv[V], dv[V];
-        to_float<T, V>(ry[q], yv);
-        to_float<TD, V>(rd[q], dv);
-        op(yv, dv);
-        store<T, V>(dy + o[q], yv);
-      }
-    }
-    for (; u < end; u += step) {
-      float yv[V], dv[V];
-      const int64_t o = offset_of<kCL, V>(g, tl, u, c0);
-      load<T, V>(y + o, yv);
-      load<TD, V>(dz + offset_of<kCL, V>(gd, tl, u, c0), dv);
-      op(yv, dv);
-      store<T, V>(dy + o, yv);
-    }
-  }
+                                     for (int k = 0; k < V; ++k) {
+                                       const int j = kCL ? k : 0;
+                                       const float xhat = (yv[k] - p.mean[j]) * p.invstd[j];
+                                       const float gg = dv[k] * bn_act_grad<kBuild>(xhat * p.w[j] + p.b[j], act, slope);
+                                       yv[k] = p.w[j] * p.invstd[j] * (gg - mg[j] - xhat * mgx[j]);
+                                     }
+                                     store<T, V>(dy + offset_of<kCL, V>(g, tl, r, c0), yv);
+                                   });
 }
 
 // ---- host ---------------------------------------------------------------------------------
