@@ -258,6 +258,30 @@ def test_bn_stats_large_mean_is_stable_every_backend(dev_backend, layout):
     assert torch.allclose(var.double(), v64, rtol=2e-2), (var, v64)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_stats_many_splits_with_drift_and_large_mean(dev_backend, layout):
+    """The combine of many per-split (mean, M2) partials: a large common mean (|mean| / std
+    ~1100), split means that differ (a drift along the batch, so along the rows the splits
+    take) and a small spread within each sample. The mean as accurate as eager's; the var
+    within 10 fp32 eps · |mean| / std of itself: the error of a stable (shifted or Welford)
+    algorithm, where summing y and y² would lose it all (eps · (|mean| / std)² ~ 7%)."""
+    device, backend = dev_backend
+    if device == "cpu" and backend == "triton":
+        pytest.skip("Triton under the interpreter and large tensors: GPU only")
+    n, c, h, w = 64, 24, 28, 28
+    drift = torch.arange(n, device=device, dtype=torch.float32).view(n, 1, 1, 1) * 0.05
+    y = 1000.0 + drift + torch.randn(n, c, h, w, device=device) * 0.01 + torch.rand(1, c, 1, 1, device=device)
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    mean, _, var = bnops.bn_stats(y, 1e-5)
+    v64, m64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    ve, me = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    assert_close_rule(mean, me, m64, atol=1e-6 * m64.abs().max().item(), name="mean")
+    cond = (m64.abs() / v64.sqrt()).max().item()
+    rel = ((var.double() - v64).abs() / v64).max().item()
+    assert rel <= 10 * torch.finfo(torch.float32).eps * cond, f"var: relative error {rel:.2e} (|mean| / std {cond:.0f})"
+
+
 def test_bn_ops_no_affine_and_dz_other_layout(dev_backend):
     device, _ = dev_backend
     y = torch.randn(2, 6, 5, 5, device=device).contiguous(memory_format=torch.channels_last)

@@ -262,18 +262,22 @@ stats_partial_kernel(const T* __restrict__ y, Geo g, Tile tl, float* __restrict_
   }
 }
 
-// A block per kFinLanes channels; kFinRows groups of threads each combine every
-// kFinRows-th split in order (loads batched), then a fixed tree combines the groups.
+// A block per kFinLanes channels; kFinRows groups of threads each take every kFinRows-th
+// split in order (loads batched), then a fixed tree sums the groups. The splits' (mean, M2)
+// are combined as sums about split 0's mean r (no division a split): with n_s elements in
+// split s and d_s = mean_s − r, S1 = Σ n_s·d_s and S2 = Σ (M2_s + n_s·d_s²) give
+// mean = r + S1 / n and M2 = S2 − S1² / n, which is Chan's combine of every split at once.
 // Split s holds min(per_split, units − s·per_split) · unit_elems elements per channel.
 __global__ void __launch_bounds__(kFinThreads)
 stats_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t splits, int64_t per_split,
                       int64_t units, float unit_elems, float eps, float* mean_out, float* invstd_out,
                       float* var_out, float* run_mean, float* run_var, float momentum, float unbias) {
-  __shared__ float sh[3 * kFinThreads];
+  __shared__ float sh[2 * kFinThreads];
   const int t = threadIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinLanes + t % kFinLanes;
-  float mean = 0.f, m2 = 0.f, cnt = 0.f;
+  float s1 = 0.f, s2 = 0.f, ref = 0.f;
   if (c < c_total) {
+    ref = part[c];
     for (int64_t s = t / kFinLanes; s < splits; s += kUnroll * kFinRows) {
       float pm[kUnroll], pq[kUnroll];
 #pragma unroll
@@ -285,28 +289,31 @@ stats_finalize_kernel(const float* __restrict__ part, int64_t c_total, int64_t s
 #pragma unroll
       for (int q = 0; q < kUnroll; ++q) {
         const int64_t ss = s + q * kFinRows;
-        if (ss < splits)
-          chan(mean, m2, cnt, pm[q], pq[q], static_cast<float>(min(per_split, units - ss * per_split)) * unit_elems);
+        if (ss < splits) {
+          const float n = static_cast<float>(min(per_split, units - ss * per_split)) * unit_elems;
+          const float d = pm[q] - ref;
+          s1 = fmaf(n, d, s1);
+          s2 += fmaf(n * d, d, pq[q]);
+        }
       }
     }
   }
-  sh[t] = mean;
-  sh[kFinThreads + t] = m2;
-  sh[2 * kFinThreads + t] = cnt;
-  block_tree(kFinLanes, kFinRows, [&](int a, int b) {
-    float am = sh[a], am2 = sh[kFinThreads + a], ac = sh[2 * kFinThreads + a];
-    chan(am, am2, ac, sh[b], sh[kFinThreads + b], sh[2 * kFinThreads + b]);
-    sh[a] = am;
-    sh[kFinThreads + a] = am2;
-    sh[2 * kFinThreads + a] = ac;
+  sh[t] = s1;
+  sh[kFinThreads + t] = s2;
+  block_tree(kFinLanes, kFinRows, [&](int x, int w) {
+    sh[x] += sh[w];
+    sh[kFinThreads + x] += sh[kFinThreads + w];
   });
   if (t < kFinLanes && c < c_total) {
-    const float var = sh[kFinThreads + t] / sh[2 * kFinThreads + t];
-    mean_out[c] = sh[t];
+    const float n = static_cast<float>(units) * unit_elems;
+    const float d = sh[t] / n;
+    const float mean = ref + d;
+    const float var = fmaxf(sh[kFinThreads + t] - sh[t] * d, 0.f) / n;
+    mean_out[c] = mean;
     var_out[c] = var;
     invstd_out[c] = rsqrtf(var + eps);
     if (run_mean != nullptr) {  // eager's running-statistics update, in this launch
-      run_mean[c] = bn_lerp(run_mean[c], sh[t], momentum);
+      run_mean[c] = bn_lerp(run_mean[c], mean, momentum);
       run_var[c] = bn_lerp(run_var[c], var * unbias, momentum);
     }
   }
