@@ -11,7 +11,8 @@ output element). Sorted by µs/MiB, with running totals.
 Part 2: fusedops+compile with each policy (one model at a time): peak allocated memory over
 the steps, the median wall step, and the device time a step (the kernels' time under the
 profiler, 3 steps): the device time does not depend on how fast the host is. "auto" is
-the modules' default (1x1 convs recompute, larger kernels keep y).
+the modules' default (kernels larger than 1x1 and 1x1 convs that narrow the channels 4x
+keep y, the other 1x1 convs recompute it).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-from fusedops.nn_convbn import ConvBNAct2d
+from fusedops.nn_convbn import ConvBNAct2d, resolved_memory
 from fusedops.report import models, runner
 
 POLICIES = ("recompute", "auto", "fast")
@@ -52,7 +53,8 @@ def conv_costs(workload, base, dev):
         y = call()
         us = triton.testing.do_bench(call, warmup=10, rep=50, return_mode="median") * 1e3
         k = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-        rows.append((name, tuple(conv.kernel_size), k, y.numel() * y.element_size() / 2**20, us))
+        rows.append((name, tuple(conv.kernel_size), k, y.numel() * y.element_size() / 2**20, us,
+                     resolved_memory("auto", conv)))
     del fwd, plain
     return rows
 
@@ -99,15 +101,18 @@ def main():
     base = workload.build()
     rows = conv_costs(workload, base, dev)
     runner._free(dev)
-    print(f"{'conv':34s} {'k':>5s} {'K':>5s} {'MiB':>7s} {'µs':>7s} {'µs/MiB':>7s} {'cum MiB':>8s} {'cum µs':>8s}")
+    print(f"{'conv':34s} {'k':>5s} {'K':>5s} {'MiB':>7s} {'µs':>7s} {'µs/MiB':>7s} {'cum MiB':>8s} {'cum µs':>8s}"
+          f"  auto")
     cum_mib = cum_us = 0.0
-    for name, ks, k, mib, us in sorted(rows, key=lambda r: -r[4] / r[3]):
+    for name, ks, k, mib, us, auto in sorted(rows, key=lambda r: -r[4] / r[3]):
         cum_mib += mib
         cum_us += us
-        print(f"{name:34s} {ks[0]}x{ks[1]:<3d} {k:5d} {mib:7.1f} {us:7.1f} {us / mib:7.3f} {cum_mib:8.1f} {cum_us:8.1f}")
-    for label, pick in (("kernel > 1x1", lambda r: r[1] != (1, 1)), ("kernel 1x1", lambda r: r[1] == (1, 1))):
+        print(f"{name:34s} {ks[0]}x{ks[1]:<3d} {k:5d} {mib:7.1f} {us:7.1f} {us / mib:7.3f} {cum_mib:8.1f} {cum_us:8.1f}"
+              f"  {'keeps' if auto == 'fast' else 'recomputes'}")
+    for label, pick in (("kernel > 1x1", lambda r: r[1] != (1, 1)), ("kernel 1x1", lambda r: r[1] == (1, 1)),
+                        ("auto keeps", lambda r: r[5] == "fast"), ("auto recomputes", lambda r: r[5] != "fast")):
         sel = [r for r in rows if pick(r)]
-        print(f"{label:14s}: {len(sel)} convs, {sum(r[3] for r in sel):7.1f} MiB, {sum(r[4] for r in sel):7.1f} µs "
+        print(f"{label:15s}: {len(sel)} convs, {sum(r[3] for r in sel):7.1f} MiB, {sum(r[4] for r in sel):7.1f} µs "
               f"({sum(r[4] for r in sel) / sum(r[3] for r in sel):.3f} µs/MiB)")
     print()
     print(f"{'policy':10s} {'peak GiB':>9s} {'wall ms':>8s} {'device ms':>10s}   (fusedops+compile, {steps} steps)")

@@ -11,10 +11,12 @@ Training (batch statistics): y = conv(x); per-channel μ, σ² (fp32, biased) by
 bn_stats op; z = act(γ(y−μ)r + β) by bn_act_apply. For backward `memory="recompute"`
 keeps only the conv input, the weight and the per-channel stats and recomputes y = conv(x)
 in backward (+1 conv forward); `memory="fast"` keeps y as well. The default,
-`memory="auto"`, recomputes y where the conv is 1x1 and keeps it where the kernel is
-larger: a 1x1 conv's output is cheap to rebuild for the bytes it holds, a larger kernel's
-is not (ResNet-50 at batch 128 in bf16 on an H100: 0.85 µs of conv forward per MiB kept
-for its 1x1 convs, 3.4 µs/MiB for the 7x7 stem and the 3x3s; bench/NOTES.md round 24).
+`memory="auto"`, keeps y where rebuilding it costs the most for the bytes it holds: where
+the kernel is larger than 1x1, and where a 1x1 conv narrows the channels at least 4× (its
+forward reads at least 4× the bytes it writes); the other 1x1 convs recompute y. ResNet-50
+at batch 128 in bf16 on an H100, conv forward per MiB kept: the stem and the 3x3s 1.6–9.2
+µs/MiB, the 4×-narrowing 1x1s 1.9–4.2, the other 1x1s 0.5–1.9, most below 1.1
+(bench/NOTES.md rounds 24 and 27).
 Neither keeps the activation output or the BN output (eager keeps y and, for
 silu/gelu, z). Running statistics are updated as eager does. With the native BN kernels
 (the C++ / CUDA C++ backends) each direction is one native call (csrc/convbn.cpp: the
@@ -50,13 +52,21 @@ ACTIVATIONS = reference.CONV_BN_ACTIVATIONS
 MEMORY_MODES = ("auto", "recompute", "fast")
 
 
+# "auto" keeps the output of a 1x1 conv whose input has at least this many times its
+# output's channels: rebuilding it reads that many times the bytes it would hold.
+AUTO_KEEP_NARROWING = 4
+
+
 def resolved_memory(memory: str, conv: nn.Conv2d) -> str:
     """"recompute" or "fast" for this conv: "auto" keeps y ("fast") where the conv's kernel
-    is larger than 1x1 and recomputes it where it is 1x1 (bench/NOTES.md, round 24: in
-    ResNet-50 the 1x1 convs' outputs are most of the bytes and the cheapest to rebuild)."""
+    is larger than 1x1 or the 1x1 conv narrows the channels AUTO_KEEP_NARROWING× or more,
+    and recomputes it for the other 1x1 convs (bench/NOTES.md, rounds 24 and 27: in
+    ResNet-50 those hold most of the bytes and are the cheapest to rebuild)."""
     if memory != "auto":
         return memory
-    return "fast" if conv.kernel_size[0] * conv.kernel_size[1] > 1 else "recompute"
+    if conv.kernel_size[0] * conv.kernel_size[1] > 1 or conv.in_channels >= AUTO_KEEP_NARROWING * conv.out_channels:
+        return "fast"
+    return "recompute"
 
 
 def activation_of(module) -> tuple[str, float] | None:

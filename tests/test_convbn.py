@@ -549,17 +549,18 @@ def test_recompute_saves_less_than_eager(dev_backend, act):
     out.sum().backward()  # the recompute path runs
 
 
-def test_auto_mode_recomputes_only_1x1_convs(dev_backend, monkeypatch):
-    """memory="auto" (the default) saves what "recompute" saves for a 1x1 conv and what
-    "fast" saves for a larger kernel; values and gradients equal eager's either way (no
-    TF32 on CUDA)."""
+def test_auto_mode_recomputes_only_the_1x1_convs_that_do_not_narrow_4x(dev_backend, monkeypatch):
+    """memory="auto" (the default) saves what "recompute" saves for a 1x1 conv that widens
+    the channels or narrows them less than 4×, and what "fast" saves for a larger kernel and
+    for a 1x1 conv that narrows them 4× or more; values and gradients equal eager's either
+    way (no TF32 on CUDA)."""
     device, _ = dev_backend
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    shapes = [(8, 16, 1, {}), (16, 16, 3, dict(padding=1)), (16, 8, 1, {})]
+    shapes = [(8, 16, 1, {}), (16, 16, 3, dict(padding=1)), (16, 6, 1, {}), (6, 24, 1, {}), (24, 6, 1, {})]
     blocks = [_pair(ci, co, k, "relu", device, conv_kw=kw) for ci, co, k, kw in shapes]
     assert ConvBNAct2d(3, 4, 3).memory == "auto"
     assert ConvBNAct2d.from_modules(copy.deepcopy(blocks[0][0]), copy.deepcopy(blocks[0][1])).memory == "auto"
-    per_layer = ["recompute", "fast", "recompute"]
+    per_layer = ["recompute", "fast", "recompute", "recompute", "fast"]
     auto = nn.Sequential(*[_fused_from(b, "auto") for b in blocks])
     mixed = nn.Sequential(*[_fused_from(b, m) for b, m in zip(blocks, per_layer)])
     recompute = nn.Sequential(*[_fused_from(b) for b in blocks])
