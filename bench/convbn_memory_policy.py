@@ -1,7 +1,8 @@
 """ResNet-50 (the report's) under torch.compile and in eager mode with the converted
 ConvBNAct2d modules in memory="recompute" and in memory="auto" (the default: the stem's
-7x7, the 3x3s and the 1x1s that narrow the channels 4x keep y, the other 1x1s recompute), timed in interleaved rounds (host-bound
-steps drift within a process: timing one variant after another compares the drift). CUDA.
+7x7, the 3x3s and the 1x1s that narrow the channels 4x keep y, the other 1x1s recompute),
+timed in interleaved rounds (host-bound steps drift within a process: timing one variant
+after another compares the drift). CUDA.
 
     python bench/convbn_memory_policy.py
 

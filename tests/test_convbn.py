@@ -264,7 +264,7 @@ def test_bn_stats_many_splits_with_drift_and_large_mean(dev_backend, layout):
     ~1100), split means that differ (a drift along the batch, so along the rows the splits
     take) and a small spread within each sample. The mean as accurate as eager's; the var
     within 10 fp32 eps · |mean| / std of itself: the error of a stable (shifted or Welford)
-    algorithm, where summing y and y² would lose it all (eps · (|mean| / std)² ~ 7%)."""
+    algorithm; summing y and y² in fp32 is off by ~50% on these data."""
     device, backend = dev_backend
     if device == "cpu" and backend == "triton":
         pytest.skip("Triton under the interpreter and large tensors: GPU only")
@@ -275,7 +275,7 @@ def test_bn_stats_many_splits_with_drift_and_large_mean(dev_backend, layout):
         y = y.contiguous(memory_format=torch.channels_last)
     mean, _, var = bnops.bn_stats(y, 1e-5)
     v64, m64 = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
-    ve, me = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    _, me = torch.var_mean(y, dim=(0, 2, 3), correction=0)
     assert_close_rule(mean, me, m64, atol=1e-6 * m64.abs().max().item(), name="mean")
     cond = (m64.abs() / v64.sqrt()).max().item()
     rel = ((var.double() - v64).abs() / v64).max().item()
