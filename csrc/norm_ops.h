@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 namespace fusedops {
 namespace norm {
@@ -72,29 +73,55 @@ inline void check_param(const std::optional<Tensor>& p, const char* name, const 
 inline constexpr int64_t kZero = 0;
 inline const torch::headeronly::IntHeaderOnlyArrayRef kEmpty(kZero);
 
+// The output dtypes the kernels write (y in the forward, dy read in the backward) for an x
+// (or s) of dtype xt: xt; fp32 (eager's output under CUDA autocast for a 16-bit x); or
+// fp16 / bf16 for an fp32 x (a consumer that casts to the autocast dtype anyway, e.g. an
+// nn.Linear under autocast: the same values, rounded once).
+inline bool out_dtype_ok(ScalarType xt, ScalarType yt) {
+  return yt == xt || yt == ScalarType::Float || (xt == ScalarType::Float && is_kernel_float(yt));
+}
+
+// Calls fn.template operator()<Y>() with Y the C++ type of an output dtype yt for x's C++
+// type T (out_dtype_ok(xt, yt) checked by the caller).
+template <typename T, typename Fn>
+void dispatch_out(ScalarType yt, Fn&& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (yt == ScalarType::Half) fn.template operator()<c10::Half>();
+    else if (yt == ScalarType::BFloat16) fn.template operator()<c10::BFloat16>();
+    else fn.template operator()<float>();
+  } else {
+    if (yt == ScalarType::Float) fn.template operator()<float>();
+    else fn.template operator()<T>();
+  }
+}
+
 // Residual modes of the forward.
 constexpr int64_t kNoResidual = 0, kResidualOut = 1, kResidualInplace = 2;
 
-// (y, s, mean, rstd): y of x's shape (x's dtype, fp32 when y_float); s = x + r of x's
-// shape for kResidualOut (else empty); s written into r for kResidualInplace; mean (fp32,
-// x.shape[:-1]; empty for RMSNorm) and rstd (fp32, x.shape[:-1]).
+// (y, s, mean, rstd): y of x's shape and of dtype y_dtype (x's when absent; see
+// out_dtype_ok); s = x + r of x's shape for kResidualOut (else empty); s written into r for
+// kResidualInplace; mean (fp32, x.shape[:-1]; empty for RMSNorm) and rstd (fp32,
+// x.shape[:-1]).
 // fwd(x2, r2, s2, y2, w, b, mean1, rstd1, eps, act, rms, has_r, has_w, has_b): the 2-D kernel.
 template <typename Fwd>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward(Fwd&& fwd, const Tensor& x, const std::optional<Tensor>& r,
                                                    std::optional<Tensor> w, std::optional<Tensor> b, double eps,
-                                                   int64_t act, bool rms, int64_t mode, bool y_float) {
+                                                   int64_t act, bool rms, int64_t mode,
+                                                   std::optional<ScalarType> y_dtype) {
   STD_TORCH_CHECK(x.dim() >= 1, "fusedops_C::norm_act_fwd: x must have at least one dimension");
   STD_TORCH_CHECK(mode >= kNoResidual && mode <= kResidualInplace, "fusedops_C::norm_act_fwd: bad mode ", mode);
   STD_TORCH_CHECK(mode == kNoResidual || (r && r->dim() == x.dim() && r->numel() == x.numel() &&
                                           r->scalar_type() == x.scalar_type()),
                   "fusedops_C::norm_act_fwd: the residual must match x's shape and dtype");
+  const ScalarType xt = x.scalar_type(), yt = y_dtype.value_or(xt);
+  STD_TORCH_CHECK(out_dtype_ok(xt, yt), "fusedops_C::norm_act_fwd: y_dtype must be x's dtype or float32, or float16 / "
+                  "bfloat16 for a float32 x");
   const int64_t d = x.dim(), n = x.size(d - 1);
   check_param(w, "weight", x, n);
   check_param(b, "bias", x, n);
   const auto shape = x.sizes();
   const auto lead = shape.slice(0, static_cast<size_t>(d - 1));
-  const ScalarType xt = x.scalar_type();
-  Tensor y = torch::stable::new_empty(x, shape, y_float ? ScalarType::Float : xt);
+  Tensor y = torch::stable::new_empty(x, shape, yt);
   Tensor rstd = torch::stable::new_empty(x, lead, ScalarType::Float);
   Tensor mean = torch::stable::new_empty(x, rms ? kEmpty : lead, ScalarType::Float);
   Tensor s = torch::stable::new_empty(x, mode == kResidualOut ? shape : kEmpty);
@@ -142,6 +169,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(Programs&& programs, Bwd&& bwd, Fini
   const int64_t d = s.dim(), n = s.size(d - 1), m = n == 0 ? 0 : s.numel() / n;
   check_param(weight, "weight", s, n);
   check_param(bias, "bias", s, n);
+  STD_TORCH_CHECK(out_dtype_ok(s.scalar_type(), dy.scalar_type()),
+                  "fusedops_C::norm_act_bwd: dy must have s's dtype or float32, or float16 / bfloat16 for a float32 s");
+  STD_TORCH_CHECK(!ds || ds->scalar_type() == s.scalar_type(), "fusedops_C::norm_act_bwd: ds must have s's dtype");
   const bool rms = !mean.has_value(), has_w = weight.has_value(), has_b = bias.has_value();
   Tensor dx = torch::stable::new_empty(s, s.sizes());
   Tensor dw = torch::stable::new_empty(s, has_w ? torch::headeronly::IntHeaderOnlyArrayRef(n) : kEmpty,

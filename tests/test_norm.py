@@ -55,19 +55,43 @@ def _eager(kind, x, r, w, b, eps, act, s_dtype=None):
     return R.activation(z, act), s
 
 
-def _ours(kind, x, r, w, b, eps, act):
+def _ours(kind, x, r, w, b, eps, act, **kw):
     if kind == "ln":
-        return fusedops.layer_norm_act(x, w, b, eps, act), None
+        return fusedops.layer_norm_act(x, w, b, eps, act, **kw), None
     if kind == "rms":
-        return fusedops.rms_norm_act(x, w, eps, act), None
+        return fusedops.rms_norm_act(x, w, eps, act, **kw), None
     inplace = kind.endswith("_")
     if "ln" in kind:
-        return fusedops.add_layer_norm_act(x, r, w, b, eps, act, inplace=inplace)
-    return fusedops.add_rms_norm_act(x, r, w, eps, act, inplace=inplace)
+        return fusedops.add_layer_norm_act(x, r, w, b, eps, act, inplace=inplace, **kw)
+    return fusedops.add_rms_norm_act(x, r, w, eps, act, inplace=inplace, **kw)
 
 
 def _tol(dtype):
     return 4 * torch.finfo(dtype).eps
+
+
+def _run(kind, fn, ts, eps, act, dy, dsg, inplace=False, **kw):
+    """`kind` through fn (_ours or _eager) on the leaves ts = [x, r, w, b], then the backward
+    of dy (and dsg into s): ([y, s, dx, dresidual, dweight, dbias], the residual passed)."""
+    xl, rl, wl, bl = ts
+    rin = rl * 1 if inplace else rl  # an in-place residual is a non-leaf buffer
+    y, s = fn(kind, xl, rin, wl, bl, eps, act, **kw)
+    outs, grads = [y], [dy.to(y.dtype)]
+    if kind.startswith("add"):
+        outs.append(s)
+        grads.append(dsg.to(s.dtype))
+    torch.autograd.backward(outs, grads)
+    return [y.detach(), None if s is None else s.detach()] + [None if t is None else t.grad for t in ts], rin
+
+
+def _dx_atol(x, r, w, dy, eps, is_add):
+    """dx = rstd·(g − mean(g) − x̂·mean(g·x̂)): terms of size rstd·|g| cancel, so one fp32
+    rounding of g costs up to eps·rstd·|g| (rstd ~ 316 for a constant row, eps=1e-5)."""
+    s64 = (x.double() + r.double()) if is_add else x.double()
+    rstd = (s64.var(-1, unbiased=False) + eps).rsqrt().max().item() if s64.numel() else 0.0
+    g = (dy.double().abs().max().item() if dy.numel() else 0.0) * (
+        2.0 if w is None else 2.0 * w.double().abs().max().item())
+    return max(1e-6, torch.finfo(torch.float32).eps * rstd * g)
 
 
 def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_view=None, r_view=None):
@@ -86,20 +110,9 @@ def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_vie
         out = [x, r, w, b] if dt is None else [None if t is None else t.to(dt) for t in (x, r, w, b)]
         return [None if t is None else t.detach().clone().requires_grad_() for t in out]
 
-    def run(fn, ts, inplace=False, **kw):
-        xl, rl, wl, bl = ts
-        rin = rl * 1 if inplace else rl  # an in-place residual is a non-leaf buffer
-        y, s = fn(kind, xl, rin, wl, bl, eps, act, **kw)
-        outs, grads = [y], [dy.to(y.dtype)]
-        if is_add:
-            outs.append(s)
-            grads.append(dsg.to(s.dtype))
-        torch.autograd.backward(outs, grads)
-        return [y.detach(), None if s is None else s.detach()] + [None if t is None else t.grad for t in ts], rin
-
-    ours, rin = run(_ours, leaves(), inplace=kind.endswith("_"))
-    eager, _ = run(_eager, leaves())
-    ref, _ = run(_eager, leaves(torch.float64), s_dtype=dtype)
+    ours, rin = _run(kind, _ours, leaves(), eps, act, dy, dsg, inplace=kind.endswith("_"))
+    eager, _ = _run(kind, _eager, leaves(), eps, act, dy, dsg)
+    ref, _ = _run(kind, _eager, leaves(torch.float64), eps, act, dy, dsg, s_dtype=dtype)
     if kind.endswith("_"):
         assert torch.equal(rin, ours[1]), "in-place: the residual buffer must hold s"
     names = ["y", "s", "dx", "dresidual", "dweight", "dbias"]
@@ -109,15 +122,7 @@ def check(kind, act, shape, dtype, wdtype, device, has_w=True, has_b=True, x_vie
         assert o is not None, f"{name} missing"
         assert o.dtype == e.dtype, f"{name}: dtype {o.dtype} != eager {e.dtype}"
         tol = _tol(dtype) if name in ("y", "s", "dx", "dresidual") else _tol(dtype) * max(1, shape[0])
-        atol = 1e-6
-        if name in ("dx", "dresidual"):
-            # dx = rstd·(g − mean(g) − x̂·mean(g·x̂)): terms of size rstd·|g| cancel, so one fp32
-            # rounding of g costs up to eps·rstd·|g| (rstd ~ 316 for a constant row, eps=1e-5)
-            s64 = (x.double() + r.double()) if is_add else x.double()
-            rstd = (s64.var(-1, unbiased=False) + eps).rsqrt().max().item() if s64.numel() else 0.0
-            g = (dy.double().abs().max().item() if dy.numel() else 0.0) * (
-                2.0 if w is None else 2.0 * w.double().abs().max().item())
-            atol = max(atol, torch.finfo(torch.float32).eps * rstd * g)
+        atol = _dx_atol(x, r, w, dy, eps, is_add) if name in ("dx", "dresidual") else 1e-6
         assert_close_rule(o, e, f, rtol=tol, atol=atol, name=f"{kind}/{act}/{name}")
 
 
@@ -628,6 +633,75 @@ def test_bad_inputs(dev_backend):
             fn(torch.tensor(1.0, device=device))
     with pytest.raises(ValueError, match="x must have at least one dimension"):
         fusedops.add_layer_norm_act(torch.tensor(1.0, device=device), torch.tensor(1.0, device=device))
+
+
+def check_out_dtype(kind, act, shape, out_dtype, device, dy_expanded=False):
+    """An fp32 x with y (and dy) in a 16-bit out_dtype against eager's fp32 y cast to
+    out_dtype (what an nn.Linear under autocast does with it): y as eager's then cast, and
+    the gradients as eager's given the 16-bit dy (the cast's backward widens it exactly);
+    an fp64 reference for the 2x-eager-error rule. dy_expanded: a stride-0 dy (from .sum())."""
+    n = shape[-1]
+    eps = 1e-5
+    x, r = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    w = torch.rand(n, device=device) + 0.5
+    b = 0.5 * torch.randn(n, device=device) if "ln" in kind else None
+    dy = torch.randn(shape, device=device).to(out_dtype)
+    if dy_expanded:
+        dy = torch.randn(n, device=device).to(out_dtype).expand(shape)
+    dsg = torch.randn(shape, device=device)
+    is_add = kind.startswith("add")
+
+    def leaves(dt):
+        return [None if t is None else t.detach().to(dt).clone().requires_grad_() for t in (x, r, w, b)]
+
+    ours, _ = _run(kind, _ours, leaves(torch.float32), eps, act, dy, dsg, inplace=kind.endswith("_"),
+                   out_dtype=out_dtype)
+    eager, _ = _run(kind, _eager, leaves(torch.float32), eps, act, dy, dsg)
+    ref, _ = _run(kind, _eager, leaves(torch.float64), eps, act, dy, dsg, s_dtype=torch.float32)
+    eager[0] = eager[0].to(out_dtype)
+    assert ours[0].dtype == out_dtype, f"y is {ours[0].dtype}, asked for {out_dtype}"
+    for name, o, e, f in zip(["y", "s", "dx", "dresidual", "dweight", "dbias"], ours, eager, ref):
+        if f is None or (name in ("s", "dresidual") and not is_add):
+            continue
+        assert o is not None and o.dtype == (out_dtype if name == "y" else torch.float32), name
+        atol = _dx_atol(x, r, w, dy, eps, is_add) if name in ("dx", "dresidual") else 1e-6
+        tol = _tol(torch.float32) * (max(1, shape[0]) if name in ("dweight", "dbias") else 1)
+        assert_close_rule(o, e, f, rtol=tol, atol=atol, name=f"{kind}/{act}/{out_dtype}/{name}")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_16bit_out_of_fp32_x_matches_eager_then_cast(dev_backend, kind, out_dtype):
+    """y in fp16 / bf16 for an fp32 x (out_dtype): every kind, odd and packet-aligned rows,
+    empty and 3-D inputs, a stride-0 dy."""
+    device, _ = dev_backend
+    for shape in [(5, 123), (37, 256), (0, 64), (2, 3, 64)]:
+        check_out_dtype(kind, "gelu_tanh", shape, out_dtype, device)
+    check_out_dtype(kind, "silu", (6, 64), out_dtype, device, dy_expanded=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(300, 768), (1000, 1024), (64, 2048), (77, 4096), (33, 8192), (9, 12008),
+                                   (40, 16384), (3, 20000)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_16bit_out_of_fp32_x(backend, shape):
+    """The GPU paths with an fp32 x and a 16-bit y / dy: the warp and block forwards, the
+    backward's shared-memory ring at every row shape (several row groups a block, one row a
+    block, the cluster of two blocks past N = 8192), and the streaming kernels (N = 20000)."""
+    require("cuda", backend)
+    with fusedops.use_backend(backend):
+        check_out_dtype("ln", "gelu_tanh", shape, torch.bfloat16, "cuda")
+        check_out_dtype("add_rms", "silu", shape, torch.float16, "cuda")
+        check_out_dtype("add_ln_", "relu", shape, torch.bfloat16, "cuda")
+
+
+def test_out_dtype_is_checked():
+    x = torch.randn(4, 32)
+    for bad in (torch.int32, "bfloat16", torch.bool):
+        with pytest.raises(TypeError, match="out_dtype"):
+            fusedops.layer_norm_act(x, out_dtype=bad)
+        with pytest.raises(TypeError, match="out_dtype"):
+            fusedops.add_rms_norm_act(x, x.clone(), out_dtype=bad)
 
 
 def test_cpu_autocast_matches_eager():

@@ -71,7 +71,7 @@ def test_forward_outputs(device, shape, rms, mode):
     r0 = r.clone()
     n = shape[-1]
     w, b = _params(n, device, torch.bfloat16, True, not rms)
-    y, s, mean, rstd = _fwd(x, r if mode else None, w, b, 1e-5, 3, rms, mode, False)
+    y, s, mean, rstd = _fwd(x, r if mode else None, w, b, 1e-5, 3, rms, mode, None)
     lead = shape[:-1]
     assert y.shape == shape and y.dtype == torch.bfloat16 and y.is_contiguous()
     assert rstd.shape == lead and rstd.dtype == torch.float32
@@ -94,14 +94,50 @@ def test_forward_outputs(device, shape, rms, mode):
 
 
 def test_forward_fp32_out_and_mixed_params(device):
-    """y_float (autocast): fp32 y from bf16 x; fp32 weight with bf16 bias (converted once)."""
+    """y_dtype float32 (autocast): fp32 y from bf16 x; fp32 weight with bf16 bias (converted once)."""
     x = torch.randn(6, 200, device=device, dtype=torch.bfloat16)
     w = (torch.rand(200, device=device) + 0.5)
     b = torch.randn(200, device=device).bfloat16()
-    y, _, _, _ = _fwd(x, None, w, b, 1e-5, 2, False, 0, True)
+    y, _, _, _ = _fwd(x, None, w, b, 1e-5, 2, False, 0, torch.float32)
     assert y.dtype == torch.float32
     y_ref, _, _ = R.norm_act(x.double(), w.double(), b.double(), 1e-5, "gelu", False)
     _close(y, y_ref, 1e-5, "y")
+
+
+@pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [200, 1024, 4100])
+def test_forward_16bit_y_of_fp32_x(device, y_dtype, n):
+    """y_dtype fp16 / bf16 for an fp32 x (packets of 4 fp32 in, 8 bytes out; odd rows of
+    packets; an unaligned row length), with the residual."""
+    x, r = torch.randn(5, n, device=device), torch.randn(5, n, device=device)
+    w, b = _params(n, device, torch.float32, True, True)
+    y, s, mean, rstd = _fwd(x, r, w, b, 1e-5, 3, False, 1, y_dtype)
+    assert y.dtype == y_dtype and s.dtype == torch.float32
+    y_ref, _, _ = R.norm_act((x + r).double(), w.double(), b.double(), 1e-5, "gelu_tanh", False)
+    _close(y, y_ref, TOL[y_dtype], "y")
+
+
+def test_bad_y_dtype_and_dy_dtype_refused(device):
+    """An output dtype the kernels do not write is refused by name before anything is
+    written (forward: y_dtype; backward: dy's dtype)."""
+    x, r = torch.randn(5, 64, device=device), torch.randn(5, 64, device=device)
+    r0 = r.clone()
+    for bad, xb in ((torch.int32, x), (torch.bfloat16, x.half()), (torch.float16, x.bfloat16())):
+        with pytest.raises(Exception, match="y_dtype"):
+            _fwd(xb, r.to(xb.dtype), None, None, 1e-5, 3, False, 2, bad)
+    assert torch.equal(r, r0), "a refused call must not write the residual"
+    s = torch.randn(4, 64, device=device, dtype=torch.float16)
+    mean, rstd = R.norm_stats(s.float(), 1e-5, False)
+    with pytest.raises(Exception, match="dy must"):
+        _bwd(s.bfloat16(), s, None, None, mean, rstd, None, 0)
+
+
+@pytest.mark.parametrize("dy_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 300), (300, 1024), (5, 4100), (64, 4096)], ids=str)
+def test_backward_16bit_dy_of_fp32_s(device, dy_dtype, shape):
+    """dy in fp16 / bf16 with an fp32 s (the gradient of a 16-bit y): dx in fp32."""
+    _bwd_case(device, shape, torch.float32, torch.float32, True, True, False, "silu", with_ds=True,
+              dy_dtype=dy_dtype)
 
 
 def test_forward_inplace_strided_residual(device):
@@ -110,19 +146,19 @@ def test_forward_inplace_strided_residual(device):
     base = torch.randn(3, 4, 64, device=device)
     r = base.transpose(0, 1)
     s_ref = x + r
-    y, s, _, rstd = _fwd(x, r, None, None, 1e-5, 0, True, 2, False)
+    y, s, _, rstd = _fwd(x, r, None, None, 1e-5, 0, True, 2, None)
     assert s.numel() == 0 and rstd.shape == (4, 3)
     assert torch.equal(r, s_ref) and torch.equal(base, s_ref.transpose(0, 1))
     y_ref, _, _ = R.norm_act(s_ref.double(), None, None, 1e-5, "identity", True)
     _close(y, y_ref, 1e-5, "y")
 
 
-def _bwd_case(device, shape, dtype, wdtype, has_w, has_b, rms, act, with_ds=False, dy_view=None):
+def _bwd_case(device, shape, dtype, wdtype, has_w, has_b, rms, act, with_ds=False, dy_view=None, dy_dtype=None):
     n = shape[-1]
     s = torch.randn(shape, device=device, dtype=dtype)
     w, b = _params(n, device, wdtype, has_w, has_b)
     mean, rstd = R.norm_stats(s.float(), 1e-5, rms)
-    dy = torch.randn(shape, device=device, dtype=dtype) if dy_view is None else dy_view
+    dy = torch.randn(shape, device=device, dtype=dy_dtype or dtype) if dy_view is None else dy_view
     ds = torch.randn(shape, device=device, dtype=dtype) if with_ds else None
     dx, dw, db = _bwd(dy, s, w, b, mean, rstd, ds, norm_ops._ACT_CODE[act])
     d64 = lambda t: None if t is None else t.double()  # noqa: E731
@@ -189,7 +225,7 @@ def test_n1_column_stride(device, shape, rms, mode):
     x, r = _n1_t(shape, device), _n1_t(shape, device)
     r0 = r.clone()
     w, b = _params(1, device, torch.float32, True, not rms)
-    y, s, mean, rstd = _fwd(x, r if mode else None, w, b, 1e-5, 4, rms, mode, False)
+    y, s, mean, rstd = _fwd(x, r if mode else None, w, b, 1e-5, 4, rms, mode, None)
     s_ref = x + r0 if mode else x
     y_ref, mean_ref, rstd_ref = R.norm_act(s_ref.double(), w.double(), None if b is None else b.double(), 1e-5,
                                            "silu", rms)

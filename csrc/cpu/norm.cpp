@@ -235,8 +235,8 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
                   "fusedops_C::norm_act_fwd (CPU): r and s must have unit column stride");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_fwd (CPU): weight and bias must share a dtype");
-  STD_TORCH_CHECK(y.scalar_type() == x.scalar_type() || y.scalar_type() == ScalarType::Float,
-                  "fusedops_C::norm_act_fwd (CPU): y must be x's dtype or float32");
+  STD_TORCH_CHECK(norm::out_dtype_ok(x.scalar_type(), y.scalar_type()),
+                  "fusedops_C::norm_act_fwd (CPU): y must be x's dtype or float32, or 16-bit for a float32 x");
   FwdArgs a{x.data_ptr(), has_r ? r.data_ptr() : nullptr, has_r ? s.data_ptr() : nullptr, y.data_ptr(),
             has_w ? w.data_ptr() : nullptr, has_b ? b.data_ptr() : nullptr,
             rms ? nullptr : static_cast<float*>(mean.data_ptr()), static_cast<float*>(rstd.data_ptr()),
@@ -244,7 +244,7 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
             static_cast<float>(eps), act, rms, has_r, has_w, has_b};
   if (a.m == 0 || a.n == 0) return;
   const ScalarType wt = has_w ? w.scalar_type() : (has_b ? b.scalar_type() : x.scalar_type());
-  const bool y_float = y.scalar_type() != x.scalar_type();
+  const ScalarType yt = y.scalar_type();
   const int64_t grain = std::max<int64_t>(1, 16384 / a.n);
 #ifdef FUSEDOPS_HAVE_AVX2_PATH
   if (avx2::available()) {
@@ -253,9 +253,9 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
     const float* bf = as_f32(a.b, wt, a.n, 0.f, bstore);
     dispatch_float(x.scalar_type(), "x", [&]<typename T>() {
       norm::dispatch_act(act, [&]<int A>() {
-        torch::stable::parallel_for(0, a.m, grain, [&](int64_t lo, int64_t hi) {
-          if (y_float) fwd_rows_avx2<T, float, A>(a, wf, bf, lo, hi);
-          else fwd_rows_avx2<T, T, A>(a, wf, bf, lo, hi);
+        norm::dispatch_out<T>(yt, [&]<typename Y>() {
+          torch::stable::parallel_for(0, a.m, grain,
+                                      [&](int64_t lo, int64_t hi) { fwd_rows_avx2<T, Y, A>(a, wf, bf, lo, hi); });
         });
       });
     });
@@ -263,11 +263,9 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
   }
 #endif
   dispatch_float2(x.scalar_type(), "x", wt, "weight", [&]<typename T, typename W>() {
-    if (y_float) {
-      torch::stable::parallel_for(0, a.m, grain, [&](int64_t lo, int64_t hi) { fwd_rows<T, W, float>(a, lo, hi); });
-    } else {
-      torch::stable::parallel_for(0, a.m, grain, [&](int64_t lo, int64_t hi) { fwd_rows<T, W, T>(a, lo, hi); });
-    }
+    norm::dispatch_out<T>(yt, [&]<typename Y>() {
+      torch::stable::parallel_for(0, a.m, grain, [&](int64_t lo, int64_t hi) { fwd_rows<T, W, Y>(a, lo, hi); });
+    });
   });
 }
 
@@ -401,8 +399,8 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
                   "fusedops_C::norm_act_bwd (CPU): xs, dx must be 2-D with unit column stride, dy 2-D");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_bwd (CPU): weight and bias must share a dtype");
-  STD_TORCH_CHECK(dy.scalar_type() == xs.scalar_type() || dy.scalar_type() == ScalarType::Float,
-                  "fusedops_C::norm_act_bwd (CPU): dy must be s's dtype or float32");
+  STD_TORCH_CHECK(norm::out_dtype_ok(xs.scalar_type(), dy.scalar_type()),
+                  "fusedops_C::norm_act_bwd (CPU): dy must be s's dtype or float32, or 16-bit for a float32 s");
   STD_TORCH_CHECK(!has_ds || ds.scalar_type() == xs.scalar_type(),
                   "fusedops_C::norm_act_bwd (CPU): ds must have s's dtype");
   const int64_t chunks = has_w ? dwp.size(0) : (has_b ? dbp.size(0) : 1);
@@ -417,7 +415,7 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
   const int64_t nchunks = (has_w || has_b) ? chunks : std::min<int64_t>(a.m, 64);
   a.rows_per_chunk = (a.m + nchunks - 1) / nchunks;
   const ScalarType wt = has_w ? w.scalar_type() : (has_b ? b.scalar_type() : xs.scalar_type());
-  const bool dy_float = dy.scalar_type() != xs.scalar_type();
+  const ScalarType dyt = dy.scalar_type();
 #ifdef FUSEDOPS_HAVE_AVX2_PATH
   if (avx2::available() && a.sdy1 == 1 && (!has_ds || a.sds1 == 1)) {
     std::vector<float> wstore, bstore;
@@ -425,11 +423,10 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
     const float* bf = as_f32(a.b, wt, a.n, 0.f, bstore);
     dispatch_float(xs.scalar_type(), "s", [&]<typename T>() {
       norm::dispatch_act(act, [&]<int A>() {
-        torch::stable::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
-          for (int64_t c = lo; c < hi; ++c) {
-            if (dy_float) bwd_chunk_avx2<T, float, A>(a, wf, bf, c);
-            else bwd_chunk_avx2<T, T, A>(a, wf, bf, c);
-          }
+        norm::dispatch_out<T>(dyt, [&]<typename Y>() {
+          torch::stable::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
+            for (int64_t c = lo; c < hi; ++c) bwd_chunk_avx2<T, Y, A>(a, wf, bf, c);
+          });
         });
       });
     });
@@ -437,11 +434,10 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
   }
 #endif
   dispatch_float2(xs.scalar_type(), "s", wt, "weight", [&]<typename T, typename W>() {
-    torch::stable::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        if (dy_float) bwd_chunk<T, W, float>(a, c);
-        else bwd_chunk<T, W, T>(a, c);
-      }
+    norm::dispatch_out<T>(dyt, [&]<typename Y>() {
+      torch::stable::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t c = lo; c < hi; ++c) bwd_chunk<T, W, Y>(a, c);
+      });
     });
   });
 }
@@ -456,9 +452,9 @@ namespace {
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_act_forward(Tensor x, std::optional<Tensor> r,
                                                             std::optional<Tensor> w, std::optional<Tensor> b,
                                                             double eps, int64_t act, bool rms, int64_t mode,
-                                                            bool y_float) {
+                                                            std::optional<ScalarType> y_dtype) {
   STD_TORCH_CHECK(x.is_cpu(), "fusedops_C::norm_act_fwd (CPU): x must be on the CPU");
-  return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_float);
+  return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_dtype);
 }
 
 // Fixed row chunks, independent of the thread count (as the partial rows on CUDA): at

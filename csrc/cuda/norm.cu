@@ -263,8 +263,8 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
                   "fusedops_C::norm_act_fwd (CUDA): r and s must have unit column stride");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_fwd (CUDA): weight and bias must share a dtype");
-  STD_TORCH_CHECK(y.scalar_type() == x.scalar_type() || y.scalar_type() == ScalarType::Float,
-                  "fusedops_C::norm_act_fwd (CUDA): y must be x's dtype or float32");
+  STD_TORCH_CHECK(norm::out_dtype_ok(x.scalar_type(), y.scalar_type()),
+                  "fusedops_C::norm_act_fwd (CUDA): y must be x's dtype or float32, or 16-bit for a float32 x");
   FwdParams p{x.data_ptr(), has_r ? r.data_ptr() : nullptr, has_r ? s.data_ptr() : nullptr, y.data_ptr(),
               has_w ? w.data_ptr() : nullptr, has_b ? b.data_ptr() : nullptr,
               rms ? nullptr : static_cast<float*>(mean.data_ptr()), static_cast<float*>(rstd.data_ptr()),
@@ -274,8 +274,7 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   cudaStream_t stream = current_stream(x.get_device_index());
   const ScalarType wt = has_w ? w.scalar_type() : (has_b ? b.scalar_type() : x.scalar_type());
-  const bool y_float = y.scalar_type() != x.scalar_type();
-  dispatch_norm(x.scalar_type(), wt, y_float, [&]<typename T, typename W, typename Y>() {
+  dispatch_norm(x.scalar_type(), wt, y.scalar_type(), [&]<typename T, typename W, typename Y>() {
     constexpr int V = 16 / sizeof(T);
     // Packets of V elements need every row start aligned to V elements in every tensor
     // (weight packets too: V of W may be wider than 16 bytes, which Packed allows).
@@ -301,9 +300,9 @@ namespace {
 std::tuple<Tensor, Tensor, Tensor, Tensor> norm_act_forward(Tensor x, std::optional<Tensor> r,
                                                             std::optional<Tensor> w, std::optional<Tensor> b,
                                                             double eps, int64_t act, bool rms, int64_t mode,
-                                                            bool y_float) {
+                                                            std::optional<ScalarType> y_dtype) {
   STD_TORCH_CHECK(x.is_cuda(), "fusedops_C::norm_act_fwd (CUDA): x must be a CUDA tensor");
-  return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_float);
+  return norm::forward(norm_act_fwd, x, r, std::move(w), std::move(b), eps, act, rms, mode, y_dtype);
 }
 
 }  // namespace

@@ -226,6 +226,13 @@ __device__ __forceinline__ void cluster_sync() {
 // 32768 x 16384 backward: 1637 µs, against 2153 with a cluster barrier a row.
 constexpr int kRingStages = 3;
 
+// Bytes of one ring stage: the x half (`elems` elements of x_size bytes: a multiple of 16,
+// whole packets) then the dy half (dy_size bytes an element: 8-, 16- or 32-byte packets),
+// rounded up to 16 bytes so that every stage starts 16-byte aligned.
+__host__ __device__ constexpr int64_t ring_stage_bytes(int64_t elems, int64_t x_size, int64_t dy_size) {
+  return (elems * (x_size + dy_size) + 15) / 16 * 16;
+}
+
 template <typename T, typename W, typename Y, int V, int PK, bool kSmemAcc, int kMinBlocks, int kAct, int kCl = 1,
           int kBlockThreads = 512>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_kernel(const BwdParams p) {
@@ -297,28 +304,35 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocks) norm_act_bwd_rows_k
     ro = p.rstd[r];
   };
   // ring slot of (stage, this thread's row group, packet k): x at [stage][tiy][col], dy after
-  // the x half of the stage; each thread touches only its own slots
-  const int64_t ring_x = static_cast<int64_t>(ty) * nloc;  // elements of one stage's x (or dy) half
-  T* ring = reinterpret_cast<T*>(dyn);
+  // the stage's x half (byte offsets: dy may be narrower or wider than x); each thread
+  // touches only its own slots
+  const int64_t ring_elems = static_cast<int64_t>(ty) * nloc;  // elements of one stage's x (or dy) half
+  const int64_t stage_bytes = ring_stage_bytes(ring_elems, sizeof(T), sizeof(Y));
+  char* const ring = reinterpret_cast<char*>(dyn);
   auto ring_x_at = [&](int64_t st, int k) {
-    return ring + st * ring_x * (1 + static_cast<int64_t>(sizeof(Y)) / static_cast<int64_t>(sizeof(T))) +
-           static_cast<int64_t>(tiy) * nloc + (col[k] - c0);
+    return reinterpret_cast<T*>(ring + st * stage_bytes) + static_cast<int64_t>(tiy) * nloc + (col[k] - c0);
   };
   auto ring_dy_at = [&](int64_t st, int k) {
-    return reinterpret_cast<Y*>(ring + st * ring_x * (1 + static_cast<int64_t>(sizeof(Y)) / static_cast<int64_t>(sizeof(T))) +
-                                ring_x) + static_cast<int64_t>(tiy) * nloc + (col[k] - c0);
+    return reinterpret_cast<Y*>(ring + st * stage_bytes + ring_elems * static_cast<int64_t>(sizeof(T))) +
+           static_cast<int64_t>(tiy) * nloc + (col[k] - c0);
   };
-  constexpr int kDyChunks = static_cast<int>(sizeof(Y)) * V / 16;
+  constexpr int kDyBytes = static_cast<int>(sizeof(Y)) * V;  // a dy packet: 8, 16 or 32 bytes
+  static_assert(kDyBytes == 8 || kDyBytes % 16 == 0, "dy packets of 8 or 16k bytes");
   auto issue_row = [&](int64_t st, int64_t r) {  // copies of row r into stage st (nothing past the end)
     if (r < end) {
 #pragma unroll
       for (int k = 0; k < PK; ++k) {
         if (ok[k]) {
           cp_async16(ring_x_at(st, k), xs + r * p.sxs + col[k]);
+          const Y* src = dyp + r * p.sdy0 + col[k];
+          if constexpr (kDyBytes == 8) {  // 16-bit dy with fp32 x
+            cp_async8(ring_dy_at(st, k), src);
+          } else {
 #pragma unroll
-          for (int c = 0; c < kDyChunks; ++c)  // fp32 dy with 16-bit x: two 16-byte chunks
-            cp_async16(reinterpret_cast<char*>(ring_dy_at(st, k)) + 16 * c,
-                       reinterpret_cast<const char*>(dyp + r * p.sdy0 + col[k]) + 16 * c);
+            for (int c = 0; c < kDyBytes / 16; ++c)  // fp32 dy with 16-bit x: two 16-byte chunks
+              cp_async16(reinterpret_cast<char*>(ring_dy_at(st, k)) + 16 * c,
+                         reinterpret_cast<const char*>(src) + 16 * c);
+          }
         }
       }
     }
@@ -587,7 +601,8 @@ int round_warp(int64_t t) { return static_cast<int>((t + 31) / 32 * 32); }
 template <typename T, typename W, typename Y, int V, int PK, int kMinBlocks, int kAct, int kBlockThreads = 512>
 void launch_rows_plain(const BwdParams& p, int blocks, int tx, int ty, cudaStream_t stream, bool pdl) {
   const size_t combine = ty > 1 ? static_cast<size_t>(ty) * p.n * sizeof(float) : 0;
-  const size_t ring = kRingStages * static_cast<size_t>(ty) * p.n * (sizeof(T) + sizeof(Y));
+  const size_t ring =
+      kRingStages * static_cast<size_t>(ring_stage_bytes(static_cast<int64_t>(ty) * p.n, sizeof(T), sizeof(Y)));
   const size_t smem = std::max(ring, combine);
   constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, kMinBlocks, kAct, 1, kBlockThreads>;
   allow_max_smem<kernel>();
@@ -601,7 +616,7 @@ void launch_rows_cluster(const BwdParams& p, int parts, cudaStream_t stream, boo
   BwdParams q = p;
   q.ncols = (p.n + 2 * V - 1) / (2 * V) * V;
   const int tx = round_warp((q.ncols + V * PK - 1) / (V * PK));
-  const size_t smem = kRingStages * static_cast<size_t>(q.ncols) * (sizeof(T) + sizeof(Y));
+  const size_t smem = kRingStages * static_cast<size_t>(ring_stage_bytes(q.ncols, sizeof(T), sizeof(Y)));
   constexpr auto kernel = norm_act_bwd_rows_kernel<T, W, Y, V, PK, false, 1, kAct, 2>;
   allow_max_smem<kernel>();
   launch_norm(kernel, dim3(2 * static_cast<unsigned>(parts)), dim3(tx, 1), smem, stream, pdl, 2, q);
@@ -656,8 +671,8 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
                   "fusedops_C::norm_act_bwd (CUDA): xs, dx must be 2-D with unit column stride, dy 2-D");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_bwd (CUDA): weight and bias must share a dtype");
-  STD_TORCH_CHECK(dy.scalar_type() == xs.scalar_type() || dy.scalar_type() == ScalarType::Float,
-                  "fusedops_C::norm_act_bwd (CUDA): dy must be s's dtype or float32");
+  STD_TORCH_CHECK(norm::out_dtype_ok(xs.scalar_type(), dy.scalar_type()),
+                  "fusedops_C::norm_act_bwd (CUDA): dy must be s's dtype or float32, or 16-bit for a float32 s");
   STD_TORCH_CHECK(!has_ds || ds.scalar_type() == xs.scalar_type(),
                   "fusedops_C::norm_act_bwd (CUDA): ds must have s's dtype");
   const int64_t m = xs.size(0), n = xs.size(1);
@@ -674,8 +689,7 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
   torch::stable::accelerator::DeviceGuard guard(xs.get_device_index());
   cudaStream_t stream = current_stream(xs.get_device_index());
   const ScalarType wt = has_w ? w.scalar_type() : (has_b ? b.scalar_type() : xs.scalar_type());
-  const bool dy_float = dy.scalar_type() != xs.scalar_type();
-  dispatch_norm(xs.scalar_type(), wt, dy_float, [&]<typename T, typename W, typename Y>() {
+  dispatch_norm(xs.scalar_type(), wt, dy.scalar_type(), [&]<typename T, typename W, typename Y>() {
     constexpr int V = 16 / sizeof(T);
     const bool packed = can_pack<V>(n, {{p.xs, p.sxs}, {p.dx, p.sdx}}, sizeof(T)) &&
                         can_pack<V>(n, {{p.w, 0}, {p.b, 0}}, sizeof(W)) &&

@@ -2,6 +2,7 @@
 // (csrc/cuda/norm.cu: forward, csrc/cuda/norm_bwd.cu: backward).
 #pragma once
 #include "cuda_utils.cuh"
+#include "../norm_ops.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -285,13 +286,12 @@ bool can_pack(int64_t n, std::initializer_list<std::pair<const void*, int64_t>> 
 }
 
 // T: x dtype; W: weight/bias dtype, T or float (the caller casts others to float);
-// Y: y / dy dtype, T or float (autocast's fp32 output).
+// Y: y / dy dtype (norm::dispatch_out: T, float, or 16-bit for an fp32 T).
 template <typename Fn>
-void dispatch_norm(ScalarType xt, ScalarType wt, bool y_float, Fn&& fn) {
+void dispatch_norm(ScalarType xt, ScalarType wt, ScalarType yt, Fn&& fn) {
   dispatch_float(xt, "x", [&]<typename T>() {
     auto with_w = [&]<typename W>() {
-      if (y_float) fn.template operator()<T, W, float>();
-      else fn.template operator()<T, W, T>();
+      norm::dispatch_out<T>(yt, [&]<typename Y>() { fn.template operator()<T, W, Y>(); });
     };
     if (wt == xt) {
       with_w.template operator()<T>();

@@ -33,6 +33,8 @@ Autocast: eager F.layer_norm (and F.rms_norm, in the torch versions whose CUDA a
 lists it) run in fp32 under CUDA autocast (and in the
 input dtype under CPU autocast); the public functions match that by asking the kernel for
 an fp32 y (out_dtype) instead of copying x to fp32 (same values: the cast is exact).
+out_dtype may also ask for a 16-bit y of an fp32 x (which then takes a 16-bit dy): what an
+nn.Linear after the norm casts y to under autocast anyway (the modules' autocast_output).
 """
 from __future__ import annotations
 
@@ -118,10 +120,19 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _out_ok(x_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether the kernels write y (and read dy) in out_dtype for an x (or s) of x_dtype:
+    x's dtype; fp32 (eager's output under CUDA autocast for a 16-bit x); or fp16 / bf16 for
+    an fp32 x (for a consumer that casts to that dtype anyway, e.g. an nn.Linear under
+    autocast: the same values, rounded once). csrc/norm_ops.h's out_dtype_ok says the same."""
+    return out_dtype == x_dtype or out_dtype == torch.float32 or (
+        x_dtype == torch.float32 and out_dtype in _validate.KERNEL_DTYPES)
+
+
 def _kernel_ok(x, weight, bias, out_dtype) -> bool:
     kd = _validate.KERNEL_DTYPES
     return (x.dtype in kd and (weight is None or weight.dtype in kd) and (bias is None or bias.dtype in kd)
-            and out_dtype in (x.dtype, torch.float32))
+            and _out_ok(x.dtype, out_dtype))
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -192,7 +203,7 @@ _MODE = {None: 0, "out": 1, "inplace": 2}
 def _fwd_native(x, residual, weight, bias, eps, activation, out_dtype, rms, mode):
     """One native call: the extension allocates (y, s, mean, rstd) (csrc/norm_ops.h)."""
     y, s, mean, rstd = _native.op("norm_act_fwd")(x, residual, weight, bias, eps, _ACT_CODE[activation], rms,
-                                                  _MODE[mode], out_dtype != x.dtype)
+                                                  _MODE[mode], out_dtype)
     return y, (s if mode == "out" else None), (None if rms else mean), rstd
 
 
@@ -551,8 +562,8 @@ def _fast_kernels(op, x, weight, bias, out_dtype):
 
 def _backward_direct(dy, s, weight, bias, mean, rstd, activation, ds, run):
     """Gradients with the backward kernel `run` when dy (and ds) are plain tensors of s's
-    shape and s's dtype or fp32 (the output dtypes the kernels write); else the op."""
-    if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and dy.dtype in (s.dtype, torch.float32)
+    shape, dy of an output dtype the kernels write for s (_out_ok); else the op."""
+    if (type(dy) is torch.Tensor and dy.shape == s.shape and s.numel() and _out_ok(s.dtype, dy.dtype)
             and (ds is None or (type(ds) is torch.Tensor and ds.dtype == s.dtype and ds.shape == s.shape))):
         dx, dw, db = run(dy, s, weight, bias, mean, rstd, activation, ds)
         return dx, (dw if weight is not None else None), (db if bias is not None else None)
@@ -680,6 +691,16 @@ def _autocast_dtype(x: torch.Tensor, eager_op: str = "layer_norm"):
     return torch.float32 if fp32 else None
 
 
+def _out_dtype(x: torch.Tensor, out_dtype, op: str, eager_op: str = "layer_norm"):
+    """y's dtype for the kernels: out_dtype when given (checked: a floating torch.dtype), else
+    eager's under autocast (_autocast_dtype), else None (x's)."""
+    if out_dtype is None:
+        return _autocast_dtype(x, eager_op)
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"fusedops.{op}: out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+    return out_dtype
+
+
 def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
@@ -729,13 +750,18 @@ def _add_inplace(op, x, residual, weight, bias, eps, activation, od, rms):
     return _AddNormActInplace.apply(x, residual, weight, bias, eps, activation, od, rms)
 
 
-def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str = "identity"):
+def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str = "identity",
+                   out_dtype: torch.dtype | None = None):
     """act(F.layer_norm(x, (N,), weight, bias, eps)) over the last dim, fused.
 
     weight/bias: (N,) or None, any float dtype; y has x's dtype (fp32 under CUDA autocast,
-    as eager). Differentiable in x, weight and bias."""
+    as eager), or out_dtype when given: y computed in fp32 and rounded once to it, and the
+    gradient arriving in that dtype. The kernels write x's dtype, fp32, or fp16 / bf16 for an
+    fp32 x (e.g. the autocast dtype for a Linear that would cast y to it: half the bytes
+    written and read back; LayerNormAct(autocast_output=True)); other pairs run the
+    reference. Differentiable in x, weight and bias."""
     _validate.tensor(x, "x", "layer_norm_act")
-    od = _autocast_dtype(x)
+    od = _out_dtype(x, out_dtype, "layer_norm_act")
     out = (_traced_in_torch_ops("layer_norm_act", x, None, weight, bias, float(eps), activation, od, False)
            or _direct("layer_norm_act", x, None, weight, bias, float(eps), activation, od, False))
     if out is not None:
@@ -744,12 +770,14 @@ def layer_norm_act(x, weight=None, bias=None, eps: float = 1e-5, activation: str
     return y
 
 
-def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "identity"):
+def rms_norm_act(x, weight=None, eps: float | None = None, activation: str = "identity",
+                 out_dtype: torch.dtype | None = None):
     """act(F.rms_norm(x, (N,), weight, eps)) over the last dim, fused (eps=None: the
-    machine epsilon of the compute dtype, as F.rms_norm: fp32's for fp16/bf16/fp32 x)."""
+    machine epsilon of the compute dtype, as F.rms_norm: fp32's for fp16/bf16/fp32 x);
+    out_dtype as in layer_norm_act."""
     _validate.tensor(x, "x", "rms_norm_act")
     _validate.floating(x, "x", "rms_norm_act")
-    od = _autocast_dtype(x, "rms_norm")
+    od = _out_dtype(x, out_dtype, "rms_norm_act", "rms_norm")
     eps = _rms_eps(eps, x)
     out = (_traced_in_torch_ops("rms_norm_act", x, None, weight, None, eps, activation, od, True)
            or _direct("rms_norm_act", x, None, weight, None, eps, activation, od, True))
@@ -772,7 +800,7 @@ def _promoted(x, residual, inplace: bool, op: str):
 
 
 def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, activation: str = "identity",
-                       inplace: bool = False):
+                       inplace: bool = False, out_dtype: torch.dtype | None = None):
     """s = x + residual; y = act(F.layer_norm(s, ...)). Returns (y, s).
 
     inplace=True writes s into `residual` (the returned s is `residual`), saving a buffer
@@ -781,12 +809,13 @@ def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, a
     grad, a residual that is a view (and any residual under torch.compile) takes the
     functional kernel and a copy into residual instead. x and residual of different dtypes
     add in their promoted dtype, as eager's x + residual (e.g. a bf16 branch output under
-    autocast into an fp32 residual stream); in place, that must be residual's dtype."""
+    autocast into an fp32 residual stream); in place, that must be residual's dtype.
+    out_dtype: y's dtype, as in layer_norm_act (s keeps the sum's dtype)."""
     _validate.tensor(x, "x", "add_layer_norm_act")
     _validate.tensor(residual, "residual", "add_layer_norm_act")
     if residual.dtype != x.dtype:
         x, residual = _promoted(x, residual, inplace, "add_layer_norm_act")
-    od = _autocast_dtype(x)
+    od = _out_dtype(x, out_dtype, "add_layer_norm_act")
     if inplace:
         return _add_inplace("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
     out = (_traced_in_torch_ops("add_layer_norm_act", x, residual, weight, bias, float(eps), activation, od, False)
@@ -798,15 +827,15 @@ def add_layer_norm_act(x, residual, weight=None, bias=None, eps: float = 1e-5, a
 
 
 def add_rms_norm_act(x, residual, weight=None, eps: float | None = None, activation: str = "identity",
-                     inplace: bool = False):
-    """s = x + residual; y = act(F.rms_norm(s, ...)). Returns (y, s); inplace as in
-    add_layer_norm_act."""
+                     inplace: bool = False, out_dtype: torch.dtype | None = None):
+    """s = x + residual; y = act(F.rms_norm(s, ...)). Returns (y, s); inplace and out_dtype
+    as in add_layer_norm_act."""
     _validate.tensor(x, "x", "add_rms_norm_act")
     _validate.tensor(residual, "residual", "add_rms_norm_act")
     _validate.floating(x, "x", "add_rms_norm_act")
     if residual.dtype != x.dtype:
         x, residual = _promoted(x, residual, inplace, "add_rms_norm_act")
-    od = _autocast_dtype(x, "rms_norm")
+    od = _out_dtype(x, out_dtype, "add_rms_norm_act", "rms_norm")
     eps = _rms_eps(eps, x)
     if inplace:
         return _add_inplace("add_rms_norm_act", x, residual, weight, None, eps, activation, od, True)
