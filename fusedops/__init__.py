@@ -11,6 +11,7 @@ from .ops import (add_, add_layer_norm_act, add_rms_norm_act, blockwise_dequanti
                   layer_norm_act, optimizer_step_8bit_, rms_norm_act)
 from . import converter_convbn  # noqa: F401  (registers the Conv2d → BatchNorm2d rule)
 from . import nn, optim  # nn registers the norm converter rules
+from . import converter_norm  # noqa: F401  (registers the norm → Linear rule: autocast_output)
 from .nn_convbn import fold_conv_bn
 
 __version__ = "0.1.0"

@@ -8,6 +8,9 @@ and backward. AddLayerNorm / AddRMSNorm: the pre-norm residual pattern
 s is written into the residual buffer. Constructor arguments and state_dict keys
 (`weight`, `bias`) are those of nn.LayerNorm / nn.RMSNorm, so eager checkpoints load.
 Only the last dim is normalised (normalized_shape an int or a 1-tuple).
+autocast_output=True: under autocast, y in the autocast dtype (for a norm whose output
+only feeds layers that cast it to that dtype, e.g. nn.Linear: the same values, half the
+bytes; see the class attribute's comment).
 
 fusedops.convert(model) uses the rules registered at the bottom: nn.LayerNorm/nn.RMSNorm
 followed by ReLU/GELU/SiLU inside an nn.Sequential become one fused module (the
@@ -56,11 +59,25 @@ def _check_activation(activation: str) -> str:
     return activation
 
 
+# The dtypes autocast casts (it leaves fp64 alone).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class _NormBase(nn.Module):
     _rms = False
+    # Under autocast, y in the autocast dtype instead of eager's (fp32 for LayerNorm under
+    # CUDA autocast, x's dtype otherwise): right where every consumer of y casts it to that
+    # dtype anyway, as nn.Linear does under autocast (then the values are eager's: y is
+    # computed in fp32 and rounded once either way), and it saves writing an fp32 y, the
+    # consumer's cast kernel, and their backward passes. fusedops.convert sets it where
+    # torch.fx proves that a norm's output feeds only nn.Linear calls (converter_norm).
+    # (A class attribute: modules pickled before it existed load with it off.)
+    autocast_output = False
 
-    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, activation):
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, device, dtype, activation,
+                 autocast_output=False):
         super().__init__()
+        self.autocast_output = bool(autocast_output)
         n = _hidden(normalized_shape)
         self.normalized_shape = (n,)
         self.eps = eps
@@ -86,7 +103,18 @@ class _NormBase(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"activation={self.activation!r}")
+                f"activation={self.activation!r}" + (", autocast_output=True" if self.autocast_output else ""))
+
+    def _out_dtype(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """y's dtype: the autocast dtype with autocast_output under autocast (for the dtypes
+        autocast casts: the norm input's, x + residual's when given), else None (the
+        functions' own choice, eager's)."""
+        if not self.autocast_output:
+            return None
+        dt = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        if dt in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return None
 
     @classmethod
     def from_modules(cls, norm: nn.Module, act: nn.Module | None = None, **kwargs):
@@ -118,14 +146,16 @@ class _NormBase(nn.Module):
 
 
 class LayerNormAct(_NormBase):
-    """act(nn.LayerNorm(x)); arguments as nn.LayerNorm plus `activation`."""
+    """act(nn.LayerNorm(x)); arguments as nn.LayerNorm plus `activation` and
+    `autocast_output` (see _NormBase)."""
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, activation: str = "identity"):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, activation)
+                 device=None, dtype=None, activation: str = "identity", autocast_output: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, activation, autocast_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _norm.layer_norm_act(x, self.weight, self.bias, self.eps, self.activation)
+        return _norm.layer_norm_act(x, self.weight, self.bias, self.eps, self.activation,
+                                    out_dtype=self._out_dtype(x))
 
 
 class RMSNormAct(_NormBase):
@@ -134,11 +164,11 @@ class RMSNormAct(_NormBase):
     _rms = True
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
-                 dtype=None, activation: str = "identity"):
-        super().__init__(normalized_shape, eps, elementwise_affine, False, device, dtype, activation)
+                 dtype=None, activation: str = "identity", autocast_output: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, device, dtype, activation, autocast_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _norm.rms_norm_act(x, self.weight, self.eps, self.activation)
+        return _norm.rms_norm_act(x, self.weight, self.eps, self.activation, out_dtype=self._out_dtype(x))
 
 
 class AddLayerNorm(_NormBase):
@@ -146,13 +176,14 @@ class AddLayerNorm(_NormBase):
     inplace=True writes s into `residual` (and returns it as s)."""
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, activation: str = "identity", inplace: bool = False):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, activation)
+                 device=None, dtype=None, activation: str = "identity", inplace: bool = False,
+                 autocast_output: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, activation, autocast_output)
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor):
         return _norm.add_layer_norm_act(x, residual, self.weight, self.bias, self.eps, self.activation,
-                                        inplace=self.inplace)
+                                        inplace=self.inplace, out_dtype=self._out_dtype(x, residual))
 
 
 class AddRMSNorm(_NormBase):
@@ -160,12 +191,13 @@ class AddRMSNorm(_NormBase):
     _rms = True
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
-                 dtype=None, activation: str = "identity", inplace: bool = False):
-        super().__init__(normalized_shape, eps, elementwise_affine, False, device, dtype, activation)
+                 dtype=None, activation: str = "identity", inplace: bool = False, autocast_output: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, device, dtype, activation, autocast_output)
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor):
-        return _norm.add_rms_norm_act(x, residual, self.weight, self.eps, self.activation, inplace=self.inplace)
+        return _norm.add_rms_norm_act(x, residual, self.weight, self.eps, self.activation, inplace=self.inplace,
+                                      out_dtype=self._out_dtype(x, residual))
 
 
 # ---- converter rules -------------------------------------------------------------------------

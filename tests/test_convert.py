@@ -586,3 +586,153 @@ def test_parametrized_conv_outside_a_sequential_is_reported():
     assert "not a plain Conv2d" in skipped["conv"], str(report)
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(model(x), eager(x))
+
+
+# ---- norm → Linear: autocast_output ---------------------------------------------------------------
+
+class _Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.out(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+class _Block(nn.Module):
+    """Pre-norm: ln1 feeds the attention's qkv Linear (inside another module), ln2 a
+    Sequential whose first child is a Linear."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = _Attn(d)
+        self.ln2 = nn.RMSNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class _Others(nn.Module):
+    """Norms that do not feed only Linears: `both` also feeds the residual, `read` has its
+    weight read by forward, `act` feeds a GELU (the norm-activation rule's), `lone` feeds a
+    Linear only in training mode."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.block = _Block(d)
+        self.both, self.lin = nn.LayerNorm(d), nn.Linear(d, d)
+        self.read, self.lin2 = nn.LayerNorm(d), nn.Linear(d, d)
+        self.act = nn.Sequential(nn.LayerNorm(d), nn.GELU(), nn.Linear(d, d))
+        self.lone, self.lin3 = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = self.block(x)
+        h = self.both(x)
+        x = x + self.lin(h) + h
+        x = self.lin2(self.read(x)) * self.read.weight.mean()
+        x = self.act(x)
+        h = self.lone(x)
+        return x + (self.lin3(h) if self.training else h)
+
+
+def _randomize_norms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.weight.copy_(torch.rand_like(m.weight) + 0.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(torch.randn_like(m.bias) * 0.3)
+    return model
+
+
+def test_norms_feeding_only_linears_write_the_autocast_dtype():
+    """convert sets autocast_output exactly where fx proves, in both modes, that the norm
+    feeds only nn.Linear calls; the others are skipped with their reasons (or left to the
+    other rules), and the converted model matches eager under autocast and outside it."""
+    from fusedops.nn import LayerNormAct, RMSNormAct
+
+    torch.manual_seed(0)
+    eager = _randomize_norms(_Others(32))
+    model, report = _convert_copy(eager)
+    replaced = {r.path: (r.pattern, r.new) for r in report.replaced}
+    assert replaced["block.ln1"] == ("LayerNorm → Linear", "LayerNormAct(autocast_output=True)"), str(report)
+    assert replaced["block.ln2"] == ("RMSNorm → Linear", "RMSNormAct(autocast_output=True)"), str(report)
+    assert isinstance(model.block.ln1, LayerNormAct) and model.block.ln1.autocast_output
+    assert isinstance(model.block.ln2, RMSNormAct) and model.block.ln2.autocast_output
+    assert replaced["act.0"] == ("LayerNorm → GELU", "LayerNormAct") and not model.act[0].autocast_output
+    skipped = {s.path: s.reason for s in report.skipped}
+    assert "something other than an nn.Linear" in skipped["both"], str(report)
+    assert "reads its parameters" in skipped["read"], str(report)
+    assert "in eval mode" in skipped["lone"], str(report)
+    for name in ("both", "read", "lone"):  # the plain rule still fuses them (no autocast_output)
+        assert not getattr(model, name).autocast_output
+    assert set(model.state_dict()) == set(eager.state_dict())
+    x = torch.randn(2, 5, 32)
+    for autocast in (True, False):
+        outs = []
+        for m in (model, eager):
+            m.zero_grad()
+            xl = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = m(xl)
+            out.float().square().sum().backward()
+            outs.append([out.detach().float(), xl.grad] + [p.grad for p in m.parameters()])
+        tol = 3e-2 if autocast else 1e-4
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln, self.lin = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.lin(h) if x.sum() > 0 else self.lin(h) + h  # data-dependent: fx cannot trace it
+
+
+def test_norm_linear_needs_a_traced_model():
+    """Where fx cannot trace the model, no norm gets autocast_output (a forward fx cannot see
+    may use the norm's output elsewhere): reported once; the plain rule still fuses it."""
+    model, report = _convert_copy(_Untraceable(16))
+    assert not model.ln.autocast_output
+    assert any(s.path == "<root>" and "cannot trace _Untraceable" in s.reason for s in report.skipped), str(report)
+
+
+def test_norm_linear_skips_hooked_linear_and_aliased_norm():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.lin = nn.LayerNorm(8), nn.Linear(8, 8)
+            self.ln2, self.lin2 = nn.LayerNorm(8), nn.Linear(8, 8)
+            self.alias = self.ln2
+
+        def forward(self, x):
+            return self.lin2(self.ln2(self.lin(self.ln(x))))
+
+    eager = M()
+    eager.lin.register_forward_pre_hook(lambda mod, args: None)
+    model, report = _convert_copy(eager)
+    skipped = {s.path: s.reason for s in report.skipped}
+    assert "hooks" in skipped["ln"] and "several names" in skipped["ln2"], str(report)
+    assert not model.ln.autocast_output
+
+
+def test_report_gpt2_norms_write_the_autocast_dtype():
+    """The model report's GPT-2: every LayerNorm feeds only Linears (qkv, the MLP's first,
+    the LM head): all get autocast_output, nothing skipped."""
+    from fusedops.report import models
+
+    torch.manual_seed(0)
+    eager = models.gpt2(tiny=True).build()
+    model, report = _convert_copy(eager)
+    norms = [p for p, m in eager.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) >= 3 and not report.skipped, str(report)
+    assert {r.path for r in report.replaced} == set(norms)
+    assert all(model.get_submodule(p).autocast_output for p in norms)

@@ -436,3 +436,90 @@ def test_inplace_residual_bumps_its_version_once(fn):
             before = r._version
             _, s = fn(x, r, inplace=True)
             assert s is r and r._version == before + 1, (grad, r._version - before)
+
+
+# ---- autocast_output: y in the autocast dtype for a Linear that casts it anyway ------------------
+
+class _PreNorm(nn.Module):
+    def __init__(self, d, cls=LayerNormAct, **kw):
+        super().__init__()
+        self.norm = cls(d, **kw)
+        self.proj = nn.Linear(d, 2 * d)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cls", [LayerNormAct, RMSNormAct])
+def test_autocast_output_feeds_a_linear_as_eager(dev_backend, cls, x_dtype):
+    """Under autocast the norm's y comes out in the autocast dtype, as eager's fp32 (or x-dtype)
+    y rounded to it (one bf16 step at most apart: the fp32 values may differ in their last
+    bits), and the Linear after it gives eager's output and gradients; outside autocast the
+    module is the plain one. Eager normalises x in fp32 (as CUDA autocast runs LayerNorm; CPU
+    autocast would run a bf16 x in bf16 and sum the parameters' gradients in bf16)."""
+    device, _ = dev_backend
+    d = 64
+    torch.manual_seed(0)
+    ours = _PreNorm(d, cls, activation="identity", autocast_output=True).to(device)
+    _randomize(ours.norm)
+    eager = _PreNorm(d, nn.LayerNorm if cls is LayerNormAct else nn.RMSNorm).to(device)
+    if cls is RMSNormAct:
+        eager.norm.eps = None
+    eager.load_state_dict(ours.state_dict())
+    assert "autocast_output=True" in repr(ours.norm)
+    x = torch.randn(3, 17, d, device=device).to(x_dtype)
+    dy = torch.randn(3, 17, 2 * d, device=device)
+    grads = []
+    for m in (ours, eager):
+        xl = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y_norm = m.norm(xl if m is ours else xl.float())
+            out = m.proj(y_norm)
+        out.backward(dy.to(out.dtype))
+        grads.append((y_norm.detach(), out.detach(), xl.grad, *[p.grad for p in m.parameters()]))
+    (yo, oo, *go), (ye, oe, *ge) = grads
+    assert yo.dtype == torch.bfloat16 and oo.dtype == oe.dtype
+    torch.testing.assert_close(yo.float(), ye.bfloat16().float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(oo.float(), oe.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(go, ge):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():  # outside autocast: eager's dtype and values
+        y_plain = ours.norm(x)
+        assert y_plain.dtype == x_dtype
+        torch.testing.assert_close(y_plain, eager.norm(x), rtol=1e-5 if x_dtype == torch.float32 else 2e-2,
+                                   atol=1e-5 if x_dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("cls", [AddLayerNorm, AddRMSNorm])
+def test_autocast_output_add_modules(dev_backend, cls):
+    """The add modules: y in the autocast dtype, s in the sum's dtype (an fp32 stream)."""
+    device, _ = dev_backend
+    m = _randomize(cls(32, autocast_output=True, device=device))
+    x = torch.randn(4, 32, device=device, dtype=torch.bfloat16)
+    r = torch.randn(4, 32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, s = m(x, r)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+    plain = cls(32, device=device)
+    plain.load_state_dict(m.state_dict())
+    y_ref, s_ref = plain(x, r)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(y.float(), y_ref.bfloat16().float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_autocast_output_compile_fullgraph(dev_backend):
+    device, _ = dev_backend
+    torch._dynamo.reset()
+    m = _PreNorm(32, LayerNormAct, activation="gelu_tanh", autocast_output=True).to(device)
+    _randomize(m.norm)
+    x = torch.randn(4, 7, 32, device=device)
+
+    def run(x):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return m.norm(x), m(x)
+
+    (y0, o0), (y1, o1) = run(x), torch.compile(run, fullgraph=True)(x)
+    assert y0.dtype == y1.dtype == torch.bfloat16
+    torch.testing.assert_close(y1.float(), y0.float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(o1.float(), o0.float(), rtol=2e-2, atol=2e-2)
