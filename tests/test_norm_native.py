@@ -5,7 +5,9 @@ the public functions' host path (one native call per direction, no tensor made f
 Python)."""
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -117,19 +119,49 @@ def test_forward_16bit_y_of_fp32_x(device, y_dtype, n):
     _close(y, y_ref, TOL[y_dtype], "y")
 
 
+# On torch 2.11 an error raised inside a native (stable-ABI) op crashed the process
+# (SIGSEGV) instead of raising, on the CPU and on CUDA, for these checks and for ones that
+# predate them (bench/NOTES.md, round 29); torch 2.13 raises. The refusals run in a child
+# process, so that a crash fails this test rather than the test worker.
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+_REFUSALS = """
+import torch
+from fusedops import _native
+from fusedops import reference as R
+
+fwd, bwd = _native.op("norm_act_fwd"), _native.op("norm_act_bwd")
+dev = {device!r}
+
+
+def refused(call, words):
+    try:
+        call()
+    except Exception as exc:  # the op's own error, naming the argument
+        assert words in str(exc), str(exc)
+        return
+    raise AssertionError("not refused: " + words)
+
+
+x, r = torch.randn(5, 64, device=dev), torch.randn(5, 64, device=dev)
+for bad, xb in ((torch.int32, x), (torch.bfloat16, x.half()), (torch.float16, x.bfloat16())):
+    rb = r.to(xb.dtype)
+    r0 = rb.clone()
+    refused(lambda: fwd(xb, rb, None, None, 1e-5, 3, False, 2, bad), "y_dtype")
+    assert torch.equal(rb, r0), "a refused call must not write the residual"
+s = torch.randn(4, 64, device=dev, dtype=torch.float16)
+mean, rstd = R.norm_stats(s.float(), 1e-5, False)
+refused(lambda: bwd(s.bfloat16(), s, None, None, mean, rstd, None, 0), "dy must")
+"""
+
+
+@pytest.mark.xfail(_TORCH < (2, 13), strict=True,
+                   reason="torch < 2.13: an error inside a native op crashed the process (measured on 2.11)")
 def test_bad_y_dtype_and_dy_dtype_refused(device):
     """An output dtype the kernels do not write is refused by name before anything is
     written (forward: y_dtype; backward: dy's dtype)."""
-    x, r = torch.randn(5, 64, device=device), torch.randn(5, 64, device=device)
-    r0 = r.clone()
-    for bad, xb in ((torch.int32, x), (torch.bfloat16, x.half()), (torch.float16, x.bfloat16())):
-        with pytest.raises(Exception, match="y_dtype"):
-            _fwd(xb, r.to(xb.dtype), None, None, 1e-5, 3, False, 2, bad)
-    assert torch.equal(r, r0), "a refused call must not write the residual"
-    s = torch.randn(4, 64, device=device, dtype=torch.float16)
-    mean, rstd = R.norm_stats(s.float(), 1e-5, False)
-    with pytest.raises(Exception, match="dy must"):
-        _bwd(s.bfloat16(), s, None, None, mean, rstd, None, 0)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_REFUSALS.format(device=device))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"exit status {r.returncode}: {r.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("dy_dtype", [torch.bfloat16, torch.float16], ids=str)
