@@ -29,17 +29,9 @@ from torch import nn
 
 from .converter import Replaced, Rule, hooked, register_rule
 from .converter_convbn import _is_call, _only_input, _split, _trace
-from .nn import LayerNormAct, RMSNormAct
+from .nn import _fusable_norm
 
 PATTERN = "{} → Linear"
-
-
-def _fused_class(m: nn.Module):
-    if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1:
-        return LayerNormAct
-    if type(m) is nn.RMSNorm and len(m.normalized_shape) == 1:
-        return RMSNormAct
-    return None
 
 
 def _feeds_linear(n, mods) -> bool:
@@ -73,7 +65,7 @@ def _convert(model: nn.Module, graphs, report, paths: dict) -> None:
     """Replaces the norms of `model` that its traces prove feed only Linears."""
     mods = dict(model.named_modules())
     for path, norm in list(mods.items()):
-        cls = _fused_class(norm)
+        cls = _fusable_norm(norm)
         if cls is None:
             continue
         pattern = PATTERN.format(type(norm).__name__)
@@ -98,7 +90,7 @@ def _convert(model: nn.Module, graphs, report, paths: dict) -> None:
 
 
 def norm_linear_pass(model: nn.Module, report) -> None:
-    norms = [(path, m) for path, m in model.named_modules() if _fused_class(m) is not None]
+    norms = [(path, m) for path, m in model.named_modules() if _fusable_norm(m) is not None]
     if not norms or not any(type(m) is nn.Linear for m in model.modules()):
         return
     try:
