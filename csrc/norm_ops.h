@@ -82,7 +82,8 @@ inline bool out_dtype_ok(ScalarType xt, ScalarType yt) {
 }
 
 // Calls fn.template operator()<Y>() with Y the C++ type of an output dtype yt for x's C++
-// type T (out_dtype_ok(xt, yt) checked by the caller).
+// type T (out_dtype_ok(xt, yt) checked by the caller: forward() and backward() below check
+// y's, dy's and ds's dtypes once for every device's 2-D kernel).
 template <typename T, typename Fn>
 void dispatch_out(ScalarType yt, Fn&& fn) {
   if constexpr (std::is_same_v<T, float>) {

@@ -235,8 +235,6 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
                   "fusedops_C::norm_act_fwd (CPU): r and s must have unit column stride");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_fwd (CPU): weight and bias must share a dtype");
-  STD_TORCH_CHECK(norm::out_dtype_ok(x.scalar_type(), y.scalar_type()),
-                  "fusedops_C::norm_act_fwd (CPU): y must be x's dtype or float32, or 16-bit for a float32 x");
   FwdArgs a{x.data_ptr(), has_r ? r.data_ptr() : nullptr, has_r ? s.data_ptr() : nullptr, y.data_ptr(),
             has_w ? w.data_ptr() : nullptr, has_b ? b.data_ptr() : nullptr,
             rms ? nullptr : static_cast<float*>(mean.data_ptr()), static_cast<float*>(rstd.data_ptr()),
@@ -399,10 +397,6 @@ void norm_act_bwd(Tensor dy, Tensor xs, Tensor w, Tensor b, Tensor mean, Tensor 
                   "fusedops_C::norm_act_bwd (CPU): xs, dx must be 2-D with unit column stride, dy 2-D");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_bwd (CPU): weight and bias must share a dtype");
-  STD_TORCH_CHECK(norm::out_dtype_ok(xs.scalar_type(), dy.scalar_type()),
-                  "fusedops_C::norm_act_bwd (CPU): dy must be s's dtype or float32, or 16-bit for a float32 s");
-  STD_TORCH_CHECK(!has_ds || ds.scalar_type() == xs.scalar_type(),
-                  "fusedops_C::norm_act_bwd (CPU): ds must have s's dtype");
   const int64_t chunks = has_w ? dwp.size(0) : (has_b ? dbp.size(0) : 1);
   BwdArgs a{dy.data_ptr(), xs.data_ptr(), has_w ? w.data_ptr() : nullptr, has_b ? b.data_ptr() : nullptr,
             rms ? nullptr : static_cast<const float*>(mean.data_ptr()), static_cast<const float*>(rstd.data_ptr()),

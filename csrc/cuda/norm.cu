@@ -263,8 +263,6 @@ void norm_act_fwd(Tensor x, Tensor r, Tensor s, Tensor y, Tensor w, Tensor b, Te
                   "fusedops_C::norm_act_fwd (CUDA): r and s must have unit column stride");
   STD_TORCH_CHECK(!has_w || !has_b || w.scalar_type() == b.scalar_type(),
                   "fusedops_C::norm_act_fwd (CUDA): weight and bias must share a dtype");
-  STD_TORCH_CHECK(norm::out_dtype_ok(x.scalar_type(), y.scalar_type()),
-                  "fusedops_C::norm_act_fwd (CUDA): y must be x's dtype or float32, or 16-bit for a float32 x");
   FwdParams p{x.data_ptr(), has_r ? r.data_ptr() : nullptr, has_r ? s.data_ptr() : nullptr, y.data_ptr(),
               has_w ? w.data_ptr() : nullptr, has_b ? b.data_ptr() : nullptr,
               rms ? nullptr : static_cast<float*>(mean.data_ptr()), static_cast<float*>(rstd.data_ptr()),
